@@ -1,0 +1,157 @@
+"""HFDDPMPipeline: ancestral sampling (DDPM Algorithm 2) and the variational bound in bits/dim (DDPM eq. 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from .likelihood import BoundOutput, variational_bound
+from .scheduler import HFDDPMScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class HFDDPMPipeline(DiffusionPipeline):
+    """Unconditional image generation with DDPM, and its likelihood bound.
+
+    Components: `unet` (`UNet2DModel`, ε/x_0/v prediction; 2C output channels for `learned_range`) and
+    `scheduler` (`HFDDPMScheduler`).
+
+    Example:
+        >>> import torch
+        >>> from diffusers import UNet2DModel
+        >>> from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+        >>> pipe = HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=100))
+        >>> images = pipe(batch_size=2, num_inference_steps=10, generator=torch.manual_seed(0), output_type="np").images
+        >>> images.shape[0]
+        2
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["sample", "pred_original_sample"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: HFDDPMScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def _image_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return self.unet.config.in_channels, height, width
+
+    def _denoise(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The UNet's output at (x_t, t) in x_t's dtype; the UNet itself may run in bf16 or fp16."""
+        return self.unet(x_t.to(self.unet.dtype), t).sample.to(x_t.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        timesteps: list[int] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("sample", "pred_original_sample"),
+    ) -> ImagePipelineOutput | tuple:
+        """Sample `batch_size` images by ancestral sampling (DDPM Algorithm 2).
+
+        num_inference_steps < T runs the respaced chain of Improved DDPM (exact ancestral sampling of that chain);
+        `timesteps` picks the visited timesteps explicitly instead. `callback_on_step_end(pipe, i, t, tensors)`
+        is called after every step with the requested tensors: "sample" (x_{t-1}) and "pred_original_sample"
+        (x̂_0), for progress previews; returning {"sample": ...} replaces x_{t-1}.
+        The chain runs in float32 even when the UNet runs in bf16/fp16: only the network sees the lower precision.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not supported; choose one of {OUTPUT_TYPES}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback tensor inputs {sorted(unknown)} unknown; allowed: {self._callback_tensor_inputs}")
+        if timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=timesteps)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps)
+
+        device = self._execution_device
+        chain_dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
+        sample = randn_tensor((batch_size, *self._image_shape), generator=generator, device=device, dtype=chain_dtype)
+        step_timesteps = self.scheduler.timesteps.tolist()
+        unet_timesteps = self.scheduler.timesteps.to(device)  # one copy, not one per step
+
+        for i, t in enumerate(self.progress_bar(step_timesteps)):
+            model_output = self._denoise(sample, unet_timesteps[i])  # ε_θ(x_t, t)
+            step = self.scheduler.step(model_output, t, sample, generator=generator)  # x_{t-1} ~ p_θ(x_{t-1}|x_t)
+            sample = step.prev_sample
+            if callback_on_step_end is not None:
+                values = {"sample": sample, "pred_original_sample": step.pred_original_sample}
+                returned = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs})
+                sample = (returned or {}).get("sample", sample)
+
+        image = (sample / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    @torch.no_grad()
+    def bits_per_dim(
+        self,
+        images,
+        num_timesteps: int | None = None,
+        batch_size: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> BoundOutput:
+        """The variational bound L (DDPM eq. 5) of each image in bits/dim, with its terms.
+
+        images: uint8 (N, C, H, W) tensor or array with values 0..255, or a list of PIL images (converted to the
+        UNet's channel count). num_timesteps=None sums all T terms (each KL term at one draw of x_t, as the DDPM
+        evaluation does); an integer K gives the unbiased Monte Carlo estimate of the same bound from K sampled
+        timesteps per image plus the exact prior and decoder terms, with its standard error.
+        """
+        x_start = images_to_model_range(images, self._image_shape).to(self._execution_device)
+        return variational_bound(
+            self._denoise, self.scheduler, x_start, num_timesteps=num_timesteps, batch_size=batch_size,
+            generator=generator,
+        )
+
+
+def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 images (N, C, H, W) or PIL images → float32 tensor in [-1, 1] (x / 127.5 - 1), shape checked."""
+    channels, height, width = expected_shape
+    if isinstance(images, PIL.Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if not images or not all(isinstance(im, PIL.Image.Image) for im in images):
+            raise ValueError("images given as a list must be a non-empty list of PIL images")
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
+        if mode is None:
+            raise ValueError(f"PIL images cannot be converted to {channels} channels; pass a uint8 array instead")
+        arrays = [np.asarray(im.convert(mode), dtype=np.uint8).reshape(im.height, im.width, channels) for im in images]
+        sizes = {a.shape[:2] for a in arrays}
+        if sizes != {(height, width)}:
+            raise ValueError(f"images must be {height}x{width} (the UNet's sample_size), got sizes {sorted(sizes)}")
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 pixel values 0..255, got dtype {images.dtype}; "
+            "scale float images in [0, 1] by 255 and round them first"
+        )
+    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, height, width):
+        raise ValueError(
+            f"images must have shape (N, {channels}, {height}, {width}) to match the UNet, got {tuple(images.shape)}"
+        )
+    return images.to(torch.float32) / 127.5 - 1.0
