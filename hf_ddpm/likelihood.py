@@ -95,8 +95,9 @@ def variational_bound(
     num_timesteps=K: L_T + L_0 + (T - 1)/K · Σ_k L_{t_k - 1}, t_k uniform on {1 .. T-1}: an unbiased estimate of
     the same bound. The model runs on `batch_size` (image, t) pairs at a time; the terms are computed in float64.
     """
-    if num_timesteps is not None and (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int)
-                                      or num_timesteps < 1):
+    if num_timesteps is not None and (
+        isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1
+    ):
         raise ValueError(f"num_timesteps must be None (exact bound) or an integer >= 1, got {num_timesteps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -150,4 +151,3 @@ def variational_bound(
         timesteps=timesteps_out,
         standard_error=bpd(standard_error),
     )
-

@@ -75,7 +75,9 @@ class HFDDPMPipeline(DiffusionPipeline):
             raise ValueError(f"output_type={output_type!r} is not supported; choose one of {OUTPUT_TYPES}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
-            raise ValueError(f"callback tensor inputs {sorted(unknown)} unknown; allowed: {self._callback_tensor_inputs}")
+            raise ValueError(
+                f"callback tensor inputs {sorted(unknown)} unknown; allowed: {self._callback_tensor_inputs}"
+            )
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=timesteps)
         else:
@@ -123,7 +125,11 @@ class HFDDPMPipeline(DiffusionPipeline):
         """
         x_start = images_to_model_range(images, self._image_shape).to(self._execution_device)
         return variational_bound(
-            self._denoise, self.scheduler, x_start, num_timesteps=num_timesteps, batch_size=batch_size,
+            self._denoise,
+            self.scheduler,
+            x_start,
+            num_timesteps=num_timesteps,
+            batch_size=batch_size,
             generator=generator,
         )
 

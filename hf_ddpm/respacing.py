@@ -38,6 +38,8 @@ class ChainTables:
             "posterior_log_variance_clipped": np.log(np.concatenate([[first], posterior_variance[1:]])),
             # fixed_large: σ² = β_t, with β̃_1 at t = 0 so the decoder likelihood stays finite (DDPM code).
             "log_betas_clipped": np.log(np.concatenate([[first], betas[1:]])),
+            # learned_range: the upper end log β_t is not clipped at t = 0 (Improved DDPM code: np.log(betas)).
+            "log_betas": np.log(betas),
             # μ̃_t = coef_x0 · x_0 + coef_xt · x_t (DDPM eq. 7)
             "posterior_coef_x0": betas * np.sqrt(ac_prev) / (1.0 - ac),
             "posterior_coef_xt": (1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
@@ -88,8 +90,11 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps, spacing: str
     elif spacing == "leading":
         timesteps = (np.arange(steps) * (num_train // steps))[::-1].astype(np.int64) + steps_offset
     elif spacing == "trailing":
-        # t_k = round(T - k·T/S) - 1 for k = 0 .. S-1: exactly S values, the last one >= round(T/S) - 1 >= 0.
-        timesteps = np.round(num_train - np.arange(steps) * (num_train / steps)).astype(np.int64) - 1
+        # t_k = round(T - k·T/S) - 1 for k = 0 .. S-1, the last one >= round(T/S) - 1 >= 0. The values come from
+        # np.arange as in diffusers, whose float stepping decides ties (T = 1000, S = 48: 1000 - 3·T/S = 937.5 comes
+        # out as 937.4999999999999 → 937), so the timesteps are diffusers' own; np.arange can overshoot by one value
+        # near 0 (which becomes -1): keep the first S.
+        timesteps = np.round(np.arange(num_train, 0, -num_train / steps))[:steps].astype(np.int64) - 1
     else:
         raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose 'linspace', 'leading' or 'trailing'")
     if timesteps[0] >= num_train or timesteps[-1] < 0:

@@ -149,9 +149,9 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             chosen = np.asarray([int(t) for t in timesteps], dtype=np.int64)
             if chosen.size == 0 or np.any(np.diff(chosen) >= 0):
-                raise ValueError(f"timesteps must be non-empty and strictly decreasing, got {list(chosen)}")
+                raise ValueError(f"timesteps must be non-empty and strictly decreasing, got {chosen.tolist()}")
             if chosen[0] >= num_train or chosen[-1] < 0:
-                raise ValueError(f"timesteps must lie in [0, {num_train - 1}], got {list(chosen)}")
+                raise ValueError(f"timesteps must lie in [0, {num_train - 1}], got {chosen.tolist()}")
             self.custom_timesteps, self.num_inference_steps = True, len(chosen)
         else:
             chosen = spaced_timesteps(
@@ -175,8 +175,10 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     def _index_of(self, timestep) -> int:
         t = int(timestep)
         if t not in self._step_index:
-            raise ValueError(f"timestep {t} is not in this scheduler's chain; call set_timesteps first or pick one of "
-                             f"{self._timestep_list[:5]}...{self._timestep_list[-3:]}")
+            raise ValueError(
+                f"timestep {t} is not in this scheduler's chain; call set_timesteps first or pick one of "
+                f"{self._timestep_list[:5]}...{self._timestep_list[-3:]}"
+            )
         return self._step_index[t]
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
@@ -219,7 +221,9 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def _predict_x0(self, chain: ChainTables, index, model_output, sample):
         """x_0 from the model's output: eq. 15 inverted for ε, the output itself for `sample`, or from v."""
-        sqrt_ac, sqrt_one_minus_ac = chain.gather(("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"), index, sample)
+        sqrt_ac, sqrt_one_minus_ac = chain.gather(
+            ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"), index, sample
+        )
         kind = self.config.prediction_type
         if kind == "epsilon":
             x0 = (sample - sqrt_one_minus_ac * model_output) / sqrt_ac
@@ -241,7 +245,9 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
             return log_small.expand_as(like)
         if kind in ("fixed_large", "fixed_large_log"):
             return log_large.expand_as(like)
-        # Improved DDPM eq. 15: log σ² = v' log β_t + (1 - v') log β̃_t, v' = (v + 1) / 2 in [0, 1].
+        # Improved DDPM eq. 15: log σ² = v' log β_t + (1 - v') log β̃_t, v' = (v + 1) / 2 in [0, 1]. The upper end
+        # is log β_t itself, also at t = 0 (only β̃_0 = 0 needs clipping), as in the Improved DDPM code.
+        (log_large,) = chain.gather(("log_betas",), index, like)
         frac = (predicted_variance + 1.0) / 2.0
         return frac * log_large + (1.0 - frac) * log_small
 
@@ -301,7 +307,9 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Imagen, Saharia et al. 2022) of x̂_0, as diffusers' `thresholding=True`."""
         batch = sample.shape[0]
-        flat = sample.float().reshape(batch, -1)
+        flat = sample.reshape(batch, -1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # quantile needs float32 or float64; float64 stays float64 (the bound is exact)
         s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
         s = s.clamp(min=1.0, max=self.config.sample_max_value).unsqueeze(1)
         return (flat.clamp(-s, s) / s).reshape(sample.shape).to(sample.dtype)
