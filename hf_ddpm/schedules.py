@@ -70,7 +70,7 @@ def check_betas(betas) -> np.ndarray:
     if bad.size:
         t = int(bad[0])
         raise ValueError(
-            f"beta at timestep {t} is {betas[t]!r}; every beta must lie in the open interval (0, 1) so that "
+            f"beta at timestep {t} is {float(betas[t])!r}; every beta must lie in the open interval (0, 1) so that "
             "alphas_cumprod is positive and strictly decreasing"
         )
     return betas
