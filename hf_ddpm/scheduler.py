@@ -240,14 +240,15 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     def _model_log_variance(self, chain: ChainTables, index, predicted_variance, like: torch.Tensor):
         """log σ_t² of p_θ(x_{t-1} | x_t) for the configured variance type."""
         kind = self.config.variance_type
-        log_small, log_large = chain.gather(("posterior_log_variance_clipped", "log_betas_clipped"), index, like)
         if kind in ("fixed_small", "fixed_small_log"):
-            return log_small.expand_as(like)
+            (log_small,) = chain.gather(("posterior_log_variance_clipped",), index, like)
+            return log_small  # broadcasts against x_t; no full-size tensor per step
         if kind in ("fixed_large", "fixed_large_log"):
-            return log_large.expand_as(like)
+            (log_large,) = chain.gather(("log_betas_clipped",), index, like)
+            return log_large
         # Improved DDPM eq. 15: log σ² = v' log β_t + (1 - v') log β̃_t, v' = (v + 1) / 2 in [0, 1]. The upper end
         # is log β_t itself, also at t = 0 (only β̃_0 = 0 needs clipping), as in the Improved DDPM code.
-        (log_large,) = chain.gather(("log_betas",), index, like)
+        log_small, log_large = chain.gather(("posterior_log_variance_clipped", "log_betas"), index, like)
         frac = (predicted_variance + 1.0) / 2.0
         return frac * log_large + (1.0 - frac) * log_small
 
