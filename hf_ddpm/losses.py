@@ -1,0 +1,94 @@
+"""Training objectives: DDPM's simple loss (eq. 14), the variational bound (eq. 5) and Improved DDPM's hybrid.
+
+`training_losses` returns per-example losses (B,); the training loop weights and averages them. The diffusion
+quantities come from the scheduler (`add_noise`, `get_velocity`, `bound_terms`), never from its tables directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+LOSS_TYPES = ("simple", "vlb", "hybrid")
+"""simple: ‖target - model‖² (DDPM eq. 14); vlb: the bound's terms (DDPM eq. 5);
+hybrid: simple + λ·vlb with the mean's gradient stopped in the vlb term (Improved DDPM section 3.1)."""
+
+HYBRID_VLB_WEIGHT = 0.001  # λ of Improved DDPM (section 3.1): L_hybrid = L_simple + λ L_vlb
+
+
+def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def simple_target(scheduler, x_start: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network regresses: ε (DDPM eq. 14), x_0, or v (Salimans & Ho 2022), per `prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x_start
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x_start, noise, timesteps)
+    raise ValueError(f"prediction_type={kind!r} has no simple-loss target; use 'epsilon', 'sample' or 'v_prediction'")
+
+
+def vlb_term_bits(scheduler, model_output, x_start, x_t, timesteps) -> torch.Tensor:
+    """T · L_t in bits/dim per example (B,): an unbiased estimate of Σ_t L_t (the bound less the constant L_T) when
+    t is uniform on {0 .. T-1}. L_0 is the decoder NLL (eq. 13), L_{t>0} the KL of eq. 5 (`scheduler.bound_terms`).
+
+    With T = 1000 this is Improved DDPM's `vb * num_timesteps / 1000` exactly: the hybrid loss matches theirs.
+    """
+    nats = _mean_over_dims(scheduler.bound_terms(model_output, x_start, x_t, timesteps))  # per dimension
+    return scheduler.config.num_train_timesteps * nats / math.log(2.0)
+
+
+def training_losses(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    x_start: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    loss_type: str = "simple",
+) -> dict[str, torch.Tensor]:
+    """Per-example losses (B,) at x_t ~ q(x_t | x_0) (DDPM eq. 4) for data x_start (B, C, H, W) in [-1, 1].
+
+    model_fn(x_t, t) -> (B, C, H, W), or (B, 2C, H, W) for `learned_range` (mean channels first, then v).
+    Returns {"loss"} plus its parts {"mse"} and/or {"vlb"}. `scheduler` should have `clip_sample=False`: clipping
+    x̂_0 stops the bound's gradient wherever x̂_0 leaves [-1, 1] (Improved DDPM trains with clip_denoised=False).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not supported; choose one of {LOSS_TYPES}")
+    learned = scheduler.config.variance_type == "learned_range"
+    if loss_type == "hybrid" and not learned:
+        raise ValueError(
+            "loss_type='hybrid' trains the variance through the vlb term and needs variance_type='learned_range'; "
+            f"got {scheduler.config.variance_type!r} (use loss_type='simple' for a fixed variance)"
+        )
+    x_t = scheduler.add_noise(x_start, noise, timesteps)  # DDPM eq. 4
+    output = model_fn(x_t, timesteps).float()
+    channels = x_start.shape[1]
+    if output.shape[1] != (2 if learned else 1) * channels:
+        raise ValueError(
+            f"the model outputs {output.shape[1]} channels for {channels}-channel data; "
+            f"variance_type={scheduler.config.variance_type!r} needs {(2 if learned else 1) * channels}"
+        )
+    mean_output = output[:, :channels]
+    terms = {}
+    if loss_type in ("simple", "hybrid"):
+        target = simple_target(scheduler, x_start, noise, timesteps)
+        terms["mse"] = _mean_over_dims((target.float() - mean_output) ** 2)  # DDPM eq. 14
+    if loss_type == "vlb":
+        terms["vlb"] = vlb_term_bits(scheduler, output, x_start, x_t, timesteps)
+    elif loss_type == "hybrid":
+        # Improved DDPM section 3.1: the vlb term trains only the variance; the mean is learned from L_simple.
+        frozen = torch.cat([mean_output.detach(), output[:, channels:]], dim=1)
+        terms["vlb"] = vlb_term_bits(scheduler, frozen, x_start, x_t, timesteps)
+    if loss_type == "simple":
+        terms["loss"] = terms["mse"]
+    elif loss_type == "vlb":
+        terms["loss"] = terms["vlb"]
+    else:
+        terms["loss"] = terms["mse"] + HYBRID_VLB_WEIGHT * terms["vlb"]
+    return terms

@@ -1,0 +1,6 @@
+"""Training DDPMs with accelerate: options (`config`), the loop (`loop`), checkpoints, batches and evaluation."""
+
+from .config import build_parser, parse_args
+from .loop import train
+
+__all__ = ["build_parser", "parse_args", "train"]

@@ -1,0 +1,64 @@
+"""Training batches from uint8 images held on the device, sharded over processes, addressed by micro-step.
+
+Epoch e is a permutation of the images drawn from a generator seeded with (seed, e), cut into global batches of
+B·W images (W processes, the last partial batch dropped so every process steps alike); process r takes rows
+[r·B, (r+1)·B) of each. Micro-step m is batch m mod n of epoch m div n (n batches per epoch), so a resumed run
+finds its data position by arithmetic, without iterating over the batches it skips. The per-step random draws
+(flips, timesteps, noise) come from a generator seeded with (seed, rank, m): they resume exactly too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data import random_hflip
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy's SeedSequence mixes them; nearby keys give unrelated streams)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class ShardedBatches:
+    """The uint8 batch (B, C, H, W) of this process at any micro-step."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, num_processes: int, process_index: int, seed: int):
+        global_batch = batch_size * num_processes
+        if len(images) < global_batch:
+            raise ValueError(
+                f"the training split has {len(images)} images, fewer than one global batch of {global_batch} "
+                f"(--train_batch_size {batch_size} x {num_processes} processes); lower --train_batch_size, use "
+                "fewer processes, or hold out fewer images (--eval_size)"
+            )
+        self.images = images
+        self.batch_size, self.num_processes, self.process_index = batch_size, num_processes, process_index
+        self.seed = seed
+        self.batches_per_epoch = len(images) // global_batch
+        self._epoch, self._order = None, None
+
+    def position(self, micro_step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of a micro-step."""
+        return divmod(micro_step, self.batches_per_epoch)
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        epoch, index = self.position(micro_step)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+            self._epoch, self._order = epoch, torch.randperm(len(self.images), generator=generator)
+        start = (index * self.num_processes + self.process_index) * self.batch_size
+        return self._order[start : start + self.batch_size]
+
+    def batch(self, micro_step: int) -> torch.Tensor:
+        return self.images[self.indices(micro_step).to(self.images.device)]
+
+
+def step_generator(seed: int, process_index: int, micro_step: int, device) -> torch.Generator:
+    """The generator of one micro-step's random draws on one process."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, process_index, micro_step))
+
+
+def to_model_input(images: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
+    """uint8 (B, C, H, W) → float32 in [-1, 1] on the images' device (x / 127.5 - 1), randomly flipped if asked."""
+    x = images.to(torch.float32) / 127.5 - 1.0
+    return random_hflip(x, generator) if flip else x

@@ -1,0 +1,141 @@
+"""Atomic training checkpoints: write `checkpoint-<step>.tmp`, rename to `checkpoint-<step>`, prune old ones.
+
+A checkpoint is `accelerator.save_state` (model, optimizer, LR schedule, grad scaler, each process's RNG states)
+plus the objects registered with `accelerator.register_for_checkpointing`: the run's progress, the EMA weights and
+the importance sampler's history. Only complete checkpoints carry the final name, so a run killed while writing
+never leaves one that `latest` would pick. The output directory must be shared by all processes (one file system).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_SUFFIX = ".tmp"
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first; `*.tmp` directories are not listed."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """The checkpoint directory to resume from: `latest` (None when there is none yet: a fresh start) or a path,
+    absolute or relative to the working directory or to `output_dir`."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        return latest_checkpoint(output_dir)
+    for path in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
+        if os.path.isdir(path):
+            if path.rstrip("/").endswith(TMP_SUFFIX):
+                raise ValueError(f"{path} is an incomplete checkpoint (its run stopped while writing it)")
+            return path
+    raise ValueError(
+        f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such checkpoint directory "
+        f"(nor in {output_dir}); use 'latest' or one of {[p for _, p in list_checkpoints(output_dir)]}"
+    )
+
+
+def remove_incomplete(output_dir: str) -> None:
+    """Delete `checkpoint-*.tmp` left by a killed run (main process only)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-") and name.endswith(TMP_SUFFIX):
+            logger.info("removing incomplete checkpoint %s", name)
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
+    """Keep the newest `total_limit` complete checkpoints; returns the removed paths."""
+    if total_limit is None:
+        return []
+    removed = [path for _, path in list_checkpoints(output_dir)[:-total_limit]]
+    for path in removed:
+        shutil.rmtree(path)
+    if removed:
+        logger.info("checkpoints_total_limit=%d: removed %s", total_limit, ", ".join(map(os.path.basename, removed)))
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
+    """Every process writes its part into `checkpoint-<step>.tmp`; the main process then renames it (atomic on one
+    file system) and prunes to `total_limit`. Call on all processes."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + TMP_SUFFIX
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # all parts are written
+    if accelerator.is_main_process:
+        if os.path.exists(final):  # the same step from an earlier attempt of this run: replace it
+            stale = final + ".stale" + TMP_SUFFIX
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            os.rename(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.rename(tmp, final)
+        logger.info("saved %s", final)
+        prune_checkpoints(output_dir, total_limit)
+    return final
+
+
+class TrainProgress:
+    """Where the run is: the optimizer step (the data position and random streams follow from it) and the run's
+    shape, to warn when a checkpoint is resumed with another batch size or world size."""
+
+    def __init__(self, **run_shape):
+        self.global_step = 0
+        self.run_shape = dict(run_shape)
+        self.loaded_shape: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step, "run_shape": self.run_shape}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.loaded_shape = dict(state.get("run_shape", {}))
+        changed = {k: (v, self.run_shape.get(k)) for k, v in self.loaded_shape.items() if self.run_shape.get(k) != v}
+        if changed:
+            logger.warning(
+                "resuming with a different run shape %s (checkpoint value, now): the data order and the "
+                "random streams after step %d differ from the original run",
+                changed,
+                self.global_step,
+            )
+
+
+class EMAState:
+    """Checkpoints an `EMAModel` and puts its weights back on the training device (accelerate loads on the CPU)."""
+
+    def __init__(self, ema, device):
+        self.ema, self.device = ema, device
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
+        self.ema.to(device=self.device)

@@ -1,0 +1,117 @@
+"""The network and noise schedule a run trains: a UNet preset or JSON config with a fresh HFDDPMScheduler, or a
+pretrained pipeline (`unet/` + `scheduler/`) to fine-tune."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from diffusers import UNet2DModel
+
+from ..scheduler import SCHEDULE_ALIASES, HFDDPMScheduler
+from ..schedules import paper_linear_endpoints
+from ..unet import UNET_PRESETS, unet_config
+from .config import DEFAULT_MODEL
+
+DEFAULT_NUM_TRAIN_TIMESTEPS = 1000  # DDPM section 4
+
+
+def _model_source(args) -> str:
+    return args.model_config or DEFAULT_MODEL
+
+
+def _load_json_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"--model_config {path!r} is neither a preset ({', '.join(UNET_PRESETS)}) nor a JSON file")
+    with open(path) as f:
+        config = json.load(f)
+    return {k: v for k, v in config.items() if not k.startswith("_")}  # drop _class_name, _diffusers_version
+
+
+def data_shape(args) -> tuple[int | None, int]:
+    """(channels, resolution) the data must have: channels None lets the data decide (presets adapt to it)."""
+    if args.pretrained_model_name_or_path is not None:
+        config = UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
+        return config["in_channels"], args.resolution or _side(config["sample_size"])
+    source = _model_source(args)
+    if source in UNET_PRESETS:
+        return None, args.resolution or unet_config(source)["sample_size"]
+    config = _load_json_config(source)
+    return config.get("in_channels", 3), args.resolution or _side(config.get("sample_size", 32))
+
+
+def _side(sample_size) -> int:
+    return sample_size if isinstance(sample_size, int) else int(sample_size[0])
+
+
+def build_unet(args, channels: int, resolution: int, learned_variance: bool) -> UNet2DModel:
+    """A fresh UNet2DModel for `channels`-channel images of `resolution`, or the pretrained one."""
+    out_channels = 2 * channels if learned_variance else channels
+    if args.pretrained_model_name_or_path is not None:
+        unet = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet")
+        if unet.config.sample_size != resolution:
+            unet.register_to_config(sample_size=resolution)  # convolutional: trains at the new size
+    else:
+        source = _model_source(args)
+        if source in UNET_PRESETS:
+            config = unet_config(
+                source, learned_variance, in_channels=channels, out_channels=channels, sample_size=resolution
+            )
+        else:
+            config = {**_load_json_config(source), "sample_size": resolution}
+        unet = UNet2DModel.from_config(config)
+    if unet.config.out_channels != out_channels:
+        kind = "learned_range (mean and variance)" if learned_variance else "a fixed variance"
+        raise ValueError(
+            f"the UNet has {unet.config.out_channels} output channels; {channels}-channel data with "
+            f"{kind} needs {out_channels}"
+        )
+    return unet
+
+
+def build_scheduler(args) -> HFDDPMScheduler:
+    """The noise schedule: the pretrained pipeline's (flags must agree with it), or a new one from the flags."""
+    if args.pretrained_model_name_or_path is not None:
+        scheduler = HFDDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+        given = {
+            "prediction_type": ("--prediction_type", args.prediction_type),
+            "variance_type": ("--variance_type", args.variance_type),
+            "num_train_timesteps": ("--ddpm_num_steps", args.ddpm_num_steps),
+            "beta_schedule": (
+                "--ddpm_beta_schedule",
+                SCHEDULE_ALIASES.get(args.ddpm_beta_schedule, args.ddpm_beta_schedule),
+            ),
+        }
+        for key, (flag, value) in given.items():
+            if value is not None and value != scheduler.config[key]:
+                raise ValueError(
+                    f"fine-tuning keeps the pretrained scheduler's {key}={scheduler.config[key]!r}; "
+                    f"{flag} {value} differs (drop the flag, or train from scratch)"
+                )
+    else:
+        num_steps = args.ddpm_num_steps or DEFAULT_NUM_TRAIN_TIMESTEPS
+        schedule = args.ddpm_beta_schedule or "linear"
+        endpoints = {}
+        if schedule == "linear":  # the paper's endpoints scaled by 1000/T (Improved DDPM), written into the config
+            endpoints = dict(zip(("beta_start", "beta_end"), paper_linear_endpoints(num_steps)))
+            if endpoints["beta_end"] >= 1.0:
+                raise ValueError(
+                    f"the paper's linear schedule scaled to T={num_steps} ends at beta="
+                    f"{endpoints['beta_end']:g} >= 1; use --ddpm_num_steps > 20 or another schedule"
+                )
+        scheduler = HFDDPMScheduler(
+            num_train_timesteps=num_steps,
+            beta_schedule=schedule,
+            variance_type=args.variance_type or "fixed_small",
+            prediction_type=args.prediction_type or "epsilon",
+            **endpoints,
+        )
+    variance = scheduler.config.variance_type
+    if args.loss == "hybrid" and variance != "learned_range":
+        raise ValueError(f"--loss hybrid needs variance_type learned_range; the scheduler has {variance!r}")
+    if args.loss == "simple" and variance == "learned_range":
+        raise ValueError(
+            "variance_type learned_range with --loss simple leaves the variance channels untrained; "
+            "use --loss hybrid or --loss vlb"
+        )
+    return scheduler

@@ -1,0 +1,22 @@
+"""Train a DDPM (Ho et al. 2020) with accelerate: `accelerate launch training/train.py [flags]`.
+
+With no flags it trains the `digits-16-tiny` UNet on scikit-learn's bundled digits (a few minutes on two CPU cores)
+and writes an `HFDDPMPipeline` (EMA weights, safetensors) with a sample grid to --output_dir. `--help` lists the
+options; they follow diffusers' train_unconditional.py. The work is done in `hf_ddpm.training`.
+
+Examples:
+    accelerate launch --num_processes 1 --cpu training/train.py --output_dir outputs/digits
+    accelerate launch --multi_gpu --num_processes 8 training/train.py --dataset_name uoft-cs/cifar10 \
+        --model_config ddpm-cifar10-32 --learning_rate 2e-4 --train_batch_size 16 --mixed_precision bf16
+    accelerate launch training/train.py --output_dir outputs/digits --resume_from_checkpoint latest
+"""
+
+from hf_ddpm.training import parse_args, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
