@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from .likelihood import BoundOutput, variational_bound
+from .loading import load_components
 from .scheduler import HFDDPMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -38,6 +39,19 @@ class HFDDPMPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler: HFDDPMScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> HFDDPMPipeline:
+        """Load `unet/` and `scheduler/` of a pipeline directory or Hub repo with hf_ddpm's classes: no remote code.
+
+        A repo pushed by hf_ddpm names its bundled modules in model_index.json, which diffusers' own loader would
+        insist on running (trust_remote_code=True); this method loads the components itself (hf_ddpm/loading.py).
+        kwargs: revision, token, cache_dir, local_files_only, force_download, proxies, dtype, variant, ... as in
+        diffusers; `unet=` / `scheduler=` replace a component. Weights are safetensors only.
+        """
+        pipeline = cls(**load_components(pretrained_model_name_or_path, **kwargs))
+        pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipeline
 
     @property
     def _image_shape(self) -> tuple[int, int, int]:

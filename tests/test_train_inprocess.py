@@ -12,6 +12,7 @@ from accelerate.state import AcceleratorState, GradientState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hf_ddpm import HFDDPMPipeline
+from hf_ddpm.hub import HubPushError
 from hf_ddpm.training import parse_args, train
 
 
@@ -151,8 +152,9 @@ def test_an_earlier_run_is_not_overwritten_by_accident(tmp_path):
     assert not list(out.glob("checkpoint-*"))
 
 
-def test_push_to_hub_fails_before_training_until_the_hub_issue_lands(tmp_path):
-    with pytest.raises(NotImplementedError, match="Hub issue"):
+def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set, so hf_ddpm does not push"):
         train(parse_args(tiny(tmp_path / "out", "--push_to_hub", "--hub_model_id", "me/digits")))
     assert not (tmp_path / "out").exists()
 

@@ -16,6 +16,7 @@ import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from ..hub import save_hub_pipeline
 from ..losses import training_losses
 from . import checkpoints
 from .batches import step_generator, to_model_input
@@ -149,9 +150,10 @@ def _due(run: Run, step: int, every_steps: int | None, every_epochs: int | None)
 
 
 def _save_pipeline(run: Run) -> None:
-    """The pipeline with the EMA weights, as safetensors, into --output_dir (main process)."""
+    """The pipeline with the EMA weights, as safetensors, into --output_dir (main process), with the modules that let
+    diffusers alone load it (`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`)."""
     with ema_weights(run.ema, run.model):
-        run.pipeline().save_pretrained(run.args.output_dir, safe_serialization=True)
+        save_hub_pipeline(run.pipeline(), run.args.output_dir)
 
 
 def _periodic(run: Run, step: int) -> None:

@@ -1,0 +1,65 @@
+"""The `python -m hf_ddpm` command line: push a saved pipeline directory to the Hub, or export what a push uploads.
+
+    python -m hf_ddpm push OUTPUT_DIR --repo-id USER/NAME [--private] [--token TOKEN] [--metrics METRICS.json]
+    python -m hf_ddpm export OUTPUT_DIR DEST --repo-id USER/NAME
+
+The token defaults to HF_TOKEN or the one saved by `hf auth login` (a --token on the command line is visible to
+other users of the machine in the process list). Errors print one message, never the token, and exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .hub import DEFAULT_TIMEOUT, HubPushError, export_hub_folder, push_to_hub
+from .model_card import DEFAULT_LICENSE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hf_ddpm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    push = commands.add_parser("push", help="push a saved HFDDPMPipeline directory (e.g. a training --output_dir)")
+    push.add_argument("output_dir", help="the pipeline directory: model_index.json, unet/, scheduler/")
+    push.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME (NAME alone: the token owner's)")
+    push.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its)")
+    push.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
+    push.add_argument("--commit-message", default=None)
+    push.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
+
+    export = commands.add_parser("export", help="write the folder a push would upload, without any network use")
+    export.add_argument("output_dir")
+    export.add_argument("dest", help="a new or empty directory")
+    export.add_argument("--repo-id", required=True, help="the repo id the model card's code examples name")
+
+    for sub in (push, export):
+        sub.add_argument("--metrics", default=None, help="JSON file of metrics for the card (bits_per_dim, fid)")
+        sub.add_argument("--license", default=DEFAULT_LICENSE, help="license of the weights, in the card")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "export":
+            files = export_hub_folder(
+                args.output_dir, args.dest, repo_id=args.repo_id, metrics=args.metrics, license=args.license
+            )
+            print(f"wrote {len(files)} files to {args.dest}: {', '.join(files)}")
+            return 0
+        url = push_to_hub(
+            args.output_dir,
+            args.repo_id,
+            private=args.private,
+            token=args.token,
+            commit_message=args.commit_message,
+            metrics=args.metrics,
+            license=args.license,
+            timeout=args.timeout,
+        )
+    except (HubPushError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.output_dir} to {args.repo_id}: {url}")
+    return 0

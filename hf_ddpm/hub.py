@@ -1,0 +1,254 @@
+"""Publishing a pipeline on the Hugging Face Hub: a repo that loads three ways, its model card, and nothing else.
+
+    save_hub_pipeline(pipe, directory)   save_pretrained (safetensors) + the remote-code modules (remote_code.py)
+    export_hub_folder(output_dir, dest)  the exact folder a push uploads, built from a training output directory
+    push_to_hub(output_dir, repo_id)     create the repo and upload that folder
+    check_publish(args), publish(output_dir, args)   the training script's --push_to_hub hooks
+    python -m hf_ddpm push OUTPUT_DIR --repo-id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
+
+A push uploads a staged copy (model_index.json, unet/ weights in safetensors and config, scheduler/ config, the
+remote-code modules, README.md, samples.png), never the output directory itself: checkpoints, logs, optimizer
+states and training_args.json stay local, and a failed push leaves the output untouched and says how to push again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
+from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
+
+# What a pushed repo may hold (upload_folder's allow_patterns, on top of staging only these files).
+PUSHED_PATTERNS = [
+    "model_index.json",
+    f"{PIPELINE_PREFIX}_*.py",
+    "README.md",
+    SAMPLE_GRID,
+    "unet/config.json",
+    "unet/*.safetensors",
+    "unet/*.safetensors.index.json",
+    "scheduler/scheduler_config.json",
+    f"scheduler/{SCHEDULER_PREFIX}_*.py",
+]
+DEFAULT_TIMEOUT = 60.0  # seconds without progress on one HTTP request before a push gives up
+TOKEN_SOURCES = "pass --token (--hub_token in training), set HF_TOKEN, or run `hf auth login`"
+
+
+class HubPushError(RuntimeError):
+    """A push that did not happen or did not finish; the message says why and how to push again."""
+
+    def __init__(self, message: str, retry_command: str | None = None):
+        super().__init__(message)
+        self.retry_command = retry_command
+
+
+def save_hub_pipeline(pipeline, directory: str | Path) -> list[str]:
+    """Save `pipeline` (an HFDDPMPipeline) so that the folder, or a repo holding it, loads all three ways.
+
+    `save_pretrained(safe_serialization=True)`, then `pipeline_hf_ddpm_*.py` and `scheduler/scheduling_hf_ddpm_*.py`
+    generated from this package's source, named in model_index.json. Returns the written remote-code files.
+    """
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return add_remote_code(directory)
+
+
+def check_pipeline_dir(output_dir: str | Path) -> None:
+    """Raise ValueError unless `output_dir` holds a saved HFDDPMPipeline with safetensors UNet weights."""
+    output_dir = Path(output_dir)
+    if not (output_dir / "model_index.json").is_file():
+        raise ValueError(f"{output_dir} holds no model_index.json: it is not a saved pipeline (train or save first)")
+    index = json.loads((output_dir / "model_index.json").read_text())
+    name = index.get("_class_name")
+    if (name[1] if isinstance(name, list) else name) != PIPELINE_CLASS:
+        raise ValueError(f"{output_dir} holds a {name}, not an {PIPELINE_CLASS}")
+    for needed in ("unet/config.json", "scheduler/scheduler_config.json"):
+        if not (output_dir / needed).is_file():
+            raise ValueError(f"{output_dir} lacks {needed}: save the whole pipeline with save_pretrained")
+    if not list((output_dir / "unet").glob("*.safetensors")):
+        pickled = sorted(p.name for p in (output_dir / "unet").glob("*.bin"))
+        raise ValueError(
+            f"{output_dir}/unet holds no safetensors weights{f' (only pickled {pickled})' if pickled else ''}; "
+            "only safetensors are pushed: load the pipeline and save it with save_pretrained(safe_serialization=True)"
+        )
+
+
+def export_hub_folder(
+    output_dir: str | Path,
+    dest: str | Path,
+    *,
+    repo_id: str,
+    metrics: dict | str | Path | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> list[str]:
+    """Write into `dest` (new or empty) exactly what `push_to_hub` uploads; returns its files, relative to `dest`.
+
+    metrics: for the card (see `render_model_card`), or the path of a JSON file holding them.
+    """
+    output_dir, dest = Path(output_dir), Path(dest)
+    if isinstance(metrics, (str, Path)):
+        metrics = json.loads(Path(metrics).read_text())
+    check_pipeline_dir(output_dir)
+    if dest.exists() and any(dest.iterdir()):
+        raise ValueError(f"{dest} is not empty; export into a new or empty directory")
+    unet = output_dir / "unet"
+    files = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"]
+    weights = (".safetensors", ".safetensors.index.json")  # never pickled .bin weights or their index
+    files += [f"unet/{p.name}" for p in sorted(unet.iterdir()) if p.name.endswith(weights)]
+    files += [SAMPLE_GRID] if (output_dir / SAMPLE_GRID).is_file() else []
+    for name in files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(output_dir / name, dest / name)
+    add_remote_code(dest)
+    card = render_model_card(dest, repo_id, training_dir=output_dir, metrics=metrics, license=license)
+    card.save(dest / "README.md")
+    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+
+
+def retry_command(output_dir, repo_id: str, private: bool = False, extra: str = "") -> str:
+    """The command that pushes `output_dir` again (never with a token in it)."""
+    command = f"python -m hf_ddpm push {shlex.quote(str(output_dir))} --repo-id {shlex.quote(repo_id)}"
+    return command + (" --private" if private else "") + extra
+
+
+def push_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    metrics: dict | str | Path | None = None,
+    license: str = DEFAULT_LICENSE,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> str:
+    """Push the pipeline in `output_dir` to the Hub repo `repo_id` (created if needed); returns the commit URL.
+
+    Only the files of `export_hub_folder` are uploaded. Refuses before any network call in offline mode
+    (HF_HUB_OFFLINE=1), without a token, or when `output_dir` is not a complete safetensors pipeline. Any failure
+    raises HubPushError, whose message says how to push again; `output_dir` is never modified.
+    token: default HF_TOKEN or the token saved by `hf auth login`. metrics: as `export_hub_folder`'s.
+    timeout: seconds one HTTP request may stall.
+    """
+    extra = f" --license {shlex.quote(license)}" if license != DEFAULT_LICENSE else ""
+    if isinstance(metrics, (str, Path)):
+        extra += f" --metrics {shlex.quote(str(metrics))}"
+    command = retry_command(output_dir, repo_id, private, extra)
+    refuse_offline(output_dir, command)
+    token = resolve_token(token, output_dir, command)
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        check_pipeline_dir(output_dir)
+    except ValueError as err:  # HFValidationError is a ValueError
+        raise HubPushError(f"not pushing {output_dir}: {err}", command) from err
+    from huggingface_hub import create_repo, upload_folder
+
+    with tempfile.TemporaryDirectory(prefix="hf_ddpm_push_") as stage, _request_timeout(timeout):
+        stage = Path(stage)
+        if isinstance(metrics, (str, Path)):
+            metrics = json.loads(Path(metrics).read_text())
+        files = export_hub_folder(output_dir, stage, repo_id=repo_id, metrics=metrics, license=license)
+        refuse_secret_in(stage, token)
+        try:
+            canonical = create_repo(repo_id, token=token, private=True if private else None, exist_ok=True).repo_id
+            if canonical != repo_id:  # the Hub added the namespace: the card's code names the full id
+                card = render_model_card(stage, canonical, training_dir=output_dir, metrics=metrics, license=license)
+                card.save(stage / "README.md")
+                refuse_secret_in(stage, token)
+            commit = upload_folder(
+                repo_id=canonical,
+                folder_path=stage,
+                allow_patterns=PUSHED_PATTERNS,
+                token=token,
+                commit_message=commit_message
+                or f"Upload {PIPELINE_CLASS} ({len(files)} files) with hf_ddpm {__version__}",
+            )
+        except HubPushError:
+            raise
+        except Exception as err:  # network, HTTP 4xx/5xx, timeouts: all end the same way for the user
+            raise HubPushError(
+                _failure_message(output_dir, repo_id, f"{type(err).__name__}: {err}", command), command
+            ) from err
+    return commit.commit_url
+
+
+def _failure_message(output_dir, repo_id: str, reason: str, command: str) -> str:
+    return (
+        f"pushing {output_dir} to the Hub as {repo_id} failed: {reason}\n"
+        f"Nothing in {output_dir} was changed. To push it again, run:\n    {command}\n"
+        f"(for the token, {TOKEN_SOURCES})"
+    )
+
+
+def refuse_offline(output_dir, command: str) -> None:
+    """HubPushError in offline mode (HF_HUB_OFFLINE=1), before any request is made."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise HubPushError(
+            f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent. {output_dir} is complete on "
+            f"disk; to push it later, unset HF_HUB_OFFLINE and run:\n    {command}",
+            command,
+        )
+
+
+def resolve_token(token: str | None, output_dir, command: str) -> str:
+    """`token`, else HF_TOKEN or the saved login; HubPushError when there is none (no request made)."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubPushError(
+            f"no Hugging Face token: {TOKEN_SOURCES}. Then push {output_dir} with:\n    {command}", command
+        )
+    return token
+
+
+def refuse_secret_in(folder: Path, token: str) -> None:
+    """A last guard: refuse to upload a folder in which any file contains the token."""
+    needle = token.encode()
+    for path in folder.rglob("*"):
+        if path.is_file() and needle in path.read_bytes():
+            raise HubPushError(f"refusing to push: {path.relative_to(folder)} contains the Hub token")
+
+
+@contextlib.contextmanager
+def _request_timeout(seconds: float):
+    """huggingface_hub's shared HTTP client waits forever by default; bound each request while pushing."""
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    previous = session.timeout
+    session.timeout = seconds
+    try:
+        yield
+    finally:
+        session.timeout = previous
+
+
+def _repo_id_of(args) -> str:
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def check_publish(args) -> None:
+    """Training start-up: fail before any training when --push_to_hub cannot succeed (offline mode, no token)."""
+    if not getattr(args, "push_to_hub", False):
+        return
+    command = retry_command(args.output_dir, _repo_id_of(args), args.hub_private_repo)
+    refuse_offline(args.output_dir, command)
+    resolve_token(args.hub_token, args.output_dir, command)
+
+
+def publish(output_dir: str | Path, args) -> str:
+    """Training's --push_to_hub hook (main process, after the pipeline is saved): push `output_dir` as
+    --hub_model_id (default: the output directory's name, in the token owner's namespace), private with
+    --hub_private_repo, with --hub_token or the usual token sources. Returns the commit URL; raises HubPushError."""
+    return push_to_hub(output_dir, _repo_id_of(args), private=args.hub_private_repo, token=args.hub_token)

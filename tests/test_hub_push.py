@@ -1,0 +1,365 @@
+"""Push → load against a local Hub (tests/hub_server.py) over real HTTP, with the real huggingface_hub client.
+
+huggingface_hub reads HF_ENDPOINT when it is imported, and pytest has imported it already, so every client runs in
+a subprocess pointed at the server: the push (`python -m hf_ddpm push`), and the loads, one of them in a virtual
+environment that has diffusers but no hf_ddpm. The tiny pipeline (test-tiny UNet, T = 20) samples in a blink; the
+cost of these tests is the start-up of each process (importing torch and diffusers).
+"""
+
+import http.client
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import UNet2DModel
+from hub_clients import REPO, finish, make_bare_venv, start_script, tree_hashes
+from hub_server import HubServer
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.remote_code import remote_files
+
+TOKEN = "hf_TestTokenNeverPushed0123456789"
+REPO_ID = "test-user/tiny-ddpm"
+T, SEED, BATCH = 20, 7, 2
+MODULES = remote_files()  # {"pipeline": "pipeline_hf_ddpm_<hash>.py", "scheduler": "scheduler/scheduling_..."}
+PUSHED = {
+    ".gitattributes",  # written by the Hub when it creates a repo
+    "README.md",
+    "model_index.json",
+    MODULES["pipeline"],
+    "samples.png",
+    "scheduler/scheduler_config.json",
+    MODULES["scheduler"],
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+}
+
+
+def make_output_dir(path: Path) -> HFDDPMPipeline:
+    """What training/train.py leaves in --output_dir, with a tiny untrained pipeline, plus what must stay local."""
+    torch.manual_seed(0)
+    pipe = HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")).eval(), HFDDPMScheduler(num_train_timesteps=T))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    PIL.Image.new("RGB", (16, 16), (200, 30, 30)).save(path / "samples.png")
+    args = {"seed": 0, "learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 2, "use_ema": True}
+    args |= {"output_dir": str(path), "eval_batch_size": 4, "ddpm_num_inference_steps": T, "push_to_hub": True}
+    (path / "training_args.json").write_text(json.dumps(args))
+    summary = {"optimizer_steps": 6, "world_size": 1, "train_seconds": 4.2, "images_per_optimizer_step": 4}
+    summary["eval"] = {"bits_per_dim": 7.25, "bits_per_dim_stderr": 0.31, "num_images": 4, "num_timesteps": 2}
+    (path / "training_summary.json").write_text(json.dumps(summary))
+    for name, content in {
+        "checkpoint-6/optimizer.bin": b"optimizer state",
+        "checkpoint-6/random_states_0.pkl": b"rng",
+        "logs/train/events.out.tfevents.1": f"a log that saw the token {TOKEN}".encode(),
+        "samples/step-0000003.png": b"an earlier grid",
+        "unet/diffusion_pytorch_model.bin": b"a stray pickled copy of the weights",
+        "hub_token.txt": TOKEN.encode(),
+    }.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(content)
+    return pipe
+
+
+def local_images(pipe) -> np.ndarray:
+    """The images the pipeline samples here, with one thread as the loading processes use (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pipe(batch_size=BATCH, generator=torch.manual_seed(SEED), num_inference_steps=T, output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+
+
+def hf_ddpm_cli(server: HubServer, tmp: Path, argv: list[str], token=TOKEN, **env_extra):
+    """`python -m hf_ddpm ARGV` in a process pointed at the test Hub, with HF_TOKEN=token."""
+    env = server.env(tmp, token) | {"PYTHONPATH": str(REPO)} | env_extra
+    command = [sys.executable, "-m", "hf_ddpm", *argv]
+    return subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+
+
+def push(server: HubServer, tmp: Path, output_dir: Path, repo_id: str, *extra, **kwargs):
+    return hf_ddpm_cli(server, tmp, ["push", str(output_dir), "--repo-id", repo_id, *extra], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = HubServer(tmp_path_factory.mktemp("hub_server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> str:
+    return make_bare_venv(tmp_path_factory.mktemp("bare_venv"))
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory):
+    """The tiny pipeline pushed once with the CLI (token from HF_TOKEN); the output dir hashed before and after."""
+    tmp = tmp_path_factory.mktemp("push")
+    pipe = make_output_dir(tmp / "out")
+    before = tree_hashes(tmp / "out")
+    hub.clear()
+    result = push(hub, tmp, tmp / "out", REPO_ID)
+    assert result.returncode == 0, result.stderr
+    reference = local_images(pipe)
+    return {"tmp": tmp, "result": result, "before": before, "requests": hub.requests(), "reference": reference}
+
+
+@pytest.fixture(scope="module")
+def loaded(hub, pushed, bare_python):
+    """Load the pushed repo three ways in two processes at once; each saves what it sampled and read."""
+    tmp = pushed["tmp"]
+    load_a = f"""
+        import importlib.util, json, sys, numpy as np, torch
+        from diffusers import DiffusionPipeline
+        assert importlib.util.find_spec("hf_ddpm") is None, sys.path  # diffusers alone: no hf_ddpm here
+        try:
+            DiffusionPipeline.from_pretrained("{REPO_ID}")
+            raise SystemExit("loaded remote code without trust_remote_code=True")
+        except ValueError as err:
+            assert "trust_remote_code" in str(err), err
+        pipe = DiffusionPipeline.from_pretrained("{REPO_ID}", trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size={BATCH}, generator=torch.manual_seed({SEED}), num_inference_steps={T}, output_type="np").images
+        np.save("way_a.npy", images)
+        print(json.dumps({{"pipeline_module": type(pipe).__module__, "scheduler_module": type(pipe.scheduler).__module__}}))
+    """
+    load_bc = f"""
+        import json, numpy as np, torch
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+        from huggingface_hub import ModelCard, create_repo, hf_hub_download, list_repo_tree, model_info, upload_folder
+        from huggingface_hub.errors import RevisionNotFoundError
+        from hf_ddpm import HFDDPMPipeline
+        pipe = HFDDPMPipeline.from_pretrained("{REPO_ID}")  # no trust_remote_code: runs no code from the repo
+        # the Hub arguments reach both components: a revision, the cache alone
+        assert HFDDPMPipeline.from_pretrained("{REPO_ID}", revision=model_info("{REPO_ID}").sha).unet.dtype == torch.float32
+        assert HFDDPMPipeline.from_pretrained("{REPO_ID}", local_files_only=True, dtype=torch.float64).unet.dtype == torch.float64
+        try:
+            HFDDPMPipeline.from_pretrained("{REPO_ID}", revision="0" * 40)
+            raise SystemExit("loaded a revision that does not exist")
+        except (RevisionNotFoundError, OSError):
+            pass
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size={BATCH}, generator=torch.manual_seed({SEED}), num_inference_steps={T}, output_type="np").images
+        np.save("way_b.npy", images)
+        unet = UNet2DModel.from_pretrained("{REPO_ID}", subfolder="unet", use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained("{REPO_ID}", subfolder="scheduler")
+        theirs = DDPMPipeline(unet=unet, scheduler=scheduler)
+        theirs.set_progress_bar_config(disable=True)
+        images = theirs(batch_size={BATCH}, generator=torch.manual_seed({SEED}), num_inference_steps={T}, output_type="np").images
+        np.save("way_c.npy", images)
+        card = ModelCard.load("{REPO_ID}")
+        tree = sorted(f.path for f in list_repo_tree("{REPO_ID}", recursive=True) if hasattr(f, "size"))
+        # the Space API, for the Gradio demo's push: create, upload, read back
+        space = create_repo("test-user/demo", repo_type="space", space_sdk="gradio", token="{TOKEN}").repo_id
+        open("app.py", "w").write("print('hello')\\n")
+        upload_folder(repo_id=space, repo_type="space", folder_path=".", allow_patterns=["app.py"], token="{TOKEN}")
+        app = open(hf_hub_download(space, "app.py", repo_type="space")).read()
+        print(json.dumps({{"card": card.data.to_dict(), "text": card.text, "tree": tree, "space_app": app,
+                          "ddpm_scheduler": type(scheduler).__name__}}))
+    """
+    env = hub.env(tmp / "load", None)  # reading a public repo needs no token
+    (tmp / "load").mkdir()
+    a = start_script(bare_python, load_a, env, tmp / "load")
+    bc = start_script(sys.executable, load_bc, env | {"PYTHONPATH": str(REPO)}, tmp / "load")
+    out_a, out_bc = finish(a), finish(bc)
+    info = json.loads(out_a.strip().splitlines()[-1]) | json.loads(out_bc.strip().splitlines()[-1])
+    info |= {f"way_{w}": np.load(tmp / "load" / f"way_{w}.npy") for w in "abc"}
+    return info
+
+
+def test_push_uploads_only_the_pipeline_card_and_sample_grid(pushed, hub):
+    files = hub.files(REPO_ID)
+    assert set(files) == PUSHED
+    assert not any(TOKEN.encode() in content for content in files.values())
+    assert TOKEN not in pushed["result"].stdout + pushed["result"].stderr
+    assert f"pushed {pushed['tmp'] / 'out'} to {REPO_ID}" in pushed["result"].stdout
+    api_calls = [r for r in pushed["requests"] if r["path"].startswith("/api/")]
+    assert {r["path"] for r in api_calls} >= {"/api/repos/create", f"/api/models/{REPO_ID}/commit/main"}
+    assert all(r["authorization"] == f"Bearer {TOKEN}" for r in api_calls)
+    assert not any("xet" in r["path"].lower() or "lfs" in r["path"].lower() for r in pushed["requests"])
+    assert tree_hashes(pushed["tmp"] / "out") == pushed["before"]  # the output directory is read, never written
+    index = json.loads(files["model_index.json"])
+    assert index["_class_name"] == [MODULES["pipeline"][:-3], "HFDDPMPipeline"]
+    assert index["scheduler"] == [MODULES["scheduler"][10:-3], "HFDDPMScheduler"] and index["unet"][0] == "diffusers"
+    assert hub.repo(REPO_ID)["private"] is False
+
+
+def test_loads_with_diffusers_alone_without_hf_ddpm_installed(pushed, loaded):
+    assert loaded["pipeline_module"] == f"diffusers_modules.local.{MODULES['pipeline'][:-3]}"
+    assert loaded["scheduler_module"] == f"diffusers_modules.local.{MODULES['scheduler'][10:-3]}"
+    reference = pushed["reference"]
+    assert reference.std() > 0.05  # images, not a constant
+    np.testing.assert_allclose(loaded["way_a"], reference, rtol=0, atol=1e-6)
+
+
+def test_loads_with_hf_ddpm_without_remote_code(pushed, loaded):
+    np.testing.assert_allclose(loaded["way_b"], pushed["reference"], rtol=0, atol=1e-6)
+
+
+def test_loads_as_plain_diffusers_components(pushed, loaded):
+    """UNet2DModel + DDPMScheduler in diffusers' DDPMPipeline: the same chain up to float32 rounding."""
+    assert loaded["ddpm_scheduler"] == "DDPMScheduler"
+    np.testing.assert_allclose(loaded["way_c"], pushed["reference"], rtol=0, atol=1e-4)
+
+
+def test_card_parses_back_from_the_repo_with_its_metrics(loaded):
+    card, text = loaded["card"], loaded["text"]
+    assert card["library_name"] == "diffusers" and card["pipeline_tag"] == "unconditional-image-generation"
+    assert {"diffusers", "ddpm", "unconditional-image-generation", "hf_ddpm"} <= set(card["tags"])
+    assert card["license"] == "apache-2.0"
+    (result,) = card["model-index"][0]["results"]
+    (metric,) = result["metrics"]
+    assert metric["type"] == "bits_per_dim" and metric["value"] == 7.25
+    assert metric["args"] == {"num_images": 4, "num_timesteps": 2, "stderr": 0.31}
+    assert f'DiffusionPipeline.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
+    assert f'HFDDPMPipeline.from_pretrained("{REPO_ID}")' in text
+    assert f'DDPMScheduler.from_pretrained("{REPO_ID}", subfolder="scheduler")' in text
+    assert "![Samples from this pipeline](samples.png)" in text and "@inproceedings{nichol2021improved" in text
+    assert "7.2500 ± 0.3100" in text and "hub_token" not in text and "output_dir" not in text
+    assert loaded["tree"] == sorted(PUSHED)
+
+
+def test_server_serves_spaces_for_the_demo(loaded):
+    assert loaded["space_app"] == "print('hello')\n"
+
+
+def start_cli(hub: HubServer, cwd: Path, argv: list[str], env_extra=None) -> subprocess.Popen:
+    env = hub.env(cwd, TOKEN) | {"PYTHONPATH": str(REPO)} | (env_extra or {})
+    process = subprocess.Popen([sys.executable, "-m", "hf_ddpm", *argv], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process.started = time.monotonic()
+    return process
+
+
+def wait(run: dict) -> dict:
+    if "returncode" not in run:
+        run["stdout"], run["stderr"] = run["process"].communicate(timeout=300)
+        run["returncode"], run["seconds"] = run["process"].returncode, time.monotonic() - run["process"].started
+    return run
+
+
+def start_pushes(hub: HubServer, tmp: Path, cases: dict) -> dict:
+    """One CLI push per case {name: (repo_id, extra argv, extra env)}, all at once, each of its own output dir."""
+    runs = {}
+    for name, (repo_id, extra, env_extra) in cases.items():
+        out = tmp / name / "out"
+        make_output_dir(out)
+        runs[name] = {"out": out, "before": tree_hashes(out), "repo_id": repo_id}
+        runs[name]["process"] = start_cli(hub, tmp / name, ["push", str(out), "--repo-id", repo_id, *extra], env_extra)
+    return runs
+
+
+def assert_failed_cleanly(run: dict, reason: str, retry_flags: str = "") -> None:
+    """Exit 1 with the reason, the output untouched, the command that pushes again; never the token."""
+    assert run["returncode"] == 1 and reason in run["stderr"], run["stderr"]
+    assert f"Nothing in {run['out']} was changed. To push it again, run:\n" in run["stderr"]
+    assert f"    python -m hf_ddpm push {run['out']} --repo-id {run['repo_id']}{retry_flags}\n" in run["stderr"]
+    assert TOKEN not in run["stdout"] + run["stderr"]
+    assert tree_hashes(run["out"]) == run["before"]
+
+
+@pytest.fixture(scope="module")
+def failures(hub, tmp_path_factory):
+    """Three pushes at once: the Hub answers 500 to creating the repo (create_repo is not retried, unlike preupload
+    and hf_xet's commits, see hub_server.py); the Hub is down (nothing listens); offline mode (HF_ENDPOINT then
+    points at a socket that records whether anyone connected). Once the 500 run has failed, the Hub recovers and the
+    retry command it printed runs."""
+    tmp = tmp_path_factory.mktemp("failures")
+    closed, listening = socket.socket(), socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    hub.fail("^POST /api/repos/create$", 500, times=1, body='"name": ?"retry-ddpm"')  # then the Hub recovers
+    runs = start_pushes(hub, tmp, {
+        "500": ("test-user/retry-ddpm", ["--private"], {}),
+        "down": ("test-user/down", [], {"HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}),
+        "offline": ("test-user/offline", [], {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{listening.getsockname()[1]}"}),
+    })  # fmt: skip
+    wait(runs["500"])
+    runs["500"]["files_after_failure"] = hub.files("test-user/retry-ddpm")
+    printed = runs["500"]["stderr"].split("To push it again, run:\n")[1].splitlines()[0].strip()
+    (tmp / "retry").mkdir()
+    # without hf_xet's pipelined upload (the main push used it): upload_folder's single-commit path
+    retry = start_cli(hub, tmp / "retry", shlex.split(printed)[3:], {"HF_HUB_DISABLE_XET": "1"})
+    runs["retry"] = {"printed": printed, "process": retry}
+    for run in runs.values():
+        wait(run)
+    listening.setblocking(False)
+    try:
+        listening.accept()
+        runs["offline"]["connected"] = True
+    except BlockingIOError:
+        runs["offline"]["connected"] = False
+    closed.close()
+    listening.close()
+    return runs
+
+
+@pytest.mark.parametrize(("case", "reason"), [("500", "500 Internal Server Error"), ("down", "ConnectError")])
+def test_failed_push_leaves_the_output_intact_and_says_how_to_push_again(failures, case, reason):
+    assert_failed_cleanly(failures[case], reason, " --private" if case == "500" else "")
+
+
+def test_the_printed_command_pushes_once_the_hub_recovers(hub, failures):
+    run, retry = failures["500"], failures["retry"]
+    assert run["files_after_failure"] is None  # the repo was never created
+    assert retry["printed"] == f"python -m hf_ddpm push {run['out']} --repo-id test-user/retry-ddpm --private"
+    assert retry["returncode"] == 0, retry["stderr"]
+    assert set(hub.files(run["repo_id"])) == PUSHED and hub.repo(run["repo_id"])["private"]
+    assert tree_hashes(run["out"]) == run["before"]
+
+
+@pytest.mark.slow
+def test_a_refused_commit_and_a_stalled_request_fail_cleanly(hub, tmp_path):
+    """A 4xx on the commit (after the repo was created), and a create_repo that gets no answer within --timeout."""
+    hub.fail("^POST /api/models/test-user/forbidden/commit/", 403)
+    hub.fail("^POST /api/repos/create$", "hang", seconds=30, body='"name": ?"hangs"')
+    runs = start_pushes(hub, tmp_path, {
+        "403": ("test-user/forbidden", [], {}),
+        "hangs": ("test-user/hangs", ["--timeout", "2"], {}),
+    })  # fmt: skip
+    assert_failed_cleanly(wait(runs["403"]), "403 Forbidden")
+    assert set(hub.files("test-user/forbidden")) == {".gitattributes"}  # created, but nothing committed
+    assert_failed_cleanly(wait(runs["hangs"]), "ReadTimeout")
+    assert runs["hangs"]["seconds"] < 60  # --timeout 2, not the server's 30 s stall
+
+
+def test_offline_mode_refuses_before_any_request(failures):
+    run = failures["offline"]
+    assert run["returncode"] == 1 and not run["connected"]
+    assert "HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent" in run["stderr"]
+    assert f"unset HF_HUB_OFFLINE and run:\n    python -m hf_ddpm push {run['out']} --repo-id" in run["stderr"]
+    assert tree_hashes(run["out"]) == run["before"]
+
+
+def test_server_failure_modes(hub):
+    """What hub.fail() promises the Hub tests (this file's and the Space demo's): a status, a dropped connection,
+    a stall, each for `times` requests, after which the Hub answers again."""
+    whoami = urllib.request.Request(hub.url + "/api/whoami-v2", headers={"Authorization": f"Bearer {TOKEN}"})
+    hub.clear()
+    hub.fail("^GET /api/whoami-v2$", 503, times=1)
+    hub.fail("^GET /api/whoami-v2$", "drop", times=1)
+    hub.fail("^GET /api/whoami-v2$", "hang", times=1, seconds=5)
+    with pytest.raises(urllib.error.HTTPError, match="503"):
+        urllib.request.urlopen(whoami, timeout=10)
+    with pytest.raises(http.client.RemoteDisconnected):
+        urllib.request.urlopen(whoami, timeout=10)
+    with pytest.raises(TimeoutError):
+        urllib.request.urlopen(whoami, timeout=0.5)
+    with urllib.request.urlopen(whoami, timeout=10) as response:
+        assert json.loads(response.read())["name"] == "test-user"
+    assert len(hub.requests()) == 4
+    hub.clear()

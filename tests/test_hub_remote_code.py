@@ -1,0 +1,226 @@
+"""The remote-code modules a pushed repo carries (hf_ddpm/remote_code.py) and HFDDPMPipeline.from_pretrained's own
+loading (hf_ddpm/loading.py), in process and without a Hub: the modules are generated from the current source, are
+self-contained as diffusers sees them, behave exactly as the package, and the bundler refuses what it cannot bundle.
+"""
+
+import ast
+import importlib.util
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.utils.dynamic_modules_utils import get_relative_imports
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.hub import save_hub_pipeline
+from hf_ddpm.remote_code import (
+    ALLOWED_IMPORTS,
+    PACKAGE_DIR,
+    PIPELINE_SOURCES,
+    BundleError,
+    add_remote_code,
+    bundle_source,
+    pipeline_module_source,
+    remote_files,
+    scheduler_module_source,
+)
+
+T = 30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_pipe(**scheduler_kwargs):
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        **unet_config("test-tiny", learned_variance=scheduler_kwargs.get("variance_type") == "learned_range")
+    )
+    pipe = HFDDPMPipeline(unet.eval(), HFDDPMScheduler(num_train_timesteps=T, **scheduler_kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, steps=T, seed=3):
+    return pipe(batch_size=2, generator=torch.manual_seed(seed), num_inference_steps=steps, output_type="pt").images
+
+
+def import_file(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("saved")
+    pipe = make_pipe(variance_type="fixed_large", timestep_spacing="trailing")
+    written = save_hub_pipeline(pipe, directory)
+    return directory, written
+
+
+def test_saved_modules_are_generated_from_the_current_source(saved):
+    directory, written = saved
+    pipeline_file, scheduler_file = written
+    assert (directory / pipeline_file).read_text() == pipeline_module_source()
+    assert (directory / scheduler_file).read_text() == scheduler_module_source()
+    assert written == list(remote_files().values()) and re.fullmatch(r"pipeline_hf_ddpm_[0-9a-f]{8}\.py", pipeline_file)
+    assert re.fullmatch(r"scheduler/scheduling_hf_ddpm_[0-9a-f]{8}\.py", scheduler_file)
+    index = json.loads((directory / "model_index.json").read_text())
+    assert index["_class_name"] == [pipeline_file[:-3], "HFDDPMPipeline"]
+    assert index["scheduler"] == [scheduler_file[10:-3], "HFDDPMScheduler"] and index["unet"] == [
+        "diffusers",
+        "UNet2DModel",
+    ]
+    assert not list(directory.rglob("*.bin")) and (directory / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_bundle_holds_every_definition_of_its_sources_verbatim():
+    bundle = pipeline_module_source()
+    for name in PIPELINE_SOURCES:
+        text = (PACKAGE_DIR / f"{name}.py").read_text()
+        for node in ast.parse(text).body:
+            if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)):
+                assert ast.get_source_segment(text, node) in bundle, f"{name}.py: {ast.dump(node)[:80]}"
+    assert "class HFDDPMPipeline(DiffusionPipeline)" in bundle and "class HFDDPMScheduler(" in bundle
+
+
+@pytest.mark.parametrize("source", [pipeline_module_source, scheduler_module_source])
+def test_bundle_imports_only_what_a_diffusers_install_has(source, tmp_path):
+    path = tmp_path / "module.py"
+    path.write_text(source())
+    assert get_relative_imports(path) == []  # diffusers' own scan (which also reads docstrings)
+    for node in ast.walk(ast.parse(source())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            assert getattr(node, "level", 0) == 0
+            roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert all(r.split(".")[0] in ALLOWED_IMPORTS | sys.stdlib_module_names for r in roots), ast.unparse(node)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_bundled_classes_sample_and_bound_exactly_as_the_package(saved, variance_type):
+    directory, _ = saved
+    pipeline_file, scheduler_file = remote_files().values()
+    bundled = import_file(directory / pipeline_file, f"bundled_pipeline_{variance_type}")
+    scheduling = import_file(directory / scheduler_file, f"bundled_scheduler_{variance_type}")
+    ours = make_pipe(variance_type=variance_type)
+    config = dict(ours.scheduler.config)
+    for pipe_class, scheduler_class in ((bundled.HFDDPMPipeline, scheduling.HFDDPMScheduler),
+                                        (bundled.HFDDPMPipeline, bundled.HFDDPMScheduler)):  # fmt: skip
+        theirs = pipe_class(ours.unet, scheduler_class.from_config(config))
+        theirs.set_progress_bar_config(disable=True)
+        assert torch.equal(sample(theirs, steps=10), sample(ours, steps=10))
+        images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+        a = theirs.bits_per_dim(images, num_timesteps=3, generator=torch.manual_seed(1)).bits_per_dim
+        b = ours.bits_per_dim(images, num_timesteps=3, generator=torch.manual_seed(1)).bits_per_dim
+        assert torch.equal(a, b)
+
+
+def test_bundled_pipeline_loads_a_saved_folder_with_its_own_from_pretrained(saved):
+    directory, _ = saved
+    bundled = import_file(directory / remote_files()["pipeline"], "bundled_pipeline_loading")
+    loaded = bundled.HFDDPMPipeline.from_pretrained(directory)
+    assert type(loaded.scheduler) is bundled.HFDDPMScheduler and loaded.scheduler.config.variance_type == "fixed_large"
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(
+        sample(loaded, steps=6), sample(make_pipe(variance_type="fixed_large", timestep_spacing="trailing"), steps=6)
+    )
+
+
+def test_diffusers_loads_the_folder_only_with_trust_remote_code(saved):
+    directory, _ = saved
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(directory)
+    remote = DiffusionPipeline.from_pretrained(directory, trust_remote_code=True)
+    assert type(remote).__name__ == "HFDDPMPipeline" and type(remote).__module__.endswith(
+        remote_files()["pipeline"][:-3]
+    )
+    remote.set_progress_bar_config(disable=True)
+    assert torch.equal(sample(remote, steps=6), sample(HFDDPMPipeline.from_pretrained(directory), steps=6))
+
+
+def test_add_remote_code_is_idempotent_and_only_for_hf_ddpm_pipelines(saved, tmp_path):
+    directory, _ = saved
+    before = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    add_remote_code(directory)
+    assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == before
+    # modules written by another version of hf_ddpm are replaced, not left beside the current ones
+    (directory / "pipeline_hf_ddpm_0badc0de.py").write_text("old = 1\n")
+    (directory / "scheduler" / "scheduling_hf_ddpm_0badc0de.py").write_text("old = 1\n")
+    add_remote_code(directory)
+    assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == before
+    # an HFDDPMPipeline whose scheduler is diffusers' own: only the pipeline module, the scheduler stays diffusers'
+    pipe = make_pipe()
+    HFDDPMPipeline(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)).save_pretrained(tmp_path / "theirs")
+    assert add_remote_code(tmp_path / "theirs") == [remote_files()["pipeline"]]
+    assert json.loads((tmp_path / "theirs" / "model_index.json").read_text())["scheduler"] == [
+        "diffusers",
+        "DDPMScheduler",
+    ]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    with pytest.raises(ValueError, match="holds a DDPMPipeline, not an HFDDPMPipeline"):
+        add_remote_code(tmp_path / "other")
+
+
+def write_package(directory, **modules):
+    directory.mkdir(exist_ok=True)
+    for name, text in modules.items():
+        (directory / f"{name}.py").write_text(text)
+    return directory
+
+
+def test_bundler_inlines_relative_imports_and_module_namespaces(tmp_path):
+    package = write_package(
+        tmp_path / "pkg",
+        a='"""a"""\nfrom __future__ import annotations\nimport math\n\nSCALE = 2.0\n\ndef double(x):\n    return SCALE * x\n',
+        b="from . import a\nfrom .a import double as twice\nimport math\n\ndef f(x):\n    return a.double(x) + twice(math.pi)\n",
+    )
+    source = bundle_source(("a", "b"), "test bundle", package_dir=package)
+    namespace = {}
+    exec(compile(source, "bundle", "exec"), namespace)
+    assert namespace["f"](1.0) == 2.0 + 2.0 * np.pi
+    assert source.count("import math") == 1 and source.index("from __future__") < source.index("import math")
+
+
+@pytest.mark.parametrize(("modules", "match"), [
+    ({"a": "import scipy\n"}, "imports 'scipy', which a machine with only diffusers may lack"),
+    ({"a": "from .c import x\n"}, r"imports \.c, which is not bundled before it"),
+    ({"a": "x = 1\n", "b": "from .a import y\n"}, "imports 'y' from .a, which does not define it"),
+    ({"a": "def f():\n    from .b import g\n    return g\n"}, "a relative import inside a block cannot be bundled"),
+    ({"a": "def f():\n    pass\n", "b": "f = 2\n"}, "b.py defines 'f', also bound by a.py"),
+    ({"a": "import numpy as f\n", "b": "import torch as f\n"}, "binds 'f' to torch, already bound by `import numpy`"),
+    ({"a": '"""Usage:\nfrom .x import y\n"""\n'}, "diffusers would read this line as an import"),
+])  # fmt: skip
+def test_bundler_refuses_what_it_cannot_bundle_exactly(tmp_path, modules, match):
+    package = write_package(tmp_path / "pkg", **modules)
+    with pytest.raises(BundleError, match=match):
+        bundle_source(tuple(modules), "test bundle", package_dir=package)
+
+
+def test_from_pretrained_passes_hub_and_model_arguments_and_refuses_pickles(saved, tmp_path):
+    directory, _ = saved
+    pipe = HFDDPMPipeline.from_pretrained(directory, dtype=torch.float64, local_files_only=True, trust_remote_code=True)
+    assert pipe.unet.dtype == torch.float64 and pipe.config._name_or_path == str(directory)
+    scheduler = HFDDPMScheduler(num_train_timesteps=7)
+    assert HFDDPMPipeline.from_pretrained(directory, scheduler=scheduler).scheduler is scheduler
+    with pytest.raises(TypeError, match=r"unexpected arguments \['custom_pipeline'\]"):
+        HFDDPMPipeline.from_pretrained(directory, custom_pipeline="x")
+    with pytest.raises(ValueError, match="use_safetensors=False is not supported"):
+        HFDDPMPipeline.from_pretrained(directory, use_safetensors=False)
+    pickled = tmp_path / "pickled"
+    make_pipe().save_pretrained(pickled, safe_serialization=False)
+    assert not list(pickled.rglob("*.safetensors"))
+    with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
+        HFDDPMPipeline.from_pretrained(pickled)
