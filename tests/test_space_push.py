@@ -1,0 +1,193 @@
+"""Publishing the Gradio demo as a Space (hf_ddpm.space) to the local test Hub (tests/hub_server.py), then running the
+pushed Space as a Space runs it: from its own files, in an environment without hf_ddpm, loading the model that its
+README names through the repo's remote code, and answering gradio_client over HTTP.
+
+huggingface_hub reads HF_ENDPOINT when it is imported, so every Hub client here runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from hub_clients import REPO, finish, make_bare_venv, start_script
+from hub_server import HubServer
+from huggingface_hub import metadata_load
+from PIL import Image
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.hub import save_hub_pipeline
+from hf_ddpm.space import prepare_space
+
+APP_DIR = REPO / "examples" / "gradio_space"
+TOKEN = "hf_SpaceTestTokenNeverPushed0123"
+MODEL_ID, SPACE_ID = "test-user/tiny-ddpm-for-space", "test-user/ddpm-demo"
+T, STEPS, SEED, COUNT = 20, 5, 3, 2
+
+
+def start(server: HubServer, tmp: Path, *argv: str, token: str | None = TOKEN) -> subprocess.Popen:
+    """`python ARGV...` with hf_ddpm importable, pointed at the test Hub; see `result`."""
+    env = server.env(tmp, token) | {"PYTHONPATH": str(REPO)}
+    command = [sys.executable, *argv]
+    return subprocess.Popen(command, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the Space exited ({process.returncode}):\n{process.communicate()[0]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the Space did not serve {url} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = HubServer(tmp_path_factory.mktemp("space_hub"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=T))
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, pipe, tmp_path_factory):
+    """The model pushed with `python -m hf_ddpm push`, then its Space with `python -m hf_ddpm.space`; meanwhile a
+    Space pushed for a model that is not on the Hub."""
+    tmp = tmp_path_factory.mktemp("space_push")
+    save_hub_pipeline(pipe, tmp / "model")
+    orphan = start(hub, tmp, "-m", "hf_ddpm.space", "--space_id", "test-user/orphan", "--model_id", "test-user/nope")
+    code, _, err = result(start(hub, tmp, "-m", "hf_ddpm", "push", str(tmp / "model"), "--repo-id", MODEL_ID))
+    assert code == 0, err
+    code, out, err = result(start(hub, tmp, "-m", "hf_ddpm.space", "--space_id", SPACE_ID, "--model_id", MODEL_ID))
+    assert code == 0, err
+    files, repo = hub.files(SPACE_ID, "space"), hub.repo(SPACE_ID, "space")
+    return {"tmp": tmp, "stdout": out, "files": files, "repo": repo, "orphan": result(orphan)}
+
+
+def test_the_space_repo_holds_the_app_with_its_model_in_the_front_matter(pushed, tmp_path):
+    files = pushed["files"]
+    assert sorted(files) == [".gitattributes", "README.md", "app.py", "requirements.txt"]  # no caches, no tests
+    assert pushed["repo"]["sdk"] == "gradio"
+    assert files["app.py"] == (APP_DIR / "app.py").read_bytes()
+    (tmp_path / "README.md").write_bytes(files["README.md"])
+    metadata = metadata_load(tmp_path / "README.md")
+    assert metadata["models"] == [MODEL_ID]
+    assert {k: metadata[k] for k in ("sdk", "app_file", "license")} == {
+        "sdk": "gradio",
+        "app_file": "app.py",
+        "license": "apache-2.0",
+    }
+    assert f"/spaces/{SPACE_ID}" in pushed["stdout"]
+
+
+def test_the_pushed_space_runs_without_hf_ddpm_and_samples_what_hf_ddpm_samples(hub, pushed, pipe, tmp_path):
+    from gradio_client import Client, handle_file
+
+    upload = tmp_path / "upload.png"  # an 8x8 RGB image, the model's size
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(upload)
+
+    space_dir = tmp_path / "space"  # the Space's checkout: its files only
+    for name, data in pushed["files"].items():
+        (space_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (space_dir / name).write_bytes(data)
+    python = make_bare_venv(tmp_path)
+    env = hub.env(tmp_path, None)  # a public model: no token; HF_DDPM_MODEL unset, so the README names the model
+    missing = start_script(
+        python,
+        """
+        import app
+        try:
+            app.load_pipeline("test-user/no-such-model")
+        except app.ModelLoadError as err:
+            print(err)
+        """,
+        env,
+        space_dir,
+    )
+    port = free_port()
+    command = [python, "app.py", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, cwd=space_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/", process)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        gallery, *_, status = client.predict(STEPS, SEED, COUNT, api_name="/generate")
+        summary = client.predict(handle_file(upload), 10, False, api_name="/bits_per_dim")[0]
+    finally:
+        process.terminate()
+        log = process.communicate(timeout=30)[0].decode()
+    assert "loaded diffusers_modules." in log and "hf_ddpm.pipeline" not in log, log  # the repo's remote code
+    assert status == f"Done: {COUNT} image(s), {STEPS} of {T} steps, seed {SEED}"
+    served = np.stack([np.asarray(Image.open(item["image"])) for item in gallery])  # (N, 8, 8, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Space process (OMP_NUM_THREADS=1)
+    try:
+        generator = torch.Generator().manual_seed(SEED)
+        local = pipe(batch_size=COUNT, generator=generator, num_inference_steps=STEPS, output_type="pil").images
+    finally:
+        torch.set_num_threads(threads)
+    local = np.stack([np.asarray(im) for im in local])
+    assert served.shape == local.shape == (COUNT, 8, 8, 3)
+    assert np.abs(served.astype(int) - local.astype(int)).max() <= 1  # same model, same seed: same images
+    assert "bits/dim" in summary
+    assert "no repo 'test-user/no-such-model' on the Hub" in finish(missing)
+
+
+def test_pushing_a_space_for_a_missing_model_says_to_push_the_model_first(hub, pushed):
+    code, _, err = pushed["orphan"]
+    assert code == 1
+    assert "model repo 'test-user/nope' not found" in err and "push the model before its Space" in err
+    assert hub.repo("test-user/orphan", "space") is None  # nothing created
+
+
+def test_prepare_space_copies_the_app_and_names_the_model(tmp_path):
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text("print('demo')\n")
+    (app_dir / "README.md").write_text("---\ntitle: Demo\nsdk: gradio\nmodels:\n- old/model\n---\n\n# Demo\nbody\n")
+    (app_dir / "__pycache__").mkdir()
+    (app_dir / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0")
+    out = prepare_space(app_dir, "someone/new-model", tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "app.py"]
+    assert metadata_load(out / "README.md") == {"title": "Demo", "sdk": "gradio", "models": ["someone/new-model"]}
+    assert (out / "README.md").read_text().endswith("\n# Demo\nbody\n")
+    assert "old/model" in (app_dir / "README.md").read_text()  # the source folder is left as it was
+
+
+def test_prepare_space_refuses_what_a_space_cannot_use(tmp_path):
+    from huggingface_hub.errors import HFValidationError
+
+    with pytest.raises(HFValidationError):
+        prepare_space(APP_DIR, "./outputs/local-model", tmp_path / "a")  # a Space loads from the Hub
+    with pytest.raises(FileNotFoundError, match="no README.md"):
+        prepare_space(tmp_path, "someone/model", tmp_path / "b")
+    (tmp_path / "README.md").write_text("---\nsdk: docker\n---\n")
+    with pytest.raises(ValueError, match="must say `sdk: gradio`, got sdk='docker'"):
+        prepare_space(tmp_path, "someone/model", tmp_path / "c")
