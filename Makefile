@@ -42,6 +42,20 @@ demo: venv
 		training/train.py --output_dir outputs/demo --overwrite_output_dir --eval_batch_size 64 --save_images_epochs 30
 	@echo "samples: outputs/demo/samples.png; pipeline: HFDDPMPipeline.from_pretrained(\"outputs/demo\")"
 
+# Benchmarks against diffusers on this machine (benchmarks/run.py): sampling, training, quality (bits/dim, FID) and,
+# where CUDA is available, the GPU section; writes benchmarks/results/ (JSON, RESULTS.md, plots). About half an
+# hour on two CPU cores; `make bench BENCH_ARGS=--quick` takes a few minutes.
+BENCH_STAMP := $(VENV)/bench.stamp
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -e ".[dev,bench]"
+	@touch $@
+
+.PHONY: bench
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -49,14 +49,39 @@ class HubPushError(RuntimeError):
         self.retry_command = retry_command
 
 
+PIPELINE_STAGING = ".pipeline.tmp"  # inside the target directory: the new pipeline, before it is swapped in
+PIPELINE_REPLACED = ".pipeline-old.tmp"  # the previous pipeline's files, until the new one is complete
+
+
 def save_hub_pipeline(pipeline, directory: str | Path) -> list[str]:
     """Save `pipeline` (an HFDDPMPipeline) so that the folder, or a repo holding it, loads all three ways.
 
     `save_pretrained(safe_serialization=True)`, then `pipeline_hf_ddpm_*.py` and `scheduler/scheduling_hf_ddpm_*.py`
     generated from this package's source, named in model_index.json. Returns the written remote-code files.
+
+    Atomic for a process killed at any moment: the pipeline is written into `directory/.pipeline.tmp`; then
+    model_index.json, which every loader reads first, is removed, the components are swapped in by renames, and
+    the new model_index.json is renamed into place last. A kill leaves the previous pipeline, the new one, or a
+    directory without model_index.json that no loader accepts: never a mix that loads.
     """
-    pipeline.save_pretrained(directory, safe_serialization=True)
-    return add_remote_code(directory)
+    directory = Path(directory)
+    stage, replaced = directory / PIPELINE_STAGING, directory / PIPELINE_REPLACED
+    for leftover in (stage, replaced):
+        shutil.rmtree(leftover, ignore_errors=True)
+    pipeline.save_pretrained(stage, safe_serialization=True)
+    written = add_remote_code(stage)
+    (directory / "model_index.json").unlink(missing_ok=True)  # from here the directory holds no pipeline ...
+    replaced.mkdir()
+    new = [p.name for p in stage.iterdir() if p.name != "model_index.json"]
+    for name in sorted(set(new) | {p.name for p in directory.glob(f"{PIPELINE_PREFIX}_*.py")}):
+        if (directory / name).exists():
+            (directory / name).rename(replaced / name)
+    for name in new:
+        (stage / name).rename(directory / name)
+    (stage / "model_index.json").replace(directory / "model_index.json")  # ... and from here the new one
+    shutil.rmtree(stage)
+    shutil.rmtree(replaced)
+    return written
 
 
 def check_pipeline_dir(output_dir: str | Path) -> None:

@@ -4,12 +4,22 @@ A repo pushed by hf_ddpm names its bundled modules in model_index.json (hf_ddpm/
 loader refuses such a repo without trust_remote_code=True even where hf_ddpm is installed. HFDDPMPipeline needs
 none of that code: its components are a diffusers UNet2DModel in unet/ and a scheduler config in scheduler/ (an
 HFDDPMScheduler config, or a DDPMScheduler one: the keys are shared), so `HFDDPMPipeline.from_pretrained` loads
-them here, each from its subfolder. Weights are safetensors only: pickled .bin weights are never loaded.
+them here, each from its subfolder.
+
+What is refused, with a message that says so: a directory or repo without model_index.json (not a saved pipeline,
+or one whose save was interrupted: the pipeline writer puts model_index.json back last), an index without a
+UNet2DModel `unet` and a `scheduler`, and pickled .bin weights. Weights are safetensors only unless the caller opts
+in with `use_safetensors=False` (diffusers' meaning: the .bin file), which warns: unpickling a file can run code
+chosen by whoever wrote it (diffusers reads it with torch.load(weights_only=True), which narrows but does not
+remove that risk).
 """
 
 from __future__ import annotations
 
-from diffusers import UNet2DModel
+import os
+import warnings
+
+from diffusers import DiffusionPipeline, UNet2DModel
 
 from .scheduler import HFDDPMScheduler
 
@@ -30,21 +40,73 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise TypeError(f"HFDDPMPipeline.from_pretrained got unexpected arguments {unknown}; allowed: {list(allowed)}")
-    if kwargs.get("use_safetensors") not in (None, True):
-        raise ValueError(
-            f"use_safetensors={kwargs['use_safetensors']!r} is not supported: hf_ddpm loads safetensors weights only"
-        )
+    use_safetensors = kwargs.get("use_safetensors")
+    if use_safetensors not in (None, True, False):
+        raise ValueError(f"use_safetensors must be None, True or False, got {use_safetensors!r}")
     hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     model = {k: kwargs[k] for k in MODEL_KWARGS if k in kwargs}
     for key in ("dtype", "torch_dtype"):
         if isinstance(model.get(key), dict):  # per-component dtypes, as diffusers' pipelines accept them
             model[key] = model[key].get("unet", model[key].get("default"))
+    if kwargs.get("unet") is None or kwargs.get("scheduler") is None:
+        check_pipeline_index(pretrained_model_name_or_path, **hub)
     unet = kwargs.get("unet")
     if unet is None:
-        unet = UNet2DModel.from_pretrained(
-            pretrained_model_name_or_path, subfolder="unet", use_safetensors=True, **hub, **model
-        )
+        unet = load_unet(pretrained_model_name_or_path, use_safetensors=use_safetensors is not False, **hub, **model)
     scheduler = kwargs.get("scheduler")
     if scheduler is None:
         scheduler = HFDDPMScheduler.from_pretrained(pretrained_model_name_or_path, subfolder="scheduler", **hub)
     return {"unet": unet, "scheduler": scheduler}
+
+
+def check_pipeline_index(pretrained_model_name_or_path, **hub) -> dict:
+    """The pipeline's model_index.json, which must name a UNet2DModel `unet` and a `scheduler`; ValueError when
+    the directory or repo has none (OSError from diffusers for a repo without it)."""
+    source = str(pretrained_model_name_or_path)
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
+        raise ValueError(
+            f"{source} holds no model_index.json: it is not a saved pipeline, or its save did not finish. A "
+            "pipeline directory holds model_index.json, unet/ and scheduler/ (as save_pretrained writes them)"
+        )
+    index = DiffusionPipeline.load_config(source, **hub)
+    unet, scheduler = index.get("unet"), index.get("scheduler")
+    if not (isinstance(unet, (list, tuple)) and unet[-1] == "UNet2DModel" and scheduler):
+        raise ValueError(
+            f"{source} holds a {index.get('_class_name')} with unet={unet} and scheduler={scheduler}; HFDDPMPipeline "
+            "loads pipelines with a UNet2DModel `unet` and a `scheduler` (HFDDPMPipeline, diffusers' DDPMPipeline)"
+        )
+    return index
+
+
+def load_unet(pretrained_model_name_or_path, use_safetensors: bool = True, **kwargs) -> UNet2DModel:
+    """`<path or repo>/unet` as a UNet2DModel from safetensors weights; pickled .bin weights only with
+    use_safetensors=False, with a warning. kwargs: diffusers' Hub and model arguments."""
+    source = str(pretrained_model_name_or_path)
+    folder = os.path.join(source, "unet")
+    if use_safetensors and os.path.isdir(folder):
+        names = os.listdir(folder)
+        if not any(n.endswith(".safetensors") for n in names):
+            pickled = sorted(n for n in names if n.endswith(".bin"))
+            found = f"only pickled weights {pickled}" if pickled else "no weights"
+            raise OSError(
+                f"{folder} holds {found} and no diffusion_pytorch_model.safetensors. hf_ddpm loads safetensors "
+                "only; to load pickled weights from a source you trust, pass use_safetensors=False, then save with "
+                "save_pretrained(safe_serialization=True)"
+            )
+    if not use_safetensors:
+        warnings.warn(
+            f"use_safetensors=False: loading pickled .bin UNet weights from {source}. Unpickling can run code chosen "
+            "by whoever wrote the file: do this only for files you trust, and re-save them as safetensors",
+            UserWarning,
+            stacklevel=3,
+        )
+    try:
+        return UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=use_safetensors, **kwargs)
+    except ValueError as err:
+        if "expected shape" not in str(err):
+            raise
+        detail = str(err).split(". If you want")[0].replace("Cannot load  because ", "")  # diffusers' wording
+        raise ValueError(
+            f"the UNet weights in {folder} do not fit its config.json ({detail}); weights and config.json must "
+            "come from the same save_pretrained"
+        ) from err

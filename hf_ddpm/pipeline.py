@@ -47,7 +47,9 @@ class HFDDPMPipeline(DiffusionPipeline):
         A repo pushed by hf_ddpm names its bundled modules in model_index.json, which diffusers' own loader would
         insist on running (trust_remote_code=True); this method loads the components itself (hf_ddpm/loading.py).
         kwargs: revision, token, cache_dir, local_files_only, force_download, proxies, dtype, variant, ... as in
-        diffusers; `unet=` / `scheduler=` replace a component. Weights are safetensors only.
+        diffusers; `unet=` / `scheduler=` replace a component. Weights are safetensors only; pickled .bin weights
+        load only with `use_safetensors=False`, which warns (unpickling can run code). A directory or repo
+        without model_index.json is refused (hf_ddpm/loading.py).
         """
         pipeline = cls(**load_components(pretrained_model_name_or_path, **kwargs))
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
@@ -59,9 +61,13 @@ class HFDDPMPipeline(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return self.unet.config.in_channels, height, width
 
-    def _denoise(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        """The UNet's output at (x_t, t) in x_t's dtype; the UNet itself may run in bf16 or fp16."""
-        return self.unet(x_t.to(self.unet.dtype), t).sample.to(x_t.dtype)
+    def _denoise(self, x_t: torch.Tensor, t, unet_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The UNet's output at (x_t, t) in x_t's dtype; the UNet itself may run in bf16 or fp16.
+
+        Pass `unet_dtype` where it is known: diffusers' `unet.dtype` walks every submodule (hundreds of µs, as long
+        as a whole scheduler step), so the sampling loop reads it once.
+        """
+        return self.unet(x_t.to(unet_dtype or self.unet.dtype), t).sample.to(x_t.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -97,18 +103,20 @@ class HFDDPMPipeline(DiffusionPipeline):
         else:
             self.scheduler.set_timesteps(num_inference_steps)
 
-        device = self._execution_device
-        chain_dtype = torch.float64 if self.unet.dtype == torch.float64 else torch.float32
+        device, unet_dtype = self._execution_device, self.unet.dtype
+        chain_dtype = torch.float64 if unet_dtype == torch.float64 else torch.float32
         sample = randn_tensor((batch_size, *self._image_shape), generator=generator, device=device, dtype=chain_dtype)
         step_timesteps = self.scheduler.timesteps.tolist()
         unet_timesteps = self.scheduler.timesteps.to(device)  # one copy, not one per step
 
         for i, t in enumerate(self.progress_bar(step_timesteps)):
-            model_output = self._denoise(sample, unet_timesteps[i])  # ε_θ(x_t, t)
-            step = self.scheduler.step(model_output, t, sample, generator=generator)  # x_{t-1} ~ p_θ(x_{t-1}|x_t)
-            sample = step.prev_sample
+            model_output = self._denoise(sample, unet_timesteps[i], unet_dtype)  # ε_θ(x_t, t)
+            # x_{t-1} ~ p_θ(x_{t-1} | x_t); as a tuple: the output dataclass alone costs ~20 µs a step
+            sample, pred_original_sample = self.scheduler.step(
+                model_output, t, sample, generator=generator, return_dict=False
+            )
             if callback_on_step_end is not None:
-                values = {"sample": sample, "pred_original_sample": step.pred_original_sample}
+                values = {"sample": sample, "pred_original_sample": pred_original_sample}
                 returned = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs})
                 sample = (returned or {}).get("sample", sample)
 

@@ -130,6 +130,17 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         self.custom_timesteps = False
         self._set_chain(np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64))
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As diffusers' `ConfigMixin.from_config` (and so `from_pretrained`), but a config that does not describe a
+        β schedule is refused instead of silently giving the defaults: a config of a class other than this one,
+        `DDPMScheduler` or a scheduler diffusers lists as compatible (`DDIMScheduler`, `EulerDiscreteScheduler`,
+        ...), one of such a class without `beta_schedule`, or a dict without `_class_name` that has none of this
+        class's keys (a config from another library). From a compatible scheduler's config this takes the keys it
+        shares (T, the β schedule, `prediction_type`, `timestep_spacing`, ...); the others keep their defaults."""
+        _check_foreign_config(cls, getattr(config, "config", config))
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     # ------------------------------------------------------------------ timesteps and respacing
 
     def set_timesteps(
@@ -340,3 +351,24 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var).to(kl.dtype)
         is_first = (timesteps.to(x_t.device) == 0).view(-1, *([1] * (x_t.dim() - 1)))
         return torch.where(is_first, decoder_nll, kl)
+
+
+def _check_foreign_config(cls, config) -> None:
+    if not config:
+        return
+    name = config.get("_class_name")
+    own = {cls.__name__, "HFDDPMScheduler", "DDPMScheduler"}
+    allowed = sorted(own | set(cls._compatibles))
+    if name is None:
+        known = set(cls._get_init_keys(cls)) & set(config)
+        if not known:
+            raise ValueError(
+                f"this scheduler config has none of {cls.__name__}'s keys (it has {sorted(config)}): it is not a "
+                f"diffusers scheduler config. Expected keys such as num_train_timesteps, beta_schedule, beta_start, "
+                f"beta_end, variance_type, prediction_type (the config of one of {allowed})"
+            )
+    elif name not in allowed or (name not in own and "beta_schedule" not in config):
+        raise ValueError(
+            f"a {name} config cannot configure {cls.__name__}: it holds no β schedule for DDPM. Load a config of one "
+            f"of {allowed} (with beta_schedule), or build {cls.__name__}(num_train_timesteps=..., beta_schedule=...)"
+        )

@@ -217,8 +217,6 @@ def test_from_pretrained_passes_hub_and_model_arguments_and_refuses_pickles(save
     assert HFDDPMPipeline.from_pretrained(directory, scheduler=scheduler).scheduler is scheduler
     with pytest.raises(TypeError, match=r"unexpected arguments \['custom_pipeline'\]"):
         HFDDPMPipeline.from_pretrained(directory, custom_pipeline="x")
-    with pytest.raises(ValueError, match="use_safetensors=False is not supported"):
-        HFDDPMPipeline.from_pretrained(directory, use_safetensors=False)
     pickled = tmp_path / "pickled"
     make_pipe().save_pretrained(pickled, safe_serialization=False)
     assert not list(pickled.rglob("*.safetensors"))

@@ -147,6 +147,7 @@ class _FakeAccelerator:
     """What `save_checkpoint` uses of an Accelerator, for one process; save_state writes one file."""
 
     is_main_process = True
+    num_processes = 1
 
     def wait_for_everyone(self):
         pass

@@ -13,6 +13,9 @@ import os
 import re
 import shutil
 
+from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
+from .faults import any_process_failed, describe
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -55,48 +58,105 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     )
 
 
+# What a run killed while writing may leave besides `checkpoint-*.tmp`: a pipeline being swapped in (hf_ddpm/hub.py)
+# and files written through a temporary name (loop.py).
+INCOMPLETE_NAMES = (PIPELINE_STAGING, PIPELINE_REPLACED, "samples.png.tmp", "training_summary.json.tmp")
+
+
 def remove_incomplete(output_dir: str) -> None:
-    """Delete `checkpoint-*.tmp` left by a killed run (main process only)."""
+    """Delete `checkpoint-*.tmp` and the other INCOMPLETE_NAMES left by a killed run (main process only)."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        if name.startswith("checkpoint-") and name.endswith(TMP_SUFFIX):
-            logger.info("removing incomplete checkpoint %s", name)
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        path = os.path.join(output_dir, name)
+        if (name.startswith("checkpoint-") and name.endswith(TMP_SUFFIX)) or name in INCOMPLETE_NAMES:
+            logger.info("removing %s, left incomplete by an earlier run", name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
-    """Keep the newest `total_limit` complete checkpoints; returns the removed paths."""
+    """Keep the newest `total_limit` complete checkpoints; returns the removed paths. Each is renamed to `*.tmp`
+    before it is deleted, so a run killed while deleting never leaves a half-deleted checkpoint under its name."""
     if total_limit is None:
         return []
     removed = [path for _, path in list_checkpoints(output_dir)[:-total_limit]]
     for path in removed:
-        shutil.rmtree(path)
+        os.rename(path, path + TMP_SUFFIX)
+        shutil.rmtree(path + TMP_SUFFIX)
     if removed:
         logger.info("checkpoints_total_limit=%d: removed %s", total_limit, ", ".join(map(os.path.basename, removed)))
     return removed
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only or unwritable directory, ...); the earlier
+    checkpoints are untouched and nothing of the failed one is left behind."""
+
+
+def _attempt(action, *args) -> Exception | None:
+    """Run `action`; return what it raised. Not only OSError: on a full disk torch.save raises RuntimeError and
+    safetensors its own SafetensorError."""
+    try:
+        action(*args)
+    except Exception as err:
+        return err
+    return None
+
+
+def _create(tmp: str) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _commit(tmp: str, final: str) -> None:
+    if os.path.exists(final):  # the same step from an earlier attempt of this run: replace it
+        stale = final + ".stale" + TMP_SUFFIX
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(final, stale)
+        os.rename(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.rename(tmp, final)
+
+
+def _write_error(error: Exception | None, step: int, final: str, previous: str | None, output_dir: str):
+    errno = getattr(error, "errno", None)
+    reason = describe(error) if error is not None else "another process failed to write its part"
+    kept = f"the previous checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+    message = (
+        f"could not write the step-{step} checkpoint {final} ({reason}); nothing of it was kept and {kept}. "
+        f"Free space in (or make writable) {output_dir}, then run again with --resume_from_checkpoint latest"
+    )
+    return CheckpointWriteError(errno, message) if errno else CheckpointWriteError(message)
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
     """Every process writes its part into `checkpoint-<step>.tmp`; the main process then renames it (atomic on one
-    file system) and prunes to `total_limit`. Call on all processes."""
+    file system) and prunes to `total_limit`. Call on all processes.
+
+    An error on any process (disk full, a read-only or unwritable directory, ...) removes the `.tmp` directory and raises
+    CheckpointWriteError on every process, naming the path and the checkpoint that is kept."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + TMP_SUFFIX
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # all parts are written
-    if accelerator.is_main_process:
-        if os.path.exists(final):  # the same step from an earlier attempt of this run: replace it
-            stale = final + ".stale" + TMP_SUFFIX
-            shutil.rmtree(stale, ignore_errors=True)
-            os.rename(final, stale)
-            os.rename(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.rename(tmp, final)
+    previous = latest_checkpoint(output_dir)
+    main = accelerator.is_main_process
+    error = _attempt(_create, tmp) if main else None
+    failed = any_process_failed(accelerator, error is not None)  # also the barrier: the directory exists
+    if not failed:
+        error = _attempt(accelerator.save_state, tmp)
+        failed = any_process_failed(accelerator, error is not None)  # all parts are written
+    if not failed and main:
+        error = _attempt(_commit, tmp, final)
+    if not failed:
+        failed = any_process_failed(accelerator, error is not None)
+    if failed:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(error, step, final, previous, output_dir) from error
+    if main:
         logger.info("saved %s", final)
         prune_checkpoints(output_dir, total_limit)
     return final

@@ -14,6 +14,7 @@ import torch
 
 from ..losses import LOSS_TYPES
 from ..scheduler import BETA_SCHEDULES, PREDICTION_TYPES, SCHEDULE_ALIASES, VARIANCE_TYPES
+from .faults import NAN_POLICIES
 
 DEFAULT_MODEL = "digits-16-tiny"
 DEFAULT_SAVE_IMAGES_EPOCHS = 10  # diffusers' default, used when neither --save_images_steps nor _epochs is given
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_size", type=_eval_size, default=0.1,
                    help="held-out images for bits/dim: a fraction (float) or a count (int)")
     g.add_argument("--max_train_samples", type=int, help="train on a seeded subset of this many images")
+    g.add_argument("--on_corrupt_image", choices=("skip", "stop"), default="skip",
+                   help="an image that fails to decode: skip it (one warning with the count and names) or stop")
 
     g = p.add_argument_group("model")
     g.add_argument("--model_config", "--model_config_name_or_path", dest="model_config",
@@ -105,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warmup power")
     g.add_argument("--ema_max_decay", type=float, default=0.9999, help="the EMA decay it warms up to")
     g.add_argument("--seed", type=int, default=0, help="weights, data order, noise: one seed for all")
+    g.add_argument("--on_nan", choices=NAN_POLICIES, default="stop",
+                   help="a NaN/inf loss or gradient: stop, naming the step, before anything of it is written; "
+                        "or skip that step's update with a warning")
 
     g = p.add_argument_group("precision and speed")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),

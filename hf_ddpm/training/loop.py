@@ -22,6 +22,7 @@ from . import checkpoints
 from .batches import step_generator, to_model_input
 from .config import DEFAULT_SAVE_IMAGES_EPOCHS
 from .evaluation import ema_weights, held_out_bits_per_dim, parameter_hash, sample_grid
+from .faults import any_process_failed, require_finite_weights
 from .publish import publish
 from .setup import Run, resume, setup
 
@@ -64,22 +65,25 @@ def train(args) -> dict:
             )
             loss = (terms["loss"] * weights).mean()
             accelerator.backward(loss)
+            loss_sum += loss.detach()
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm or math.inf)
-                run.optimizer.step()
+                mean_loss = accelerator.reduce(loss_sum / accum, "mean")  # the same on every process
+                updated = run.nan_guard.apply_update(mean_loss, grad_norm)  # --on_nan skip: False for NaN/inf
+                if updated:
+                    run.optimizer.step()
                 run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
         if args.importance_sampling:  # every process records every process's losses: identical samplers
             run.sampler.update(*accelerator.gather((timesteps, terms["loss"].detach())))
-        loss_sum += loss.detach()
         if not accelerator.sync_gradients:
             continue
-        if run.ema is not None:
+        if run.ema is not None and updated:
             run.ema.step(run.model.parameters())
         progress.global_step += 1
         step, now = progress.global_step, time.perf_counter()
         logs = {
-            "loss": accelerator.reduce(loss_sum / accum, "mean").item(),
+            "loss": mean_loss.item(),
             "lr": run.lr_scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
             "images_per_sec": images_per_step / (now - last_time),
@@ -91,6 +95,7 @@ def train(args) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
         loss_sum.zero_()
+        run.nan_guard.after_step(step, logs["loss"], logs["grad_norm"])  # --on_nan stop: raises before any write
         _periodic(run, step)
         last_time = time.perf_counter()
     bar.close()
@@ -124,15 +129,26 @@ def _finish(run: Run, seconds: float) -> dict:
         "data_source": run.data_source,
         "parameter_sha256": fingerprint,
     }
+    if args.on_nan == "skip":
+        summary["skipped_steps"] = run.nan_guard.skipped
+    require_finite_weights(run.model, run.ema, step, "the pipeline")  # every process: all stop together
+    error = None
     if accelerator.is_main_process:
-        if len(run.eval_images):
-            summary["eval"] = _log_bits_per_dim(run, step)
-        _log_samples(run, step, os.path.join(args.output_dir, "samples.png"))
-        _save_pipeline(run)
-        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        weights = "EMA weights" if run.ema is not None else "final weights"
-        logger.info("saved the pipeline (%s) and samples.png to %s", weights, args.output_dir)
+        try:
+            if len(run.eval_images):
+                summary["eval"] = _log_bits_per_dim(run, step)
+            _log_samples(run, step, os.path.join(args.output_dir, "samples.png"))
+            _save_pipeline(run)
+            _write_atomically(
+                os.path.join(args.output_dir, "training_summary.json"), lambda f: json.dump(summary, f, indent=2)
+            )
+        except Exception as err:  # shared below, so that the other processes stop too instead of waiting
+            error = err
+        else:
+            weights = "EMA weights" if run.ema is not None else "final weights"
+            logger.info("saved the pipeline (%s) and samples.png to %s", weights, args.output_dir)
+    if any_process_failed(accelerator, error is not None):
+        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
@@ -153,13 +169,24 @@ def _save_pipeline(run: Run) -> None:
     """The pipeline with the EMA weights, as safetensors, into --output_dir (main process), with the modules that let
     diffusers alone load it (`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`)."""
     with ema_weights(run.ema, run.model):
-        save_hub_pipeline(run.pipeline(), run.args.output_dir)
+        save_hub_pipeline(run.pipeline(), run.args.output_dir)  # atomic: never a half-written pipeline
+
+
+def _write_atomically(path: str, write, mode: str = "w") -> None:
+    """Write `path` through `path.tmp` and a rename: a killed run never leaves it half-written."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
 
 
 def _periodic(run: Run, step: int) -> None:
     """Checkpoint (all processes), then sample grids, bits/dim and pipeline snapshots (main process)."""
     args, accelerator = run.args, run.accelerator
-    if step % args.checkpointing_steps == 0:
+    checkpoint = step % args.checkpointing_steps == 0
+    snapshot = step != run.total_steps and _due(run, step, args.save_model_steps, args.save_model_epochs)
+    if checkpoint or snapshot:  # on every process (replicated weights): all stop together, nothing written
+        require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}" if checkpoint else "the pipeline")
+    if checkpoint:
         checkpoints.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
     if not accelerator.is_main_process or step == run.total_steps:  # `_finish` samples and evaluates the last step
         return
@@ -168,7 +195,7 @@ def _periodic(run: Run, step: int) -> None:
         _log_samples(run, step, os.path.join(args.output_dir, "samples", f"step-{step:07d}.png"))
     if args.eval_bits_per_dim_steps and step % args.eval_bits_per_dim_steps == 0 and len(run.eval_images):
         _log_bits_per_dim(run, step)
-    if _due(run, step, args.save_model_steps, args.save_model_epochs):
+    if snapshot:
         _save_pipeline(run)
 
 
@@ -178,7 +205,7 @@ def _log_samples(run: Run, step: int, path: str) -> None:
             run.pipeline(), run.args.eval_batch_size, run.args.ddpm_num_inference_steps, run.args.seed
         )
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path)
+    _write_atomically(path, lambda f: grid.save(f, format="PNG"), "wb")
     tracker = run.accelerator.get_tracker("tensorboard") if run.args.logger == "tensorboard" else None
     if tracker is not None:
         tracker.log_images({"samples": images}, step=step, dataformats="NHWC")

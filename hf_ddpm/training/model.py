@@ -8,6 +8,7 @@ import os
 
 from diffusers import UNet2DModel
 
+from ..loading import check_pipeline_index, load_unet
 from ..scheduler import SCHEDULE_ALIASES, HFDDPMScheduler
 from ..schedules import paper_linear_endpoints
 from ..unet import UNET_PRESETS, unet_config
@@ -31,6 +32,7 @@ def _load_json_config(path: str) -> dict:
 def data_shape(args) -> tuple[int | None, int]:
     """(channels, resolution) the data must have: channels None lets the data decide (presets adapt to it)."""
     if args.pretrained_model_name_or_path is not None:
+        check_pipeline_index(args.pretrained_model_name_or_path)  # a complete pipeline, not a half-written one
         config = UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
         return config["in_channels"], args.resolution or _side(config["sample_size"])
     source = _model_source(args)
@@ -48,7 +50,7 @@ def build_unet(args, channels: int, resolution: int, learned_variance: bool) -> 
     """A fresh UNet2DModel for `channels`-channel images of `resolution`, or the pretrained one."""
     out_channels = 2 * channels if learned_variance else channels
     if args.pretrained_model_name_or_path is not None:
-        unet = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet")
+        unet = load_unet(args.pretrained_model_name_or_path)  # safetensors only: a pickle is refused
         if unet.config.sample_size != resolution:
             unet.register_to_config(sample_size=resolution)  # convolutional: trains at the new size
     else:

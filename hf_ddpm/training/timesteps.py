@@ -6,6 +6,8 @@ w_t = 1 / (T p_t). Draws use the caller's generator, so they are reproducible an
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -54,8 +56,11 @@ class LossSecondMomentResampler:
         return t, weights.float()
 
     def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
-        """Record the per-example losses at `timesteps` (keeping the newest `history_per_term` per t)."""
+        """Record the per-example losses at `timesteps` (keeping the newest `history_per_term` per t). A NaN or inf
+        loss is not recorded: it would make the sampling probabilities NaN for good (see --on_nan)."""
         for t, loss in zip(timesteps.tolist(), losses.detach().double().cpu().tolist()):
+            if not math.isfinite(loss):
+                continue
             count = int(self.loss_counts[t])
             if count == self.history_per_term:
                 self.loss_history[t, :-1] = self.loss_history[t, 1:].clone()

