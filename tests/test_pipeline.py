@@ -114,6 +114,21 @@ def test_bf16_unet_runs_under_a_float32_chain():
     assert (images - reference).abs().mean() < 0.05  # same noise, slightly different network arithmetic
 
 
+def test_the_sampling_loop_reads_the_unet_dtype_once_per_call(monkeypatch):
+    """diffusers' `unet.dtype` walks every submodule (about as long as a scheduler step for a small UNet): the loop
+    reads it once, before its first step; per step only the UNet's own forward reads it."""
+    pipe = make_pipe()
+    reads = []
+    dtype = UNet2DModel.dtype
+    monkeypatch.setattr(UNet2DModel, "dtype", property(lambda self: reads.append(1) or dtype.fget(self)))
+    with torch.no_grad():
+        pipe.unet(torch.zeros(2, 3, 8, 8), torch.tensor(5))
+    per_forward = len(reads)
+    reads.clear()
+    sample(pipe, steps=10)
+    assert len(reads) - 10 * per_forward <= 2  # was 10 more: one read per step
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_inference_steps": 0}, r"num_inference_steps=0 is out of range: it must lie in \[1, 50\]"),
     ({"num_inference_steps": T + 1}, "num_inference_steps=51"),
