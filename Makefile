@@ -43,8 +43,8 @@ demo: venv
 	@echo "samples: outputs/demo/samples.png; pipeline: HFDDPMPipeline.from_pretrained(\"outputs/demo\")"
 
 # Benchmarks against diffusers on this machine (benchmarks/run.py): sampling, training, quality (bits/dim, FID) and,
-# where CUDA is available, the GPU section; writes benchmarks/results/ (JSON, RESULTS.md, plots). About half an
-# hour on two CPU cores; `make bench BENCH_ARGS=--quick` takes a few minutes.
+# where CUDA is available, the GPU section; writes benchmarks/results/ (JSON, RESULTS.md, plots). About an hour
+# on two CPU cores; `make bench BENCH_ARGS=--quick` takes a few minutes.
 BENCH_STAMP := $(VENV)/bench.stamp
 BENCH_ARGS  ?=
 

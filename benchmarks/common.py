@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TRAINING_FLOOR = "floor: the UNet step alone (fp32)"  # the training benchmark's row with nothing but the model's work
 
 
 def cpu_model() -> str:

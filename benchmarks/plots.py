@@ -35,7 +35,7 @@ def sampling(s: dict, results_dir: str) -> str:
         ax.bar([n for _, n in names], values, yerr=errors, color=["#999999", "#1f77b4", "#ff7f0e"], capsize=3)
         ax.set_title(label, fontsize=9)
         ax.set_ylabel(f"µs per image per step ({clock} clock)")
-        ax.set_ylim(min(values) * 0.9, max(values) * 1.08)
+        ax.set_ylim(0, max(v + e for v, e in zip(values, errors)) * 1.08)
     r = s["respacing"]
     steps = [int(k) for k in r[clock]["seconds_per_batch"]]
     ax = axes[-1]
@@ -44,7 +44,7 @@ def sampling(s: dict, results_dir: str) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps (respaced)")
     ax.set_ylabel(f"seconds per batch of {r['batch']}")
-    ax.set_title("respacing: wall time", fontsize=9)
+    ax.set_title(f"respacing ({clock} clock)", fontsize=9)
     return _save(fig, results_dir, "sampling.png")
 
 
@@ -53,7 +53,9 @@ def training(t: dict, results_dir: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(items) + 1.5))
     labels = [name for name, _ in items]
     values = [v["median"] for _, v in items]
-    colors = ["#1f77b4" if name.startswith("hf_ddpm") else "#ff7f0e" for name in labels]
+    colors = [
+        "#1f77b4" if n.startswith("hf_ddpm") else "#999999" if n.startswith("floor") else "#ff7f0e" for n in labels
+    ]
     ax.barh(labels, values, xerr=[v["iqr"] / 2 for _, v in items], color=colors, capsize=3)
     ax.invert_yaxis()
     ax.set_xlabel(f"images/s ({t['model']}, batch {t['batch']}; {t['clock']} clock)")
@@ -69,11 +71,19 @@ def quality(q: dict, results_dir: str) -> str | None:
     series: dict[str, list] = {}
     for s in d["fid"]["sets"]:
         series.setdefault(f"{s['model']} / {s['variance_type']}", []).append(s)
-    for label, sets in series.items():
+    markers = "osD^v"
+    for i, (label, sets) in enumerate(series.items()):
         sets = sorted(sets, key=lambda s: s["steps"])
-        ax.errorbar([s["steps"] for s in sets], [s["fid"] for s in sets], yerr=[s["bootstrap_std"] for s in sets],
-                    marker="o", capsize=3, label=label)  # fmt: skip
-    ax.axhline(d["fid"]["real_held_out"]["fid"], color="gray", ls="--", label="real held-out images")
+        shift = 1.06 ** (i - (len(series) - 1) / 2)  # side by side where series share a step count
+        ax.errorbar([s["steps"] * shift for s in sets], [s["fid"] for s in sets],
+                    yerr=[s["bootstrap_std"] for s in sets], marker=markers[i % len(markers)], capsize=3,
+                    label=label)  # fmt: skip
+    ax.axhline(
+        d["fid"]["real_held_out"]["fid"],
+        color="gray",
+        ls="--",
+        label=f"real held-out images ({d['fid']['real_held_out']['images']})",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("sampling steps (respaced)")
     ax.set_ylabel(f"FID ({d['fid']['samples_per_set']} samples)")

@@ -38,7 +38,7 @@ PROFILES = {
                                ("hybrid", "learned_range", 50)]}},
     "full": {"model": "digits-16-tiny", "resolution": 16, "T": 1000, "batch": 64, "train_steps": 1000,
              "exact_images": 16, "mc_timesteps": 64, "held_out_images": None,
-             "fid": {"samples": 100, "reference": 500, "bootstrap": 20,
+             "fid": {"samples": 300, "reference": 1000, "bootstrap": 20,
                      "sets": [("simple", "fixed_small", 1000), ("simple", "fixed_large", 1000),
                               ("hybrid", "learned_range", 1000), ("hybrid", "learned_range", 250),
                               ("hybrid", "learned_range", 100), ("hybrid", "learned_range", 50),

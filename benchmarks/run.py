@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/results/: one JSON per benchmark, RESULTS.md and PNG plots.
 
-    python -m benchmarks.run                       # everything (about half an hour on two CPU cores)
+    python -m benchmarks.run                       # everything (about an hour on two CPU cores)
     python -m benchmarks.run --quick               # a few minutes: fewer steps, rounds and samples
     python -m benchmarks.run --only sampling training
     python -m benchmarks.run --train_data_dir ./my_images   # quality also on an image folder (or --dataset_name)
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if own_cache:
             shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
-    report.write(args.results_dir)
+    in_repo = os.path.abspath(args.results_dir) == RESULTS_DIR  # the README shows the repository's own results
+    report.write(args.results_dir, readme=report.README if in_repo else None)
     log(f"all done in {time.perf_counter() - started:.0f} s; see {os.path.join(args.results_dir, 'RESULTS.md')}")
 
 

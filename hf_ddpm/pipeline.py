@@ -69,7 +69,7 @@ class HFDDPMPipeline(DiffusionPipeline):
         """
         return self.unet(x_t.to(unet_dtype or self.unet.dtype), t).sample.to(x_t.dtype)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions and views)
     def __call__(
         self,
         batch_size: int = 1,
@@ -121,7 +121,10 @@ class HFDDPMPipeline(DiffusionPipeline):
                 sample = (returned or {}).get("sample", sample)
 
         image = (sample / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
+        if output_type == "pt":
+            with torch.inference_mode(False):  # an ordinary tensor for the caller: in-place ops and autograd allowed
+                image = image.clone()
+        else:
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
                 image = self.numpy_to_pil(image)

@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from benchmarks import common, fid
+from benchmarks import common, fid, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,3 +103,73 @@ def test_every_benchmark_runs_in_its_smoke_profile_and_writes_its_results(tmp_pa
     assert gpu["measured"] or "not measured: no GPU lent" in report
     if "![sampling.png]" in report:  # matplotlib installed (the bench extra)
         assert (out / "sampling.png").stat().st_size > 1000 and (out / "training.png").exists()
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
+    summary = "## Summary\n\nmachine line\n\n| measure | verdict |\n|---|---|\n| x | **met** |"
+    report.update_readme(summary, str(readme))
+    text = readme.read_text()
+    assert "old table" not in text and "## Summary" not in text  # the README's own heading stands above
+    assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{report.README_END}\nafter\n")
+    assert "machine line\n\n| measure | verdict |" in text and "benchmarks/results/RESULTS.md" in text
+    report.update_readme(summary, str(readme))  # idempotent: a rerun does not stack tables
+    assert readme.read_text() == text
+
+
+def test_update_readme_refuses_a_readme_without_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    with pytest.raises(ValueError, match="no '<!-- benchmarks:start -->'"):
+        report.update_readme("## Summary\n\ntable", str(readme))
+    assert readme.read_text() == "# Title\n"  # untouched
+
+
+def _training_result(ours: float, theirs: float, floor: float) -> dict:
+    names = {"hf_ddpm (defaults, fp32)": ours, "diffusers example (fp32)": theirs, common.TRAINING_FLOOR: floor}
+    clock = {
+        "images_per_second": {n: {"median": v, "iqr": 1.0, "runs": 5} for n, v in names.items()},
+        "speedup_vs_diffusers_fp32": {n: v / theirs for n, v in names.items()},
+        "speedup_vs_same_precision": {"fp32": ours / theirs},
+    }
+    machine = {"cpu": "cpu", "cpu_count": 2, "torch_threads": 1, "torch": "t", "diffusers": "d", "accelerate": "a",
+               "date_utc": "now", "git_revision": "r", "load_average": [0.1], "load_average_after": [0.2]}  # fmt: skip
+    return {"benchmark": "training", "machine": machine, "clock": "wall", "wall_seconds": 60.0, "profile": "full",
+            "model": "digits-16-tiny", "batch": 64, "steps_per_run": 60, "wall": clock, "cpu": clock, "compile": None}  # fmt: skip
+
+
+def test_training_report_states_the_bound_the_floor_puts_on_any_loop():
+    result = _training_result(ours=216.0, theirs=200.0, floor=220.0)
+    section = report.training_section(result)
+    assert "Target: ≥ 1.2x the diffusers-style loop with our defaults: **missed**" in section
+    assert "Our loop runs at 98% of its speed, the diffusers-style loop at 91%" in section
+    assert "by more than about 1.10x here" in section
+    row = report.summary_section({"training": result})
+    assert "1.08x (216 vs 200); the UNet step alone: 1.10x" in row and "**missed**" in row
+    assert "**met**" in report.training_section(_training_result(ours=250.0, theirs=200.0, floor=260.0))
+
+
+@pytest.mark.slow
+def test_quality_also_evaluates_an_image_folder_given_on_the_command_line(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):  # 8x8 grey squares of random brightness on a dark ground
+        pixels = np.zeros((8, 8), dtype=np.uint8)
+        pixels[2:6, 2:6] = rng.integers(100, 255)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:02d}.png")
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "quality", "--results_dir", str(out),
+         "--train_data_dir", str(folder)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    digits, mine = json.loads((out / "quality.json").read_text())["datasets"]
+    assert digits["dataset"] == "digits" and mine["dataset"] == str(folder)
+    assert mine["held_out_images"] == 4  # 10% of the 40 images
+    assert all(0 < b["exact"] < 20 for b in mine["bits_per_dim"])
+    assert str(folder) in (out / "RESULTS.md").read_text()

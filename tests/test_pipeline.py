@@ -129,6 +129,20 @@ def test_the_sampling_loop_reads_the_unet_dtype_once_per_call(monkeypatch):
     assert len(reads) - 10 * per_forward <= 2  # was 10 more: one read per step
 
 
+def test_the_unet_runs_in_inference_mode_and_the_caller_gets_an_ordinary_tensor():
+    """Sampling runs under torch.inference_mode (no autograd bookkeeping per op); the "pt" images it returns are an
+    ordinary tensor all the same: in-place ops and autograd work on them as on any tensor."""
+    pipe = make_pipe()
+    modes = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: modes.append(torch.is_inference_mode_enabled()))
+    images = sample(pipe, steps=5).images
+    assert modes == [True] * 5
+    assert not images.is_inference()
+    expected = images.clone()
+    images.mul_(2).requires_grad_()  # an inference tensor raises on both outside inference mode
+    torch.testing.assert_close(images.detach(), 2 * expected)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_inference_steps": 0}, r"num_inference_steps=0 is out of range: it must lie in \[1, 50\]"),
     ({"num_inference_steps": T + 1}, "num_inference_steps=51"),
