@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from test_schedules import closed_alphas_cumprod as running_product  # ᾱ_t (DDPM eq. 4) in Python floats
 from torch.testing import assert_close
 
 from hf_ddpm import HFDDPMScheduler
@@ -39,15 +40,6 @@ def closed_cosine_betas(T: int) -> np.ndarray:
         return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
 
     return np.array([min(1.0 - f(t + 1) / f(t), 0.999) for t in range(T)])
-
-
-def running_product(betas) -> np.ndarray:
-    """ᾱ_t = Π_{s<=t} (1 - β_s) (DDPM eq. 4)."""
-    out, acc = [], 1.0
-    for beta in betas:
-        acc *= 1.0 - float(beta)
-        out.append(acc)
-    return np.array(out)
 
 
 def compose_forward(betas, first: int, last: int) -> tuple[float, float]:
