@@ -117,9 +117,7 @@ def theirs(settings: dict, steps: int, workdir: str, mixed_precision: str = "no"
         project_config=ProjectConfiguration(workdir, os.path.join(workdir, "theirs-logs")),
     )
     set_seed(0)
-    model = UNet2DModel.from_config(
-        unet_config(settings["model"], in_channels=1, out_channels=1, sample_size=resolution)
-    )
+    model = _unet(settings)
     args = parse_args([])  # the same optimizer settings as ours
     ema_model = EMAModel(
         model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
@@ -131,10 +129,7 @@ def theirs(settings: dict, steps: int, workdir: str, mixed_precision: str = "no"
     noise_scheduler = DDPMScheduler.from_config(
         build_scheduler(parse_args(["--ddpm_num_steps", str(settings["T"])])).config
     )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )  # fmt: skip
+    optimizer = _adamw(model, args)  # the example's default per-tensor AdamW
     dataset = digits_dataset(resolution)
 
     def transform_images(examples):
@@ -192,18 +187,28 @@ def theirs(settings: dict, steps: int, workdir: str, mixed_precision: str = "no"
     return seconds / seen, cpu_seconds / seen
 
 
+def _unet(settings: dict) -> UNet2DModel:
+    return UNet2DModel.from_config(
+        unet_config(settings["model"], in_channels=1, out_channels=1, sample_size=settings["resolution"])
+    )
+
+
+def _adamw(model: UNet2DModel, args, **kwargs) -> torch.optim.AdamW:
+    """AdamW with our training defaults (`args` from hf_ddpm's parse_args)."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **kwargs,
+    )  # fmt: skip
+
+
 def floor(settings: dict, steps: int) -> tuple[float, float]:
     """(wall, CPU) seconds per image of the model's own work in a step, nothing else: forward, L_simple, backward
     and a fused AdamW step on one fixed batch (no data pipeline, EMA, clipping, logging or host syncs). Neither
     loop can beat it with the same arithmetic: it bounds the ratio any loop can reach over the diffusers-style one."""
     set_seed(0)
     resolution, batch = settings["resolution"], settings["batch"]
-    model = UNet2DModel.from_config(
-        unet_config(settings["model"], in_channels=1, out_channels=1, sample_size=resolution)
-    )
-    args = parse_args([])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay,
-                                  fused=True)  # fmt: skip
+    model = _unet(settings)
+    optimizer = _adamw(model, parse_args([]), fused=True)  # as ours builds it
     x = torch.randn(batch, 1, resolution, resolution)
     t = torch.randint(0, settings["T"], (batch,))
     started, cpu_started = time.perf_counter(), time.process_time()
