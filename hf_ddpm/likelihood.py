@@ -15,6 +15,8 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .monte_carlo import collapsed_strata_stderr, stratified_draws
+
 # Pixels are uint8 scaled to [-1, 1]; each of the 256 values owns a bin of width 2/255 (DDPM eq. 13).
 BIN_HALF_WIDTH = 1.0 / 255.0
 
@@ -68,8 +70,11 @@ class BoundOutput(BaseOutput):
     prior_bpd: L_T. decoder_bpd: L_0.
     terms_bpd: exact: (N, T) with column t the term at timestep t (column 0 = L_0, column t ≥ 1 = L_{t-1});
         Monte Carlo: (N, K) the sampled L_{t-1} terms, at `timesteps`.
-    timesteps: (T,) for the exact bound, (N, K) for the estimate.
-    standard_error: Monte Carlo only: the standard error of each image's estimate (N,); zeros for the exact bound.
+    timesteps: (T,) for the exact bound, (N, K) for the estimate (increasing along a row: one per stratum).
+    standard_error: Monte Carlo only: the standard error of each image's estimate (N,), NaN for K = 1; zeros for
+        the exact bound.
+    weights: Monte Carlo: (N, K) the weight 1 / (K p(t)) of each sampled term, so that bits_per_dim = prior_bpd +
+        decoder_bpd + Σ_k weights · terms_bpd (hf_ddpm.monte_carlo); exact: ones (N, T).
     """
 
     bits_per_dim: torch.Tensor
@@ -78,6 +83,7 @@ class BoundOutput(BaseOutput):
     terms_bpd: torch.Tensor
     timesteps: torch.Tensor
     standard_error: torch.Tensor
+    weights: torch.Tensor
 
 
 @torch.no_grad()
@@ -92,8 +98,9 @@ def variational_bound(
     """DDPM's bound (eq. 5) on data x_start (N, C, H, W) in [-1, 1] under the model `model_fn(x_t, t) -> output`.
 
     num_timesteps=None: all T terms, each KL at one draw x_t ~ q(x_t | x_0) (as the DDPM evaluation does).
-    num_timesteps=K: L_T + L_0 + (T - 1)/K · Σ_k L_{t_k - 1}, t_k uniform on {1 .. T-1}: an unbiased estimate of
-    the same bound. The model runs on `batch_size` (image, t) pairs at a time; the terms are computed in float64.
+    num_timesteps=K: L_T + L_0 + Σ_k L_{t_k - 1} / (K p(t_k)), t_k stratified draws from p on {1 .. T-1}: an
+    unbiased estimate of the same bound, with a standard error that can only overstate its spread (see
+    hf_ddpm.monte_carlo for p and the strata). The model runs on `batch_size` (image, t) pairs at a time; the terms are computed in float64.
     """
     if num_timesteps is not None and (
         isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1
@@ -109,10 +116,10 @@ def variational_bound(
     if num_timesteps is None:
         timesteps = torch.arange(num_train).expand(num_images, num_train)
     else:  # column 0 is the decoder (t = 0), always computed exactly
-        draw_on = generator.device if generator is not None else "cpu"
-        shape = (num_images, num_timesteps)
-        sampled = torch.randint(1, max(num_train, 2), shape, generator=generator, device=draw_on).cpu()
-        sampled = sampled if num_train > 1 else sampled[:, :0]
+        if num_train > 1:
+            sampled, weights = stratified_draws(num_images, num_timesteps, num_train - 1, generator)
+        else:  # T = 1: the bound is L_T + L_0, nothing to sample
+            sampled, weights = (torch.zeros(num_images, 0, dtype=dt) for dt in (torch.long, torch.float64))
         timesteps = torch.cat([torch.zeros(num_images, 1, dtype=torch.long), sampled], dim=1)
     terms = torch.zeros(timesteps.shape, dtype=torch.float64, device=device)
 
@@ -132,12 +139,12 @@ def variational_bound(
     if num_timesteps is None:
         total = prior + terms.sum(dim=1)
         standard_error = torch.zeros_like(total)
-        terms_out, timesteps_out = terms, torch.arange(num_train)
+        terms_out, timesteps_out, weights = terms, torch.arange(num_train), torch.ones_like(terms)
     else:
-        weight = (num_train - 1) / num_timesteps  # each sampled term stands for (T-1)/K of the T-1 KL terms
-        total = prior + decoder + weight * kl.sum(dim=1)
-        spread = kl.std(dim=1) if kl.shape[1] > 1 else torch.zeros_like(total)
-        standard_error = (num_train - 1) * spread / num_timesteps**0.5
+        weights = weights.to(device)
+        weighted = kl * weights  # L(t_k) / (K p(t_k)): each stands for its stratum of the T-1 terms
+        total = prior + decoder + weighted.sum(dim=1)
+        standard_error = collapsed_strata_stderr(weighted) if num_train > 1 else torch.zeros_like(total)
         terms_out, timesteps_out = kl, timesteps[:, 1:]
 
     def bpd(nats):
@@ -150,4 +157,5 @@ def variational_bound(
         terms_bpd=bpd(terms_out),
         timesteps=timesteps_out,
         standard_error=bpd(standard_error),
+        weights=weights,
     )

@@ -146,7 +146,8 @@ class HFDDPMPipeline(DiffusionPipeline):
         images: uint8 (N, C, H, W) tensor or array with values 0..255, or a list of PIL images (converted to the
         UNet's channel count). num_timesteps=None sums all T terms (each KL term at one draw of x_t, as the DDPM
         evaluation does); an integer K gives the unbiased Monte Carlo estimate of the same bound from K sampled
-        timesteps per image plus the exact prior and decoder terms, with its standard error.
+        timesteps per image (stratified importance draws, see hf_ddpm.monte_carlo) plus the exact prior and decoder
+        terms, with a standard error that can only overstate its spread.
         """
         x_start = images_to_model_range(images, self._image_shape).to(self._execution_device)
         return variational_bound(

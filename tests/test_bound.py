@@ -95,14 +95,19 @@ def test_monte_carlo_estimate_is_unbiased():
     x = C
     exact = variational_bound(model, scheduler, x).bits_per_dim.item()
     gen = torch.manual_seed(1)
-    runs = [variational_bound(model, scheduler, x, num_timesteps=3, generator=gen) for _ in range(400)]
+    runs = [variational_bound(model, scheduler, x, num_timesteps=4, generator=gen) for _ in range(400)]
     estimates = torch.tensor([r.bits_per_dim.item() for r in runs])
     mean, se = estimates.mean().item(), estimates.std().item() / math.sqrt(len(estimates))
     assert se > 0  # the estimate really is random (the KL terms differ across t)
     assert abs(mean - exact) < 3 * se, (mean, exact, se)
-    # The reported standard error squared is an unbiased estimate of the estimator's variance.
+    # The reported standard error (strata collapsed in pairs) may overstate the estimator's spread, never
+    # understate it: its square is, on average, at least the variance (0.8: sampling slack over 400 runs).
     reported_var = torch.tensor([r.standard_error.item() ** 2 for r in runs]).mean().item()
-    assert 0.5 < reported_var / estimates.var().item() < 1.5, (reported_var, estimates.var().item())
+    assert 0.8 < reported_var / estimates.var().item() < 4.0, (reported_var, estimates.var().item())
+    for r in runs:  # the estimate is the prior, the decoder and the weighted sampled terms, nothing else
+        total = r.prior_bpd + r.decoder_bpd + (r.weights * r.terms_bpd).sum(dim=1)
+        torch.testing.assert_close(r.bits_per_dim, total, rtol=1e-12, atol=1e-12)
+        assert bool((r.timesteps.diff(dim=1) >= 0).all()), r.timesteps  # one per stratum, in order
 
 
 def test_monte_carlo_with_zero_kl_terms_is_exact():

@@ -93,13 +93,6 @@ def push(server: HubServer, tmp: Path, output_dir: Path, repo_id: str, *extra, *
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    server = HubServer(tmp_path_factory.mktemp("hub_server"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def bare_python(tmp_path_factory) -> str:
     return make_bare_venv(tmp_path_factory.mktemp("bare_venv"))
 

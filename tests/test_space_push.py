@@ -65,13 +65,6 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 180
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    server = HubServer(tmp_path_factory.mktemp("space_hub"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)
     return HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=T))

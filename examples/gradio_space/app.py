@@ -253,8 +253,8 @@ class DemoModel:
         bpd, stderr = float(out.bits_per_dim[0]), float(out.standard_error[0])
         summary = (
             f"**{bpd:.3f} ± {stderr:.3f} bits/dim**\n\nMonte Carlo estimate of the variational bound (DDPM eq. 5) "
-            f"from K = {num_timesteps} sampled timesteps of T = {self.num_train_timesteps}, plus the exact prior "
-            "and decoder terms; ± is one standard error. Lower is better."
+            f"from K = {num_timesteps} stratified timesteps of T = {self.num_train_timesteps}, plus the exact "
+            "prior and decoder terms; ± is one standard error (conservative). Lower is better."
         )
         details = {
             "bits_per_dim": bpd,

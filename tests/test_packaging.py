@@ -1,0 +1,79 @@
+"""What a wheel of hf_ddpm holds: installed from it (not from this checkout), the package renders model cards
+from its own copy of model_cards/ and writes the remote-code modules from its own source."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from diffusers import UNet2DModel
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in the wheel's install: the editable install's import hook (a meta path finder) is dropped so that only the
+# directory on PYTHONPATH provides hf_ddpm.
+IN_THE_WHEEL = """
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+import hf_ddpm
+from hf_ddpm.hub import save_hub_pipeline
+from hf_ddpm.model_card import TEMPLATE_PATH, render_model_card
+pipeline_dir, out = sys.argv[1], sys.argv[2]
+card = render_model_card(pipeline_dir, "me/from-a-wheel")
+pipe = hf_ddpm.HFDDPMPipeline.from_pretrained(pipeline_dir)
+save_hub_pipeline(pipe, out)
+print(json.dumps({"package": hf_ddpm.__file__, "template": str(TEMPLATE_PATH), "card": card.text}))
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(  # torch requires setuptools >= 77, which is what pyproject.toml's build needs
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    (path,) = out.glob("hf_ddpm-*.whl")
+    return path
+
+
+def test_the_wheel_ships_the_card_template_inside_the_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hf_ddpm/model_cards/model_card.md" in names
+    assert not any(n.startswith("model_cards/") for n in names)  # nothing outside the package
+    shipped = zipfile.ZipFile(wheel).read("hf_ddpm/model_cards/model_card.md")
+    assert shipped == (ROOT / "model_cards" / "model_card.md").read_bytes()
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hf_ddpm").rglob("*.py")}
+    assert sources <= set(names)  # every module, the training package's included
+
+
+def test_installed_from_the_wheel_it_renders_cards_and_saves_loadable_pipelines(wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking
+    pipeline_dir, saved = tmp_path / "pipeline", tmp_path / "saved"
+    HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=10)).save_pretrained(
+        pipeline_dir
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", IN_THE_WHEEL, str(pipeline_dir), str(saved)],
+        cwd=tmp_path,  # not the checkout: its hf_ddpm/ must not be importable from the working directory
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert Path(result["package"]).is_relative_to(site)
+    assert Path(result["template"]) == site / "hf_ddpm" / "model_cards" / "model_card.md"
+    assert "me/from-a-wheel" in result["card"] and "No training configuration was recorded" in result["card"]
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"][0].startswith("pipeline_hf_ddpm_")  # the remote-code module, written from the wheel
+    assert (saved / f"{index['_class_name'][0]}.py").is_file()
