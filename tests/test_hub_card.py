@@ -5,6 +5,8 @@ against a local Hub in test_hub_push.py)."""
 import argparse
 import fnmatch
 import json
+import subprocess
+import sys
 
 import huggingface_hub
 import pytest
@@ -168,3 +170,16 @@ def test_cli_export_and_errors(output_dir, tmp_path, capsys):
     assert "holds no model_index.json" in err and TOKEN not in err
     with pytest.raises(SystemExit):
         cli.main(["push", str(output_dir)])  # --repo-id is required
+
+
+def test_the_command_line_exports_without_importing_torch_or_diffusers(output_dir, tmp_path):
+    """`python -m hf_ddpm` loads the package's public names lazily: export (and push) need neither torch nor
+    diffusers, so the command starts in well under a second instead of several."""
+    code = (
+        "import sys; from hf_ddpm import cli; code = cli.main(sys.argv[1:]); "
+        "print('heavy imports:', sorted(m for m in ('torch', 'diffusers') if m in sys.modules)); sys.exit(code)"
+    )
+    argv = ["export", str(output_dir), str(tmp_path / "dest"), "--repo-id", "me/m"]
+    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "heavy imports: []" in run.stdout and f"wrote {len(EXPORTED)} files" in run.stdout

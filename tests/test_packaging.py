@@ -1,5 +1,6 @@
 """What a wheel of hf_ddpm holds: installed from it (not from this checkout), the package renders model cards
-from its own copy of model_cards/ and writes the remote-code modules from its own source."""
+from its own copy of model_cards/, prepares the Space from its own copy of examples/gradio_space/ and writes the
+remote-code modules from its own source."""
 
 import json
 import subprocess
@@ -22,11 +23,14 @@ sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f,
 import hf_ddpm
 from hf_ddpm.hub import save_hub_pipeline
 from hf_ddpm.model_card import TEMPLATE_PATH, render_model_card
-pipeline_dir, out = sys.argv[1], sys.argv[2]
+from hf_ddpm.space import DEFAULT_APP_DIR, prepare_space
+pipeline_dir, out, space = sys.argv[1:4]
 card = render_model_card(pipeline_dir, "me/from-a-wheel")
 pipe = hf_ddpm.HFDDPMPipeline.from_pretrained(pipeline_dir)
 save_hub_pipeline(pipe, out)
-print(json.dumps({"package": hf_ddpm.__file__, "template": str(TEMPLATE_PATH), "card": card.text}))
+prepare_space(DEFAULT_APP_DIR, "me/from-a-wheel", space)
+print(json.dumps({"package": hf_ddpm.__file__, "template": str(TEMPLATE_PATH), "card": card.text,
+                  "app_dir": str(DEFAULT_APP_DIR)}))
 """
 
 
@@ -46,10 +50,12 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_ships_the_card_template_inside_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert "hf_ddpm/model_cards/model_card.md" in names
-    assert not any(n.startswith("model_cards/") for n in names)  # nothing outside the package
-    shipped = zipfile.ZipFile(wheel).read("hf_ddpm/model_cards/model_card.md")
-    assert shipped == (ROOT / "model_cards" / "model_card.md").read_bytes()
+    shipped = {"hf_ddpm/model_cards/model_card.md": ROOT / "model_cards" / "model_card.md"}
+    for name in ("README.md", "app.py", "requirements.txt"):
+        shipped[f"hf_ddpm/gradio_space/{name}"] = ROOT / "examples" / "gradio_space" / name
+    for name, source in shipped.items():
+        assert zipfile.ZipFile(wheel).read(name) == source.read_bytes(), name
+    assert all(n.startswith(("hf_ddpm/", "hf_ddpm-")) for n in names)  # nothing outside the package
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "hf_ddpm").rglob("*.py")}
     assert sources <= set(names)  # every module, the training package's included
 
@@ -57,12 +63,12 @@ def test_the_wheel_ships_the_card_template_inside_the_package(wheel):
 def test_installed_from_the_wheel_it_renders_cards_and_saves_loadable_pipelines(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking
-    pipeline_dir, saved = tmp_path / "pipeline", tmp_path / "saved"
+    pipeline_dir, saved, space = tmp_path / "pipeline", tmp_path / "saved", tmp_path / "space"
     HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=10)).save_pretrained(
         pipeline_dir
     )
     run = subprocess.run(
-        [sys.executable, "-c", IN_THE_WHEEL, str(pipeline_dir), str(saved)],
+        [sys.executable, "-c", IN_THE_WHEEL, str(pipeline_dir), str(saved), str(space)],
         cwd=tmp_path,  # not the checkout: its hf_ddpm/ must not be importable from the working directory
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -77,3 +83,6 @@ def test_installed_from_the_wheel_it_renders_cards_and_saves_loadable_pipelines(
     index = json.loads((saved / "model_index.json").read_text())
     assert index["_class_name"][0].startswith("pipeline_hf_ddpm_")  # the remote-code module, written from the wheel
     assert (saved / f"{index['_class_name'][0]}.py").is_file()
+    assert Path(result["app_dir"]) == site / "hf_ddpm" / "gradio_space"
+    assert (space / "app.py").read_bytes() == (ROOT / "examples" / "gradio_space" / "app.py").read_bytes()
+    assert "me/from-a-wheel" in (space / "README.md").read_text()  # the model it loads, in its front matter
