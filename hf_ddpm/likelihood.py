@@ -100,7 +100,8 @@ def variational_bound(
     num_timesteps=None: all T terms, each KL at one draw x_t ~ q(x_t | x_0) (as the DDPM evaluation does).
     num_timesteps=K: L_T + L_0 + Σ_k L_{t_k - 1} / (K p(t_k)), t_k stratified draws from p on {1 .. T-1}: an
     unbiased estimate of the same bound, with a standard error that can only overstate its spread (see
-    hf_ddpm.monte_carlo for p and the strata). The model runs on `batch_size` (image, t) pairs at a time; the terms are computed in float64.
+    hf_ddpm.monte_carlo for p and the strata). The model runs on `batch_size` (image, t) pairs at a time; the
+    terms are computed in float64.
     """
     if num_timesteps is not None and (
         isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1
@@ -119,7 +120,8 @@ def variational_bound(
         if num_train > 1:
             sampled, weights = stratified_draws(num_images, num_timesteps, num_train - 1, generator)
         else:  # T = 1: the bound is L_T + L_0, nothing to sample
-            sampled, weights = (torch.zeros(num_images, 0, dtype=dt) for dt in (torch.long, torch.float64))
+            sampled = torch.zeros(num_images, 0, dtype=torch.long)
+            weights = torch.zeros(num_images, 0, dtype=torch.float64)
         timesteps = torch.cat([torch.zeros(num_images, 1, dtype=torch.long), sampled], dim=1)
     terms = torch.zeros(timesteps.shape, dtype=torch.float64, device=device)
 

@@ -120,6 +120,18 @@ def test_monte_carlo_with_zero_kl_terms_is_exact():
     torch.testing.assert_close(estimate.bits_per_dim, exact.bits_per_dim, rtol=1e-9, atol=1e-9)
 
 
+def test_monte_carlo_with_a_single_timestep_is_the_prior_and_decoder_alone():
+    """T = 1 has no KL terms to sample: the estimate is L_T + L_0 exactly, with no spread."""
+    scheduler = HFDDPMScheduler(num_train_timesteps=1, beta_start=0.02, beta_end=0.02)
+    model = lambda x_t, t: torch.zeros_like(x_t)  # predicts ε = 0
+    exact = variational_bound(model, scheduler, C, generator=torch.manual_seed(0))
+    estimate = variational_bound(model, scheduler, C, num_timesteps=8, generator=torch.manual_seed(0))
+    assert estimate.terms_bpd.shape == estimate.timesteps.shape == estimate.weights.shape == (1, 0)
+    torch.testing.assert_close(estimate.bits_per_dim, exact.bits_per_dim, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(estimate.bits_per_dim, estimate.prior_bpd + estimate.decoder_bpd)
+    assert estimate.standard_error.item() == 0.0
+
+
 def _independent_terms(scheduler_betas, x0, x_t, t, eps_hat):
     """One bound term in nats from the paper's formulas, in float64 numpy/scipy, sharing no code with hf_ddpm."""
     betas = scheduler_betas
