@@ -16,10 +16,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-# A wheel ships the template inside the package (pyproject.toml maps model_cards/ to hf_ddpm/model_cards); a source
-# checkout, editable installs included, keeps it at the top of the tree.
-_PACKAGED, _SOURCE = (Path(__file__).resolve().parents[i] / "model_cards" for i in (0, 1))
-TEMPLATE_PATH = (_PACKAGED if _PACKAGED.is_dir() else _SOURCE) / "model_card.md"
+from .shipped import shipped_dir
+
+TEMPLATE_PATH = shipped_dir("model_cards", "model_cards") / "model_card.md"
 TAGS = ["diffusers", "ddpm", "unconditional-image-generation", "hf_ddpm"]
 DEFAULT_LICENSE = "apache-2.0"
 TRAINING_ARGS_FILE, TRAINING_SUMMARY_FILE, SAMPLE_GRID = "training_args.json", "training_summary.json", "samples.png"

@@ -28,6 +28,8 @@ import re
 import sys
 from pathlib import Path
 
+from .shipped import PACKAGE_DIR
+
 PIPELINE_PREFIX = "pipeline_hf_ddpm"  # at the repo root (diffusers looks for `<_class_name[0]>.py` there)
 SCHEDULER_PREFIX = "scheduling_hf_ddpm"  # in scheduler/ (diffusers looks in the component's folder)
 PIPELINE_CLASS, SCHEDULER_CLASS = "HFDDPMPipeline", "HFDDPMScheduler"
@@ -35,7 +37,6 @@ SCHEDULER_SOURCES = ("schedules", "respacing", "monte_carlo", "likelihood", "sch
 PIPELINE_SOURCES = (*SCHEDULER_SOURCES, "loading", "pipeline")
 # What a machine with diffusers has: its dependencies (torch is required to run any pipeline) and the stdlib.
 ALLOWED_IMPORTS = frozenset({"diffusers", "huggingface_hub", "numpy", "PIL", "safetensors", "torch"})
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class BundleError(ValueError):

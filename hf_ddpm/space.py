@@ -17,14 +17,11 @@ from pathlib import Path
 from huggingface_hub import HfApi, metadata_load, metadata_save
 from huggingface_hub.utils import validate_repo_id
 
+from .shipped import shipped_dir
+
 __all__ = ["DEFAULT_APP_DIR", "prepare_space", "push_space"]
 
-# A wheel ships the app inside the package (pyproject.toml maps examples/gradio_space to hf_ddpm/gradio_space); a
-# source checkout, editable installs included, keeps it in examples/.
-_PACKAGED = Path(__file__).resolve().parent / "gradio_space"
-DEFAULT_APP_DIR = (
-    _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "examples" / "gradio_space"
-)
+DEFAULT_APP_DIR = shipped_dir("gradio_space", "examples/gradio_space")
 SPACE_IGNORE = ("__pycache__", "*.pyc", ".gradio", "flagged", ".DS_Store")  # never uploaded
 
 

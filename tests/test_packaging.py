@@ -2,6 +2,7 @@
 from its own copy of model_cards/, prepares the Space from its own copy of examples/gradio_space/ and writes the
 remote-code modules from its own source."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -86,3 +87,13 @@ def test_installed_from_the_wheel_it_renders_cards_and_saves_loadable_pipelines(
     assert Path(result["app_dir"]) == site / "hf_ddpm" / "gradio_space"
     assert (space / "app.py").read_bytes() == (ROOT / "examples" / "gradio_space" / "app.py").read_bytes()
     assert "me/from-a-wheel" in (space / "README.md").read_text()  # the model it loads, in its front matter
+
+
+def test_the_lazy_public_names_are_the_listed_ones_and_all_resolve():
+    import hf_ddpm
+
+    assert sorted(hf_ddpm.__all__) == sorted(hf_ddpm._EXPORTS)
+    for name in hf_ddpm.__all__:
+        assert getattr(hf_ddpm, name) is getattr(importlib.import_module(hf_ddpm._EXPORTS[name], "hf_ddpm"), name)
+    with pytest.raises(AttributeError, match="has no attribute 'HFDDPM'"):
+        hf_ddpm.HFDDPM  # noqa: B018
