@@ -21,8 +21,8 @@ import time
 import torch
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
+from hf_ddpm.bound import collapsed_strata_stderr, stratified_draws
 from hf_ddpm.data import load_data
-from hf_ddpm.monte_carlo import collapsed_strata_stderr, stratified_draws
 
 from . import fid
 from .common import log

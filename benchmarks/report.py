@@ -99,7 +99,7 @@ def quality_section(q: dict) -> str:
         out.append(
             "Why the estimate draws its timesteps the way it does: the KL terms are skewed toward small t. Simulated "
             f"from each image's exact terms (K = {b0['monte_carlo_k']} of them, 2000 times), K timesteps drawn "
-            "uniformly against hf_ddpm's stratified draws from ½ uniform + ½ ∝ 1/t (hf_ddpm/monte_carlo.py):"
+            "uniformly against hf_ddpm's stratified draws from ½ uniform + ½ ∝ 1/t (hf_ddpm/bound.py):"
         )
         out.append("")
         rows = []

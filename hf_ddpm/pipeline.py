@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from .likelihood import BoundOutput, variational_bound
+from .bound import BoundOutput, variational_bound
 from .loading import load_components
 from .scheduler import HFDDPMScheduler
 
@@ -146,7 +146,7 @@ class HFDDPMPipeline(DiffusionPipeline):
         images: uint8 (N, C, H, W) tensor or array with values 0..255, or a list of PIL images (converted to the
         UNet's channel count). num_timesteps=None sums all T terms (each KL term at one draw of x_t, as the DDPM
         evaluation does); an integer K gives the unbiased Monte Carlo estimate of the same bound from K sampled
-        timesteps per image (stratified importance draws, see hf_ddpm.monte_carlo) plus the exact prior and decoder
+        timesteps per image (stratified importance draws, see hf_ddpm.bound) plus the exact prior and decoder
         terms, with a standard error that can only overstate its spread.
         """
         x_start = images_to_model_range(images, self._image_shape).to(self._execution_device)

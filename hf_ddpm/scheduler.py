@@ -23,8 +23,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import schedules
-from .likelihood import discretized_gaussian_log_likelihood, normal_kl
-from .respacing import ChainTables, spaced_timesteps
+from .chain import ChainTables, spaced_timesteps
+from .gaussians import discretized_gaussian_log_likelihood, normal_kl
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 SCHEDULE_ALIASES = {"cosine": "squaredcos_cap_v2"}  # Improved DDPM's name for diffusers' squaredcos_cap_v2

@@ -9,7 +9,7 @@ from diffusers import UNet2DModel
 from scipy.stats import norm
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
-from hf_ddpm.likelihood import variational_bound
+from hf_ddpm.bound import variational_bound
 
 T = 40
 SHAPE = (3, 4, 4)

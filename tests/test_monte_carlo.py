@@ -1,4 +1,4 @@
-"""The K-term Monte Carlo estimate of the bound (hf_ddpm.monte_carlo): the proposal, the strata, unbiasedness and
+"""The K-term Monte Carlo estimate of the bound (hf_ddpm.bound): the proposal, the strata, unbiasedness and
 the collapsed-strata standard error, checked on term profiles shaped like a trained model's (most of Σ L_{t-1} in
 the first timesteps)."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_ddpm.monte_carlo import collapsed_strata_stderr, proposal, stratified_draws
+from hf_ddpm.bound import collapsed_strata_stderr, proposal, stratified_draws
 
 M = 999  # the KL terms t = 1 .. T-1 of a T = 1000 model
 

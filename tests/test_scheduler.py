@@ -21,8 +21,8 @@ from test_schedules import closed_alphas_cumprod as running_product  # ᾱ_t (DD
 from torch.testing import assert_close
 
 from hf_ddpm import HFDDPMScheduler
-from hf_ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl
-from hf_ddpm.respacing import spaced_timesteps
+from hf_ddpm.chain import spaced_timesteps
+from hf_ddpm.gaussians import discretized_gaussian_log_likelihood, normal_kl
 
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
 F64 = torch.float64
@@ -784,7 +784,7 @@ def test_learned_range_spans_log_beta_tilde_to_log_beta_also_at_t0():
     assert log_var[0, 0, 0, 0].item() == pytest.approx(0.5 * math.log(tilde[1] * LINEAR_BETAS[0]), rel=1e-12)
 
 
-# ---------------------------------------------------------------- likelihood.py: decoder and KL
+# ---------------------------------------------------------------- gaussians.py: decoder and KL
 
 PIXEL_GRID = torch.arange(256, dtype=F64) / 127.5 - 1.0
 
