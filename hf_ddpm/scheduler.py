@@ -13,7 +13,7 @@ config. Coefficients are computed once in float64. Where diffusers' `DDPMSchedul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -22,15 +22,29 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import schedules
-from .chain import ChainTables, spaced_timesteps
+from .chain import TIMESTEP_SPACINGS, Chain, ChainRows, TimestepSpacing, spaced_timesteps
 from .gaussians import discretized_gaussian_log_likelihood, normal_kl
+from .schedules import BETA_SCHEDULES, SCHEDULE_ALIASES, BetaSchedule, check_betas, named_betas
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-SCHEDULE_ALIASES = {"cosine": "squaredcos_cap_v2"}  # Improved DDPM's name for diffusers' squaredcos_cap_v2
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range"]
+VARIANCE_TYPES = get_args(VarianceType)
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+PREDICTION_TYPES = get_args(PredictionType)
+PIPELINE_SCHEDULERS = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+    "LMSDiscreteScheduler",
+)
+CONFIG_SOURCES = tuple(e.name for e in KarrasDiffusionSchedulers)  # diffusers' schedulers of a β-schedule process
+# The first diffusers release's name and keys, still in the root scheduler_config.json of the google/ddpm-* repos.
+EARLY_CLASS_NAMES = ("GaussianDDPMScheduler",)
+EARLY_KEYS = {"timesteps": "num_train_timesteps"}
 
 
 @dataclass
@@ -59,7 +73,9 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     their `_log` forms (the same variances handled in log space), or `learned_range` (Improved DDPM eq. 15).
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    # The schedulers HFDDPMPipeline is tested to sample with (tests/test_pipeline_schedulers.py); `from_config` reads
+    # the β schedule of any CONFIG_SOURCES config.
+    _compatibles = list(PIPELINE_SCHEDULERS)
     order = 1
 
     @register_to_config
@@ -68,18 +84,16 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
-        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "cosine"] = "linear",
+        beta_schedule: BetaSchedule | Literal["cosine"] = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
-        variance_type: Literal[
-            "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range"
-        ] = "fixed_small",
+        variance_type: VarianceType = "fixed_small",
         clip_sample: bool = True,
-        prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon",
+        prediction_type: PredictionType = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
         sample_max_value: float = 1.0,
-        timestep_spacing: Literal["linspace", "leading", "trailing"] = "leading",
+        timestep_spacing: TimestepSpacing = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
@@ -103,26 +117,20 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
             )
 
         if trained_betas is not None:
-            betas = schedules.check_betas(trained_betas)
+            betas = check_betas(trained_betas)
             if len(betas) != num_train_timesteps:
                 raise ValueError(
                     f"trained_betas has {len(betas)} values but num_train_timesteps={num_train_timesteps}; "
                     "they must be equal"
                 )
-        elif beta_schedule == "linear":
-            betas = schedules.linear_betas(num_train_timesteps, beta_start, beta_end)
-        elif beta_schedule == "scaled_linear":
-            betas = schedules.scaled_linear_betas(num_train_timesteps, beta_start, beta_end)
-        elif beta_schedule == "squaredcos_cap_v2":
-            betas = schedules.cosine_betas(num_train_timesteps)
         else:
-            betas = schedules.sigmoid_betas(num_train_timesteps, beta_start, beta_end)
+            betas = named_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
 
-        # The training chain t = 0 .. T-1, float64 (DDPM eq. 4, 6, 7).
-        self.betas = torch.from_numpy(betas)
+        # The training chain t = 0 .. T-1, float64 (DDPM eq. 4, 6, 7); diffusers' attribute names beside it.
+        self.train_chain = Chain.of(betas)
+        self.betas = torch.from_numpy(self.train_chain.beta)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.train_chain = ChainTables.from_alphas_cumprod(self.alphas_cumprod.numpy())
+        self.alphas_cumprod = torch.from_numpy(self.train_chain.alpha_bar)
         self.init_noise_sigma = 1.0
 
         # Runtime state (not config): the chain that `step` walks, set by `set_timesteps`.
@@ -136,9 +144,12 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         β schedule is refused instead of silently giving the defaults: a config of a class other than this one,
         `DDPMScheduler` or a scheduler diffusers lists as compatible (`DDIMScheduler`, `EulerDiscreteScheduler`,
         ...), one of such a class without `beta_schedule`, or a dict without `_class_name` that has none of this
-        class's keys (a config from another library). From a compatible scheduler's config this takes the keys it
+        class's keys (a config from another library). The early keys of diffusers' first release
+        (`"_class_name": "GaussianDDPMScheduler"`, `"timesteps"` for T), still in the google/ddpm-* repos, are read as
+        DDPMScheduler's. From a compatible scheduler's config this takes the keys it
         shares (T, the β schedule, `prediction_type`, `timestep_spacing`, ...); the others keep their defaults."""
-        _check_foreign_config(cls, getattr(config, "config", config))
+        config = _from_early_keys(getattr(config, "config", config))
+        _check_foreign_config(cls, config)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ timesteps and respacing
@@ -175,8 +186,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(timesteps.copy())  # kept on the CPU: reading one is not a device sync
         self._timestep_list = timesteps.tolist()
         self._step_index = {t: i for i, t in enumerate(self._timestep_list)}
-        # Respaced ᾱ in ascending time order; `step_chain` row k belongs to timestep timesteps[S - 1 - k].
-        self.step_chain = ChainTables.from_alphas_cumprod(self.alphas_cumprod.numpy()[timesteps[::-1]])
+        self.step_chain = Chain.of(self.train_chain.beta, timesteps)  # row i ↔ timesteps[i]
 
     def previous_timestep(self, timestep: int) -> int:
         """The timestep that follows `timestep` in the sampling chain; -1 after the last one."""
@@ -203,17 +213,13 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample from q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I) (DDPM eq. 4) given the noise ε."""
-        sqrt_ac, sqrt_one_minus_ac = self.train_chain.gather(
-            ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"), timesteps, original_samples
-        )
-        return sqrt_ac * original_samples + sqrt_one_minus_ac * noise
+        c = self.train_chain.at(timesteps, original_samples)
+        return c.sqrt_alpha_bar * original_samples + c.sqrt_one_minus_alpha_bar * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022), the v_prediction target."""
-        sqrt_ac, sqrt_one_minus_ac = self.train_chain.gather(
-            ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"), timesteps, sample
-        )
-        return sqrt_ac * noise - sqrt_one_minus_ac * sample
+        c = self.train_chain.at(timesteps, sample)
+        return c.sqrt_alpha_bar * noise - c.sqrt_one_minus_alpha_bar * sample
 
     # ------------------------------------------------------------------ posterior q(x_{t-1} | x_t, x_0)
 
@@ -223,45 +229,40 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         μ̃_t = sqrt(ᾱ_{t-1}) β_t / (1 - ᾱ_t) x_0 + sqrt(α_t) (1 - ᾱ_{t-1}) / (1 - ᾱ_t) x_t;
         log β̃_t is clipped at t = 0 (where β̃_0 = 0) to log β̃_1, as in the DDPM code.
         """
-        coef_x0, coef_xt, log_var = self.train_chain.gather(
-            ("posterior_coef_x0", "posterior_coef_xt", "posterior_log_variance_clipped"), timesteps, x_t
-        )
-        return coef_x0 * x_start + coef_xt * x_t, log_var
+        c = self.train_chain.at(timesteps, x_t)
+        return c.mu_tilde_coef_x0 * x_start + c.mu_tilde_coef_xt * x_t, c.log_beta_tilde_clipped
 
     # ------------------------------------------------------------------ reverse process p_θ(x_{t-1} | x_t)
 
-    def _predict_x0(self, chain: ChainTables, index, model_output, sample):
-        """x_0 from the model's output: eq. 15 inverted for ε, the output itself for `sample`, or from v."""
-        sqrt_ac, sqrt_one_minus_ac = chain.gather(
-            ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"), index, sample
-        )
+    def _predict_x0(self, c: ChainRows, model_output, x_t, clip_denoised: bool | None):
+        """x̂_0 from the model's output: eq. 15 inverted for ε, the output itself for `sample`, or from v; then
+        clipped or thresholded as configured (clip_denoised=None), or as `clip_denoised` says."""
         kind = self.config.prediction_type
         if kind == "epsilon":
-            x0 = (sample - sqrt_one_minus_ac * model_output) / sqrt_ac
+            x0 = (x_t - c.sqrt_one_minus_alpha_bar * model_output) / c.sqrt_alpha_bar  # DDPM eq. 15
         elif kind == "sample":
             x0 = model_output
-        else:
-            x0 = sqrt_ac * sample - sqrt_one_minus_ac * model_output
+        else:  # v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
+            x0 = c.sqrt_alpha_bar * x_t - c.sqrt_one_minus_alpha_bar * model_output
+        if clip_denoised is None:
+            clip_denoised = self.config.clip_sample or self.config.thresholding
+        if not clip_denoised:
+            return x0
         if self.config.thresholding:
             return self._threshold_sample(x0)
-        if self.config.clip_sample:
-            return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        return x0
+        return x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
 
-    def _model_log_variance(self, chain: ChainTables, index, predicted_variance, like: torch.Tensor):
-        """log σ_t² of p_θ(x_{t-1} | x_t) for the configured variance type."""
+    def _model_log_variance(self, c: ChainRows, predicted_variance):
+        """log σ_t² of p_θ(x_{t-1} | x_t) for the configured variance type (broadcasts against x_t)."""
         kind = self.config.variance_type
         if kind in ("fixed_small", "fixed_small_log"):
-            (log_small,) = chain.gather(("posterior_log_variance_clipped",), index, like)
-            return log_small  # broadcasts against x_t; no full-size tensor per step
+            return c.log_beta_tilde_clipped  # σ² = β̃_t (DDPM section 3.2)
         if kind in ("fixed_large", "fixed_large_log"):
-            (log_large,) = chain.gather(("log_betas_clipped",), index, like)
-            return log_large
+            return c.log_beta_clipped  # σ² = β_t
         # Improved DDPM eq. 15: log σ² = v' log β_t + (1 - v') log β̃_t, v' = (v + 1) / 2 in [0, 1]. The upper end
         # is log β_t itself, also at t = 0 (only β̃_0 = 0 needs clipping), as in the Improved DDPM code.
-        log_small, log_large = chain.gather(("posterior_log_variance_clipped", "log_betas"), index, like)
         frac = (predicted_variance + 1.0) / 2.0
-        return frac * log_large + (1.0 - frac) * log_small
+        return frac * c.log_beta + (1.0 - frac) * c.log_beta_tilde_clipped
 
     def _split_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         channels = sample.shape[1]
@@ -279,17 +280,29 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         return model_output, None
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor):
-        """Mean, log-variance and predicted x_0 of p_θ(x_{t-1} | x_t) on the training chain (DDPM eq. 11, 12)."""
-        return self._reverse(self.train_chain, timesteps, model_output, x_t)
+    def p_mean_variance(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        clip_denoised: bool | None = None,
+    ):
+        """Mean, log-variance and predicted x_0 of p_θ(x_{t-1} | x_t) on the training chain (DDPM eq. 11, 12).
 
-    def _reverse(self, chain: ChainTables, index, model_output, x_t):
-        model_output = model_output.to(x_t.dtype)
-        mean_output, predicted_variance = self._split_output(model_output, x_t)
-        x0 = self._predict_x0(chain, index, mean_output, x_t)
-        coef_x0, coef_xt = chain.gather(("posterior_coef_x0", "posterior_coef_xt"), index, x_t)
-        mean = coef_x0 * x0 + coef_xt * x_t  # DDPM eq. 7 with x_0 predicted
-        log_var = self._model_log_variance(chain, index, predicted_variance, x_t)
+        clip_denoised: None clips (or thresholds) x̂_0 as configured; False leaves it as predicted (training: a
+        clipped x̂_0 stops the bound's gradient wherever it leaves [-1, 1]); True clips it.
+        """
+        return self._reverse(self.train_chain.at(timesteps, x_t), model_output, x_t, clip_denoised)
+
+    def _reverse(self, c: ChainRows, model_output, x_t, clip_denoised: bool | None = None):
+        # 1. the model's output: its mean part and, for learned_range, the variance interpolation v
+        mean_output, predicted_variance = self._split_output(model_output.to(x_t.dtype), x_t)
+        # 2. x̂_0 (DDPM eq. 15 for ε), clipped or thresholded
+        x0 = self._predict_x0(c, mean_output, x_t, clip_denoised)
+        # 3. the mean μ_θ(x_t, t) = μ̃_t(x_t, x̂_0) (DDPM eq. 7 with x_0 predicted; eq. 11 for ε)
+        mean = c.mu_tilde_coef_x0 * x0 + c.mu_tilde_coef_xt * x_t
+        # 4. the variance σ_t² (DDPM section 3.2; Improved DDPM eq. 15)
+        log_var = self._model_log_variance(c, predicted_variance)
         return mean, log_var, x0
 
     def step(
@@ -300,16 +313,14 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> HFDDPMSchedulerOutput | tuple:
-        """One ancestral step x_t → x_{t-1} ~ p_θ(x_{t-1} | x_t) on the current (possibly respaced) chain.
-
-        1. x̂_0 from the model output (DDPM eq. 15 for ε), clipped or thresholded;
-        2. the posterior mean μ̃(x_t, x̂_0) (eq. 7) with the chain's coefficients;
-        3. add σ_t z unless this is the chain's last step (Algorithm 2, line 4: z = 0 for the final step).
-        """
+        """One ancestral step x_t → x_{t-1} ~ p_θ(x_{t-1} | x_t) on the current (possibly respaced) chain
+        (DDPM Algorithm 2, lines 3-4)."""
+        # 1. this step's row of the chain (rows are in `timesteps` order)
         i = self._index_of(timestep)
-        row = len(self._timestep_list) - 1 - i  # row in ascending order
-        mean, log_var, x0 = self._reverse(self.step_chain, row, model_output, sample)
-        if row > 0:
+        # 2.-5. x̂_0, μ_θ(x_t, t) and σ_t² of p_θ(x_{t-1} | x_t) (DDPM eq. 7, 11, 15)
+        mean, log_var, x0 = self._reverse(self.step_chain.at(i, sample), model_output, sample)
+        # 6. x_{t-1} = μ_θ + σ_t z, z ~ N(0, I), with z = 0 at the chain's last step (Algorithm 2, line 4)
+        if i < len(self._timestep_list) - 1:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             mean = mean + torch.exp(0.5 * log_var) * noise
         if not return_dict:
@@ -331,26 +342,39 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     def prior_kl(self, x_start: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x_0) || N(0, I)) per element, in nats."""
         last = torch.full((x_start.shape[0],), self.config.num_train_timesteps - 1, dtype=torch.long)
-        sqrt_ac, log_one_minus_ac = self.train_chain.gather(
-            ("sqrt_alphas_cumprod", "log_one_minus_alphas_cumprod"), last, x_start
-        )
-        return normal_kl(sqrt_ac * x_start, log_one_minus_ac, torch.zeros_like(x_start), torch.zeros_like(x_start))
+        c = self.train_chain.at(last, x_start)
+        zero = torch.zeros_like(x_start)
+        return normal_kl(c.sqrt_alpha_bar * x_start, c.log_one_minus_alpha_bar, zero, zero)
 
     def bound_terms(
-        self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor
+        self,
+        model_output: torch.Tensor,
+        x_start: torch.Tensor,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        clip_denoised: bool | None = None,
     ) -> torch.Tensor:
         """Per-element terms of the bound at timesteps t (B,), in nats, on the training chain.
 
         t > 0: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_θ(x_{t-1} | x_t)), two Gaussians in closed form;
         t = 0: L_0 = -log p_θ(x_0 | x_1), the discretized Gaussian decoder (DDPM eq. 13).
-        x_start holds the data scaled to [-1, 1]; compute in float64 for exact values.
+        x_start holds the data scaled to [-1, 1]; compute in float64 for exact values. clip_denoised: as in
+        `p_mean_variance` (training passes False).
         """
         true_mean, true_log_var = self.q_posterior(x_start, x_t, timesteps)
-        mean, log_var, _ = self.p_mean_variance(model_output, x_t, timesteps)
+        mean, log_var, _ = self.p_mean_variance(model_output, x_t, timesteps, clip_denoised)
         kl = normal_kl(true_mean, true_log_var, mean, log_var)
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var).to(kl.dtype)
         is_first = (timesteps.to(x_t.device) == 0).view(-1, *([1] * (x_t.dim() - 1)))
         return torch.where(is_first, decoder_nll, kl)
+
+
+def _from_early_keys(config):
+    """A GaussianDDPMScheduler config (diffusers' first release) as a DDPMScheduler one: `timesteps` is T."""
+    if not config or config.get("_class_name") not in EARLY_CLASS_NAMES:
+        return config
+    renamed = {EARLY_KEYS.get(k, k): v for k, v in config.items() if k != "_class_name"}
+    return {"_class_name": "DDPMScheduler", **renamed}
 
 
 def _check_foreign_config(cls, config) -> None:
@@ -358,7 +382,7 @@ def _check_foreign_config(cls, config) -> None:
         return
     name = config.get("_class_name")
     own = {cls.__name__, "HFDDPMScheduler", "DDPMScheduler"}
-    allowed = sorted(own | set(cls._compatibles))
+    allowed = sorted(own | set(CONFIG_SOURCES))
     if name is None:
         known = set(cls._get_init_keys(cls)) & set(config)
         if not known:

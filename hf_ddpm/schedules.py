@@ -1,14 +1,20 @@
 """β schedules of the forward process q(x_t | x_{t-1}) = N(sqrt(1 - β_t) x_{t-1}, β_t I) (DDPM eq. 2).
 
 Pure functions of float64 numpy arrays; indices t = 0 .. T-1 as in diffusers. Every schedule passes through
-`check_betas`, so a bad schedule fails here with a message that names the offending value.
+`check_betas`, so a bad schedule fails here with a message that names the offending value. `named_betas` is the
+registry from a config's `beta_schedule` name to its β (as improved-diffusion's `get_named_beta_schedule`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]  # diffusers' names
+BETA_SCHEDULES = get_args(BetaSchedule)
+SCHEDULE_ALIASES = {"cosine": "squaredcos_cap_v2"}  # Improved DDPM's name for diffusers' squaredcos_cap_v2
 
 # DDPM (section 4): T = 1000, β linear from 1e-4 to 0.02.
 PAPER_BETA_START = 1e-4
@@ -59,6 +65,22 @@ def sigmoid_betas(num_train_timesteps: int, beta_start: float, beta_end: float) 
     _check_num_timesteps(num_train_timesteps)
     u = np.linspace(-6.0, 6.0, num_train_timesteps, dtype=np.float64)
     return check_betas(beta_start + (beta_end - beta_start) / (1.0 + np.exp(-u)))
+
+
+def named_betas(name: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """β_0 .. β_{T-1} of the schedule a config names (`BETA_SCHEDULES` or an alias); the cosine schedule has no
+    endpoints and ignores `beta_start` and `beta_end`, as diffusers' `squaredcos_cap_v2` does."""
+    name = SCHEDULE_ALIASES.get(name, name)
+    if name == "linear":
+        return linear_betas(num_train_timesteps, beta_start, beta_end)
+    if name == "scaled_linear":
+        return scaled_linear_betas(num_train_timesteps, beta_start, beta_end)
+    if name == "squaredcos_cap_v2":
+        return cosine_betas(num_train_timesteps)
+    if name == "sigmoid":
+        return sigmoid_betas(num_train_timesteps, beta_start, beta_end)
+    allowed = ", ".join(map(repr, BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)))
+    raise ValueError(f"beta_schedule={name!r} is not supported; choose one of {allowed}")
 
 
 def check_betas(betas) -> np.ndarray:

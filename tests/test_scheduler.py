@@ -163,24 +163,24 @@ def test_posterior_tables_match_closed_forms(schedule, T):
     coefs = np.array([posterior(ac[t], ac[t - 1] if t > 0 else 1.0, betas[t]) for t in range(T)])
     coef_x0, coef_xt, var = coefs.T
     expected = {
-        "betas": betas,
-        "alphas_cumprod": ac,
-        "sqrt_alphas_cumprod": np.sqrt(ac),
-        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-        "posterior_coef_x0": coef_x0,
-        "posterior_coef_xt": coef_xt,
-        "posterior_variance": var,
+        "beta": betas,
+        "alpha_bar": ac,
+        "sqrt_alpha_bar": np.sqrt(ac),
+        "sqrt_one_minus_alpha_bar": np.sqrt(1.0 - ac),
+        "mu_tilde_coef_x0": coef_x0,
+        "mu_tilde_coef_xt": coef_xt,
+        "beta_tilde": var,
         # β̃_0 = 0: its log is clipped to log β̃_1, and fixed_large uses β̃_1 at t = 0 (DDPM code)
-        "posterior_log_variance_clipped": np.log(np.r_[var[1], var[1:]]),
-        "log_betas_clipped": np.log(np.r_[var[1], betas[1:]]),
-        "log_betas": np.log(betas),
+        "log_beta_tilde_clipped": np.log(np.r_[var[1], var[1:]]),
+        "log_beta_clipped": np.log(np.r_[var[1], betas[1:]]),
+        "log_beta": np.log(betas),
     }
-    tables = HFDDPMScheduler(**kwargs).train_chain.tables
-    assert var[0] == 0.0 and tables["posterior_variance"][0] == 0.0
+    chain = HFDDPMScheduler(**kwargs).train_chain
+    assert var[0] == 0.0 and chain.beta_tilde[0] == 0.0
     assert coef_x0[0] == pytest.approx(1.0, rel=1e-15) and coef_xt[0] == 0.0  # at t = 0, μ̃ = x_0
     for name, value in expected.items():
-        # the tables take β_t back from ᾱ (1 - ᾱ_t/ᾱ_{t-1}): ~1e-16 absolute, ~1e-12 relative at β ~ 1e-4
-        np.testing.assert_allclose(tables[name], value, rtol=1e-10, atol=0, err_msg=name)
+        # β_t is the schedule's own (derived once); ᾱ is a running product: within 1e-10 of the closed forms
+        np.testing.assert_allclose(getattr(chain, name), value, rtol=1e-10, atol=0, err_msg=name)
 
 
 @pytest.mark.parametrize("t_from, t_to", [(1, 0), (2, 1), (500, 499), (999, 998), (999, 640), (300, 77), (40, 0)])
@@ -194,9 +194,9 @@ def test_posterior_is_the_product_of_gaussians(t_from, t_to):
 
     ours = HFDDPMScheduler()
     ours.set_timesteps(timesteps=[t_from, t_to])
-    tab = ours.step_chain.tables  # rows in ascending time: row 1 is the step t_from → t_to
-    assert tab["posterior_coef_x0"][1] * x0 + tab["posterior_coef_xt"][1] * x_from == pytest.approx(mean, rel=1e-9)
-    assert tab["posterior_variance"][1] == pytest.approx(var, rel=1e-8)
+    tab = ours.step_chain  # rows in `timesteps` order: row 0 is the step t_from → t_to
+    assert tab.mu_tilde_coef_x0[0] * x0 + tab.mu_tilde_coef_xt[0] * x_from == pytest.approx(mean, rel=1e-9)
+    assert tab.beta_tilde[0] == pytest.approx(var, rel=1e-8)
     if t_from == t_to + 1:  # consecutive: also the training chain's q_posterior
         m, log_var = ours.q_posterior(
             torch.tensor([[[[x0]]]], dtype=F64), torch.tensor([[[[x_from]]]], dtype=F64), torch.tensor([t_from])
@@ -212,7 +212,7 @@ def test_q_posterior_mean_and_log_variance_match_closed_forms():
     mean, log_var = ours.q_posterior(x0, x_t, ts)
     for b, t in enumerate(ts.tolist()):
         c0, ct, var = posterior(LINEAR_AC[t], LINEAR_AC[t - 1] if t else 1.0, LINEAR_BETAS[t])
-        # β_t taken back from ᾱ in the tables: ~1e-12 relative (see test_posterior_tables_match_closed_forms)
+        # within 1e-10 of the closed forms (see test_posterior_tables_match_closed_forms)
         assert_close(mean[b], c0 * x0[b] + ct * x_t[b], rtol=1e-10, atol=1e-12)
         clipped = var if t else posterior(LINEAR_AC[1], LINEAR_AC[0], LINEAR_BETAS[1])[2]
         assert_close(log_var[b].expand_as(x0[b]), torch.full_like(x0[b], math.log(clipped)), rtol=1e-12, atol=0)
@@ -331,7 +331,7 @@ def test_diffusers_posterior_coefficients_lose_digits_at_small_t(schedule):
     betas = closed_linear_betas() if schedule == "linear" else closed_cosine_betas(1000)
     ac = running_product(betas)
     theirs_ac = DDPMScheduler(beta_schedule=schedule).alphas_cumprod.double().tolist()
-    tab = HFDDPMScheduler(beta_schedule=schedule).train_chain.tables
+    tab = HFDDPMScheduler(beta_schedule=schedule).train_chain
     worst_theirs = worst_ours = 0.0
     for t in range(1, 11):
         c0, ct, _ = posterior(ac[t], ac[t - 1], betas[t])
@@ -340,7 +340,7 @@ def test_diffusers_posterior_coefficients_lose_digits_at_small_t(schedule):
             math.sqrt(a_prev) * (1 - a_t / a_prev) / (1 - a_t),
             math.sqrt(a_t / a_prev) * (1 - a_prev) / (1 - a_t),
         )
-        ours = (tab["posterior_coef_x0"][t], tab["posterior_coef_xt"][t])
+        ours = (tab.mu_tilde_coef_x0[t], tab.mu_tilde_coef_xt[t])
         worst_theirs = max(worst_theirs, *(abs(c / e - 1) for c, e in zip(theirs, (c0, ct))))
         worst_ours = max(worst_ours, *(abs(c / e - 1) for c, e in zip(ours, (c0, ct))))
     assert 1e-4 < worst_theirs < 1e-3
@@ -592,9 +592,9 @@ def test_respaced_betas_are_one_minus_alphas_cumprod_ratios(chain):
     ours.set_timesteps(**kwargs)
     kept = ours.timesteps.tolist()[::-1]  # ascending S_0 < S_1 < ...
     expected = [1.0 - LINEAR_AC[kept[0]]] + [1.0 - LINEAR_AC[s] / LINEAR_AC[p] for p, s in zip(kept, kept[1:])]
-    tab = ours.step_chain.tables
-    np.testing.assert_allclose(tab["betas"], expected, rtol=1e-12)
-    np.testing.assert_allclose(tab["alphas_cumprod"], LINEAR_AC[kept], rtol=1e-14)
+    tab = ours.step_chain  # rows in `timesteps` order: descending
+    np.testing.assert_allclose(tab.beta[::-1], expected, rtol=1e-12)
+    np.testing.assert_allclose(tab.alpha_bar[::-1], LINEAR_AC[kept], rtol=1e-14)
     # β'_k is the variance of the composed forward steps S_{k-1}+1 .. S_k, and 1 - β'_k their squared gain
     for k in range(1, len(kept)):
         a, v = compose_forward(LINEAR_BETAS, kept[k - 1] + 1, kept[k])
