@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
-LOSS_TYPES = ("simple", "vlb", "hybrid")
+LossType = Literal["simple", "vlb", "hybrid"]
+LOSS_TYPES = get_args(LossType)
 """simple: ‖target - model‖² (DDPM eq. 14); vlb: the bound's terms (DDPM eq. 5);
 hybrid: simple + λ·vlb with the mean's gradient stopped in the vlb term (Improved DDPM section 3.1)."""
 
@@ -36,11 +38,14 @@ def simple_target(scheduler, x_start: torch.Tensor, noise: torch.Tensor, timeste
 
 def vlb_term_bits(scheduler, model_output, x_start, x_t, timesteps) -> torch.Tensor:
     """T · L_t in bits/dim per example (B,): an unbiased estimate of Σ_t L_t (the bound less the constant L_T) when
-    t is uniform on {0 .. T-1}. L_0 is the decoder NLL (eq. 13), L_{t>0} the KL of eq. 5 (`scheduler.bound_terms`).
+    t is uniform on {0 .. T-1}. L_0 is the decoder NLL (eq. 13), L_{t>0} the KL of eq. 5 (`scheduler.bound_terms`),
+    with x̂_0 unclipped: clipping stops the bound's gradient wherever x̂_0 leaves [-1, 1] (Improved DDPM trains with
+    clip_denoised=False).
 
     With T = 1000 this is Improved DDPM's `vb * num_timesteps / 1000` exactly: the hybrid loss matches theirs.
     """
-    nats = _mean_over_dims(scheduler.bound_terms(model_output, x_start, x_t, timesteps))  # per dimension
+    terms = scheduler.bound_terms(model_output, x_start, x_t, timesteps, clip_denoised=False)
+    nats = _mean_over_dims(terms)  # per dimension
     return scheduler.config.num_train_timesteps * nats / math.log(2.0)
 
 
@@ -50,13 +55,13 @@ def training_losses(
     x_start: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
-    loss_type: str = "simple",
+    loss_type: LossType = "simple",
 ) -> dict[str, torch.Tensor]:
     """Per-example losses (B,) at x_t ~ q(x_t | x_0) (DDPM eq. 4) for data x_start (B, C, H, W) in [-1, 1].
 
     model_fn(x_t, t) -> (B, C, H, W), or (B, 2C, H, W) for `learned_range` (mean channels first, then v).
-    Returns {"loss"} plus its parts {"mse"} and/or {"vlb"}. `scheduler` should have `clip_sample=False`: clipping
-    x̂_0 stops the bound's gradient wherever x̂_0 leaves [-1, 1] (Improved DDPM trains with clip_denoised=False).
+    Returns {"loss"} plus its parts {"mse"} and/or {"vlb"}. The vlb term never clips x̂_0, whatever the
+    scheduler's `clip_sample` (see `vlb_term_bits`), so the scheduler that samples also trains.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not supported; choose one of {LOSS_TYPES}")

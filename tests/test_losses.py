@@ -14,7 +14,7 @@ SHAPE = (4, 1, 8, 8)
 
 
 def make_scheduler(**kwargs):
-    return HFDDPMScheduler(num_train_timesteps=T, beta_end=0.2, clip_sample=False, **kwargs)
+    return HFDDPMScheduler(num_train_timesteps=T, beta_end=0.2, **{"clip_sample": False, **kwargs})
 
 
 def batch(seed=0, channels_out=1):
@@ -55,6 +55,24 @@ def test_vlb_loss_is_the_bound_term_in_bits_per_dim_times_T(variance_type, chann
     expected = T * terms.mean(dim=(1, 2, 3)) / math.log(2.0)
     assert torch.allclose(loss.detach(), expected.float(), rtol=1e-5)
     assert loss[0] > 0  # the decoder NLL of a random model
+
+
+@pytest.mark.parametrize("config", [dict(clip_sample=True), dict(thresholding=True)])
+def test_vlb_loss_never_clips_x0_whatever_the_scheduler_samples_with(config):
+    """Training asks the sampling scheduler for an unclipped x̂_0 (Improved DDPM's clip_denoised=False) instead of
+    building a second scheduler: the loss and its gradient equal those of a clip_sample=False scheduler."""
+    x_start, noise, timesteps, _ = batch()
+    output = (4.0 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))).requires_grad_(True)
+    x_t = make_scheduler().add_noise(x_start, noise, timesteps)
+    unclipped = make_scheduler(clip_sample=True).p_mean_variance(output.detach(), x_t, timesteps, clip_denoised=False)
+    assert (unclipped[2].abs() > 1).any()  # the output sends x̂_0 outside [-1, 1]: clipping would matter
+    sampling = HFDDPMScheduler(num_train_timesteps=T, beta_end=0.2, **config)
+    losses = [training_losses(lambda x, t: output, s, x_start, noise, timesteps, "vlb")["loss"]
+              for s in (sampling, make_scheduler())]  # fmt: skip
+    grads = [torch.autograd.grad(loss.sum(), output)[0] for loss in losses]
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    x0_as_configured = sampling.p_mean_variance(output.detach(), x_t, timesteps)[2]
+    assert x0_as_configured.abs().max() <= 1  # while sampling still clips (or thresholds)
 
 
 def test_vlb_loss_averaged_over_all_t_is_the_bound_less_the_prior():

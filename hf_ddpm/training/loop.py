@@ -61,7 +61,7 @@ def train(args) -> dict:
             timesteps, weights = run.sampler.sample(len(x_start), generator, device)
             noise = torch.randn(x_start.shape, generator=generator, device=device)
             terms = training_losses(
-                lambda x, t: run.unet(x, t).sample, run.train_scheduler, x_start, noise, timesteps, args.loss
+                lambda x, t: run.unet(x, t).sample, run.scheduler, x_start, noise, timesteps, args.loss
             )
             loss = (terms["loss"] * weights).mean()
             accelerator.backward(loss)

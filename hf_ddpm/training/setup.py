@@ -40,8 +40,7 @@ class Run:
     args: object
     accelerator: Accelerator
     unet: torch.nn.Module  # prepared (DDP-wrapped when distributed)
-    scheduler: HFDDPMScheduler  # saved with the pipeline: samples with clip_sample as configured
-    train_scheduler: HFDDPMScheduler  # the same schedule without clipping x̂_0, for the loss
+    scheduler: HFDDPMScheduler  # saved with the pipeline; the loss asks it for an unclipped x̂_0
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     ema: EMAModel | None
@@ -193,9 +192,8 @@ def setup(args) -> Run:
         accelerator.register_for_checkpointing(sampler)
     if accelerator.is_main_process:
         accelerator.init_trackers("train")
-    train_scheduler = HFDDPMScheduler.from_config(scheduler.config, clip_sample=False, thresholding=False)
     return Run(
-        args=args, accelerator=accelerator, unet=unet, scheduler=scheduler, train_scheduler=train_scheduler,
+        args=args, accelerator=accelerator, unet=unet, scheduler=scheduler,
         optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, sampler=sampler, batches=batches,
         eval_images=data.eval, progress=progress, total_steps=total_steps, data_source=data.source,
         nan_guard=NanGuard(args.on_nan, args.output_dir, grad_scaler=accelerator.scaler is not None),
