@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -69,6 +70,11 @@ class HFDDPMPipeline(DiffusionPipeline):
         """
         return self.unet(x_t.to(unet_dtype or self.unet.dtype), t).sample.to(x_t.dtype)
 
+    @property
+    def interrupt(self) -> bool:
+        """True once a callback sets `pipe._interrupt = True` (diffusers' convention): the remaining steps are skipped."""
+        return getattr(self, "_interrupt", False)
+
     @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions and views)
     def __call__(
         self,
@@ -81,16 +87,28 @@ class HFDDPMPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("sample", "pred_original_sample"),
     ) -> ImagePipelineOutput | tuple:
-        """Sample `batch_size` images by ancestral sampling (DDPM Algorithm 2).
+        """Sample `batch_size` images with the pipeline's scheduler: ancestral sampling (DDPM Algorithm 2) with
+        HFDDPMScheduler, or any scheduler of `HFDDPMScheduler.compatibles` swapped in with `from_config`.
 
+        The loop is the one diffusers' pipelines run: x_T ~ N(0, I) scaled by `scheduler.init_noise_sigma`, then per
+        timestep the model on `scheduler.scale_model_input(x_t, t)` and `scheduler.step`, whose output is read by
+        name. A learned-range model's variance channels go only to a scheduler that uses them (HFDDPMScheduler,
+        DDPMScheduler with `variance_type="learned_range"`); the others get the mean channels alone.
         num_inference_steps < T runs the respaced chain of Improved DDPM (exact ancestral sampling of that chain);
-        `timesteps` picks the visited timesteps explicitly instead. `callback_on_step_end(pipe, i, t, tensors)`
-        is called after every step with the requested tensors: "sample" (x_{t-1}) and "pred_original_sample"
-        (x̂_0), for progress previews; returning {"sample": ...} replaces x_{t-1}.
-        The chain runs in float32 even when the UNet runs in bf16/fp16: only the network sees the lower precision.
+        `timesteps` picks the visited timesteps explicitly instead (schedulers whose `set_timesteps` accepts them).
+        `callback_on_step_end(pipe, i, t, tensors)` is called after every step with the requested tensors: "sample"
+        (x_{t-1}) and "pred_original_sample" (x̂_0; left out where the scheduler's step gives none), for progress
+        previews; returning {"sample": ...} replaces x_{t-1}; setting `pipe._interrupt = True` skips the remaining
+        steps. The chain runs in float32 even when the UNet runs in bf16/fp16: only the network sees the lower
+        precision.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but batch_size={batch_size}: pass one generator "
+                "per image, or a single generator"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not supported; choose one of {OUTPUT_TYPES}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
@@ -98,26 +116,46 @@ class HFDDPMPipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback tensor inputs {sorted(unknown)} unknown; allowed: {self._callback_tensor_inputs}"
             )
+        scheduler, device, unet_dtype = self.scheduler, self._execution_device, self.unet.dtype
         if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps)
+            if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"{type(scheduler).__name__}.set_timesteps takes no custom timesteps; pass num_inference_steps "
+                    "or use a scheduler that accepts them (HFDDPMScheduler, DDPMScheduler, DPMSolverMultistepScheduler)"
+                )
+            scheduler.set_timesteps(timesteps=timesteps, device=device)
         else:
-            self.scheduler.set_timesteps(num_inference_steps)
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        self._interrupt = False
 
-        device, unet_dtype = self._execution_device, self.unet.dtype
         chain_dtype = torch.float64 if unet_dtype == torch.float64 else torch.float32
         sample = randn_tensor((batch_size, *self._image_shape), generator=generator, device=device, dtype=chain_dtype)
-        step_timesteps = self.scheduler.timesteps.tolist()
-        unet_timesteps = self.scheduler.timesteps.to(device)  # one copy, not one per step
+        sample = sample * scheduler.init_noise_sigma  # x_T at the scheduler's noise scale (1 for DDPM)
+        ours = isinstance(scheduler, HFDDPMScheduler)
+        step_kwargs = {} if ours else _step_kwargs(scheduler, generator)
+        keep_variance = ours or _uses_learned_variance(scheduler)
+        channels = self._image_shape[0]
+        step_timesteps = scheduler.timesteps.tolist() if ours else scheduler.timesteps
+        unet_timesteps = scheduler.timesteps.to(device)  # one copy, not one per step
 
         for i, t in enumerate(self.progress_bar(step_timesteps)):
-            model_output = self._denoise(sample, unet_timesteps[i], unet_dtype)  # ε_θ(x_t, t)
-            # x_{t-1} ~ p_θ(x_{t-1} | x_t); as a tuple: the output dataclass alone costs ~20 µs a step
-            sample, pred_original_sample = self.scheduler.step(
-                model_output, t, sample, generator=generator, return_dict=False
-            )
+            if self.interrupt:
+                continue
+            model_input = sample if ours else scheduler.scale_model_input(sample, t)
+            model_output = self._denoise(model_input, unet_timesteps[i], unet_dtype)  # ε_θ(x_t, t)
+            if not keep_variance:
+                model_output = model_output[:, :channels]  # the mean prediction; variance channels unused
+            if ours:  # as a tuple: the output dataclass alone costs ~20 µs a step
+                sample, pred_original_sample = scheduler.step(
+                    model_output, t, sample, generator=generator, return_dict=False
+                )  # x_{t-1} ~ p_θ(x_{t-1} | x_t)
+            else:
+                output = scheduler.step(model_output, t, sample, **step_kwargs, return_dict=True)
+                sample, pred_original_sample = output.prev_sample, getattr(output, "pred_original_sample", None)
             if callback_on_step_end is not None:
                 values = {"sample": sample, "pred_original_sample": pred_original_sample}
-                returned = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs})
+                requested = {k: values[k] for k in callback_on_step_end_tensor_inputs if values[k] is not None}
+                returned = callback_on_step_end(self, i, t, requested)
                 sample = (returned or {}).get("sample", sample)
 
         image = (sample / 2 + 0.5).clamp(0, 1)
@@ -132,6 +170,18 @@ class HFDDPMPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def bound_scheduler(self) -> HFDDPMScheduler:
+        """The HFDDPMScheduler whose process `bits_per_dim` evaluates: the pipeline's scheduler if it is one, else
+        one built from the pipeline scheduler's config (see `ddpm_scheduler_from_config`)."""
+        if isinstance(self.scheduler, HFDDPMScheduler):
+            return self.scheduler
+        name = type(self.scheduler).__name__
+        return ddpm_scheduler_from_config(self.scheduler.config, learned_variance=self._learned_variance, name=name)
+
+    @property
+    def _learned_variance(self) -> bool:
+        return self.unet.config.out_channels == 2 * self.unet.config.in_channels
 
     @torch.no_grad()
     def bits_per_dim(
@@ -148,16 +198,66 @@ class HFDDPMPipeline(DiffusionPipeline):
         evaluation does); an integer K gives the unbiased Monte Carlo estimate of the same bound from K sampled
         timesteps per image (stratified importance draws, see hf_ddpm.bound) plus the exact prior and decoder
         terms, with a standard error that can only overstate its spread.
+
+        Whatever scheduler the pipeline holds (DDIM, DPM-Solver, Euler, ... swapped in for sampling), the bound is
+        that of the DDPM process its config defines: T, the β schedule, `prediction_type`, `clip_sample` and
+        `variance_type`, read by an HFDDPMScheduler built from that config (`bound_scheduler`). A config without
+        `variance_type` (Euler, Heun, ...) means `learned_range` for a UNet with 2C output channels and
+        HFDDPMScheduler's default `fixed_small` otherwise. A config that defines no DDPM process (no β schedule,
+        e.g. EDMEulerScheduler) raises ValueError.
         """
+        scheduler = self.bound_scheduler()
         x_start = images_to_model_range(images, self._image_shape).to(self._execution_device)
         return variational_bound(
             self._denoise,
-            self.scheduler,
+            scheduler,
             x_start,
             num_timesteps=num_timesteps,
             batch_size=batch_size,
             generator=generator,
         )
+
+
+LEARNED_VARIANCES = ("learned", "learned_range")  # diffusers' variance types that read the extra output channels
+VARIANCE_READERS = ("HFDDPMScheduler", "DDPMScheduler")  # the schedulers whose step uses a learned variance
+
+
+def _uses_learned_variance(scheduler) -> bool:
+    """Whether `scheduler.step` takes a learned-range model's 2C output channels (mean and variance)."""
+    variance = scheduler.config.get("variance_type")
+    return type(scheduler).__name__ in VARIANCE_READERS and variance in LEARNED_VARIANCES
+
+
+def _step_kwargs(scheduler, generator) -> dict:
+    """`generator=` for the schedulers whose step draws noise (DDPM, DDIM, Euler ancestral, SDE solvers)."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def ddpm_scheduler_from_config(config, learned_variance: bool = False, name: str | None = None) -> HFDDPMScheduler:
+    """An HFDDPMScheduler for the DDPM process a scheduler config defines (any diffusers scheduler with a β schedule).
+
+    The keys HFDDPMScheduler shares are taken as they are; a key the config lacks or leaves None keeps
+    HFDDPMScheduler's default, except `variance_type`: `learned_range` when `learned_variance` (a UNet with 2C
+    output channels), since schedulers without the key (Euler, Heun, ...) still sample that model's mean.
+    """
+    config = dict(config)
+    name = name or config.get("_class_name", "this")
+    init_keys = set(inspect.signature(HFDDPMScheduler.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in config.items() if k in init_keys and v is not None}
+    if learned_variance and kwargs.get("variance_type") not in LEARNED_VARIANCES:
+        kwargs["variance_type"] = "learned_range"
+    if "beta_schedule" not in config and "trained_betas" not in kwargs:
+        raise ValueError(
+            f"bits_per_dim evaluates the DDPM process that the pipeline's scheduler config defines, but the {name} "
+            f"config defines none (it has no beta_schedule or trained_betas; keys: {sorted(config)}). Swap in a "
+            "scheduler with a β schedule (HFDDPMScheduler, DDPMScheduler, DDIMScheduler, ...) to evaluate the bound"
+        )
+    try:
+        return HFDDPMScheduler.from_config({"_class_name": config.get("_class_name", "HFDDPMScheduler"), **kwargs})
+    except ValueError as err:
+        raise ValueError(
+            f"bits_per_dim: the {name} config defines no DDPM process that can be evaluated: {err}"
+        ) from err
 
 
 def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -182,6 +282,8 @@ def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch
             f"images must be uint8 pixel values 0..255, got dtype {images.dtype}; "
             "scale float images in [0, 1] by 255 and round them first"
         )
+    if images.dim() == 4 and images.shape[0] == 0:
+        raise ValueError(f"images holds no image: shape {tuple(images.shape)}; pass at least one (N >= 1)")
     if images.dim() != 4 or tuple(images.shape[1:]) != (channels, height, width):
         raise ValueError(
             f"images must have shape (N, {channels}, {height}, {width}) to match the UNet, got {tuple(images.shape)}"

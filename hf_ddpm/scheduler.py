@@ -45,6 +45,23 @@ CONFIG_SOURCES = tuple(e.name for e in KarrasDiffusionSchedulers)  # diffusers' 
 # The first diffusers release's name and keys, still in the root scheduler_config.json of the google/ddpm-* repos.
 EARLY_CLASS_NAMES = ("GaussianDDPMScheduler",)
 EARLY_KEYS = {"timesteps": "num_train_timesteps"}
+# The keys that define the DDPM process (and so the bound). diffusers gives a scheduler swapped in with `from_config`
+# its own defaults for the keys the source config left at theirs (`_use_default_values`): HeunDiscreteScheduler would
+# get β from 0.00085 to 0.012 instead of DDPM's. These keys are recorded as set, so every swap keeps them.
+PROCESS_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "variance_type",
+    "clip_sample",
+    "clip_sample_range",
+    "prediction_type",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+)
 
 
 @dataclass
@@ -132,6 +149,8 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.from_numpy(self.train_chain.alpha_bar)
         self.init_noise_sigma = 1.0
+        defaults = self.config.get("_use_default_values", [])
+        self.register_to_config(_use_default_values=[k for k in defaults if k not in PROCESS_KEYS])
 
         # Runtime state (not config): the chain that `step` walks, set by `set_timesteps`.
         self.num_inference_steps = None
@@ -315,11 +334,11 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     ) -> HFDDPMSchedulerOutput | tuple:
         """One ancestral step x_t → x_{t-1} ~ p_θ(x_{t-1} | x_t) on the current (possibly respaced) chain
         (DDPM Algorithm 2, lines 3-4)."""
-        # 1. this step's row of the chain (rows are in `timesteps` order)
+        # 1. this step's row of the chain (stored in `timesteps` order)
         i = self._index_of(timestep)
-        # 2.-5. x̂_0, μ_θ(x_t, t) and σ_t² of p_θ(x_{t-1} | x_t) (DDPM eq. 7, 11, 15)
+        # 2. x̂_0, the mean μ_θ(x_t, t) and the variance σ_t² of p_θ(x_{t-1} | x_t) (`_reverse`: DDPM eq. 7, 11, 15)
         mean, log_var, x0 = self._reverse(self.step_chain.at(i, sample), model_output, sample)
-        # 6. x_{t-1} = μ_θ + σ_t z, z ~ N(0, I), with z = 0 at the chain's last step (Algorithm 2, line 4)
+        # 3. x_{t-1} = μ_θ + σ_t z, z ~ N(0, I), with z = 0 at the chain's last step (Algorithm 2, line 4)
         if i < len(self._timestep_list) - 1:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             mean = mean + torch.exp(0.5 * log_var) * noise
