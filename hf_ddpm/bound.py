@@ -77,8 +77,10 @@ class BoundOutput(BaseOutput):
     terms_bpd: exact: (N, T) with column t the term at timestep t (column 0 = L_0, column t ≥ 1 = L_{t-1});
         Monte Carlo: (N, K) the sampled L_{t-1} terms, at `timesteps`.
     timesteps: (T,) for the exact bound, (N, K) for the estimate (increasing along a row: one per stratum).
-    standard_error: Monte Carlo only: the standard error of each image's estimate (N,), NaN for K = 1; zeros for
-        the exact bound.
+    standard_error: Monte Carlo: the standard error of each image's estimate over the drawn timesteps (N,), NaN for
+        K = 1. Exact bound: NaN, not 0, because it is not free of sampling error: each of its T KL terms is taken at one
+        draw x_t ~ q(x_t | x_0), and one draw per term gives no estimate of that error (repeat with other generator
+        seeds to measure it).
     weights: Monte Carlo: (N, K) the weight 1 / (K p(t)) of each sampled term, so that bits_per_dim = prior_bpd +
         decoder_bpd + Σ_k weights · terms_bpd (see stratified_draws); exact: ones (N, T).
     """
@@ -146,7 +148,7 @@ def variational_bound(
     decoder, kl = terms[:, 0], terms[:, 1:]
     if num_timesteps is None:
         total = prior + terms.sum(dim=1)
-        standard_error = torch.zeros_like(total)
+        standard_error = torch.full_like(total, float("nan"))  # one draw of x_t per term: see BoundOutput
         terms_out, timesteps_out, weights = terms, torch.arange(num_train), torch.ones_like(terms)
     else:
         weights = weights.to(device)
