@@ -22,7 +22,7 @@ from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
 from . import checkpoints
 from .batches import ShardedBatches
-from .config import check_args, serializable_args
+from .config import serializable_args
 from .faults import NanGuard, any_process_failed, describe
 from .model import build_scheduler, build_unet, data_shape
 from .publish import check_publish
@@ -100,7 +100,6 @@ def prepare_output_dir(args, accelerator) -> None:
 
 
 def setup(args) -> Run:
-    check_args(args)
     check_publish(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -1,0 +1,264 @@
+"""The run config of `training/train.py`: a typed dataclass, one field per command-line flag, and its validation.
+
+Each group of options is a dataclass (its argparse group); `TrainingConfig` inherits them all, so every option is
+read as `config.flag_name`. A field's metadata holds its help text and, where it has them, its aliases, its
+lower bound and its parser; `hf_ddpm.training.config` builds the command line and reads `--config FILE` from the
+fields. Flag names are diffusers' (`examples/unconditional_image_generation/train_unconditional.py`) wherever it
+has one. Defaults train the `digits-16-tiny` model on scikit-learn's bundled digits in a few minutes on two CPU
+cores (`make demo`); the papers' settings are the recipes in training/recipes/.
+
+A config is checked once, when it is built (`check_args`, from `__post_init__`): nothing is written before that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..losses import LOSS_TYPES
+from ..scheduler import BETA_SCHEDULES, PREDICTION_TYPES, SCHEDULE_ALIASES, VARIANCE_TYPES
+from .faults import NAN_POLICIES
+
+DEFAULT_MODEL = "digits-16-tiny"
+DEFAULT_SAVE_IMAGES_EPOCHS = 10  # diffusers' default, used when neither --save_images_steps nor _epochs is given
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+SECRET_ARGS = ("hub_token",)  # never written to disk
+
+# The allowed values of each choice, as Literal hints: the parser takes its choices from them (typing.get_args).
+PredictionType = Literal[PREDICTION_TYPES]
+BetaSchedule = Literal[BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)]
+VarianceType = Literal[VARIANCE_TYPES]
+LossType = Literal[LOSS_TYPES]
+LRScheduler = Literal[LR_SCHEDULERS]
+NanPolicy = Literal[NAN_POLICIES]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+def parse_eval_size(value: str) -> float | int:
+    """'0.1' -> a fraction of the images, '100' -> a count."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def option(default=None, help: str = "", *, aliases=(), min=None, parse=None, negation=None):  # noqa: A002
+    """A run-config field. aliases: more flag names; min: the smallest allowed value (None passes);
+    parse: str -> value for the command line; negation: (flag, help) of a flag that sets a bool field to False."""
+    meta = {"help": help, "aliases": tuple(aliases), "min": min, "parse": parse, "negation": negation}
+    return field(default=default, metadata=meta)
+
+
+# fmt: off
+@dataclass
+class DataOptions:
+    dataset_name: str | None = option(help="a Hub dataset id or a local dataset directory (default: the bundled digits)")
+    dataset_config_name: str | None = option(help="the dataset's configuration, if it has several")
+    train_data_dir: str | None = option(help="an image folder (read with datasets' imagefolder)")
+    image_column: str | None = option(help="default: detected (the datasets.Image column, or image, img, ...)")
+    cache_dir: str | None = option(help="the datasets cache")
+    resolution: int | None = option(help="default: the model's sample_size", min=1)
+    center_crop: bool = option(True, "crop the centre square (the default)",
+                               negation=("--random_crop", "crop a random square, drawn once per image with --seed"))
+    random_flip: bool = option(False, "flip training images horizontally with probability 1/2")
+    eval_size: float | int = option(0.1, "held-out images for bits/dim: a fraction (float) or a count (int)",
+                                    parse=parse_eval_size)  # 0.1 of the 1797 digits: 180 held out, 1617 to train on
+    max_train_samples: int | None = option(help="train on a seeded subset of this many images", min=1)
+    on_corrupt_image: Literal["skip", "stop"] = option(
+        "skip", "an image that fails to decode: skip it (one warning with the count and names) or stop")
+
+
+@dataclass
+class ModelOptions:
+    model_config: str | None = option(
+        help=f"a UNet preset name or a UNet2DModel JSON config (default: {DEFAULT_MODEL})",
+        aliases=("--model_config_name_or_path",))
+    pretrained_model_name_or_path: str | None = option(
+        help="fine-tune: a pipeline directory (unet/ and scheduler/) to start from")
+
+
+@dataclass
+class ObjectiveOptions:
+    # None = the paper's value for a new model (epsilon, T = 1000, linear, fixed_small), or the pretrained scheduler's
+    prediction_type: PredictionType | None = option(
+        help="what the UNet predicts (default: epsilon, or the pretrained scheduler's)")
+    ddpm_num_steps: int | None = option(help="T (default: 1000, or the pretrained scheduler's)",
+                                        aliases=("--num_train_timesteps",), min=1)
+    ddpm_beta_schedule: BetaSchedule | None = option(
+        help="default: linear, with the paper's endpoints scaled by 1000/T; cosine: Improved DDPM",
+        aliases=("--beta_schedule",))
+    variance_type: VarianceType | None = option(
+        help="default: fixed_small (learned_range with --loss hybrid), or the pretrained scheduler's")
+    loss: LossType = option("simple",  # DDPM section 3.4: the unweighted ε loss gave the paper's best FID
+                            "simple: DDPM eq. 14; vlb: the bound; hybrid: simple + 0.001 vlb (needs learned_range)")
+    importance_sampling: bool = option(
+        False, "sample t by the loss's second moment (Improved DDPM section 3.3; meant for --loss vlb)")
+    # 250 respaced steps: a quarter of T = 1000's cost per grid; benchmarks/results/RESULTS.md measured the FID at
+    # 250 steps within 3.4% of 1000 steps' (diffusers' default is 1000)
+    ddpm_num_inference_steps: int = option(250, "sampling steps of the sample grids (a respaced chain when fewer than T)",
+                                           min=1)
+
+
+@dataclass
+class OptimizationOptions:
+    # The digits defaults: 1617 training digits / 64 = 25 steps per epoch, so 40 epochs are 1000 optimizer steps,
+    # a few minutes on two CPU cores (`make demo`). The papers' batch 128 and lr 2e-4 are in training/recipes/.
+    train_batch_size: int = option(64, "images per process per micro-step", min=1)
+    num_epochs: int = option(40, "passes over the training images", min=1)
+    max_train_steps: int | None = option(help="optimizer steps; overrides --num_epochs", min=1)
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step", min=1)
+    # 2e-3 (diffusers: 1e-4): chosen with the project's first training commit (8c9b3bd) for the 0.81M-parameter
+    # digits-16-tiny, so that the 1000-step demo run reaches ~3.0 held-out bits/dim (README); no sweep is recorded.
+    # A 35.7M model wants the paper's 2e-4 (training/recipes/ddpm-cifar10.yaml).
+    learning_rate: float = option(2e-3, "peak learning rate of AdamW", min=0)
+    lr_scheduler: LRScheduler = option("cosine", "decay after the warmup")  # diffusers' default
+    # 100 (diffusers: 500, DDPM: 5000): a tenth of the default 1000-step digits run; 500 would be half of it
+    lr_warmup_steps: int = option(100, "linear warmup from 0", min=0)
+    # AdamW's β1, β2, weight decay and ε are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9)
+    adam_beta1: float = option(0.95, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(1e-6, "AdamW weight decay", min=0)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 disables it", min=0)  # DDPM's official code clips at 1
+    use_ema: bool = option(True, "keep an EMA of the weights; the saved pipeline holds it")
+    # diffusers' EMA warmup (inv_gamma 1, power 3/4) up to DDPM's decay 0.9999 (appendix B)
+    ema_inv_gamma: float = option(1.0, "EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power", min=0)
+    ema_power: float = option(3 / 4, "EMA warmup power")
+    ema_max_decay: float = option(0.9999, "the EMA decay it warms up to")
+    seed: int = option(0, "weights, data order, noise: one seed for all")
+    on_nan: NanPolicy = option("stop", "a NaN/inf loss or gradient: stop, naming the step, before anything of it is "
+                                       "written; or skip that step's update with a warning")
+
+
+@dataclass
+class PrecisionOptions:
+    mixed_precision: MixedPrecision | None = option(
+        help="default: as `accelerate launch` / accelerate config says; fp16 needs CUDA")
+    compile: bool = option(False, "torch.compile the UNet (accelerate's dynamo backend)")
+    channels_last: bool = option(False, "channels-last memory format (faster on GPUs)")
+    allow_tf32: bool = option(False, "TF32 matmuls and convolutions on Ampere+ GPUs")
+
+
+@dataclass
+class OutputOptions:
+    output_dir: str = option("ddpm-model", "the pipeline, samples, checkpoints and logs")
+    overwrite_output_dir: bool = option(False, "start over in --output_dir: delete its checkpoints and logs")
+    checkpointing_steps: int = option(500, "checkpoint every N steps", min=1)  # diffusers' default
+    checkpoints_total_limit: int | None = option(help="keep only the newest N checkpoints", min=1)
+    resume_from_checkpoint: str | None = option(
+        help="'latest' (starts fresh if there is none) or a checkpoint directory")
+    save_model_epochs: int | None = option(help="also write the pipeline every N epochs", min=1)
+    save_model_steps: int | None = option(help="also write the pipeline every N steps", min=1)
+
+
+@dataclass
+class LoggingOptions:
+    logger: Literal["tensorboard", "wandb"] = option("tensorboard", "accelerate tracker")
+    logging_dir: str = option("logs", "relative to --output_dir")
+    save_images_epochs: int | None = option(
+        help=f"a sample grid every N epochs (default: {DEFAULT_SAVE_IMAGES_EPOCHS})", min=1)
+    save_images_steps: int | None = option(help="a sample grid every N steps instead", min=1)
+    eval_batch_size: int = option(16, "images in each sample grid", min=1)  # diffusers' default: a 4 x 4 grid
+    eval_bits_per_dim_steps: int | None = option(
+        help="Monte Carlo bits/dim on the held-out split every N steps (always at the end)", min=1)
+    eval_num_images: int = option(256, "held-out images in the bits/dim estimate", min=1)
+    # K = 16 stratified terms: benchmarks/results/RESULTS.md shows the Monte Carlo estimate's standard error of a
+    # 16-image mean at K = 64 is ~0.01 bits/dim; 16 terms per image is a quarter of that cost for a training curve
+    eval_num_timesteps: int = option(16, "K sampled terms of the bound per image", min=1)
+
+
+@dataclass
+class HubOptions:
+    push_to_hub: bool = option(False, "publish the pipeline and a model card at the end")
+    hub_model_id: str | None = option(help="the repo id (default: the output directory's name)")
+    hub_private_repo: bool = option(False, "create the repo private")
+    hub_token: str | None = option(help="default: the token saved by `hf auth login` (never written to disk)")
+# fmt: on
+
+# (argparse group title, its options), in the order of `--help` and of training_args.json.
+GROUPS = (
+    ("data", DataOptions),
+    ("model", ModelOptions),
+    ("objective", ObjectiveOptions),
+    ("optimization (steps are optimizer steps)", OptimizationOptions),
+    ("precision and speed", PrecisionOptions),
+    ("checkpoints and outputs", OutputOptions),
+    ("logging and evaluation", LoggingOptions),
+    ("hub", HubOptions),
+)
+
+
+@dataclass
+class TrainingConfig(  # the bases in reverse: a dataclass lists the last base's fields first
+    HubOptions, LoggingOptions, OutputOptions, PrecisionOptions, OptimizationOptions, ObjectiveOptions, ModelOptions,
+    DataOptions,
+):  # fmt: skip
+    """Everything a training run is given: `config.flag_name` for each flag of `training/train.py`."""
+
+    def __post_init__(self):
+        if self.loss == "hybrid" and self.variance_type is None and self.pretrained_model_name_or_path is None:
+            self.variance_type = "learned_range"  # the only variance that --loss hybrid can train
+        check_args(self)
+
+
+def effective_mixed_precision(args) -> str:
+    """--mixed_precision, else what `accelerate launch --mixed_precision` put in the environment."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def check_args(args: TrainingConfig) -> None:
+    """Raise ValueError for an option value or combination that cannot work; reads `args`, never changes it."""
+    for f in dataclasses.fields(args):
+        value, least = getattr(args, f.name), f.metadata.get("min")
+        if least is not None and value is not None and value < least:
+            raise ValueError(f"--{f.name} must be >= {least}, got {value}")
+    if not 0.0 <= args.ema_max_decay <= 1.0:
+        raise ValueError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}")
+
+    precision = effective_mixed_precision(args)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "--mixed_precision fp16 needs a CUDA GPU (it trains with a gradient scaler for fp16 on CUDA) and none is "
+            "available; on a CPU use --mixed_precision bf16 (or no)"
+        )
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError(
+            f"pass --dataset_name ({args.dataset_name}) or --train_data_dir ({args.train_data_dir}), not both"
+        )
+    if args.pretrained_model_name_or_path is not None and args.model_config is not None:
+        raise ValueError("--model_config and --pretrained_model_name_or_path both choose the model; pass one")
+    if args.save_images_epochs is not None and args.save_images_steps is not None:
+        raise ValueError("pass --save_images_epochs or --save_images_steps, not both")
+    if args.save_model_epochs is not None and args.save_model_steps is not None:
+        raise ValueError("pass --save_model_epochs or --save_model_steps, not both")
+    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
+        raise ValueError(
+            "--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir deletes it: pass one"
+        )
+    hub_flags = [f"--{n}" for n in ("hub_model_id", "hub_private_repo", "hub_token") if getattr(args, n)]
+    if hub_flags and not args.push_to_hub:
+        raise ValueError(f"{', '.join(hub_flags)} only apply with --push_to_hub, which was not given")
+
+    # The objective. A pretrained scheduler's values are checked against these once it is loaded.
+    variance = args.variance_type or "fixed_small"
+    if args.loss == "hybrid" and args.variance_type not in (None, "learned_range"):
+        raise ValueError(f"--loss hybrid trains the variance and needs --variance_type learned_range, got {variance}")
+    if args.loss == "simple" and variance == "learned_range":
+        raise ValueError(
+            "--variance_type learned_range with --loss simple leaves the variance channels untrained; "
+            "use --loss hybrid (Improved DDPM) or --loss vlb"
+        )
+
+
+def serializable_args(args) -> dict:
+    """The options as a JSON-ready dict (training_args.json, read by the model card), without the Hub token."""
+    values = (
+        {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+        if dataclasses.is_dataclass(args)
+        else vars(args)
+    )
+    return {k: v for k, v in values.items() if k not in SECRET_ARGS}
