@@ -1,4 +1,4 @@
-"""β schedules (hf_ddpm/schedules.py) against closed forms written out here in float64, and against diffusers.
+"""β schedules (hf_ddpm/schedules.py) against the closed forms of tests/closed_forms.py, and against diffusers.
 
 The closed forms are plain Python loops over t (math.cos, math.exp, a running product): they share no code with
 the numpy implementation. diffusers computes the same schedules in float32, so it agrees with them only to float32
@@ -8,6 +8,7 @@ precision; that loss is largest in 1 - ᾱ_t at small t and in ᾱ_t at large t,
 import math
 import re
 
+import closed_forms as paper
 import numpy as np
 import pytest
 import torch
@@ -16,51 +17,12 @@ from diffusers import DDPMScheduler
 from hf_ddpm import schedules
 from hf_ddpm.scheduler import HFDDPMScheduler
 
-# ---------------------------------------------------------------- closed forms (float64, one t at a time)
-
-
-def closed_linear(T: int, start: float, end: float) -> np.ndarray:
-    """β_t = start + (end - start) · t / (T - 1) (DDPM section 4)."""
-    if T == 1:
-        return np.array([start])
-    return np.array([start + (end - start) * t / (T - 1) for t in range(T)])
-
-
-def closed_scaled_linear(T: int, start: float, end: float) -> np.ndarray:
-    """sqrt(β_t) linear from sqrt(start) to sqrt(end)."""
-    lo, hi = math.sqrt(start), math.sqrt(end)
-    return np.array([(lo + (hi - lo) * t / (T - 1)) ** 2 for t in range(T)])
-
-
-def closed_cosine(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
-    """Improved DDPM eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2); β_t = min(1 - f(t+1)/f(t), 0.999)."""
-
-    def f(t):
-        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
-
-    return np.array([min(1.0 - f(t + 1) / f(t), max_beta) for t in range(T)])
-
-
-def closed_sigmoid(T: int, start: float, end: float) -> np.ndarray:
-    """β_t = start + (end - start) / (1 + exp(-u_t)), u_t = -6 + 12 t / (T - 1) (GeoDiff)."""
-    return np.array([start + (end - start) / (1.0 + math.exp(-(-6.0 + 12.0 * t / (T - 1)))) for t in range(T)])
-
-
-def closed_alphas_cumprod(betas) -> np.ndarray:
-    """ᾱ_t = Π_{s<=t} (1 - β_s) (DDPM eq. 4), a running product in Python floats."""
-    out, running = [], 1.0
-    for beta in betas:
-        running *= 1.0 - float(beta)
-        out.append(running)
-    return np.array(out)
-
-
 # name → (our function, closed form, diffusers' beta_schedule, endpoints)
 SCHEDULES = {
-    "linear": (schedules.linear_betas, closed_linear, "linear", (1e-4, 0.02)),
-    "scaled_linear": (schedules.scaled_linear_betas, closed_scaled_linear, "scaled_linear", (8.5e-4, 0.012)),
-    "cosine": (lambda T, *_: schedules.cosine_betas(T), lambda T, *_: closed_cosine(T), "squaredcos_cap_v2", ()),
-    "sigmoid": (schedules.sigmoid_betas, closed_sigmoid, "sigmoid", (1e-4, 0.02)),
+    "linear": (schedules.linear_betas, paper.linear_betas, "linear", (1e-4, 0.02)),
+    "scaled_linear": (schedules.scaled_linear_betas, paper.scaled_linear_betas, "scaled_linear", (8.5e-4, 0.012)),
+    "cosine": (lambda T, *_: schedules.cosine_betas(T), lambda T, *_: paper.cosine_betas(T), "squaredcos_cap_v2", ()),
+    "sigmoid": (schedules.sigmoid_betas, paper.sigmoid_betas, "sigmoid", (1e-4, 0.02)),
 }
 
 
@@ -109,7 +71,7 @@ def test_cosine_is_capped_at_0_999_only_at_the_end(T):
     assert np.all(np.diff(betas) > 0)
     # ᾱ before the cap is the continuous ᾱ(t) = f(t)/f(0) itself
     f = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
-    np.testing.assert_allclose(closed_alphas_cumprod(betas)[:-1], np.array(f[1:-1]) / f[0], rtol=1e-12)
+    np.testing.assert_allclose(paper.alphas_cumprod(betas)[:-1], np.array(f[1:-1]) / f[0], rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -124,7 +86,7 @@ def test_schedule_matches_diffusers_float32_betas(name):
 def test_alphas_cumprod_exact_where_diffusers_float32_is_not(name):
     T = 1000
     ours_betas, closed_betas = ours_and_closed(name, T)
-    closed_ac = closed_alphas_cumprod(closed_betas)
+    closed_ac = paper.alphas_cumprod(closed_betas)
 
     ours_ac = schedules.alphas_cumprod_from_betas(ours_betas)
     np.testing.assert_allclose(ours_ac, closed_ac, rtol=1e-14, atol=0)
@@ -249,8 +211,8 @@ def test_betas_from_alphas_cumprod_inverts_alphas_cumprod_from_betas(name, T):
 
 def test_betas_from_alphas_cumprod_of_a_subsequence_is_the_respaced_beta():
     # Improved DDPM section 4: β'_k = 1 - ᾱ_{S_k}/ᾱ_{S_{k-1}}, with ᾱ_{S_{-1}} = 1
-    betas = closed_linear(1000, 1e-4, 0.02)
-    ac = closed_alphas_cumprod(betas)
+    betas = paper.linear_betas(1000, 1e-4, 0.02)
+    ac = paper.alphas_cumprod(betas)
     kept = [0, 250, 500, 999]
     expected = [1.0 - ac[0], 1.0 - ac[250] / ac[0], 1.0 - ac[500] / ac[250], 1.0 - ac[999] / ac[500]]
     np.testing.assert_allclose(schedules.betas_from_alphas_cumprod(ac[kept]), expected, rtol=1e-13)
