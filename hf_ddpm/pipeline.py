@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -55,6 +60,35 @@ class HFDDPMPipeline(DiffusionPipeline):
         pipeline = cls(**load_components(pretrained_model_name_or_path, **kwargs))
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
+        """diffusers' `save_pretrained`, plus the remote-code modules a folder needs to load without hf_ddpm.
+
+        The folder then loads all three ways: `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` on a
+        machine without hf_ddpm, `HFDDPMPipeline.from_pretrained(dir)`, and `UNet2DModel` / `DDPMScheduler` from its
+        subfolders. The modules are generated from the installed hf_ddpm's source (hf_ddpm/remote_code.py), or, where
+        this class itself runs as remote code, copied from the files it was loaded from. `push_to_hub=True` then
+        pushes the folder as `push_to_hub` does (kwargs: repo_id, token, private, commit_message).
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message") if k in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        _write_remote_code(self, save_directory)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            return _push_folder(self, save_directory, repo_id, **hub_kwargs)
+        return None
+
+    def push_to_hub(
+        self, repo_id: str, commit_message: str | None = None, private: bool | None = None, token=None, **kwargs
+    ):
+        """Push the pipeline as a repo that loads all three ways, with hf_ddpm's model card (hf_ddpm.hub.push_to_hub:
+        safetensors only, refused offline or without a token before any request); returns the commit URL.
+        kwargs: `variant`, `max_shard_size` for the save; diffusers' `create_pr` is not supported."""
+        if kwargs.pop("create_pr", False):
+            raise ValueError("create_pr=True is not supported by HFDDPMPipeline.push_to_hub; push to a branch you own")
+        with tempfile.TemporaryDirectory(prefix="hf_ddpm_save_") as folder:
+            self.save_pretrained(folder, safe_serialization=True, **kwargs)
+            return _push_folder(self, folder, repo_id, commit_message=commit_message, private=private, token=token)
 
     @property
     def _image_shape(self) -> tuple[int, int, int]:
@@ -216,6 +250,42 @@ class HFDDPMPipeline(DiffusionPipeline):
             batch_size=batch_size,
             generator=generator,
         )
+
+
+def _package_module(pipeline, name: str):
+    """hf_ddpm.<name> when `pipeline` is the installed package's class; None where it runs as remote code (a bundle
+    never imports hf_ddpm, installed or not: it must behave the same everywhere)."""
+    if not type(pipeline).__module__.startswith("hf_ddpm."):
+        return None
+    return importlib.import_module(f"hf_ddpm.{name}")
+
+
+def _write_remote_code(pipeline, directory) -> None:
+    """The pipeline and scheduler modules into a saved folder, named in its model_index.json (remote_code.py)."""
+    remote_code = _package_module(pipeline, "remote_code")
+    if remote_code is not None:
+        remote_code.add_remote_code(directory)
+        return
+    index_path = os.path.join(directory, "model_index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    for key, obj, folder in (("_class_name", pipeline, ""), ("scheduler", pipeline.scheduler, "scheduler")):
+        source = inspect.getsourcefile(type(obj))
+        module = os.path.splitext(os.path.basename(source))[0]
+        if key == "scheduler" and type(obj).__name__ != "HFDDPMScheduler":
+            continue  # a diffusers scheduler needs no code
+        shutil.copyfile(source, os.path.join(directory, folder, f"{module}.py"))
+        index[key] = [module, type(obj).__name__]
+    with open(index_path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _push_folder(pipeline, folder, repo_id: str, commit_message=None, private=None, token=None) -> str:
+    hub = _package_module(pipeline, "hub")
+    if hub is None:
+        raise RuntimeError("pushing an HFDDPMPipeline needs hf_ddpm installed (pip install hf_ddpm)")
+    return hub.push_to_hub(folder, repo_id, private=bool(private), token=token, commit_message=commit_message)
 
 
 LEARNED_VARIANCES = ("learned", "learned_range")  # diffusers' variance types that read the extra output channels

@@ -160,7 +160,7 @@ def test_save_and_load_round_trip(tmp_path):
     pipe = make_pipe("fixed_large", timestep_spacing="trailing")
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["_class_name"] == "HFDDPMPipeline"
+    assert index["_class_name"][1] == "HFDDPMPipeline" and index["_class_name"][0].startswith("pipeline_hf_ddpm_")
     assert index["scheduler"][1] == "HFDDPMScheduler"
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not list(tmp_path.rglob("*.bin"))

@@ -1,0 +1,130 @@
+"""The diffusers way to save and share: `HFDDPMPipeline.save_pretrained` writes a folder and `push_to_hub` a repo
+(local Hub, tests/hub_server.py) that load all three ways, the package-free way checked in a virtual environment
+without hf_ddpm; the push carries hf_ddpm's model card."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from hub_clients import REPO, finish, make_bare_venv, start_script
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.remote_code import remote_files
+
+TOKEN = "hf_TestTokenSavePush0123456789"
+REPO_ID = "test-user/saved-ddpm"
+T, SEED, BATCH = 20, 11, 2
+
+
+def make_pipe(learned: bool = False) -> HFDDPMPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("test-tiny", learned_variance=learned)).eval()
+    variance = "learned_range" if learned else "fixed_large"
+    pipe = HFDDPMPipeline(unet, HFDDPMScheduler(num_train_timesteps=T, variance_type=variance))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(pipe) -> np.ndarray:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the loading process runs (OMP_NUM_THREADS=1)
+    try:
+        return pipe(batch_size=BATCH, generator=torch.manual_seed(SEED), num_inference_steps=T, output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shared(hub, tmp_path_factory):
+    """One pipeline saved with save_pretrained and pushed with push_to_hub (in a process pointed at the test Hub);
+    both loaded in one process of a virtual environment without hf_ddpm."""
+    tmp = tmp_path_factory.mktemp("save_push")
+    pipe = make_pipe(learned=True)
+    pipe.save_pretrained(tmp / "saved")
+    push = f"""
+        import torch
+        from diffusers import UNet2DModel
+        from hf_ddpm import HFDDPMPipeline
+        pipe = HFDDPMPipeline.from_pretrained({str(tmp / "saved")!r})
+        print(pipe.push_to_hub({REPO_ID!r}))
+    """
+    env = hub.env(tmp, TOKEN)
+    url = finish(start_script(sys.executable, push, env | {"PYTHONPATH": str(REPO)}, tmp)).strip()
+    load = f"""
+        import importlib.util, json, sys, numpy as np, torch
+        from diffusers import DiffusionPipeline
+        assert importlib.util.find_spec("hf_ddpm") is None, sys.path
+        out = {{}}
+        for name, source in (("saved", {str(tmp / "saved")!r}), ("pushed", {REPO_ID!r})):
+            pipe = DiffusionPipeline.from_pretrained(source, trust_remote_code=True)
+            pipe.set_progress_bar_config(disable=True)
+            x = pipe(batch_size={BATCH}, generator=torch.manual_seed({SEED}), num_inference_steps={T}, output_type="np")
+            np.save(name + ".npy", x.images)
+            out[name] = type(pipe).__name__
+        pipe.save_pretrained("resaved")  # the remote code saves itself the same way
+        print(json.dumps(out))
+    """
+    bare = make_bare_venv(tmp / "venv")
+    classes = json.loads(finish(start_script(bare, load, hub.env(tmp, None), tmp)).strip().splitlines()[-1])
+    loaded = {name: np.load(tmp / f"{name}.npy") for name in ("saved", "pushed")}
+    return {"tmp": tmp, "pipe": pipe, "url": url, "classes": classes, "loaded": loaded}
+
+
+def test_save_pretrained_writes_the_remote_code_modules(shared):
+    saved = shared["tmp"] / "saved"
+    index = json.loads((saved / "model_index.json").read_text())
+    modules = remote_files()
+    assert index["_class_name"] == [modules["pipeline"].removesuffix(".py"), "HFDDPMPipeline"]
+    assert index["scheduler"] == [
+        modules["scheduler"].removeprefix("scheduler/").removesuffix(".py"),
+        "HFDDPMScheduler",
+    ]
+    assert (saved / modules["pipeline"]).is_file() and (saved / modules["scheduler"]).is_file()
+    assert not list(saved.rglob("*.bin"))
+
+
+def test_saved_folder_loads_without_hf_ddpm_with_the_same_images(shared):
+    assert shared["classes"]["saved"] == "HFDDPMPipeline"
+    np.testing.assert_allclose(shared["loaded"]["saved"], images(shared["pipe"]), atol=1e-5)
+
+
+def test_saved_folder_loads_with_hf_ddpm_and_as_plain_components(shared):
+    saved = shared["tmp"] / "saved"
+    again = HFDDPMPipeline.from_pretrained(saved)
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(images(again), images(shared["pipe"]))
+    assert UNet2DModel.from_pretrained(saved, subfolder="unet").config.out_channels == 6
+    assert DDPMScheduler.from_pretrained(saved, subfolder="scheduler").config.variance_type == "learned_range"
+
+
+def test_remote_code_resaves_a_folder_that_names_its_own_modules(shared):
+    resaved = shared["tmp"] / "resaved"
+    index = json.loads((resaved / "model_index.json").read_text())
+    modules = remote_files()
+    assert index["_class_name"][0] == modules["pipeline"].removesuffix(".py")
+    assert (resaved / modules["pipeline"]).read_bytes() == (shared["tmp"] / "saved" / modules["pipeline"]).read_bytes()
+    assert (resaved / modules["scheduler"]).is_file()
+    again = HFDDPMPipeline.from_pretrained(resaved)
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(images(again), images(shared["pipe"]))
+
+
+def test_push_to_hub_uploads_a_repo_that_loads_without_hf_ddpm_with_the_card(shared, hub):
+    assert "/commit/" in shared["url"]
+    assert shared["classes"]["pushed"] == "HFDDPMPipeline"
+    np.testing.assert_allclose(shared["loaded"]["pushed"], images(shared["pipe"]), atol=1e-5)
+    files = hub.files(REPO_ID)
+    modules = remote_files()
+    assert {"README.md", "model_index.json", modules["pipeline"], modules["scheduler"]} <= set(files)
+    card = files["README.md"].decode()
+    assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+    assert f'DiffusionPipeline.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card
+    assert TOKEN not in card
+
+
+def test_push_to_hub_refuses_create_pr():
+    with pytest.raises(ValueError, match="create_pr=True is not supported"):
+        make_pipe().push_to_hub("test-user/x", create_pr=True)
