@@ -1,6 +1,7 @@
 """The chain's coefficients (hf_ddpm/chain.py) against the papers' closed forms (tests/closed_forms.py), and the
 timestep subsequences that respace it against diffusers' (DDPM eq. 6, 7; Improved DDPM section 4)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,8 +21,8 @@ from diffusers import DDPMScheduler
 from scheduler_inputs import F64, SHAPE, pixels, seeded
 from torch.testing import assert_close
 
-from hf_ddpm import HFDDPMScheduler
-from hf_ddpm.chain import spaced_timesteps
+from hf_ddpm import HFDDPMScheduler, schedules
+from hf_ddpm.chain import Chain, spaced_timesteps
 
 # ---------------------------------------------------------------- posterior tables (DDPM eq. 6, 7)
 
@@ -78,6 +79,45 @@ def test_posterior_is_the_product_of_gaussians(t_from, t_to):
         )
         assert m.item() == pytest.approx(mean, rel=1e-9)
         assert math.exp(log_var.item()) == pytest.approx(var, rel=1e-8)
+
+
+# ---------------------------------------------------------------- the Chain itself
+
+
+def test_beta_is_derived_once_from_the_schedule():
+    """The training chain's β is the schedule's own array, and a respaced step that skips no timestep keeps it:
+    only a step over skipped timesteps takes β' = 1 - ᾱ_{S_k} / ᾱ_{S_{k-1}} (Improved DDPM section 4)."""
+    ours = HFDDPMScheduler(beta_schedule="cosine")
+    betas = schedules.cosine_betas(1000)
+    assert np.array_equal(ours.train_chain.beta, betas) and np.array_equal(ours.betas.numpy(), betas)
+    assert np.array_equal(ours.train_chain.alpha_bar, schedules.alphas_cumprod_from_betas(betas))
+    assert np.array_equal(ours.step_chain.beta, betas[::-1])  # before set_timesteps: every t, in timesteps order
+    ours.set_timesteps(timesteps=[999, 998, 640, 5, 4, 0])
+    ac = ours.train_chain.alpha_bar
+    expected = [betas[999], 1 - ac[998] / ac[640], 1 - ac[640] / ac[5], betas[5], 1 - ac[4] / ac[0], betas[0]]
+    assert ours.step_chain.beta.tolist() == expected
+
+
+def test_rows_follow_the_order_the_timesteps_are_given_in():
+    betas = linear_betas(50, 1e-3, 0.2)
+    down, up = Chain.of(betas, [49, 30, 7, 0]), Chain.of(betas, [0, 7, 30, 49])
+    for field in dataclasses.fields(Chain):
+        if field.init:
+            assert np.array_equal(getattr(down, field.name), getattr(up, field.name)[::-1]), field.name
+    assert down.timesteps.tolist() == [49, 30, 7, 0] and len(down) == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        down.beta = betas
+
+
+def test_rows_are_handed_out_in_the_callers_dtype_device_and_shape():
+    chain = Chain.of(linear_betas(50, 1e-3, 0.2))
+    like32, like64 = torch.zeros(SHAPE), torch.zeros(SHAPE, dtype=F64)
+    rows = chain.at(torch.tensor([3, 0]), like64)
+    assert rows.sqrt_alpha_bar.shape == (2, 1, 1, 1) and rows.sqrt_alpha_bar.dtype == F64
+    assert rows.sqrt_alpha_bar.flatten().tolist() == np.sqrt(chain.alpha_bar[[3, 0]]).tolist()
+    one = chain.at(3, like32).beta_tilde
+    assert one.shape == () and one.dtype == torch.float32 and one.item() == np.float32(chain.beta_tilde[3])
+    assert chain.on(like32.device, torch.float32) is chain.on(like32.device, torch.float16)  # cached, float32
 
 
 # ---------------------------------------------------------------- timestep spacings

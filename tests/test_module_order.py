@@ -1,0 +1,51 @@
+"""The library reads in the paper's order: no module imports from a module above it.
+
+schedules (β) → chain (the coefficients of eq. 4, 6, 7) → gaussians (KL, the decoder of eq. 13) → scheduler (the
+forward and reverse processes, the bound's terms) → bound (eq. 5 over a batch) → pipeline (sampling and bits/dim).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hf_ddpm"
+PAPER_ORDER = ("schedules", "chain", "gaussians", "scheduler", "bound", "pipeline")
+
+
+def package_imports(module: str, package: Path = PACKAGE) -> set[str]:
+    """The hf_ddpm modules that `module` imports anywhere in its body (relative or absolute)."""
+    found = set()
+    for node in ast.walk(ast.parse((package / f"{module}.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:  # from .x import a
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:  # from . import x
+                found.update(alias.name for alias in node.names)
+            elif node.level == 0 and node.module and node.module.startswith("hf_ddpm."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("hf_ddpm."))
+    return found
+
+
+@pytest.mark.parametrize("module", PAPER_ORDER)
+def test_no_module_imports_from_a_module_above_it(module):
+    later = set(PAPER_ORDER[PAPER_ORDER.index(module) :])
+    assert not package_imports(module) & later, f"{module}.py imports {sorted(package_imports(module) & later)}"
+
+
+def test_each_module_imports_the_one_it_builds_on():
+    """The order is real, not vacuous: each module uses the one before it (or, for bound, the one before that)."""
+    assert "schedules" in package_imports("chain")
+    assert {"chain", "gaussians", "schedules"} <= package_imports("scheduler")
+    assert "gaussians" in package_imports("bound")
+    assert {"bound", "scheduler"} <= package_imports("pipeline")
+
+
+def test_the_parser_sees_every_kind_of_import(tmp_path):
+    source = (
+        "from .chain import a\nfrom . import bound\nimport hf_ddpm.pipeline\n\ndef f():\n    from .scheduler import b\n"
+    )
+    (tmp_path / "probe.py").write_text(source)
+    assert package_imports("probe", tmp_path) == {"chain", "bound", "pipeline", "scheduler"}
