@@ -2,6 +2,7 @@
 
     python -m hf_ddpm push OUTPUT_DIR --repo-id USER/NAME [--private] [--token TOKEN] [--metrics METRICS.json]
     python -m hf_ddpm export OUTPUT_DIR DEST --repo-id USER/NAME
+    python -m hf_ddpm evaluate MODEL [--num_timesteps K] [--num_samples N] [--metrics_out METRICS.json]
 
 The token defaults to HF_TOKEN or the one saved by `hf auth login` (a --token on the command line is visible to
 other users of the machine in the process list). Errors print one message, never the token, and exit with 1.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .evaluation.run import add_arguments as add_evaluate_arguments
 from .hub import DEFAULT_TIMEOUT, HubPushError, export_hub_folder, push_to_hub
 from .model_card import DEFAULT_LICENSE
 
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dest", help="a new or empty directory")
     export.add_argument("--repo-id", required=True, help="the repo id the model card's code examples name")
 
+    evaluate = commands.add_parser("evaluate", help="bits/dim, FID, precision/recall, KID (also under accelerate)")
+    add_evaluate_arguments(evaluate)
+
     for sub in (push, export):
         sub.add_argument("--metrics", default=None, help="JSON file of metrics for the card (bits_per_dim, fid)")
         sub.add_argument("--license", default=DEFAULT_LICENSE, help="license of the weights, in the card")
@@ -41,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        from .evaluation.run import evaluate
+
+        try:
+            evaluate(args)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
     try:
         if args.command == "export":
             files = export_hub_folder(

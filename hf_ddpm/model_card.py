@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .evaluation.schema import METRICS, SAMPLE_METRICS, TITLES
 from .shipped import shipped_dir
 
 TEMPLATE_PATH = shipped_dir("model_cards", "model_cards") / "model_card.md"
@@ -112,9 +113,9 @@ def describe_data(args: dict | None) -> tuple[str | None, str | None, str]:
 def collect_metrics(summary: dict | None, metrics: dict | None) -> list[dict]:
     """Rows {type, name, value, details, args} for the card's table and model-index: bits/dim, FID."""
     metrics = dict(metrics or {})
-    unknown = sorted(set(metrics) - {"bits_per_dim", "fid"})
+    unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; a card reports 'bits_per_dim' and 'fid'")
+        raise ValueError(f"unknown metrics {unknown}; a card reports {list(METRICS)}")
     rows = []
     bpd = metrics.get("bits_per_dim") or (summary or {}).get("eval")
     if bpd:
@@ -144,6 +145,8 @@ def collect_metrics(summary: dict | None, metrics: dict | None) -> list[dict]:
             details += f", against {fid['reference']}"
         if fid.get("num_inference_steps"):
             details += f", {fid['num_inference_steps']} sampling steps"
+        if fid.get("protocol"):  # hf_ddpm.evaluation's sentence: what was compared with what
+            details = fid["protocol"]
         rows.append(
             {
                 "type": "fid",
@@ -154,6 +157,19 @@ def collect_metrics(summary: dict | None, metrics: dict | None) -> list[dict]:
                 "args": {k: fid.get(k) for k in ("feature_extractor", "num_samples", "reference")},
             }
         )
+    for name in SAMPLE_METRICS[1:]:  # precision, recall, KID: from the same features as the FID
+        entry = metrics.get(name)
+        if entry:
+            rows.append(
+                {
+                    "type": name,
+                    "name": TITLES[name],
+                    "value": f"{entry['value']:.4f}",
+                    "number": round(float(entry["value"]), 4),
+                    "details": entry.get("protocol", ""),
+                    "args": {k: entry.get(k) for k in ("feature_extractor", "num_samples", "reference")},
+                }
+            )
     return rows
 
 

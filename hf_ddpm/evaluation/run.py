@@ -1,0 +1,143 @@
+"""`python -m hf_ddpm evaluate MODEL ...`: bits/dim over a split and the sample metrics, on one or several processes.
+
+    python -m hf_ddpm evaluate OUTPUT_DIR                                  # exact bits/dim on the test/held-out split
+    python -m hf_ddpm evaluate OUTPUT_DIR --num_timesteps 100 --num_images 1000     # Monte Carlo, K = 100
+    accelerate launch -m hf_ddpm evaluate OUTPUT_DIR --num_samples 50000 --num_inference_steps 1000 \\
+        --protocol paper --metrics_out metrics.json                        # the DDPM paper's FID protocol
+
+Given a training output directory, the data options (dataset, folder, column, crop, eval_size, seed) are read from
+its training_args.json unless given here; without one the bundled digits are used. Nothing is written but the
+samples (--sample_dir), the reference statistics cache and --metrics_out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from .schema import PROTOCOLS
+
+logger = logging.getLogger(__name__)
+DATA_OPTIONS = {"dataset_name": None, "dataset_config_name": None, "train_data_dir": None, "image_column": None,
+                "center_crop": True, "eval_size": 0.1, "seed": 0, "cache_dir": None}  # fmt: skip
+
+
+def _count_or_fraction(value: str) -> float | int:
+    number = float(value)
+    return int(number) if number >= 1 else number
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a pipeline directory (a training --output_dir) or a Hub repo id")
+    data = parser.add_argument_group("data (default: the run's own, from MODEL/training_args.json; else the digits)")
+    for flag in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "cache_dir"):
+        data.add_argument(f"--{flag}", default=None)
+    data.add_argument("--eval_size", type=_count_or_fraction, default=None, help="held-out fraction or count")
+    data.add_argument("--seed", type=int, default=None, help="the split's seed; also the base seed of sampling")
+    data.add_argument("--resolution", type=int, default=None, help="must equal the model's sample_size")
+    bpd = parser.add_argument_group("bits/dim (DDPM eq. 5)")
+    bpd.add_argument("--split", choices=("eval", "train"), default="eval", help="eval: the test/held-out split")
+    bpd.add_argument("--num_images", type=int, default=None, help="the first N images of the split (all); 0: skip")
+    bpd.add_argument("--num_timesteps", type=int, default=None, help="Monte Carlo K (default: exact, all T)")
+    sample = parser.add_argument_group("sample metrics: FID, precision/recall (k = 3), KID")
+    sample.add_argument("--num_samples", type=int, default=0, help="0: none (the paper: 50000)")
+    sample.add_argument("--num_inference_steps", type=int, default=None, help="sampling steps (default: T)")
+    sample.add_argument("--protocol", choices=tuple(PROTOCOLS), default="held_out",
+                        help="paper: samples vs the training split (DDPM); held_out: vs the held-out split")  # fmt: skip
+    sample.add_argument("--reference_count", type=int, default=None, help="reference images (default: all)")
+    sample.add_argument("--fid_reference", default=None, help="a mu/sigma .npz made elsewhere (FID only)")
+    sample.add_argument("--reference_cache_dir", default=None, help="default: $HF_HOME/hf_ddpm/reference_statistics")
+    sample.add_argument("--sample_dir", default=None, help="shards of samples (default: under the cache dir)")
+    sample.add_argument("--png", action="store_true", help="also write each sample as a PNG")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per block (bits/dim) and per shard")
+    parser.add_argument("--metrics_out", default=None, help="JSON for `python -m hf_ddpm push --metrics`")
+    parser.add_argument("--device", default=None, help="default: this process's accelerate device")
+
+
+def data_options(args: argparse.Namespace) -> dict:
+    """The data options: given here, else the run's training_args.json, else the defaults."""
+    run_args = {}
+    path = Path(args.model) / "training_args.json"
+    if path.is_file():
+        run_args = json.loads(path.read_text())
+    return {k: getattr(args, k, None) if getattr(args, k, None) is not None else run_args.get(k, d)
+            for k, d in DATA_OPTIONS.items()} | {"resolution": args.resolution or run_args.get("resolution")}  # fmt: skip
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("num_images", "num_samples", "reference_count", "num_timesteps", "num_inference_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < (
+            1 if flag in ("num_timesteps", "num_inference_steps", "reference_count") else 0
+        ):
+            raise ValueError(f"--{flag} must be {'>= 1' if flag != 'num_images' else '>= 0'}, got {value}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.num_images == 0 and args.num_samples == 0:
+        raise ValueError("nothing to evaluate: --num_images 0 skips bits/dim and --num_samples is 0")
+
+
+def evaluate(args: argparse.Namespace, extractor=None) -> list:
+    """Run what `args` asks for; returns the Metrics (every process gets them). `extractor`: the feature
+    extractor (default: Inception-v3 on this process's device), injectable for tests."""
+    import torch
+
+    from ..data import load_data
+    from ..pipeline import HFDDPMPipeline
+    from .bits_per_dim import bits_per_dim
+    from .processes import accelerate_state, current_processes
+
+    check_args(args)
+    processes = current_processes()
+    device = args.device or accelerate_state().device
+    pipe = HFDDPMPipeline.from_pretrained(args.model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    channels, height, width = pipe._image_shape
+    options = data_options(args)
+    resolution = options.pop("resolution")
+    if resolution is not None and resolution != height:
+        raise ValueError(f"the data's resolution {resolution} does not match the model's sample_size {height}x{width}")
+    num_train = pipe.scheduler.config.num_train_timesteps
+    for flag in ("num_timesteps", "num_inference_steps"):
+        if (getattr(args, flag) or 0) > num_train:
+            raise ValueError(f"--{flag} {getattr(args, flag)} exceeds the model's T = {num_train}")
+    if args.num_samples and args.protocol == "paper" and args.fid_reference is None:
+        max_train = args.reference_count or None
+    else:
+        max_train = 1  # only the held-out images are needed; the split does not depend on it
+    if args.split == "train" and args.num_images != 0:
+        max_train = None if args.num_images is None else max(args.num_images, max_train or 0)
+    data = load_data(resolution=height, channels=channels, max_train_samples=max_train, **options)
+    if tuple(data.eval.shape[1:]) != (channels, height, width) and len(data.eval):
+        raise ValueError(f"the data's images are {tuple(data.eval.shape[1:])}, the model's {(channels, height, width)}")
+    where = {"eval": f"held-out split of {data.source} (eval_size {options['eval_size']}, seed {options['seed']})",
+             "train": f"training split of {data.source}"}  # fmt: skip
+    metrics = []
+    if args.num_images != 0:
+        images = (data.eval if args.split == "eval" else data.train)[: args.num_images]
+        metrics.append(bits_per_dim(pipe, images, num_timesteps=args.num_timesteps, block_size=args.batch_size,
+                                    seed=options["seed"], split=where[args.split], processes=processes, progress=True))  # fmt: skip
+    if args.num_samples:
+        from .sample_run import sample_metrics
+
+        metrics += sample_metrics(pipe, args, data, where, options, processes, extractor, torch.device(device))
+    if processes.is_main:
+        for metric in metrics:
+            print(metric.summary(), flush=True)
+        if args.metrics_out:
+            from .schema import write_metrics
+
+            write_metrics(args.metrics_out, metrics)
+            print(f"wrote {args.metrics_out}")
+    return metrics
+
+
+def default_sample_dir(args: argparse.Namespace, cache_dir: Path) -> Path:
+    """A directory named for the model and the sampling settings, so that a run started again finds its shards."""
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    key = json.dumps([model, args.num_samples, args.num_inference_steps, args.seed, args.batch_size])
+    return cache_dir.parent / "samples" / hashlib.sha256(key.encode()).hexdigest()[:16]

