@@ -48,15 +48,48 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     for key in ("dtype", "torch_dtype"):
         if isinstance(model.get(key), dict):  # per-component dtypes, as diffusers' pipelines accept them
             model[key] = model[key].get("unet", model[key].get("default"))
-    if kwargs.get("unet") is None or kwargs.get("scheduler") is None:
+    unet_folder, scheduler_folder = component_folders(pretrained_model_name_or_path, **hub)
+    if unet_folder is not None and (kwargs.get("unet") is None or kwargs.get("scheduler") is None):
         check_pipeline_index(pretrained_model_name_or_path, **hub)
     unet = kwargs.get("unet")
     if unet is None:
-        unet = load_unet(pretrained_model_name_or_path, use_safetensors=use_safetensors is not False, **hub, **model)
+        safe = use_safetensors is not False
+        unet = load_unet(pretrained_model_name_or_path, use_safetensors=safe, subfolder=unet_folder, **hub, **model)
     scheduler = kwargs.get("scheduler")
     if scheduler is None:
-        scheduler = HFDDPMScheduler.from_pretrained(pretrained_model_name_or_path, subfolder="scheduler", **hub)
+        scheduler = HFDDPMScheduler.from_pretrained(pretrained_model_name_or_path, subfolder=scheduler_folder, **hub)
     return {"unet": unet, "scheduler": scheduler}
+
+
+def component_folders(pretrained_model_name_or_path, **hub) -> tuple[str | None, str | None]:
+    """Where the UNet and the scheduler config live: ("unet", "scheduler"), diffusers' pipeline layout, or
+    (None, None), the flat layout of a model saved alone: config.json (a UNet2DModel), its weights and
+    scheduler_config.json (possibly with the early keys of diffusers' first release) at the top level."""
+    source = str(pretrained_model_name_or_path)
+    if os.path.isdir(source):
+        flat = not os.path.isdir(os.path.join(source, "unet")) and all(
+            os.path.isfile(os.path.join(source, name)) for name in ("config.json", "scheduler_config.json")
+        )
+    else:  # a Hub repo: the pipeline layout unless unet/config.json is missing and a top-level one exists
+        try:
+            UNet2DModel.load_config(source, subfolder="unet", **hub)
+            flat = False
+        except OSError:
+            try:
+                UNet2DModel.load_config(source, **hub)
+                HFDDPMScheduler.load_config(source, **hub)
+            except OSError:
+                return "unet", "scheduler"  # neither: the index check below says what is missing
+            flat = True
+    if not flat:
+        return "unet", "scheduler"
+    name = UNet2DModel.load_config(source, **hub).get("_class_name")
+    if name != "UNet2DModel":
+        raise ValueError(
+            f"{source}/config.json describes a {name}, not a UNet2DModel: a model of diffusers' first releases "
+            "(UNetModel) has no loader in diffusers today. Load its unet/ folder if it has one"
+        )
+    return None, None
 
 
 def check_pipeline_index(pretrained_model_name_or_path, **hub) -> dict:
@@ -78,11 +111,13 @@ def check_pipeline_index(pretrained_model_name_or_path, **hub) -> dict:
     return index
 
 
-def load_unet(pretrained_model_name_or_path, use_safetensors: bool = True, **kwargs) -> UNet2DModel:
-    """`<path or repo>/unet` as a UNet2DModel from safetensors weights; pickled .bin weights only with
+def load_unet(
+    pretrained_model_name_or_path, use_safetensors: bool = True, subfolder: str | None = "unet", **kwargs
+) -> UNet2DModel:
+    """`<path or repo>/<subfolder>` as a UNet2DModel from safetensors weights; pickled .bin weights only with
     use_safetensors=False, with a warning. kwargs: diffusers' Hub and model arguments."""
     source = str(pretrained_model_name_or_path)
-    folder = os.path.join(source, "unet")
+    folder = os.path.join(source, subfolder) if subfolder else source
     if use_safetensors and os.path.isdir(folder):
         names = os.listdir(folder)
         if not any(n.endswith(".safetensors") for n in names):
@@ -101,7 +136,7 @@ def load_unet(pretrained_model_name_or_path, use_safetensors: bool = True, **kwa
             stacklevel=3,
         )
     try:
-        return UNet2DModel.from_pretrained(source, subfolder="unet", use_safetensors=use_safetensors, **kwargs)
+        return UNet2DModel.from_pretrained(source, subfolder=subfolder, use_safetensors=use_safetensors, **kwargs)
     except ValueError as err:
         if "expected shape" not in str(err):
             raise
