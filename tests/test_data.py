@@ -6,7 +6,6 @@ solid colours, which any resize keeps exactly, so the tests can assert exact pix
 
 import logging
 import time
-import warnings
 
 import datasets
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from hf_ddpm.data import (
     IMAGE_COLUMN_CANDIDATES,
     ImageData,
+    MappedImages,
     detect_image_column,
     digits_dataset,
     load_data,
@@ -224,13 +224,20 @@ def test_folder_eval_size_count_and_fraction(tmp_path):
         load_data(train_data_dir=folder, eval_size=10, cache_dir=cache)
 
 
-def test_memory_limit_raises_before_decoding(tmp_path):
-    folder = write_folder(tmp_path / "m", {f"{i}.png": Image.new("RGB", (8, 8)) for i in range(4)})
-    (tmp_path / "m" / "bad.png").write_bytes(b"corrupt")  # would warn if anything were decoded
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(ValueError, match=r"5 images .* 3x16x16 .* max_in_memory_bytes=1000 .* max_train_samples"):
-            load(train_data_dir=folder, cache_dir=str(tmp_path / "cache"), max_in_memory_bytes=1000)
+def test_above_the_memory_budget_batches_come_from_the_mapped_cache(tmp_path, caplog):
+    folder = write_folder(tmp_path / "m", {f"{i}.png": Image.new("RGB", (8, 8), (i, 2 * i, 3)) for i in range(9)})
+    kw = {"train_data_dir": folder, "resolution": 8, "eval_size": 2, "cache_dir": str(tmp_path / "cache")}
+    with caplog.at_level(logging.INFO, logger="hf_ddpm.data"):
+        mapped = load_data(max_in_memory_bytes=9 * 3 * 64 - 1, **kw)  # one byte short of the 9 images
+    assert not mapped.in_memory and isinstance(mapped.train, MappedImages) and isinstance(mapped.eval, MappedImages)
+    assert "above the memory budget of 0.0 MB (max_in_memory_bytes): batches read from the memory-mapped" in caplog.text
+    held = load_data(max_in_memory_bytes=9 * 3 * 64, **kw)  # fits exactly: in memory, from the same cache
+    assert held.in_memory and isinstance(held.train, torch.Tensor) and held.cache_dir == mapped.cache_dir
+    assert mapped.train.shape == held.train.shape == (7, 3, 8, 8) and len(mapped.eval) == 2
+    positions = torch.tensor([6, 0, 3, 3])
+    assert torch.equal(mapped.train[positions], held.train[positions])  # the same positions, the same images
+    assert torch.equal(mapped.train[2:5], held.train[2:5]) and torch.equal(mapped.eval[:], held.eval)
+    assert colours(torch.cat([held.train, held.eval])) == {(i, 2 * i, 3) for i in range(9)}
 
 
 # ------------------------------------------------------------------------------------- local datasets and columns

@@ -9,10 +9,48 @@ finds its data position by arithmetic, without iterating over the batches it ski
 
 from __future__ import annotations
 
+import glob
+import os
+
 import numpy as np
 import torch
 
-from ..data import random_hflip
+from ..data import default_memory_budget, load_data, random_hflip
+
+DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "eval_size",
+                "seed", "max_train_samples", "cache_dir", "preprocessing_num_workers")  # fmt: skip
+
+
+def data_files(value: str | None) -> list[str] | None:
+    """--train_data_files: comma-separated paths or glob patterns -> the files, in order (a pattern's sorted)."""
+    if value is None:
+        return None
+    files = []
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        matched = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not matched:
+            raise ValueError(f"--train_data_files pattern {part!r} matches no file")
+        files += matched
+    return files
+
+
+def load_training_data(args, accelerator, resolution: int, channels: int | None):
+    """The run's images (hf_ddpm.data.load_data). One process per machine preprocesses them into the cache while
+    the others wait; then all open the same cache files."""
+    if args.max_in_memory_gb is None:
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
+        budget = default_memory_budget(per_machine)
+    else:
+        budget = int(args.max_in_memory_gb * 1e9)
+    with accelerator.local_main_process_first():
+        return load_data(
+            resolution=resolution,
+            channels=channels,
+            skip_corrupt=args.on_corrupt_image == "skip",
+            train_data_files=data_files(args.train_data_files),
+            max_in_memory_bytes=budget,
+            **{k: getattr(args, k) for k in DATA_OPTIONS},
+        )
 
 
 def derived_seed(*keys: int) -> int:
@@ -50,6 +88,7 @@ class ShardedBatches:
         return self._order[start : start + self.batch_size]
 
     def batch(self, micro_step: int) -> torch.Tensor:
+        """In memory: a gather on the device; memory-mapped (hf_ddpm.data.MappedImages): a read from the cache."""
         return self.images[self.indices(micro_step).to(self.images.device)]
 
 

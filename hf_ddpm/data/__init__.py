@@ -1,0 +1,21 @@
+"""Training data: the bundled digits, image folders, data files, local and Hub datasets; decoded once into an on-disk
+cache (cache.py), held in memory when small and memory-mapped when not (load.py), or streamed (streaming.py).
+
+    from hf_ddpm.data import load_data
+    data = load_data(train_data_dir="my_images", resolution=64)   # data.train: uint8 (N, C, 64, 64)
+"""
+
+from .cache import MappedImages
+from .images import IMAGE_COLUMN_CANDIDATES, detect_image_column, digits_dataset, random_hflip
+from .load import ImageData, default_memory_budget, load_data
+
+__all__ = [
+    "IMAGE_COLUMN_CANDIDATES",
+    "ImageData",
+    "MappedImages",
+    "default_memory_budget",
+    "detect_image_column",
+    "digits_dataset",
+    "load_data",
+    "random_hflip",
+]

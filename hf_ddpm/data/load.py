@@ -1,0 +1,200 @@
+"""`load_data`: training and held-out images as uint8 (N, C, H, W), in memory or memory-mapped from the cache.
+
+The bundled digits are made in memory directly (1797 tiny images: no cache, no `datasets`). Every other source is
+preprocessed once into the on-disk cache (cache.py). Then, if the selected images fit `max_in_memory_bytes`, they are
+copied from the cache into RAM as tensors (a step only indexes memory); otherwise they stay memory-mapped and each
+batch is read from the cache (`MappedImages`). Both are indexed by the same positions, so the data order, and a
+resumed run, are the same on either path. The path chosen and why is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from .cache import MappedImages, preprocess
+from .images import check_eval_size, check_resolution, digits_array, eval_count, gray_to
+from .sources import open_source, train_and_eval_split
+
+logger = logging.getLogger("hf_ddpm.data")
+
+
+@dataclass
+class ImageData:
+    """Preprocessed images, uint8 in 0..255: `train` (N, C, H, W) and the held-out `eval` (M, C, H, W), M may be 0;
+    each a tensor, or a `MappedImages` (same indexing: `x[positions]`, `x[a:b]`, `len`, `.shape`) above the memory
+    budget."""
+
+    train: torch.Tensor | MappedImages
+    eval: torch.Tensor | MappedImages
+    source: str  # where the images came from, for logs and model cards
+    image_column: str | None  # None for the digits
+    cache_dir: str | None = None  # the preprocessed cache folder of the training split (None for the digits)
+    in_memory: bool = True
+
+
+def default_memory_budget(processes_per_machine: int = 1) -> int:
+    """A quarter of this machine's memory, shared by the processes on it that each hold a copy."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // (4 * max(1, processes_per_machine))
+
+
+def _digits(resolution, channels, eval_size, rng, max_train_samples) -> ImageData:
+    images = digits_array(resolution)[0][:, None]  # (1797, 1, R, R)
+    perm = rng.permutation(len(images))
+    n_eval = eval_count(eval_size, len(images))
+    train, held_out = images[np.sort(perm[n_eval:][:max_train_samples])], images[np.sort(perm[:n_eval])]
+    if channels is not None and channels > 1:
+        train, held_out = gray_to(train, channels), gray_to(held_out, channels)
+    verb = "upscaled" if resolution > 8 else "resized"
+    source = f"scikit-learn digits (8x8 {verb} to {resolution}x{resolution})"
+    return ImageData(torch.from_numpy(train), torch.from_numpy(held_out), source, None)
+
+
+def _check(resolution, channels, eval_size, max_train_samples, max_in_memory_bytes) -> None:
+    check_resolution(resolution)
+    if channels not in (None, 1, 3, 4):
+        raise ValueError(f"channels must be 1, 3, 4 or None (keep the source's), got {channels!r}")
+    check_eval_size(eval_size)
+    if max_train_samples is not None and (not isinstance(max_train_samples, int) or max_train_samples < 1):
+        raise ValueError(f"max_train_samples must be a positive int or None, got {max_train_samples!r}")
+    if max_in_memory_bytes is not None and (not isinstance(max_in_memory_bytes, int) or max_in_memory_bytes < 0):
+        raise ValueError(f"max_in_memory_bytes must be an int >= 0 or None (automatic), got {max_in_memory_bytes!r}")
+
+
+def load_data(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    image_column: str | None = None,
+    resolution: int = 16,
+    channels: int | None = None,
+    center_crop: bool = True,
+    eval_size: float | int = 0.1,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    cache_dir: str | None = None,
+    skip_corrupt: bool = True,
+    max_in_memory_bytes: int | None = None,
+    train_data_files: str | list[str] | None = None,
+    preprocessing_num_workers: int | None = None,
+) -> ImageData:
+    """Load, preprocess (once: cached on disk) and split training images.
+
+    Source: `dataset_name` (a Hub dataset id, a local dataset directory, a `save_to_disk` folder or a single data
+    file), `train_data_dir` (an image folder), `train_data_files` (a data file or a list: parquet, arrow, csv/json of
+    image paths, image files), or none of them: scikit-learn's digits.
+    Each image is converted to `channels` (1, 3 or 4; None keeps 1 for an all-grayscale source and 3 otherwise;
+    alpha is composited onto white unless channels=4), its shorter side resized to `resolution` (small images are
+    upscaled, logged once) and cropped square at the centre, or at a random place (drawn once per image, seeded)
+    when `center_crop=False`. A file that fails to decode is skipped with one warning giving the count, or raises
+    when `skip_corrupt=False`; it is found once, when the cache is built.
+
+    Held-out split: the dataset's own test/validation split when it has one (all of it for a fraction, a seeded
+    subset of that many for an int `eval_size`, none for 0), else `eval_size` (a fraction in [0, 1), rounded up,
+    or a count) of the images drawn with `seed`. `max_train_samples` keeps a seeded subset of the training split.
+
+    Memory: the selected images are held in RAM when their N*C*H*W bytes fit `max_in_memory_bytes` (None: a
+    quarter of this machine's memory), else read batch by batch from the memory-mapped cache. The cache lives under
+    `cache_dir` (else the datasets cache) in hf_ddpm_preprocessed/; `preprocessing_num_workers` processes build it.
+    """
+    _check(resolution, channels, eval_size, max_train_samples, max_in_memory_bytes)
+    named = {"dataset_name": dataset_name, "train_data_dir": train_data_dir, "train_data_files": train_data_files}
+    given = {k: v for k, v in named.items() if v is not None}
+    if len(given) > 1:
+        shown = " or ".join(f"{k} ({v!r})" for k, v in given.items())
+        raise ValueError(f"pass {shown}, not both" if len(given) == 2 else f"pass one of {shown}")
+    rng = np.random.default_rng(seed)
+    if not given:
+        return _digits(resolution, channels, eval_size, rng, max_train_samples)
+
+    from .images import detect_image_column
+
+    src = open_source(dataset_name, dataset_config_name, train_data_dir, train_data_files, cache_dir)
+    train_split, eval_split = train_and_eval_split(src.splits)
+    train_ds = src.splits[train_split]
+    column = detect_image_column(train_ds, image_column)
+    if eval_split is None:  # hold out part of the training split
+        perm = rng.permutation(len(train_ds))
+        n_eval = eval_count(eval_size, len(train_ds))
+        train_idx, eval_idx = perm[n_eval:], perm[:n_eval]
+    else:
+        n_eval = len(src.splits[eval_split]) if isinstance(eval_size, float) and eval_size > 0 else eval_size
+        train_idx, eval_idx = rng.permutation(len(train_ds)), rng.permutation(len(src.splits[eval_split]))[:n_eval]
+    train_idx, eval_idx = np.sort(train_idx[:max_train_samples]), np.sort(eval_idx)  # sorted: sequential reads
+
+    opts = {"resolution": resolution, "channels": channels, "crop_seed": None if center_crop else seed,
+            "base_dir": src.base_dir or os.getcwd(), "cache_dir": cache_dir, "num_proc": preprocessing_num_workers}  # fmt: skip
+    wanted = {train_split: [train_idx]}
+    wanted.setdefault(eval_split or train_split, []).append(eval_idx)
+    parts, folders = {}, {}
+    for split, selections in wanted.items():
+        ds = src.splits[split]
+        needed = np.unique(np.concatenate(selections)) if selections else np.arange(0)
+        rows = None if len(needed) == len(ds) else needed  # the whole split: one cache whatever the selection
+        identity = src.identities.get(split) or ds._fingerprint
+        cached, folders[split], _ = preprocess(ds, column, identity, rows, **opts)
+        positions = needed if rows is None else np.arange(len(needed))
+        for idx in selections:
+            parts[id(idx)] = (cached, positions[np.searchsorted(needed, idx)] if len(idx) else idx)
+    (train_cached, train_rows), (eval_cached, eval_rows) = parts[id(train_idx)], parts[id(eval_idx)]
+
+    train_rows, eval_rows = _drop_corrupt(
+        train_cached, train_rows, eval_cached, eval_rows, src.description, skip_corrupt
+    )
+    color = any(
+        len(r) and pc.any(c.data.table.column("color").take(r)).as_py() for c, r in
+        ((train_cached, train_rows), (eval_cached, eval_rows))
+    )  # fmt: skip
+    out_channels = channels or (3 if color else 1)  # an all-grayscale source stays one channel
+    upscaled = sum(
+        pc.sum(c.data.table.column("upscaled").take(r).cast("int64")).as_py() or 0
+        for c, r in ((train_cached, train_rows), (eval_cached, eval_rows))
+        if len(r)
+    )
+    if upscaled:
+        logger.warning("%d image(s) of %s smaller than %d px were upscaled", upscaled, src.description, resolution)
+
+    train = MappedImages(train_cached, train_rows, out_channels)
+    held_out = MappedImages(eval_cached, eval_rows, out_channels)
+    n_bytes = (len(train) + len(held_out)) * out_channels * resolution**2
+    budget = default_memory_budget() if max_in_memory_bytes is None else max_in_memory_bytes
+    in_memory = n_bytes <= budget
+    logger.info(
+        "data: %d + %d held-out images of %s, %dx%dx%d uint8 = %.1f MB, %s the memory budget of %.1f MB "
+        "(max_in_memory_bytes): %s; preprocessed cache %s",
+        len(train), len(held_out), src.description, out_channels, resolution, resolution, n_bytes / 1e6,
+        "within" if in_memory else "above", budget / 1e6,
+        "held in memory" if in_memory else "batches read from the memory-mapped cache", folders[train_split],
+    )  # fmt: skip
+    if in_memory:
+        train, held_out = train[:], held_out[:]
+    return ImageData(train, held_out, src.description, column, folders[train_split], in_memory)
+
+
+def _drop_corrupt(train_cached, train_rows, eval_cached, eval_rows, description, skip_corrupt):
+    """The rows that decoded; warns once with the count of those that did not (or raises if not skip_corrupt)."""
+    failed, kept = [], []
+    for cached, rows in ((train_cached, train_rows), (eval_cached, eval_rows)):
+        if not len(rows):
+            kept.append(rows)
+            continue
+        errors = cached.data.table.column("error").take(rows)
+        bad = np.asarray(pc.not_equal(errors, "").to_numpy(zero_copy_only=False), bool)
+        failed += errors.filter(pc.not_equal(errors, "")).to_pylist()
+        kept.append(rows[~bad])
+    if failed and not skip_corrupt:
+        raise ValueError(f"cannot decode image {failed[0]} (skip_corrupt=True skips such files)")
+    if failed:
+        names = [e.split(": ", 1)[0] for e in failed]
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        warnings.warn(f"skipped {len(failed)} corrupt or unreadable image(s) of {description}: {shown}", stacklevel=3)
+    if not len(kept[0]):
+        raise ValueError(f"no decodable image in the training split of {description}")
+    return kept[0], kept[1]

@@ -1,0 +1,149 @@
+"""Where training images come from, opened with `datasets` as a dict of splits: a Hub id, a local dataset directory,
+a folder written by `save_to_disk`, single data files or a list of them (parquet, arrow, csv/json of image paths,
+image files), or an image folder.
+
+Each split carries an identity: a string that changes whenever its content may have, so the preprocessed cache
+(cache.py) is keyed by it. For an image folder or a list of files it is the files' paths, sizes and modification
+times, from one directory walk: a second start on a million files does not go through `load_dataset`'s data-file
+resolution (minutes for 100k files) at all. For everything else it is the dataset's own fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")  # test first: the paper's bits/dim are on the test set
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jp2")
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+@dataclass
+class Source:
+    """The opened splits (`datasets.Dataset`, or `IterableDataset` when streaming) and how to name them."""
+
+    splits: dict
+    description: str  # for logs and model cards
+    identities: dict = field(default_factory=dict)  # split -> content identity (see the module docstring)
+    base_dir: str = ""  # relative image paths (a csv of paths) are read from here
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _files_identity(paths: list[str]) -> str:
+    stats = [(p, s.st_size, s.st_mtime_ns) for p in paths for s in (os.stat(p),)]
+    return _hash("files", stats)
+
+
+def _image_files(folder: str) -> list[str]:
+    """Every image file under `folder`, sorted, hidden files and folders skipped."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, n) for n in names if not n.startswith(".") and _is_image(n)]
+    return sorted(found)
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _paths_dataset(paths: list[str]):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(decode=False)})
+    return datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths]}, features=features)
+
+
+def _image_folder(folder: str, streaming: bool) -> Source:
+    """A folder of images; subfolders named train and test/validation/... become those splits (as imagefolder)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"train_data_dir {folder!r} is not a directory")
+    subdirs = {d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))}
+    named = ["train", *EVAL_SPLIT_NAMES] if "train" in subdirs else []
+    lists = {s: _image_files(os.path.join(folder, s)) for s in named if s in subdirs} or {"train": _image_files(folder)}
+    if not any(lists.values()):
+        count = sum(len(n) for _, _, n in os.walk(folder))
+        raise ValueError(
+            f"train_data_dir {folder!r} holds no image files ({count} files, none with an image extension such "
+            f"as .png, .jpg or .webp)"
+        )
+    if streaming:
+        import datasets
+
+        return Source(datasets.load_dataset("imagefolder", data_dir=folder, streaming=True), folder)
+    splits = {s: _paths_dataset(paths) for s, paths in lists.items() if paths}
+    return Source(splits, folder, {s: _files_identity(paths) for s, paths in lists.items() if paths})
+
+
+def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
+    """Single data files or a list of them, all of one kind: parquet, arrow, csv/json(l) (a column of image paths,
+    relative to the first file's folder) or image files."""
+    import datasets
+
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"train_data_files: {missing[:3]} not found (of {len(files)} files)")
+    kinds = {os.path.splitext(f)[1].lower() for f in files}
+    description = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+    if all(_is_image(f) for f in files):
+        if streaming:
+            return Source({"train": _paths_dataset(files).to_iterable_dataset()}, description)
+        return Source({"train": _paths_dataset(files)}, description, {"train": _files_identity(files)})
+    builders = {FILE_BUILDERS.get(k) for k in kinds}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(
+            f"train_data_files must all be of one kind among {sorted(FILE_BUILDERS)} or image files; got "
+            f"extensions {sorted(kinds)}"
+        )
+    (builder,) = builders
+    data_files = {"train": [os.path.abspath(f) for f in files]}
+    splits = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming)
+    identities = {} if streaming else {"train": _hash(splits["train"]._fingerprint, _files_identity(files))}
+    return Source(dict(splits), description, identities, os.path.dirname(os.path.abspath(files[0])))
+
+
+def open_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, train_data_files=None,
+                cache_dir=None, streaming=False) -> Source:  # fmt: skip
+    """Open the one source given (see the module docstring)."""
+    import datasets
+
+    given = {k: v for k, v in (("dataset_name", dataset_name), ("train_data_dir", train_data_dir),
+                               ("train_data_files", train_data_files)) if v is not None}  # fmt: skip
+    if len(given) > 1:
+        raise ValueError(f"pass one of dataset_name, train_data_dir, train_data_files; got {given}")
+    if train_data_dir is not None:
+        return _image_folder(train_data_dir, streaming)
+    if train_data_files is not None:
+        files = [train_data_files] if isinstance(train_data_files, str) else list(train_data_files)
+        if not files:
+            raise ValueError("train_data_files is empty; pass one or more data files")
+        return _data_files(files, cache_dir, streaming)
+    if os.path.isfile(dataset_name):  # a single data file given as the dataset
+        return _data_files([dataset_name], cache_dir, streaming)
+    saved = os.path.isdir(dataset_name) and (
+        os.path.isfile(os.path.join(dataset_name, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(dataset_name, "state.json"))
+    )
+    if saved:  # written by save_to_disk: load_dataset refuses it, load_from_disk maps it
+        loaded = datasets.load_from_disk(dataset_name)
+        splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+        if streaming:
+            splits = {
+                name: ds.to_iterable_dataset(num_shards=max(1, ds.num_rows // 10000)) for name, ds in splits.items()
+            }
+            return Source(splits, dataset_name)
+        return Source(splits, dataset_name, {name: ds._fingerprint for name, ds in splits.items()})
+    loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, streaming=streaming)
+    splits = {"train": loaded} if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)) else dict(loaded)
+    identities = {} if streaming else {name: ds._fingerprint for name, ds in splits.items()}
+    return Source(splits, dataset_name, identities)
+
+
+def train_and_eval_split(splits: dict) -> tuple[str, str | None]:
+    """The training split ('train', else the first) and the dataset's own held-out split, if any."""
+    train = "train" if "train" in splits else next(iter(splits))
+    return train, next((s for s in EVAL_SPLIT_NAMES if s in splits and s != train), None)
