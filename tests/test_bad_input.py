@@ -13,10 +13,12 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, EDMEulerScheduler, EulerDiscreteScheduler, UNet2DModel
 from PIL import Image
 from test_data import write_folder, write_parquet
-from test_train_inprocess import fresh_accelerate_state, tiny  # noqa: F401 (an autouse fixture)
+from test_train_inprocess import tiny
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.training import parse_args, train
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def refused(tmp_path, argv, error, match):

@@ -23,7 +23,7 @@ from hub_clients import tree_hashes
 from hub_server import HubServer
 from safetensors.torch import load_file
 from test_hub_push import PUSHED, assert_failed_cleanly, start_cli, start_pushes, wait
-from test_train_inprocess import fresh_accelerate_state, tiny  # noqa: F401 (an autouse fixture)
+from test_train_inprocess import tiny
 from test_train_launch import REPO, environment, launch_command
 
 import hf_ddpm.training.loop as loop
@@ -31,6 +31,8 @@ from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.training import checkpoints, parse_args, train
 from hf_ddpm.training.checkpoints import CheckpointWriteError
 from hf_ddpm.training.faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 RUN = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--random_flip", "--learning_rate", "1e-3"]
 CHECKPOINT_FILES = {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors", "optimizer.bin",

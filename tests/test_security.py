@@ -14,13 +14,15 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from hub_clients import REPO, finish, start_script
 from hub_server import HubServer
-from test_train_inprocess import fresh_accelerate_state, tiny  # noqa: F401 (an autouse fixture)
+from test_train_inprocess import tiny
 from test_train_launch import launch_command
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.hub import save_hub_pipeline
 from hf_ddpm.remote_code import PIPELINE_PREFIX, remote_files
 from hf_ddpm.training import parse_args, train
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def tiny_pipeline() -> HFDDPMPipeline:

@@ -8,12 +8,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.hub import HubPushError
 from hf_ddpm.training import parse_args, train
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def tiny(output_dir, *extra, model=("--model_config", "test-tiny")):
@@ -24,17 +26,6 @@ def tiny(output_dir, *extra, model=("--model_config", "test-tiny")):
         "--eval_size", "16", "--eval_num_images", "4", "--eval_num_timesteps", "2", "--eval_batch_size", "2",
         "--ddpm_num_inference_steps", "4", *extra,
     ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; accelerate keeps process-wide singletons, reset between runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: one thread is fastest, and immune to a busy machine
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def scalars(output_dir, tag):
