@@ -102,7 +102,8 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
     if rows is not None:
         source = source.select(rows)
     feature = source.features[column]
-    if not isinstance(feature, datasets.Image) and feature != datasets.Value("string"):
+    paths = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if not isinstance(feature, datasets.Image) and not paths:
         raise ValueError(f"column {column!r} holds {feature}, not images (datasets.Image or file paths)")
     source = source.cast_column(column, datasets.Image(decode=False))  # decode ourselves, one bad file at a time
     num_proc = num_proc if num_proc and len(source) >= 4 * 1024 else None  # a pool costs more than small data
