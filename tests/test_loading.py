@@ -1,7 +1,9 @@
 """Existing DDPM checkpoints load into HFDDPMPipeline, sample and evaluate: local replicas of the google/ddpm-*
 repos' layouts (configs written as those repos have them, with tiny sizes), in every layout and config version."""
 
+import io
 import json
+import logging
 import shutil
 import sys
 import warnings
@@ -9,6 +11,7 @@ import warnings
 import pytest
 import torch
 from diffusers import UNet2DModel
+from diffusers.utils import logging as diffusers_logging
 from hub_clients import REPO, finish, start_script
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
@@ -197,3 +200,18 @@ def test_both_layouts_load_from_a_hub_repo(tmp_path, unet, hub):
     """
     env = hub.env(tmp_path, "hf_x") | {"PYTHONPATH": str(REPO)}
     assert finish(start_script(sys.executable, script, env, tmp_path)).split() == ["subfolders", "ok", "flat", "ok"]
+
+
+def test_torch_dtype_loads_without_diffusers_cast_warning(tmp_path, unet):
+    """The README's speed line: torch_dtype= at load time, not pipe.to(dtype) afterwards (which diffusers warns about)."""
+    subfolder_layout(tmp_path / "repo", unet)
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        pipe = HFDDPMPipeline.from_pretrained(tmp_path / "repo", torch_dtype=torch.bfloat16)
+        assert pipe.unet.dtype == torch.bfloat16 and "Casting directly with `to()`" not in log.getvalue()
+        HFDDPMPipeline.from_pretrained(tmp_path / "repo").to(torch.bfloat16)
+        assert "Casting directly with `to()`" in log.getvalue()  # what the README no longer does
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
