@@ -1,13 +1,15 @@
 """Training in a process that a test can kill, or make fail, at an exact point.
 
 `python tests/fault_hooks.py ARGV` (or as the script of `accelerate launch`) trains with ARGV as training/train.py
-does, with these hooks chosen by environment variables:
+does (its `main`: one `error:` line, the preemption exit status), with these hooks chosen by environment variables:
 
     FAULT_PAUSE_AT=checkpoint-N   accelerate's save_state has written every part of checkpoint-N.tmp, and the
                                   rename that makes it a checkpoint comes next: write FAULT_MARKER, then sleep
     FAULT_PAUSE_AT=pipeline       the final pipeline's components are swapped in and model_index.json is not back
                                   yet (hf_ddpm.hub.save_hub_pipeline): write FAULT_MARKER, then sleep
     FAULT_PAUSE_AT=first-step     write FAULT_MARKER when the first optimizer step is logged (no pause)
+    FAULT_STEP_SLEEP=S            sleep S seconds after each optimizer step's logs (a run long enough to signal)
+    FAULT_PID_DIR=DIR             each process writes its PID to DIR/rank-<RANK> at its first optimizer step
     FAULT_NAN_RANK, FAULT_NAN_CALL    that process's FAULT_NAN_CALL-th loss (counting from 1) is NaN
     FAULT_ENOSPC_RANK, FAULT_ENOSPC_STEP    that process's save_state of checkpoint-STEP raises ENOSPC
 
@@ -88,9 +90,13 @@ def _install(env) -> None:
         return result
 
     def hooked_log(self, values, step=None, **kwargs):
+        if env.get("FAULT_PID_DIR") and step == 1:
+            (Path(env["FAULT_PID_DIR"]) / f"rank-{rank}").write_text(str(os.getpid()))
         if point == "first-step" and not os.path.exists(marker):
             Path(marker).write_text("training")
-        return log(self, values, step=step, **kwargs)
+        result = log(self, values, step=step, **kwargs)
+        time.sleep(float(env.get("FAULT_STEP_SLEEP", "0")))
+        return result
 
     accelerate.Accelerator.save_state, accelerate.Accelerator.log = hooked_save_state, hooked_log
     if point == "pipeline":
@@ -118,6 +124,6 @@ def _install(env) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(HOOKS.parents[1]))
     _install(os.environ)
-    from hf_ddpm.training import parse_args, train
+    from hf_ddpm.training import main
 
-    train(parse_args(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

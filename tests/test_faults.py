@@ -31,10 +31,12 @@ from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.training import checkpoints, parse_args, train
 from hf_ddpm.training.checkpoints import CheckpointWriteError
 from hf_ddpm.training.faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError
+from hf_ddpm.training.output_dir import LOCK_NAME, MANIFEST_NAME
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 RUN = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--random_flip", "--learning_rate", "1e-3"]
+RECORDS = [MANIFEST_NAME, LOCK_NAME]  # what every run keeps in its output directory (sorted: dot-names first)
 CHECKPOINT_FILES = {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors", "optimizer.bin",
                     "random_states_0.pkl", "scheduler.bin"}  # fmt: skip
 
@@ -166,7 +168,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_says_so(tmp
     with pytest.raises(CheckpointWriteError, match=message):
         train(parse_args(tiny(out, *RUN)))
     assert tree_hashes(out / "checkpoint-2") == seen["checkpoint-2"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "logs", "training_args.json"]
+    assert sorted(p.name for p in out.iterdir()) == [*RECORDS, "checkpoint-2", "logs", "training_args.json"]
     monkeypatch.undo()
     reset_accelerate()
     resume(out, *RUN)  # space freed: the run goes on from checkpoint-2
@@ -256,7 +258,7 @@ def test_a_real_full_disk_and_a_read_only_directory_during_a_checkpoint(tmp_path
         assert (
             reason in run["error"] and f"the previous checkpoint, {base}/{case}/checkpoint-2, is intact" in run["error"]
         )
-        assert run["listing"] == ["checkpoint-2", "logs", "training_args.json"]  # no .tmp, no pipeline
+        assert run["listing"] == [*RECORDS, "checkpoint-2", "logs", "training_args.json"]  # no .tmp, no pipeline
         assert run["resumed"] == "ok" and "model_index.json" in run["after"] and "checkpoint-8" in run["after"]
     assert results["start-up"].startswith(f"OSError: --output_dir {base}/full/new is not writable (Read-only file")
 
@@ -271,7 +273,7 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_no_nan_weights_are_written(tmp
     message += rf"nothing of this step: the last checkpoint, {out}/checkpoint-1, is intact. .*--on_nan skip"
     with pytest.raises(NonFiniteError, match=message):
         train(parse_args(tiny(out, "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e30")))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "logs", "training_args.json"]
+    assert sorted(p.name for p in out.iterdir()) == [*RECORDS, "checkpoint-1", "logs", "training_args.json"]
     weights = load_file(str(out / "checkpoint-1" / "model.safetensors"))
     ema = torch.load(out / "checkpoint-1" / "custom_checkpoint_1.pkl", weights_only=False)["shadow_params"]
     assert all(torch.isfinite(t).all() for t in [*weights.values(), *ema])
@@ -292,7 +294,7 @@ def test_weights_that_turn_nan_are_never_written(tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(NonFiniteError, match=r"step 2: the weights hold NaN or inf \(conv_in.weight, ema:conv_in"):
         train(parse_args(tiny(out, "--max_train_steps", "4", "--checkpointing_steps", "1")))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "logs", "training_args.json"]
+    assert sorted(p.name for p in out.iterdir()) == [*RECORDS, "checkpoint-1", "logs", "training_args.json"]
 
 
 def nan_at(monkeypatch, calls: set[int] | None) -> None:
@@ -354,7 +356,7 @@ def test_a_fault_on_one_ddp_process_stops_both_instead_of_hanging(tmp_path, faul
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     log = result.stdout + result.stderr
     assert result.returncode != 0 and log.count(shown) >= 2, log[-4000:]  # raised on both ranks
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "logs", "training_args.json"]
+    assert sorted(p.name for p in out.iterdir()) == [*RECORDS, "checkpoint-2", "logs", "training_args.json"]
 
 
 # ------------------------------------------------------------------------------------------------ the Hub

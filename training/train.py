@@ -8,15 +8,17 @@ Examples:
     accelerate launch --num_processes 1 --cpu training/train.py --output_dir outputs/digits
     accelerate launch --multi_gpu --num_processes 8 training/train.py --dataset_name uoft-cs/cifar10 \
         --model_config ddpm-cifar10-32 --learning_rate 2e-4 --train_batch_size 16 --mixed_precision bf16
-    accelerate launch training/train.py --output_dir outputs/digits --resume_from_checkpoint latest
+    accelerate launch --multi_gpu --num_processes 8 training/train.py --output_dir outputs/digits \
+        --resume_from_checkpoint latest
+
+An error ends the output with one line, `error: <message>` (`--debug` prints the traceback above it; accelerate
+launch adds its own report of the failed process after it unless it is given `--quiet`). SIGTERM, SIGINT and SIGUSR1
+stop the run at the next optimizer step with a checkpoint and exit with status 128 + the signal number.
 """
 
-from hf_ddpm.training import parse_args, train
+import sys
 
-
-def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
-
+from hf_ddpm.training import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -163,16 +163,24 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
 
 
 class TrainProgress:
-    """Where the run is: the optimizer step (the data position and random streams follow from it) and the run's
-    shape, to warn when a checkpoint is resumed with another batch size or world size."""
+    """Where the run is: the optimizer step (the data position and random streams follow from it); the run's
+    shape, to warn when a checkpoint is resumed with another batch size; and what a resume must agree on, read
+    back before the run starts (hf_ddpm/training/preflight.py): the UNet config and objective (`run_config`) and
+    the mixed precision. Plain types only, so that `torch.load(weights_only=True)` reads it."""
 
-    def __init__(self, **run_shape):
+    def __init__(self, run_config: dict | None = None, mixed_precision: str | None = None, **run_shape):
         self.global_step = 0
         self.run_shape = dict(run_shape)
+        self.run_config, self.mixed_precision = run_config or {}, mixed_precision
         self.loaded_shape: dict | None = None
 
     def state_dict(self) -> dict:
-        return {"global_step": self.global_step, "run_shape": self.run_shape}
+        return {
+            "global_step": self.global_step,
+            "run_shape": self.run_shape,
+            "run_config": self.run_config,
+            "mixed_precision": self.mixed_precision,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -23,6 +25,7 @@ from .batches import step_generator, to_model_input
 from .config import DEFAULT_SAVE_IMAGES_EPOCHS
 from .evaluation import ema_weights, held_out_bits_per_dim, parameter_hash, sample_grid
 from .faults import any_process_failed, require_finite_weights
+from .preemption import Preempted, PreemptionHandler, parse_signals, resume_command
 from .publish import publish
 from .setup import Run, resume, setup
 
@@ -31,8 +34,20 @@ logger = get_logger(__name__)
 
 def train(args) -> dict:
     """Run (or resume) training to `total_steps` optimizer steps; write the pipeline; return the run's summary."""
-    run = setup(args)
-    resume(run)
+    run = setup(args)  # the main process holds the output directory's lock from here ...
+    preemption = PreemptionHandler(parse_signals(args.preemption_signals))
+    try:
+        resume(run)
+        preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
+        return _train(run, preemption)
+    finally:
+        preemption.restore()
+        if run.lock is not None:
+            run.lock.release()  # ... to its end (or the process's, whichever comes first)
+
+
+def _train(run: Run, preemption: PreemptionHandler) -> dict:
+    args = run.args
     accelerator, batches, progress = run.accelerator, run.batches, run.progress
     accum, device, rank = args.gradient_accumulation_steps, accelerator.device, accelerator.process_index
     images_per_step = args.train_batch_size * accelerator.num_processes * accum
@@ -68,7 +83,8 @@ def train(args) -> dict:
             loss_sum += loss.detach()
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm or math.inf)
-                mean_loss = accelerator.reduce(loss_sum / accum, "mean")  # the same on every process
+                # the same on every process; the preemption flag rides in the same all-reduce
+                mean_loss = preemption.reduce_with_loss(accelerator, loss_sum / accum)
                 updated = run.nan_guard.apply_update(mean_loss, grad_norm)  # --on_nan skip: False for NaN/inf
                 if updated:
                     run.optimizer.step()
@@ -82,8 +98,9 @@ def train(args) -> dict:
             run.ema.step(run.model.parameters())
         progress.global_step += 1
         step, now = progress.global_step, time.perf_counter()
+        loss_value, stop = preemption.read(accelerator.num_processes)  # the host read the logs need anyway
         logs = {
-            "loss": mean_loss.item(),
+            "loss": loss_value,
             "lr": run.lr_scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
             "images_per_sec": images_per_step / (now - last_time),
@@ -97,6 +114,9 @@ def train(args) -> dict:
         loss_sum.zero_()
         run.nan_guard.after_step(step, logs["loss"], logs["grad_norm"])  # --on_nan stop: raises before any write
         _periodic(run, step)
+        if stop:
+            bar.close()
+            _preempt(run, step, preemption.agreed)
         last_time = time.perf_counter()
     bar.close()
     return _finish(run, time.perf_counter() - started)
@@ -154,6 +174,22 @@ def _finish(run: Run, seconds: float) -> dict:
     if args.push_to_hub and accelerator.is_main_process:
         publish(args.output_dir, args)
     return summary
+
+
+def _preempt(run: Run, step: int, signum: int) -> None:
+    """All processes agreed to stop after `step`: checkpoint it (unless `_periodic` just did), say how to resume,
+    and raise Preempted (exit status 128 + the signal number)."""
+    args, accelerator = run.args, run.accelerator
+    path = os.path.join(args.output_dir, f"checkpoint-{step}")
+    if step % args.checkpointing_steps != 0:
+        require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}")
+        path = checkpoints.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+    command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
+    if accelerator.is_main_process:
+        name = signal.Signals(signum).name
+        print(f"preempted ({name}) at step {step}: saved {path}; resume with: {command}", flush=True)
+    accelerator.end_training()
+    raise Preempted(signum, path, command)
 
 
 def _due(run: Run, step: int, every_steps: int | None, every_epochs: int | None) -> bool:

@@ -13,19 +13,28 @@ from ..scheduler import SCHEDULE_ALIASES, HFDDPMScheduler
 from ..schedules import paper_linear_endpoints
 from ..unet import UNET_PRESETS, unet_config
 from .config import DEFAULT_MODEL
+from .preflight import build_checked
 
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000  # DDPM section 4
 
 
-def _model_source(args) -> str:
-    return args.model_config or DEFAULT_MODEL
+def model_source(args) -> str:
+    """The preset name, the JSON file or the pretrained pipeline the UNet comes from (for messages)."""
+    return args.pretrained_model_name_or_path or args.model_config or DEFAULT_MODEL
 
 
 def _load_json_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"--model_config {path!r} is neither a preset ({', '.join(UNET_PRESETS)}) nor a JSON file")
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--model_config {path} is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--model_config {path} holds a JSON {type(config).__name__}, not an object of UNet keys")
     return {k: v for k, v in config.items() if not k.startswith("_")}  # drop _class_name, _diffusers_version
 
 
@@ -35,7 +44,7 @@ def data_shape(args) -> tuple[int | None, int]:
         check_pipeline_index(args.pretrained_model_name_or_path)  # a complete pipeline, not a half-written one
         config = UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
         return config["in_channels"], args.resolution or _side(config["sample_size"])
-    source = _model_source(args)
+    source = model_source(args)
     if source in UNET_PRESETS:
         return None, args.resolution or unet_config(source)["sample_size"]
     config = _load_json_config(source)
@@ -46,22 +55,27 @@ def _side(sample_size) -> int:
     return sample_size if isinstance(sample_size, int) else int(sample_size[0])
 
 
-def build_unet(args, channels: int, resolution: int, learned_variance: bool) -> UNet2DModel:
-    """A fresh UNet2DModel for `channels`-channel images of `resolution`, or the pretrained one."""
+def build_unet(args, channels: int | None, resolution: int, learned_variance: bool) -> UNet2DModel:
+    """A fresh UNet2DModel for `channels`-channel images of `resolution` (None: the preset's own channels), or
+    the pretrained one. Bad config values are refused naming the file and key (preflight.build_checked)."""
+    if channels is None:
+        channels = unet_config(model_source(args))["in_channels"]
     out_channels = 2 * channels if learned_variance else channels
     if args.pretrained_model_name_or_path is not None:
         unet = load_unet(args.pretrained_model_name_or_path)  # safetensors only: a pickle is refused
         if unet.config.sample_size != resolution:
             unet.register_to_config(sample_size=resolution)  # convolutional: trains at the new size
     else:
-        source = _model_source(args)
+        source = model_source(args)
         if source in UNET_PRESETS:
             config = unet_config(
                 source, learned_variance, in_channels=channels, out_channels=channels, sample_size=resolution
             )
         else:
             config = {**_load_json_config(source), "sample_size": resolution}
-        unet = UNet2DModel.from_config(config)
+        if args.dropout is not None:  # (CONFIG) --dropout: the recipes' per-dataset dropout
+            config = {**config, "dropout": args.dropout}
+        unet = build_checked(config, source)
     if unet.config.out_channels != out_channels:
         kind = "learned_range (mean and variance)" if learned_variance else "a fixed variance"
         raise ValueError(

@@ -22,6 +22,7 @@ import torch
 from ..losses import LOSS_TYPES
 from ..scheduler import BETA_SCHEDULES, PREDICTION_TYPES, SCHEDULE_ALIASES, VARIANCE_TYPES
 from .faults import NAN_POLICIES
+from .preemption import parse_signals
 
 DEFAULT_MODEL = "digits-16-tiny"
 DEFAULT_SAVE_IMAGES_EPOCHS = 10  # diffusers' default, used when neither --save_images_steps nor _epochs is given
@@ -70,6 +71,18 @@ class DataOptions:
     max_train_samples: int | None = option(help="train on a seeded subset of this many images", min=1)
     on_corrupt_image: Literal["skip", "stop"] = option(
         "skip", "an image that fails to decode: skip it (one warning with the count and names) or stop")
+    # (DATA) issue 12: data at any scale
+    train_data_files: str | None = option(
+        help="data files, comma-separated, globs allowed: parquet, arrow, csv/json of image paths, or image files")
+    max_in_memory_gb: float | None = option(
+        help="hold the preprocessed images in RAM when they fit this many GB per process, else read batches from "
+             "the memory-mapped cache (default: a quarter of the machine's memory over its processes)", min=0)
+    preprocessing_num_workers: int | None = option(
+        help="processes that decode images into the cache on its first run (default: the CPUs, up to 8)", min=1)
+    streaming: bool = option(False, "stream the dataset (Hub or data files) instead of preprocessing it into the "
+                                    "cache; decoded in the DataLoader workers; resumes at the next batch")
+    shuffle_buffer_size: int = option(10_000, "--streaming: the shuffle buffer, in examples", min=1)
+    dataloader_num_workers: int = option(0, "--streaming: DataLoader worker processes that decode images", min=0)
 
 
 @dataclass
@@ -79,6 +92,8 @@ class ModelOptions:
         aliases=("--model_config_name_or_path",))
     pretrained_model_name_or_path: str | None = option(
         help="fine-tune: a pipeline directory (unet/ and scheduler/) to start from")
+    dropout: float | None = option(help="the new UNet's dropout probability (default: the preset's or JSON config's)",
+                                   min=0)  # DDPM: 0.1 on CIFAR-10, 0 at 256² (App. B); Improved DDPM CIFAR-10: 0.3
 
 
 @dataclass
@@ -99,15 +114,19 @@ class ObjectiveOptions:
         False, "sample t by the loss's second moment (Improved DDPM section 3.3; meant for --loss vlb)")
     # 250 respaced steps: a quarter of T = 1000's cost per grid; benchmarks/results/RESULTS.md measured the FID at
     # 250 steps within 3.4% of 1000 steps' (diffusers' default is 1000)
-    ddpm_num_inference_steps: int = option(250, "sampling steps of the sample grids (a respaced chain when fewer than T)",
-                                           min=1)
+    # (TRAIN) None: 250, or T when T is smaller, so that a short-T run needs no flag
+    ddpm_num_inference_steps: int | None = option(
+        help="sampling steps of the sample grids (default: 250, or T if smaller; a respaced chain when fewer than T)",
+        min=1)
 
 
 @dataclass
 class OptimizationOptions:
     # The digits defaults: 1617 training digits / 64 = 25 steps per epoch, so 40 epochs are 1000 optimizer steps,
     # a few minutes on two CPU cores (`make demo`). The papers' batch 128 and lr 2e-4 are in training/recipes/.
-    train_batch_size: int = option(64, "images per process per micro-step", min=1)
+    # (TRAIN) None: 64, capped (and logged) when the training split holds fewer images; an explicit value is kept
+    train_batch_size: int | None = option(
+        help="images per process per micro-step (default: 64), capped to fit a smaller training set", min=1)
     num_epochs: int = option(40, "passes over the training images", min=1)
     max_train_steps: int | None = option(help="optimizer steps; overrides --num_epochs", min=1)
     gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step", min=1)
@@ -117,7 +136,8 @@ class OptimizationOptions:
     learning_rate: float = option(2e-3, "peak learning rate of AdamW", min=0)
     lr_scheduler: LRScheduler = option("cosine", "decay after the warmup")  # diffusers' default
     # 100 (diffusers: 500, DDPM: 5000): a tenth of the default 1000-step digits run; 500 would be half of it
-    lr_warmup_steps: int = option(100, "linear warmup from 0", min=0)
+    # (TRAIN) None: 100, or a tenth of a shorter run (logged); an explicit value longer than the run is an error
+    lr_warmup_steps: int | None = option(help="linear warmup from 0 (default: 100, or a tenth of a shorter run)", min=0)
     # AdamW's β1, β2, weight decay and ε are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9)
     adam_beta1: float = option(0.95, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
@@ -141,12 +161,23 @@ class PrecisionOptions:
     compile: bool = option(False, "torch.compile the UNet (accelerate's dynamo backend)")
     channels_last: bool = option(False, "channels-last memory format (faster on GPUs)")
     allow_tf32: bool = option(False, "TF32 matmuls and convolutions on Ampere+ GPUs")
+    # (TRAIN) one thread per process: two OpenMP threads on two busy cores ran 20-60x slower (README, Training)
+    num_threads: int | None = option(
+        help="CPU threads per process (torch.set_num_threads; default: the CPUs this process may use divided by the "
+             "processes on this machine, at most 1 when other load is likely: see README)", min=1)
 
 
 @dataclass
 class OutputOptions:
     output_dir: str = option("ddpm-model", "the pipeline, samples, checkpoints and logs")
-    overwrite_output_dir: bool = option(False, "start over in --output_dir: delete its checkpoints and logs")
+    overwrite_output_dir: bool = option(
+        False, "start over in --output_dir: delete what an earlier run wrote there (never other files)")
+    allow_nonempty_output_dir: bool = option(
+        False, "train in a non-empty --output_dir that holds no earlier run (its files are left untouched)")
+    # (TRAIN) what SLURM (--signal), Kubernetes, spot instances and Ctrl-C send before a kill
+    preemption_signals: str = option(
+        "TERM,INT,USR1", "signals that stop the run at the next optimizer step with a checkpoint (exit status "
+        "128 + the signal number); 'none' keeps the default actions")
     checkpointing_steps: int = option(500, "checkpoint every N steps", min=1)  # diffusers' default
     checkpoints_total_limit: int | None = option(help="keep only the newest N checkpoints", min=1)
     resume_from_checkpoint: str | None = option(
@@ -159,6 +190,7 @@ class OutputOptions:
 class LoggingOptions:
     logger: Literal["tensorboard", "wandb"] = option("tensorboard", "accelerate tracker")
     logging_dir: str = option("logs", "relative to --output_dir")
+    debug: bool = option(False, "on an error, print the full traceback (by default: one 'error: ...' line)")
     save_images_epochs: int | None = option(
         help=f"a sample grid every N epochs (default: {DEFAULT_SAVE_IMAGES_EPOCHS})", min=1)
     save_images_steps: int | None = option(help="a sample grid every N steps instead", min=1)
@@ -231,6 +263,10 @@ def check_args(args: TrainingConfig) -> None:
         )
     if args.pretrained_model_name_or_path is not None and args.model_config is not None:
         raise ValueError("--model_config and --pretrained_model_name_or_path both choose the model; pass one")
+    if args.dropout is not None and (args.dropout >= 1 or args.pretrained_model_name_or_path is not None):
+        raise ValueError(
+            f"--dropout {args.dropout}: a probability in [0, 1) for a new UNet (a pretrained one keeps its own)"
+        )
     if args.save_images_epochs is not None and args.save_images_steps is not None:
         raise ValueError("pass --save_images_epochs or --save_images_steps, not both")
     if args.save_model_epochs is not None and args.save_model_steps is not None:
@@ -239,6 +275,7 @@ def check_args(args: TrainingConfig) -> None:
         raise ValueError(
             "--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir deletes it: pass one"
         )
+    parse_signals(args.preemption_signals)  # (TRAIN) raises ValueError naming an unknown signal
     hub_flags = [f"--{n}" for n in ("hub_model_id", "hub_private_repo", "hub_token") if getattr(args, n)]
     if hub_flags and not args.push_to_hub:
         raise ValueError(f"{', '.join(hub_flags)} only apply with --push_to_hub, which was not given")

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -17,20 +16,19 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from ..data import load_data
 from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
-from . import checkpoints
-from .batches import ShardedBatches
-from .config import serializable_args
+from . import checkpoints, output_dir, preflight, threads
+from .batches import ShardedBatches, load_training_data
+from .config import effective_mixed_precision, serializable_args
 from .faults import NanGuard, any_process_failed, describe
-from .model import build_scheduler, build_unet, data_shape
+from .model import build_scheduler, build_unet, data_shape, model_source
 from .publish import check_publish
 from .timesteps import LossSecondMomentResampler, UniformSampler
 
 logger = get_logger(__name__)
-DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "eval_size",
-                "seed", "max_train_samples", "cache_dir")  # fmt: skip
+# The defaults of options whose default depends on the run (None in the config): see run_config.py.
+DEFAULT_BATCH_SIZE, DEFAULT_WARMUP_STEPS, DEFAULT_INFERENCE_STEPS = 64, 100, 250
 
 
 @dataclass
@@ -51,6 +49,7 @@ class Run:
     total_steps: int
     data_source: str
     nan_guard: NanGuard
+    lock: output_dir.RunLock | None = None  # the output directory's lock (main process), held until the run ends
 
     @property
     def model(self) -> torch.nn.Module:
@@ -65,31 +64,73 @@ class Run:
         return step * self.args.gradient_accumulation_steps // self.batches.batches_per_epoch
 
 
-def check_output_dir(args) -> None:
-    """Refuse to mix runs in one directory (before anything is loaded or written)."""
-    has_run = checkpoints.list_checkpoints(args.output_dir) or os.path.exists(
-        os.path.join(args.output_dir, "model_index.json")
-    )
-    if has_run and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+@dataclass
+class Plan:
+    """What `check_run` found before any data is read or anything written."""
+
+    channels: int | None  # None: the preset adapts to the data's channels
+    resolution: int
+    scheduler: HFDDPMScheduler
+    resume_path: str | None
+    record: dict  # the resumed checkpoint's run record ({} for a new run)
+    output: output_dir.OutputDir
+
+
+def check_run(args) -> Plan:
+    """Every check that needs no data and writes nothing (each process alike, so all refuse together): the Hub
+    target, the model and the objective, one UNet forward pass at the training resolution, the checkpoint to
+    resume and its compatibility, and the output directory."""
+    check_publish(args)
+    preflight.check_repo_id(args)
+    channels, resolution = data_shape(args)
+    scheduler = build_scheduler(args)
+    num_timesteps = scheduler.config.num_train_timesteps
+    if args.ddpm_num_inference_steps is None:  # the default fits any T
+        args.ddpm_num_inference_steps = min(DEFAULT_INFERENCE_STEPS, num_timesteps)
+    elif args.ddpm_num_inference_steps > num_timesteps:  # checked now, not at the first sample grid
         raise ValueError(
-            f"{args.output_dir} holds an earlier run; pass --resume_from_checkpoint latest to continue it "
-            "or --overwrite_output_dir to start over"
+            f"--ddpm_num_inference_steps {args.ddpm_num_inference_steps} exceeds the {num_timesteps} training "
+            f"timesteps (T); choose 1 to {num_timesteps}"
         )
+    learned = scheduler.config.variance_type == "learned_range"
+    unet = build_unet(args, channels, resolution, learned)
+    preflight.check_forward(unet, resolution, model_source(args), args.resolution is not None)
+    path = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    record = preflight.checkpoint_record(path) if path else {}
+    if record:
+        current = preflight.run_config(unet.config, scheduler.config, args.loss)
+        preflight.check_resume(path, record, current, skip=("in_channels", "out_channels") if channels is None else ())
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch` (torchrun) before any setup
+        preflight.restore_run_shape(path, record, args, world, effective_mixed_precision(args))
+    found = output_dir.check_output_dir(args)
+    return Plan(channels, resolution, scheduler, path, record, found)
 
 
-def prepare_output_dir(args, accelerator) -> None:
+def lock_output_dir(args, accelerator) -> output_dir.RunLock | None:
+    """The main process takes the output directory's lock; every process hears whether it could."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = output_dir.acquire_lock(args.output_dir)
+        except (OSError, ValueError) as err:
+            error = err
+    if any_process_failed(accelerator, error is not None):
+        if isinstance(error, output_dir.OutputDirError):
+            raise error
+        reason = describe(error) if error else "the main process could not lock it"
+        raise OSError(f"--output_dir {args.output_dir} is not writable ({reason}); choose a writable directory")
+    return lock
+
+
+def prepare_output_dir(args, accelerator, plan: Plan) -> None:
     """Clean up after a killed run; record the options (main process). Called once the data and the model are
     known to be good, so that a bad option or input leaves the output directory as it was."""
     accelerator.wait_for_everyone()  # every process has looked before the main one changes anything
     error = None
     if accelerator.is_main_process:
         try:
-            if args.overwrite_output_dir:
-                for _, path in checkpoints.list_checkpoints(args.output_dir):
-                    shutil.rmtree(path)
-                shutil.rmtree(os.path.join(args.output_dir, args.logging_dir), ignore_errors=True)
+            output_dir.prepare_output_dir(plan.output, args)
             checkpoints.remove_incomplete(args.output_dir)
-            os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
                 json.dump(serializable_args(args), f, indent=2)
         except OSError as err:
@@ -100,7 +141,9 @@ def prepare_output_dir(args, accelerator) -> None:
 
 
 def setup(args) -> Run:
-    check_publish(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    threads.apply(args)
+    plan = check_run(args)  # before the Accelerator: a resumed run's mixed precision is restored from its checkpoint
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -109,45 +152,57 @@ def setup(args) -> Run:
         step_scheduler_with_optimizer=False,  # stepped by the loop, once per optimizer step
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.compile else None,
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line per file saved: our own suffices
         logging.getLogger(name).setLevel(logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    check_output_dir(args)
-    set_seed(args.seed)  # the same initial weights on every process
+    lock = lock_output_dir(args, accelerator)
+    try:
+        run = _build(args, accelerator, plan)
+    except BaseException:
+        if lock is not None:  # nothing else written yet when the output directory was new: leave no trace
+            lock.release(remove=not os.path.exists(os.path.join(args.output_dir, output_dir.MANIFEST_NAME)))
+        raise
+    run.lock = lock
+    return run
 
-    # Options and inputs are all checked before the output directory is touched.
-    channels, resolution = data_shape(args)
-    scheduler = build_scheduler(args)
-    num_timesteps = scheduler.config.num_train_timesteps
-    if args.ddpm_num_inference_steps > num_timesteps:  # checked now, not at the first sample grid
-        raise ValueError(
-            f"--ddpm_num_inference_steps {args.ddpm_num_inference_steps} exceeds the {num_timesteps} training "
-            f"timesteps (T); choose 1 to {num_timesteps}"
-        )
-    with accelerator.main_process_first():  # the datasets cache is built once
-        data = load_data(
-            resolution=resolution,
-            channels=channels,
-            skip_corrupt=args.on_corrupt_image == "skip",
-            **{k: getattr(args, k) for k in DATA_OPTIONS},
-        )
+
+def _build(args, accelerator, plan: Plan) -> Run:
+    set_seed(args.seed)  # the same initial weights on every process
+    scheduler, resolution = plan.scheduler, plan.resolution
+    data = load_training_data(args, accelerator, resolution, plan.channels)  # the cache is built once per machine
     if args.eval_bits_per_dim_steps and not len(data.eval):
         raise ValueError("--eval_bits_per_dim_steps needs held-out images, and --eval_size leaves none")
     learned = scheduler.config.variance_type == "learned_range"
     unet = build_unet(args, data.train.shape[1], resolution, learned)
+    if plan.record:  # the data decided the channels: compare them too, before anything is written
+        current = preflight.run_config(unet.config, scheduler.config, args.loss)
+        preflight.check_resume(plan.resume_path, plan.record, current)
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     device, world = accelerator.device, accelerator.num_processes
+    if args.train_batch_size is None:  # the default, capped so that a small folder trains without flags
+        args.train_batch_size = max(1, min(DEFAULT_BATCH_SIZE, len(data.train) // world))
+        if args.train_batch_size < DEFAULT_BATCH_SIZE:
+            logger.info(
+                "--train_batch_size %d (the default %d, capped: %d training images over %d processes)",
+                args.train_batch_size, DEFAULT_BATCH_SIZE, len(data.train), world,
+            )  # fmt: skip
     batches = ShardedBatches(data.train.to(device), args.train_batch_size, world, accelerator.process_index, args.seed)
     steps_per_epoch = batches.batches_per_epoch / args.gradient_accumulation_steps
     total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
-    if args.lr_warmup_steps > total_steps:
+    if args.lr_warmup_steps is None:  # the default, shortened for a run shorter than it
+        args.lr_warmup_steps = DEFAULT_WARMUP_STEPS if DEFAULT_WARMUP_STEPS <= total_steps else total_steps // 10
+        if args.lr_warmup_steps != DEFAULT_WARMUP_STEPS:
+            logger.info(
+                "--lr_warmup_steps %d (the default %d is longer than the run's %d steps: a tenth of it)",
+                args.lr_warmup_steps, DEFAULT_WARMUP_STEPS, total_steps,
+            )  # fmt: skip
+    elif args.lr_warmup_steps > total_steps:
         raise ValueError(f"--lr_warmup_steps {args.lr_warmup_steps} exceeds the run's {total_steps} optimizer steps")
-    prepare_output_dir(args, accelerator)
+    prepare_output_dir(args, accelerator, plan)
 
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -179,6 +234,8 @@ def setup(args) -> Run:
     num_steps = scheduler.config.num_train_timesteps
     sampler = LossSecondMomentResampler(num_steps) if args.importance_sampling else UniformSampler(num_steps)
     progress = checkpoints.TrainProgress(
+        run_config=preflight.run_config(model.config, scheduler.config, args.loss),
+        mixed_precision=accelerator.mixed_precision,
         num_processes=world,
         train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -201,7 +258,7 @@ def setup(args) -> Run:
 
 def resume(run: Run) -> None:
     """Load the checkpoint named by --resume_from_checkpoint, if any (all processes)."""
-    path = checkpoints.resolve_resume(run.args.resume_from_checkpoint, run.args.output_dir)
+    path = checkpoints.resolve_resume(run.args.resume_from_checkpoint, run.args.output_dir)  # as check_run found
     if path is None:
         if run.args.resume_from_checkpoint is not None:
             logger.info("no checkpoint in %s yet: starting a new run", run.args.output_dir)

@@ -1,0 +1,190 @@
+"""One run per output directory, and a directory that is ours or empty.
+
+- `acquire_lock`: an exclusive `fcntl.flock` on `<output_dir>/.hf_ddpm.lock`, held by the main process for the
+  whole run. The kernel releases it when the process ends, however it ends (a SIGKILLed run never leaves a stale
+  lock). A second run on the directory is refused at once, naming the holder's PID and host (written in the file).
+- `check_output_dir`: read-only, before anything is loaded or written. An empty or new directory is fine; one that
+  holds an earlier run of ours (our manifest, or the files an older version wrote) needs --resume_from_checkpoint
+  or --overwrite_output_dir; any other non-empty directory is refused, naming a few of its files, unless
+  --allow_nonempty_output_dir is given, and even then a file whose name a run writes is refused, never replaced.
+- `prepare_output_dir`: once everything is checked, write the manifest (`.hf_ddpm-manifest.json`: the files that
+  were there before us) and, for --overwrite_output_dir, remove what an earlier run of ours wrote, never a file of
+  someone else's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+
+from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
+from ..remote_code import PIPELINE_PREFIX
+
+LOCK_NAME = ".hf_ddpm.lock"
+MANIFEST_NAME = ".hf_ddpm-manifest.json"
+# Top-level names a run writes (checkpoints, the pipeline, samples, logs, the run's records, their temporary names).
+RUN_PATTERNS = ("checkpoint-*", "unet", "scheduler", "model_index.json", f"{PIPELINE_PREFIX}_*.py", "samples",
+                "samples.png", "samples.png.tmp", "training_args.json", "training_summary.json",
+                "training_summary.json.tmp", PIPELINE_STAGING, PIPELINE_REPLACED, "nonfinite-*", "eval*.json",
+                LOCK_NAME, MANIFEST_NAME)  # fmt: skip
+# What an earlier run of ours leaves even without a manifest (written by versions before it existed).
+RUN_MARKERS = ("checkpoint-*", "training_args.json", "model_index.json")
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used by this run (another run holds it, or it holds someone else's files)."""
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def run_patterns(logging_dir: str) -> tuple[str, ...]:
+    """RUN_PATTERNS plus the first component of --logging_dir (when it lies inside the output directory)."""
+    if os.path.isabs(logging_dir) or logging_dir.startswith(".."):
+        return RUN_PATTERNS
+    return (*RUN_PATTERNS, os.path.normpath(logging_dir).split(os.sep)[0])
+
+
+@dataclass
+class OutputDir:
+    """What `check_output_dir` found: whether an earlier run of ours is there, and the entries that are not ours."""
+
+    path: str
+    earlier_run: bool
+    foreign: list[str] = field(default_factory=list)
+
+
+def _listing(path: str) -> list[str]:
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def _manifest(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, MANIFEST_NAME)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_output_dir(args) -> OutputDir:
+    """Refuse a directory that this run must not use (see the module docstring). Reads only."""
+    path = args.output_dir
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"--output_dir {path} is a file, not a directory")
+    names = [n for n in _listing(path) if n != LOCK_NAME]
+    manifest = _manifest(path)
+    patterns = run_patterns(args.logging_dir)
+    if manifest is not None:
+        foreign = [n for n in names if n in manifest.get("foreign", [])]
+        earlier = any(_matches(n, RUN_MARKERS) for n in names)
+    else:
+        earlier = any(_matches(n, RUN_MARKERS) for n in names)
+        foreign = [] if earlier else names
+    if earlier and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        raise OutputDirError(
+            f"{path} holds an earlier run; pass --resume_from_checkpoint latest to continue it "
+            "or --overwrite_output_dir to start over"
+        )
+    if manifest is None and foreign:
+        shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 5 else "")
+        if not getattr(args, "allow_nonempty_output_dir", False):
+            raise OutputDirError(
+                f"--output_dir {path} is not empty and holds no earlier training run ({shown}); choose a new or "
+                "empty directory, or pass --allow_nonempty_output_dir to train beside these files (they are left "
+                "untouched)"
+            )
+        clashes = [n for n in foreign if _matches(n, patterns)]
+        if clashes:
+            raise OutputDirError(
+                f"--output_dir {path} holds {', '.join(clashes)}, which a training run writes; move them away or "
+                "choose another directory (--allow_nonempty_output_dir never replaces files that are not ours)"
+            )
+    return OutputDir(path, earlier, foreign)
+
+
+def prepare_output_dir(found: OutputDir, args) -> None:
+    """Main process, after every check passed: remove an earlier run's files for --overwrite_output_dir (only
+    those a run of ours writes) and write the manifest naming the files that are not ours."""
+    os.makedirs(found.path, exist_ok=True)
+    if args.overwrite_output_dir:
+        patterns = run_patterns(args.logging_dir)
+        for name in _listing(found.path):
+            if name in (LOCK_NAME, MANIFEST_NAME) or name in found.foreign or not _matches(name, patterns):
+                continue
+            target = os.path.join(found.path, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            else:
+                os.remove(target)
+    manifest = _manifest(found.path) or {"written_by": "hf_ddpm", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    manifest["foreign"] = sorted(set(manifest.get("foreign", [])) | set(found.foreign))
+    tmp = os.path.join(found.path, MANIFEST_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(found.path, MANIFEST_NAME))
+
+
+class RunLock:
+    """The exclusive lock on an output directory (see `acquire_lock`); `release` (or the process's end) frees it."""
+
+    def __init__(self, fd: int, path: str, created_dir: str | None):
+        self.fd, self.path, self.created_dir = fd, path, created_dir
+
+    def release(self, remove: bool = False) -> None:
+        """Free the lock; with `remove` (a run that wrote nothing else) delete the lock file, and the directory
+        if this run created it, so that a refused run leaves no trace."""
+        if self.fd is None:
+            return
+        if remove:
+            os.unlink(self.path)
+            if self.created_dir is not None:
+                try:
+                    os.rmdir(self.created_dir)
+                except OSError:
+                    pass
+        os.close(self.fd)  # closing the last descriptor frees the flock
+        self.fd = None
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        return f"PID {info['pid']} on host {info['host']} (since {info['started']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def acquire_lock(output_dir: str) -> RunLock:
+    """Take the exclusive lock on `output_dir` (created if missing) or raise OutputDirError naming its holder."""
+    created = None if os.path.isdir(output_dir) else os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputDirError(
+                f"--output_dir {output_dir} is in use by another training run: {_holder(path)}. Wait for it to "
+                "finish (or stop it), or choose another --output_dir"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a file that its holder just removed
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    return RunLock(fd, path, created)
