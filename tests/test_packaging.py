@@ -1,6 +1,6 @@
 """What a wheel of hf_ddpm holds: installed from it (not from this checkout), the package renders model cards
-from its own copy of model_cards/, prepares the Space from its own copy of examples/gradio_space/ and writes the
-remote-code modules from its own source."""
+from its own copy of model_cards/, prepares the Space from its own copy of examples/gradio_space/, writes the
+remote-code modules from its own source, and trains with `accelerate launch -m hf_ddpm.train`."""
 
 import importlib
 import json
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from diffusers import UNet2DModel
+from hub_clients import make_bare_venv
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 
@@ -97,3 +98,49 @@ def test_the_lazy_public_names_are_the_listed_ones_and_all_resolve():
         assert getattr(hf_ddpm, name) is getattr(importlib.import_module(hf_ddpm._EXPORTS[name], "hf_ddpm"), name)
     with pytest.raises(AttributeError, match="has no attribute 'HFDDPM'"):
         hf_ddpm.HFDDPM  # noqa: B018
+
+
+def test_installed_into_a_fresh_virtualenv_it_trains_with_accelerate_launch_m(wheel, tmp_path):
+    """pip install of the wheel into a virtual environment outside the checkout (which sees torch, diffusers and
+    accelerate but not this checkout's hf_ddpm), then a 2-step `accelerate launch -m hf_ddpm.train` run whose
+    pipeline loads and samples."""
+    python = make_bare_venv(tmp_path)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    where = subprocess.run(
+        [python, "-c", "import hf_ddpm.train, sys; print(hf_ddpm.train.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert Path(where.stdout.strip()).is_relative_to(tmp_path / "venv") and not Path(where.stdout).is_relative_to(ROOT)
+    launcher = [python, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--cpu"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    flags = [
+        "--output_dir", str(tmp_path / "out"), "--model_config", "test-tiny", "--resolution", "8",
+        "--ddpm_num_steps", "50", "--train_batch_size", "4", "--max_train_steps", "2", "--lr_warmup_steps", "0",
+        "--eval_size", "16", "--eval_num_images", "4", "--eval_num_timesteps", "2", "--eval_batch_size", "2",
+        "--ddpm_num_inference_steps", "4",
+    ]  # fmt: skip
+    run = subprocess.run(
+        [*launcher, "-m", "hf_ddpm.train", *flags], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    pipe = HFDDPMPipeline.from_pretrained(tmp_path / "out")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.num_train_timesteps == 50
+    images = pipe(batch_size=2, num_inference_steps=4, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and images.std() > 0
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert (tmp_path / "out" / f"{index['_class_name'][0]}.py").is_file()  # the remote-code module, from the wheel
+
+
+def test_the_space_requirements_list_what_diffusers_needs_to_load_without_warnings():
+    lines = (ROOT / "examples" / "gradio_space" / "requirements.txt").read_text().splitlines()
+    names = {line.split("#")[0].strip().split(">")[0].split("=")[0].split("<")[0] for line in lines}
+    assert {"torch", "diffusers", "accelerate", "safetensors", "huggingface_hub"} <= names

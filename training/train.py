@@ -2,7 +2,8 @@
 
 With no flags it trains the `digits-16-tiny` UNet on scikit-learn's bundled digits (a few minutes on two CPU cores)
 and writes an `HFDDPMPipeline` (EMA weights, safetensors) with a sample grid to --output_dir. `--help` lists the
-options; they follow diffusers' train_unconditional.py. The work is done in `hf_ddpm.training`.
+options; they follow diffusers' train_unconditional.py. The work is done in `hf_ddpm.training`; an installed hf_ddpm
+runs the same function without a checkout: `accelerate launch -m hf_ddpm.train [flags]` (hf_ddpm/train.py).
 
 Examples:
     accelerate launch --num_processes 1 --cpu training/train.py --output_dir outputs/digits
@@ -18,7 +19,7 @@ stop the run at the next optimizer step with a checkpoint and exit with status 1
 
 import sys
 
-from hf_ddpm.training import main
+from hf_ddpm.train import main
 
 if __name__ == "__main__":
     sys.exit(main())
