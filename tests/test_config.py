@@ -160,3 +160,22 @@ def test_config_sources_that_do_not_exist_or_are_not_yaml_or_json(tmp_path):
     with pytest.raises(ValueError, match="is not valid JSON"):
         read_config_file(str(tmp_path / "run.json"))
     assert config_values({"num_train_timesteps": 4000}) == {"ddpm_num_steps": 4000}  # diffusers' name as a key
+
+
+def test_a_source_chosen_on_the_command_line_replaces_the_files_competing_one(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "dataset_name: uoft-cs/cifar10\nmodel_config: ddpm-cifar10-32\ndropout: 0.1\nsave_images_steps: 9\n"
+    )
+    config = parse_args(["--config", str(path), "--train_data_dir", "imgs", "--save_images_epochs", "2"])
+    assert (config.train_data_dir, config.dataset_name, config.save_images_epochs, config.save_images_steps) == (
+        "imgs",
+        None,
+        2,
+        None,
+    )
+    assert (config.model_config, config.dropout) == ("ddpm-cifar10-32", 0.1)  # untouched: no competing flag given
+    config = parse_args(["--config", str(path), "--pretrained_model_name_or_path", "outputs/run"])
+    assert (config.model_config, config.dropout, config.dataset_name) == (None, None, "uoft-cs/cifar10")
+    with pytest.raises(ValueError, match="not both"):  # both on the command line: still refused
+        parse_args(["--dataset_name", "a", "--train_data_dir", "b"])

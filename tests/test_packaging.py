@@ -55,6 +55,8 @@ def test_the_wheel_ships_the_card_template_inside_the_package(wheel):
     shipped = {"hf_ddpm/model_cards/model_card.md": ROOT / "model_cards" / "model_card.md"}
     for name in ("README.md", "app.py", "requirements.txt"):
         shipped[f"hf_ddpm/gradio_space/{name}"] = ROOT / "examples" / "gradio_space" / name
+    for recipe in (ROOT / "training" / "recipes").glob("*.yaml"):  # `--config ddpm-cifar10` from a wheel
+        shipped[f"hf_ddpm/recipes/{recipe.name}"] = recipe
     for name, source in shipped.items():
         assert zipfile.ZipFile(wheel).read(name) == source.read_bytes(), name
     assert all(n.startswith(("hf_ddpm/", "hf_ddpm-")) for n in names)  # nothing outside the package

@@ -160,14 +160,41 @@ def _typed(key, value, kind, choices, optional, parse, source):
     return value
 
 
+# A choice made on the command line replaces the config file's competing one: `--config ddpm-cifar10
+# --train_data_dir ./my_images` trains the recipe on an image folder instead of the recipe's dataset.
+REPLACES = {
+    "dataset_name": ("train_data_dir",),
+    "train_data_dir": ("dataset_name", "dataset_config_name"),
+    "model_config": ("pretrained_model_name_or_path",),
+    "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
+    "save_images_epochs": ("save_images_steps",),
+    "save_images_steps": ("save_images_epochs",),
+    "save_model_epochs": ("save_model_steps",),
+    "save_model_steps": ("save_model_epochs",),
+}
+
+
+def _given(argv: list[str] | None) -> set[str]:
+    """The fields that the command line itself sets."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     """The run config of a command line: the fields' defaults, then --config's values, then the flags given."""
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     source = pre.parse_known_args(argv)[0].config
-    if source is not None:
-        parser.set_defaults(**read_config_file(source))
+    from_file = read_config_file(source) if source is not None else {}
+    parser.set_defaults(**from_file)
     values = vars(parser.parse_args(argv))
     del values["config"]
+    if from_file:
+        given = _given(argv)
+        for name in given & set(REPLACES):
+            for other in set(REPLACES[name]) - given:
+                values[other] = TrainingConfig.__dataclass_fields__[other].default
     return TrainingConfig(**values)
