@@ -5,8 +5,8 @@ because it carries the code itself and `model_index.json` names it (H, h: 8 hex 
 
     model_index.json                    "_class_name": ["pipeline_hf_ddpm_H", "HFDDPMPipeline"],
                                         "scheduler": ["scheduling_hf_ddpm_h", "HFDDPMScheduler"], "unet": ["diffusers", ...]
-    pipeline_hf_ddpm_H.py               schedules + chain + gaussians + scheduler + bound + loading + pipeline
-    scheduler/scheduling_hf_ddpm_h.py   schedules + chain + gaussians + scheduler
+    pipeline_hf_ddpm_H.py               schedules + chain + gaussians + scheduler_configs + scheduler + bound + loading + pipeline
+    scheduler/scheduling_hf_ddpm_h.py   schedules + chain + gaussians + scheduler_configs + scheduler
 
 diffusers 0.42 copies every remote module into one flat folder (HF_MODULES_CACHE/diffusers_modules/local) and
 re-executes a module of the same name in place, so the names are distinctive and carry a hash of the code: two
@@ -33,7 +33,7 @@ from .shipped import PACKAGE_DIR
 PIPELINE_PREFIX = "pipeline_hf_ddpm"  # at the repo root (diffusers looks for `<_class_name[0]>.py` there)
 SCHEDULER_PREFIX = "scheduling_hf_ddpm"  # in scheduler/ (diffusers looks in the component's folder)
 PIPELINE_CLASS, SCHEDULER_CLASS = "HFDDPMPipeline", "HFDDPMScheduler"
-SCHEDULER_SOURCES = ("schedules", "chain", "gaussians", "scheduler")
+SCHEDULER_SOURCES = ("schedules", "chain", "gaussians", "scheduler_configs", "scheduler")
 PIPELINE_SOURCES = (*SCHEDULER_SOURCES, "bound", "loading", "pipeline")
 # What a machine with diffusers has: its dependencies (torch is required to run any pipeline) and the stdlib.
 ALLOWED_IMPORTS = frozenset({"diffusers", "huggingface_hub", "numpy", "PIL", "safetensors", "torch"})

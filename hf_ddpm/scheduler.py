@@ -18,50 +18,19 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .chain import TIMESTEP_SPACINGS, Chain, ChainRows, TimestepSpacing, spaced_timesteps
 from .gaussians import discretized_gaussian_log_likelihood, normal_kl
+from .scheduler_configs import PIPELINE_SCHEDULERS, PROCESS_KEYS, check_foreign_config, from_early_keys
 from .schedules import BETA_SCHEDULES, SCHEDULE_ALIASES, BetaSchedule, check_betas, named_betas
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range"]
 VARIANCE_TYPES = get_args(VarianceType)
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 PREDICTION_TYPES = get_args(PredictionType)
-PIPELINE_SCHEDULERS = (
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "DPMSolverMultistepScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "PNDMScheduler",
-    "UniPCMultistepScheduler",
-    "LMSDiscreteScheduler",
-)
-CONFIG_SOURCES = tuple(e.name for e in KarrasDiffusionSchedulers)  # diffusers' schedulers of a β-schedule process
-# The first diffusers release's name and keys, still in the root scheduler_config.json of the google/ddpm-* repos.
-EARLY_CLASS_NAMES = ("GaussianDDPMScheduler",)
-EARLY_KEYS = {"timesteps": "num_train_timesteps"}
-# The keys that define the DDPM process (and so the bound). diffusers gives a scheduler swapped in with `from_config`
-# its own defaults for the keys the source config left at theirs (`_use_default_values`): HeunDiscreteScheduler would
-# get β from 0.00085 to 0.012 instead of DDPM's. These keys are recorded as set, so every swap keeps them.
-PROCESS_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "variance_type",
-    "clip_sample",
-    "clip_sample_range",
-    "prediction_type",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
-)
 
 
 @dataclass
@@ -167,8 +136,8 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         (`"_class_name": "GaussianDDPMScheduler"`, `"timesteps"` for T), still in the google/ddpm-* repos, are read as
         DDPMScheduler's. From a compatible scheduler's config this takes the keys it
         shares (T, the β schedule, `prediction_type`, `timestep_spacing`, ...); the others keep their defaults."""
-        config = _from_early_keys(getattr(config, "config", config))
-        _check_foreign_config(cls, config)
+        config = from_early_keys(getattr(config, "config", config))
+        check_foreign_config(cls, config)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ timesteps and respacing
@@ -386,32 +355,3 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var).to(kl.dtype)
         is_first = (timesteps.to(x_t.device) == 0).view(-1, *([1] * (x_t.dim() - 1)))
         return torch.where(is_first, decoder_nll, kl)
-
-
-def _from_early_keys(config):
-    """A GaussianDDPMScheduler config (diffusers' first release) as a DDPMScheduler one: `timesteps` is T."""
-    if not config or config.get("_class_name") not in EARLY_CLASS_NAMES:
-        return config
-    renamed = {EARLY_KEYS.get(k, k): v for k, v in config.items() if k != "_class_name"}
-    return {"_class_name": "DDPMScheduler", **renamed}
-
-
-def _check_foreign_config(cls, config) -> None:
-    if not config:
-        return
-    name = config.get("_class_name")
-    own = {cls.__name__, "HFDDPMScheduler", "DDPMScheduler"}
-    allowed = sorted(own | set(CONFIG_SOURCES))
-    if name is None:
-        known = set(cls._get_init_keys(cls)) & set(config)
-        if not known:
-            raise ValueError(
-                f"this scheduler config has none of {cls.__name__}'s keys (it has {sorted(config)}): it is not a "
-                f"diffusers scheduler config. Expected keys such as num_train_timesteps, beta_schedule, beta_start, "
-                f"beta_end, variance_type, prediction_type (the config of one of {allowed})"
-            )
-    elif name not in allowed or (name not in own and "beta_schedule" not in config):
-        raise ValueError(
-            f"a {name} config cannot configure {cls.__name__}: it holds no β schedule for DDPM. Load a config of one "
-            f"of {allowed} (with beta_schedule), or build {cls.__name__}(num_train_timesteps=..., beta_schedule=...)"
-        )

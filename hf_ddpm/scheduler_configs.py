@@ -1,0 +1,73 @@
+"""Which diffusers scheduler configs can configure HFDDPMScheduler, and the keys that must survive a swap.
+
+`HFDDPMScheduler.from_config` reads a config of itself, of diffusers' `DDPMScheduler` or of any scheduler of a
+β-schedule process (`CONFIG_SOURCES`), including the early google/ddpm-* keys; it refuses the rest with a message
+that names the class and the allowed ones. The pipeline samples with the `PIPELINE_SCHEDULERS`.
+"""
+
+from __future__ import annotations
+
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+PIPELINE_SCHEDULERS = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+    "LMSDiscreteScheduler",
+)
+CONFIG_SOURCES = tuple(e.name for e in KarrasDiffusionSchedulers)  # diffusers' schedulers of a β-schedule process
+# The first diffusers release's name and keys, still in the root scheduler_config.json of the google/ddpm-* repos.
+EARLY_CLASS_NAMES = ("GaussianDDPMScheduler",)
+EARLY_KEYS = {"timesteps": "num_train_timesteps"}
+# The keys that define the DDPM process (and so the bound). diffusers gives a scheduler swapped in with `from_config`
+# its own defaults for the keys the source config left at theirs (`_use_default_values`): HeunDiscreteScheduler would
+# get β from 0.00085 to 0.012 instead of DDPM's. These keys are recorded as set, so every swap keeps them.
+PROCESS_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "variance_type",
+    "clip_sample",
+    "clip_sample_range",
+    "prediction_type",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+)
+
+
+def from_early_keys(config):
+    """A GaussianDDPMScheduler config (diffusers' first release) as a DDPMScheduler one: `timesteps` is T."""
+    if not config or config.get("_class_name") not in EARLY_CLASS_NAMES:
+        return config
+    renamed = {EARLY_KEYS.get(k, k): v for k, v in config.items() if k != "_class_name"}
+    return {"_class_name": "DDPMScheduler", **renamed}
+
+
+def check_foreign_config(cls, config) -> None:
+    """Refuse a config that describes no β schedule for `cls` (see `HFDDPMScheduler.from_config`)."""
+    if not config:
+        return
+    name = config.get("_class_name")
+    own = {cls.__name__, "HFDDPMScheduler", "DDPMScheduler"}
+    allowed = sorted(own | set(CONFIG_SOURCES))
+    if name is None:
+        known = set(cls._get_init_keys(cls)) & set(config)
+        if not known:
+            raise ValueError(
+                f"this scheduler config has none of {cls.__name__}'s keys (it has {sorted(config)}): it is not a "
+                f"diffusers scheduler config. Expected keys such as num_train_timesteps, beta_schedule, beta_start, "
+                f"beta_end, variance_type, prediction_type (the config of one of {allowed})"
+            )
+    elif name not in allowed or (name not in own and "beta_schedule" not in config):
+        raise ValueError(
+            f"a {name} config cannot configure {cls.__name__}: it holds no β schedule for DDPM. Load a config of one "
+            f"of {allowed} (with beta_schedule), or build {cls.__name__}(num_train_timesteps=..., beta_schedule=...)"
+        )
