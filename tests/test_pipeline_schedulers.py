@@ -225,3 +225,63 @@ def test_bits_per_dim_refuses_an_empty_batch():
     pipe = make_pipe(False)
     with pytest.raises(ValueError, match=r"images holds no image: shape \(0, 3, 8, 8\)"):
         pipe.bits_per_dim(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------ a trained model: statistics, not collapsed
+
+USUAL_STEPS = {  # each scheduler at the step count its users take
+    "DDIMScheduler": 50,
+    "DPMSolverMultistepScheduler": 20,
+    "EulerDiscreteScheduler": 50,
+    "EulerAncestralDiscreteScheduler": 50,
+    "HeunDiscreteScheduler": 25,
+    "PNDMScheduler": 50,
+    "UniPCMultistepScheduler": 20,
+    "LMSDiscreteScheduler": 50,
+    "DDPMScheduler": 250,
+}
+
+
+@pytest.fixture(scope="module")
+def trained_digits_pipe():
+    """The test-tiny UNet (one channel) trained for 400 steps on sklearn's 8x8 digits with L_simple (DDPM eq. 14),
+    T = 1000, linear β: a written-out loop, so that the test depends on nothing but the scheduler's add_noise."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    data = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 8.0 - 1.0  # 0..16 -> [-1, 1], (1797, 1, 8, 8)
+    unet = UNet2DModel(**unet_config("test-tiny", in_channels=1, out_channels=1))
+    scheduler = HFDDPMScheduler(num_train_timesteps=1000, variance_type="fixed_small")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        x0 = data[torch.randint(0, len(data), (64,), generator=generator)]
+        t = torch.randint(0, 1000, (64,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t).float(), t).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    pipe = HFDDPMPipeline(unet.eval(), scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def statistics(images: torch.Tensor) -> tuple[float, float, float]:
+    """(mean pixel value, std over all pixels, mean over pixels of the std across the batch) of images in [0, 1]."""
+    return images.mean().item(), images.std().item(), images.std(dim=0).mean().item()
+
+
+@pytest.mark.slow
+def test_every_scheduler_samples_the_trained_model_like_1000_step_ancestral_sampling(trained_digits_pipe):
+    pipe = trained_digits_pipe
+    ddpm_config = pipe.scheduler.config
+    reference = pipe(batch_size=256, generator=torch.manual_seed(0), num_inference_steps=1000, output_type="pt")
+    mean, std, spread = statistics(reference.images)
+    assert 0.1 < mean < 0.6 and spread > 0.2  # digits: dark background, varied strokes
+    for name, steps in USUAL_STEPS.items():
+        pipe.scheduler = getattr(diffusers, name).from_config(ddpm_config)
+        images = pipe(batch_size=256, generator=torch.manual_seed(1), num_inference_steps=steps, output_type="pt")
+        m, s, sp = statistics(images.images)
+        assert abs(m - mean) < 0.05 and abs(s - std) < 0.05, (name, m, s, mean, std)
+        assert sp > 0.75 * spread, (name, sp, spread)  # not collapsed onto a few images
