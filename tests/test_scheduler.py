@@ -3,6 +3,7 @@ process, the posterior, the reverse step's pieces and the terms of the bound; an
 Its agreement with diffusers' DDPMScheduler is in test_scheduler_diffusers.py."""
 
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -121,6 +122,20 @@ def test_thresholding_is_float64_exact_in_float64():
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HFDDPMScheduler(**kwargs)
+
+
+def test_the_allowed_values_are_the_literal_hints_of_the_config():
+    """Each option's values are written once, as the Literal hint of its config key: every value of the hint builds
+    a scheduler, and the error for a wrong one lists exactly those values."""
+    hints = typing.get_type_hints(HFDDPMScheduler.__init__)
+    for key in ("variance_type", "prediction_type", "timestep_spacing", "beta_schedule"):
+        allowed = typing.get_args(hints[key])
+        allowed = tuple(v for arg in allowed for v in (typing.get_args(arg) or (arg,)))  # BetaSchedule | "cosine"
+        for value in allowed:
+            HFDDPMScheduler(num_train_timesteps=10, **{key: value})
+        with pytest.raises(ValueError) as refused:
+            HFDDPMScheduler(num_train_timesteps=10, **{key: "nonsense"})
+        assert str(refused.value).endswith("choose one of " + ", ".join(map(repr, allowed))), str(refused.value)
 
 
 @pytest.mark.parametrize(

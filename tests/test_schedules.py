@@ -168,6 +168,23 @@ def test_check_betas_returns_float64():
     assert out.dtype == np.float64
 
 
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_the_registry_names_each_schedule(name):
+    """schedules.named_betas (as improved-diffusion's get_named_beta_schedule): a config's name → its β."""
+    config_name, ends = SCHEDULES[name][2], SCHEDULES[name][3] or (1e-4, 0.02)
+    ours, closed = ours_and_closed(name, 100)
+    assert np.array_equal(schedules.named_betas(config_name, 100, *ends), ours)
+    np.testing.assert_allclose(schedules.named_betas(config_name, 100, *ends), closed, rtol=1e-12)
+    if name == "cosine":  # Improved DDPM's name for it, and no endpoints
+        assert np.array_equal(schedules.named_betas("cosine", 100, 0.5, 0.6), ours)
+
+
+def test_the_registry_refuses_an_unknown_name_with_the_choices():
+    with pytest.raises(ValueError, match=r"beta_schedule='cosinus' is not supported; choose one of 'linear', "
+                       r"'scaled_linear', 'squaredcos_cap_v2', 'sigmoid', 'cosine'$"):  # fmt: skip
+        schedules.named_betas("cosinus", 10, 1e-4, 0.02)
+
+
 def test_schedule_with_a_bad_endpoint_fails_at_that_timestep():
     with pytest.raises(ValueError, match=r"beta at timestep 0 is 0\.0;"):
         schedules.linear_betas(10, 0.0, 0.02)
