@@ -249,6 +249,26 @@ def test_bound_terms_match_closed_forms(variance_type, clip_sample):
             assert np.all(got[b] > 0)
 
 
+@pytest.mark.parametrize("thresholding", [False, True])
+def test_clip_denoised_overrides_the_configured_clipping(thresholding):
+    """None: x̂_0 as configured (clip_sample / thresholding); False: as predicted; True: clipped (or thresholded)."""
+    ts = torch.tensor([3, 400])
+    x_t = torch.randn((2, *SHAPE[1:]), generator=seeded(0), dtype=F64)
+    x0 = pixels(1)[:2]
+    eps_hat = 3 * torch.randn(x_t.shape, generator=seeded(2), dtype=F64)  # sends x̂_0 far outside [-1, 1]
+    options = dict(thresholding=thresholding, dynamic_thresholding_ratio=0.9, sample_max_value=5.0)
+    on, off = HFDDPMScheduler(clip_sample=True, **options), HFDDPMScheduler(clip_sample=False)
+    raw = off.p_mean_variance(eps_hat, x_t, ts)[2]
+    assert raw.abs().max() > 5
+    clipped = on.p_mean_variance(eps_hat, x_t, ts)[2]
+    assert clipped.abs().max() <= 1 + 1e-12
+    assert torch.equal(on.p_mean_variance(eps_hat, x_t, ts, clip_denoised=False)[2], raw)
+    if not thresholding:
+        assert torch.equal(off.p_mean_variance(eps_hat, x_t, ts, clip_denoised=True)[2], raw.clamp(-1, 1))
+    assert torch.equal(on.bound_terms(eps_hat, x0, x_t, ts, clip_denoised=False), off.bound_terms(eps_hat, x0, x_t, ts))
+    assert not torch.equal(on.bound_terms(eps_hat, x0, x_t, ts), off.bound_terms(eps_hat, x0, x_t, ts))
+
+
 def test_learned_range_spans_log_beta_tilde_to_log_beta_also_at_t0():
     """Improved DDPM eq. 15 and its code: min_log = log β̃_t (clipped at t = 0 to log β̃_1), max_log = log β_t
     (not clipped: β_0 is positive). v = -1 gives β̃, v = +1 gives β, at every t including 0."""
