@@ -140,7 +140,7 @@ def fixed_small_bound_term(betas, x0, x_t, t: int, eps_hat) -> float:
     """One term of the bound in nats, summed over pixels, for an ε-prediction model with σ² = β̃_t (clipped to β̃_1
     at t = 0) and x̂_0 clipped to [-1, 1]: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_θ(x_{t-1} | x_t)) for t > 0,
     L_0 = -log p_θ(x_0 | x_1) (eq. 13) at t = 0."""
-    ac = np.cumprod(1 - betas)
+    ac = alphas_cumprod(betas)
     a_t, a_prev = ac[t], (ac[t - 1] if t > 0 else 1.0)
     x0_hat = np.clip((x_t - np.sqrt(1 - a_t) * eps_hat) / np.sqrt(a_t), -1, 1)  # eq. 15 inverted, clipped
     coef_x0 = np.sqrt(a_prev) * betas[t] / (1 - a_t)  # eq. 7
@@ -167,7 +167,7 @@ def point_mass_bound_nats(betas, c, variance_type: str) -> tuple[float, float, f
     L_0: pixels sit at their bin centres, the decoder mean is c and its variance β̃_1, so each interior pixel costs
     -log(Φ(h/σ) - Φ(-h/σ)) and each edge pixel (open bin) -log Φ(h/σ), h = 1/255.
     """
-    ac = np.cumprod(1.0 - betas)
+    ac = alphas_cumprod(betas)
     ac_prev = np.concatenate([[1.0], ac[:-1]])
     beta_tilde = betas * (1 - ac_prev) / (1 - ac)
     c = np.asarray(c).ravel()

@@ -19,12 +19,12 @@ D = int(np.prod(SHAPE))
 # A point mass at x0 = C: a few pixel values, the two edge bins (-1 and +1, which are open) among them.
 C_PIXELS = torch.tensor([0, 255, 128, 7, 200, 64], dtype=torch.uint8).repeat(8)[:D].reshape(1, *SHAPE)
 C = C_PIXELS.double() / 127.5 - 1.0
-BETAS = np.linspace(1e-4, 0.02 * 1000 / T, T)  # the paper's linear schedule scaled to T (make_scheduler)
+BETAS = paper.linear_betas(T, 1e-4, 0.02 * 1000 / T)  # the paper's linear schedule scaled to T (make_scheduler)
 
 
 def perfect_denoiser(scheduler, prediction_type):
     """The optimal model for data that is always C: it knows x_0 exactly, so it predicts ε or x_0 without error."""
-    ac = torch.from_numpy(np.cumprod(1.0 - BETAS))
+    ac = torch.from_numpy(paper.alphas_cumprod(BETAS))
 
     def model(x_t, t):
         x0 = C.to(x_t.dtype).expand_as(x_t)
@@ -124,7 +124,7 @@ def test_exact_bound_of_a_tiny_unet_equals_a_term_by_term_computation():
     out = variational_bound(spy, scheduler, x0, batch_size=7, generator=torch.manual_seed(2))
     assert out.terms_bpd.shape == (3, 12)
 
-    betas = np.linspace(1e-4, 0.2, 12)
+    betas = paper.linear_betas(12, 1e-4, 0.2)
     x0_64 = pixels.double().numpy() / 127.5 - 1
     flat_terms = []
     for x_t, ts, eps in calls:  # the pairs run image-major: image 0 at t = 0..11, then image 1, ...
