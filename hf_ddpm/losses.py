@@ -20,6 +20,23 @@ hybrid: simple + λ·vlb with the mean's gradient stopped in the vlb term (Impro
 HYBRID_VLB_WEIGHT = 0.001  # λ of Improved DDPM (section 3.1): L_hybrid = L_simple + λ L_vlb
 
 
+def check_objective(loss_type: str, variance_type: str, source: str = "the scheduler") -> None:
+    """The one rule tying the loss to the reverse variance, for every caller (training's flags, a pretrained
+    scheduler, `training_losses`): only the vlb term trains Σ_θ, so hybrid needs learned_range (Improved DDPM
+    section 3.1), and simple with learned_range would leave the variance channels untrained. `source` says where
+    variance_type came from, for the message."""
+    if loss_type == "hybrid" and variance_type != "learned_range":
+        raise ValueError(
+            f"--loss hybrid needs variance_type learned_range; {source} has {variance_type!r} "
+            "(the vlb term is what trains the variance; use --loss simple for a fixed variance)"
+        )
+    if loss_type == "simple" and variance_type == "learned_range":
+        raise ValueError(
+            f"variance_type learned_range ({source}) with --loss simple leaves the variance channels untrained; "
+            "use --loss hybrid (Improved DDPM) or --loss vlb"
+        )
+
+
 def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(dim=1)
 
@@ -65,12 +82,8 @@ def training_losses(
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not supported; choose one of {LOSS_TYPES}")
+    check_objective(loss_type, scheduler.config.variance_type)
     learned = scheduler.config.variance_type == "learned_range"
-    if loss_type == "hybrid" and not learned:
-        raise ValueError(
-            "loss_type='hybrid' trains the variance through the vlb term and needs variance_type='learned_range'; "
-            f"got {scheduler.config.variance_type!r} (use loss_type='simple' for a fixed variance)"
-        )
     x_t = scheduler.add_noise(x_start, noise, timesteps)  # DDPM eq. 4
     output = model_fn(x_t, timesteps).float()
     channels = x_start.shape[1]

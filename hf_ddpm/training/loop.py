@@ -50,7 +50,7 @@ def _train(run: Run, preemption: PreemptionHandler) -> dict:
     args = run.args
     accelerator, batches, progress = run.accelerator, run.batches, run.progress
     accum, device, rank = args.gradient_accumulation_steps, accelerator.device, accelerator.process_index
-    images_per_step = args.train_batch_size * accelerator.num_processes * accum
+    images_per_step = run.images_per_step
     logger.info(
         "%d training images (%s), %d processes x batch %d x accumulation %d = %d images per optimizer step; "
         "%d optimizer steps",
@@ -138,12 +138,11 @@ def _finish(run: Run, seconds: float) -> dict:
         ema_fingerprint,
         main_process_only=False,
     )
-    images_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     summary = {
         "world_size": accelerator.num_processes,
         "optimizer_steps": step,
         "train_seconds": round(seconds, 2),
-        "images_per_optimizer_step": images_per_step,
+        "images_per_optimizer_step": run.images_per_step,
         "mixed_precision": accelerator.mixed_precision,
         "ema": run.ema is not None,
         "data_source": run.data_source,

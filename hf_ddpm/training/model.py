@@ -9,13 +9,13 @@ import os
 from diffusers import UNet2DModel
 
 from ..loading import check_pipeline_index, load_unet
+from ..losses import check_objective
 from ..scheduler import SCHEDULE_ALIASES, HFDDPMScheduler
-from ..schedules import paper_linear_endpoints
+from ..schedules import PAPER_NUM_TIMESTEPS, paper_linear_endpoints
 from ..unet import UNET_PRESETS, unet_config
 from .config import DEFAULT_MODEL
 from .preflight import build_checked
-
-DEFAULT_NUM_TRAIN_TIMESTEPS = 1000  # DDPM section 4
+from .run_config import default_variance_type
 
 
 def model_source(args) -> str:
@@ -105,7 +105,7 @@ def build_scheduler(args) -> HFDDPMScheduler:
                     f"{flag} {value} differs (drop the flag, or train from scratch)"
                 )
     else:
-        num_steps = args.ddpm_num_steps or DEFAULT_NUM_TRAIN_TIMESTEPS
+        num_steps = args.ddpm_num_steps or PAPER_NUM_TIMESTEPS  # T = 1000 (DDPM section 4)
         schedule = args.ddpm_beta_schedule or "linear"
         endpoints = {}
         if schedule == "linear":  # the paper's endpoints scaled by 1000/T (Improved DDPM), written into the config
@@ -118,16 +118,9 @@ def build_scheduler(args) -> HFDDPMScheduler:
         scheduler = HFDDPMScheduler(
             num_train_timesteps=num_steps,
             beta_schedule=schedule,
-            variance_type=args.variance_type or "fixed_small",
+            variance_type=args.variance_type or default_variance_type(args.loss),
             prediction_type=args.prediction_type or "epsilon",
             **endpoints,
         )
-    variance = scheduler.config.variance_type
-    if args.loss == "hybrid" and variance != "learned_range":
-        raise ValueError(f"--loss hybrid needs variance_type learned_range; the scheduler has {variance!r}")
-    if args.loss == "simple" and variance == "learned_range":
-        raise ValueError(
-            "variance_type learned_range with --loss simple leaves the variance channels untrained; "
-            "use --loss hybrid or --loss vlb"
-        )
+    check_objective(args.loss, scheduler.config.variance_type)  # (CONFIG) the rule's one home: losses.py
     return scheduler

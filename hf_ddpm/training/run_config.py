@@ -19,8 +19,9 @@ from typing import Literal
 
 import torch
 
-from ..losses import LOSS_TYPES
-from ..scheduler import BETA_SCHEDULES, PREDICTION_TYPES, SCHEDULE_ALIASES, VARIANCE_TYPES
+from ..losses import LossType, check_objective
+from ..scheduler import PredictionType, VarianceType
+from ..schedules import BETA_SCHEDULES, SCHEDULE_ALIASES
 from .faults import NAN_POLICIES
 from .preemption import parse_signals
 
@@ -29,11 +30,9 @@ DEFAULT_SAVE_IMAGES_EPOCHS = 10  # diffusers' default, used when neither --save_
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 SECRET_ARGS = ("hub_token",)  # never written to disk
 
-# The allowed values of each choice, as Literal hints: the parser takes its choices from them (typing.get_args).
-PredictionType = Literal[PREDICTION_TYPES]
-BetaSchedule = Literal[BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)]
-VarianceType = Literal[VARIANCE_TYPES]
-LossType = Literal[LOSS_TYPES]
+# The allowed values of each choice are Literal hints (the library's own where it has one): the parser takes its
+# choices from them with typing.get_args.
+BetaScheduleName = Literal[BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)]  # diffusers' names and Improved DDPM's "cosine"
 LRScheduler = Literal[LR_SCHEDULERS]
 NanPolicy = Literal[NAN_POLICIES]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -103,7 +102,7 @@ class ObjectiveOptions:
         help="what the UNet predicts (default: epsilon, or the pretrained scheduler's)")
     ddpm_num_steps: int | None = option(help="T (default: 1000, or the pretrained scheduler's)",
                                         aliases=("--num_train_timesteps",), min=1)
-    ddpm_beta_schedule: BetaSchedule | None = option(
+    ddpm_beta_schedule: BetaScheduleName | None = option(
         help="default: linear, with the paper's endpoints scaled by 1000/T; cosine: Improved DDPM",
         aliases=("--beta_schedule",))
     variance_type: VarianceType | None = option(
@@ -232,9 +231,15 @@ class TrainingConfig(  # the bases in reverse: a dataclass lists the last base's
     """Everything a training run is given: `config.flag_name` for each flag of `training/train.py`."""
 
     def __post_init__(self):
-        if self.loss == "hybrid" and self.variance_type is None and self.pretrained_model_name_or_path is None:
-            self.variance_type = "learned_range"  # the only variance that --loss hybrid can train
+        if self.variance_type is None and self.pretrained_model_name_or_path is None and self.loss == "hybrid":
+            self.variance_type = default_variance_type(self.loss)  # recorded in training_args.json as trained
         check_args(self)
+
+
+def default_variance_type(loss: str) -> str:
+    """A new model's variance_type when --variance_type is not given: learned_range for --loss hybrid, the only
+    variance it can train (Improved DDPM section 3.1), else DDPM's fixed_small (β̃_t, DDPM section 3.2)."""
+    return "learned_range" if loss == "hybrid" else "fixed_small"
 
 
 def effective_mixed_precision(args) -> str:
@@ -280,15 +285,9 @@ def check_args(args: TrainingConfig) -> None:
     if hub_flags and not args.push_to_hub:
         raise ValueError(f"{', '.join(hub_flags)} only apply with --push_to_hub, which was not given")
 
-    # The objective. A pretrained scheduler's values are checked against these once it is loaded.
-    variance = args.variance_type or "fixed_small"
-    if args.loss == "hybrid" and args.variance_type not in (None, "learned_range"):
-        raise ValueError(f"--loss hybrid trains the variance and needs --variance_type learned_range, got {variance}")
-    if args.loss == "simple" and variance == "learned_range":
-        raise ValueError(
-            "--variance_type learned_range with --loss simple leaves the variance channels untrained; "
-            "use --loss hybrid (Improved DDPM) or --loss vlb"
-        )
+    # The objective; a pretrained scheduler's variance_type, when no flag overrides it, is checked once it is loaded.
+    if args.variance_type is not None or args.pretrained_model_name_or_path is None:
+        check_objective(args.loss, args.variance_type or default_variance_type(args.loss), "--variance_type")
 
 
 def serializable_args(args) -> dict:

@@ -63,6 +63,11 @@ class Run:
     def epoch_of(self, step: int) -> int:
         return step * self.args.gradient_accumulation_steps // self.batches.batches_per_epoch
 
+    @property
+    def images_per_step(self) -> int:
+        """Images in one optimizer step: the batch per process x processes x accumulated micro-steps."""
+        return self.args.train_batch_size * self.accelerator.num_processes * self.args.gradient_accumulation_steps
+
 
 @dataclass
 class Plan:
