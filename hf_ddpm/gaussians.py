@@ -15,6 +15,12 @@ import torch
 BIN_HALF_WIDTH = 1.0 / 255.0
 
 
+def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels k in 0..255 → float32 k / 127.5 - 1 in [-1, 1]: DDPM section 3.3 scales the data "linearly to
+    [-1, 1]", the scale on which eq. 13 lays its bins. The one home of this convention (training and the bound)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) per element, in nats."""
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)

@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from .bound import BoundOutput, variational_bound
+from .gaussians import pixels_to_model
 from .loading import load_components
 from .scheduler import HFDDPMScheduler
 
@@ -331,7 +332,7 @@ def ddpm_scheduler_from_config(config, learned_variance: bool = False, name: str
 
 
 def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 images (N, C, H, W) or PIL images → float32 tensor in [-1, 1] (x / 127.5 - 1), shape checked."""
+    """uint8 images (N, C, H, W) or PIL images → float32 tensor in [-1, 1] (`pixels_to_model`), shape checked."""
     channels, height, width = expected_shape
     if isinstance(images, PIL.Image.Image):
         images = [images]
@@ -358,4 +359,4 @@ def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch
         raise ValueError(
             f"images must have shape (N, {channels}, {height}, {width}) to match the UNet, got {tuple(images.shape)}"
         )
-    return images.to(torch.float32) / 127.5 - 1.0
+    return pixels_to_model(images)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data import default_memory_budget, load_data, random_hflip
+from ..gaussians import pixels_to_model
 
 DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "eval_size",
                 "seed", "max_train_samples", "cache_dir", "preprocessing_num_workers")  # fmt: skip
@@ -98,6 +99,6 @@ def step_generator(seed: int, process_index: int, micro_step: int, device) -> to
 
 
 def to_model_input(images: torch.Tensor, generator: torch.Generator, flip: bool) -> torch.Tensor:
-    """uint8 (B, C, H, W) → float32 in [-1, 1] on the images' device (x / 127.5 - 1), randomly flipped if asked."""
-    x = images.to(torch.float32) / 127.5 - 1.0
+    """uint8 (B, C, H, W) → float32 in [-1, 1] on the images' device (`pixels_to_model`), randomly flipped if asked."""
+    x = pixels_to_model(images)
     return random_hflip(x, generator) if flip else x
