@@ -133,12 +133,11 @@ def test_ddp_processes_agree_on_a_signal_and_resume_to_the_uninterrupted_weights
     log = process.log.read_text()
     name, step, path, command = preempted_line(log)  # printed once, by the main process
     assert 1 <= step < STEPS and [s for s, _ in checkpoints.list_checkpoints(tmp_path / "out")] == [step]
-    # rank 0 caught nothing itself: it stops as if terminated; the signalled rank and the launcher report `sig`
-    assert name == (signal.Signals(sig).name if target == "launcher" else "SIGTERM")
+    assert name == signal.Signals(sig).name  # rank 0 learns the signal of rank 1 from the all-reduce
     if target == "launcher":  # accelerate exits with 128 + the signal, as the signal's default action would
         assert returncode == 128 + sig, log[-3000:]
-    else:  # each rank exits 128 + its signal; torchrun reports the failed children and accelerate exits 1
-        assert returncode == 1 and f"exitcode  : {exit_status(sig)}" in log, log[-3000:]
+    else:  # each rank exits 128 + the signal; torchrun reports a failed child and accelerate exits 1
+        assert returncode == 1 and re.search(rf"exitcode\s*: {exit_status(sig)}\b", log), log[-3000:]
     assert command[:5] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"], command
     if not resume:
         return

@@ -31,8 +31,8 @@ MANIFEST_NAME = ".hf_ddpm-manifest.json"
 # Top-level names a run writes (checkpoints, the pipeline, samples, logs, the run's records, their temporary names).
 RUN_PATTERNS = ("checkpoint-*", "unet", "scheduler", "model_index.json", f"{PIPELINE_PREFIX}_*.py", "samples",
                 "samples.png", "samples.png.tmp", "training_args.json", "training_summary.json",
-                "training_summary.json.tmp", PIPELINE_STAGING, PIPELINE_REPLACED, "nonfinite-*", "eval*.json",
-                LOCK_NAME, MANIFEST_NAME)  # fmt: skip
+                "training_summary.json.tmp", PIPELINE_STAGING, PIPELINE_REPLACED, LOCK_NAME, MANIFEST_NAME,
+                MANIFEST_NAME + ".tmp")  # fmt: skip
 # What an earlier run of ours leaves even without a manifest (written by versions before it existed).
 RUN_MARKERS = ("checkpoint-*", "training_args.json", "model_index.json")
 
@@ -78,6 +78,7 @@ def check_output_dir(args) -> OutputDir:
     path = args.output_dir
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputDirError(f"--output_dir {path} is a file, not a directory")
+    refuse_if_locked(path)
     names = [n for n in _listing(path) if n != LOCK_NAME]
     manifest = _manifest(path)
     patterns = run_patterns(args.logging_dir)
@@ -162,6 +163,29 @@ def _holder(path: str) -> str:
         return "another process"
 
 
+def _in_use(output_dir: str, path: str) -> OutputDirError:
+    return OutputDirError(
+        f"--output_dir {output_dir} is in use by another training run: {_holder(path)}. Wait for it to finish "
+        "(or stop it), or choose another --output_dir"
+    )
+
+
+def refuse_if_locked(output_dir: str) -> None:
+    """Raise OutputDirError naming the holder when a live run holds the directory's lock (reads only: the lock
+    is tried on a read-only descriptor and let go at once)."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(output_dir, path) from None
+    finally:
+        os.close(fd)
+
+
 def acquire_lock(output_dir: str) -> RunLock:
     """Take the exclusive lock on `output_dir` (created if missing) or raise OutputDirError naming its holder."""
     created = None if os.path.isdir(output_dir) else os.path.abspath(output_dir)
@@ -173,10 +197,7 @@ def acquire_lock(output_dir: str) -> RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputDirError(
-                f"--output_dir {output_dir} is in use by another training run: {_holder(path)}. Wait for it to "
-                "finish (or stop it), or choose another --output_dir"
-            ) from None
+            raise _in_use(output_dir, path) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a file that its holder just removed
         except FileNotFoundError:

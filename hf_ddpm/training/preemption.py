@@ -104,7 +104,9 @@ class PreemptionHandler:
         its logs anyway. The same answer on every process."""
         loss, signals = (self._reduced / num_processes).tolist()  # the loss exactly as the tensor mean
         if signals > 0 and self.agreed is None:
-            self.agreed = self.received or int(signal.SIGTERM)  # signalled elsewhere: exit as if terminated
+            total = round(signals * num_processes)  # one signalled process: its signal; several: SIGTERM
+            elsewhere = total if total in signal.valid_signals() else int(signal.SIGTERM)
+            self.agreed = self.received or elsewhere
         return loss, self.agreed is not None
 
 

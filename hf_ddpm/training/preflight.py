@@ -9,18 +9,18 @@ with every checkpoint; `checkpoint_record` reads it back without loading the che
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 
 import torch
-from accelerate.logging import get_logger
 from diffusers import UNet2DModel
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)  # not accelerate's: these checks run before its state exists
 
 PROGRESS_FILE = "custom_checkpoint_0.pkl"  # TrainProgress: the first object registered for checkpointing (setup.py)
 OBJECTIVE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type")
 FLAG_OF = {"num_train_timesteps": "--ddpm_num_steps", "beta_schedule": "--ddpm_beta_schedule",
-           "beta_start": "--ddpm_num_steps (the scaled linear schedule)", "beta_end": "--ddpm_num_steps (the scaled linear schedule)",
+           "beta_start": "the schedule's beta_start", "beta_end": "the schedule's beta_end",
            "prediction_type": "--prediction_type", "variance_type": "--variance_type", "loss": "--loss"}  # fmt: skip
 
 
@@ -127,6 +127,43 @@ def check_repo_id(args) -> str | None:
     return repo_id
 
 
+HUB_PROBE_TIMEOUT = 5.0  # seconds: to connect to the Hub and get an answer; datasets would retry for minutes
+
+
+def check_dataset_reachable(args) -> None:
+    """A Hub --dataset_name (not a local path) with the Hub unreachable fails now, within HUB_PROBE_TIMEOUT,
+    naming the network, instead of after datasets' silent retries. Offline mode (HF_HUB_OFFLINE=1 or
+    HF_DATASETS_OFFLINE=1) reads the local cache and is not probed; an HTTP answer of any status counts as
+    reachable (datasets then says what is wrong with the name)."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    name = args.dataset_name
+    if name is None or os.path.exists(name):
+        return
+    if constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    url = f"{endpoint}/api/datasets/{name}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return  # the Hub answered
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {HUB_PROBE_TIMEOUT:g} s"
+        raise ConnectionError(
+            f"--dataset_name {name}: the Hugging Face Hub at {endpoint} cannot be reached ({reason}): a network "
+            "problem, not the dataset. If it is in the local cache, "
+            "run with HF_HUB_OFFLINE=1; or pass a local copy (--dataset_name DIR or --train_data_dir DIR)"
+        ) from None
+
+
 # ------------------------------------------------------------------------------------------------ resuming
 
 
@@ -159,6 +196,8 @@ def config_differences(saved: dict, current: dict, skip=()) -> list[str]:
         for key in sorted(set(old) | set(new)):
             if key in skip or old.get(key) == new.get(key):
                 continue
+            if key in ("beta_start", "beta_end") and old.get("beta_schedule") != new.get("beta_schedule"):
+                continue  # another schedule altogether: said once
             label = f"UNet {key}" if part == "unet" else FLAG_OF.get(key, key)
             found.append(f"{label}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     return found

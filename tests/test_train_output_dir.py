@@ -1,0 +1,121 @@
+"""One run per output directory, and a directory that is ours or empty: the lock (a second run is refused naming
+the first's PID; a SIGKILLed run's lock blocks nothing), foreign files (refused, untouched; kept with
+--allow_nonempty_output_dir; never removed by --overwrite_output_dir), and refused resumes that change nothing."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from fault_hooks import start_training, stop, wait_for_marker
+from hub_clients import tree_hashes
+from test_faults import assert_same_weights
+from test_train_inprocess import tiny
+
+from hf_ddpm.training import checkpoints, parse_args, train
+from hf_ddpm.training.output_dir import LOCK_NAME, MANIFEST_NAME, OutputDirError
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
+RUN = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "1e-3"]
+
+
+def test_a_second_run_is_refused_at_once_naming_the_first_and_the_first_finishes_untouched(tmp_path):
+    reference = tmp_path / "reference"
+    train(parse_args(tiny(reference, *RUN)))
+    out = tmp_path / "out"
+    first = start_training(tmp_path, tiny(out, *RUN), pause_at="first-step", FAULT_STEP_SLEEP="0.2")
+    assert wait_for_marker(first), first.log.read_text()[-3000:]
+    for extra in ([], ["--resume_from_checkpoint", "latest"], ["--overwrite_output_dir"]):
+        started = time.monotonic()
+        with pytest.raises(OutputDirError, match=rf"{out} is in use by another training run: PID {first.pid} on host"):
+            train(parse_args(tiny(out, *RUN, *extra)))
+        assert time.monotonic() - started < 5
+    assert first.wait(timeout=120) == 0, first.log.read_text()[-3000:]
+    assert_same_weights(reference, out, ("unet/diffusion_pytorch_model.safetensors", "checkpoint-6/model.safetensors"))
+
+
+def test_a_sigkilled_runs_lock_does_not_block_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    process = start_training(tmp_path, tiny(out, *RUN), pause_at="checkpoint-3")
+    stop(process)  # SIGKILL while it holds the lock
+    assert (out / LOCK_NAME).exists()
+    summary = train(parse_args(tiny(out, *RUN, "--resume_from_checkpoint", "latest")))
+    assert summary["optimizer_steps"] == 6
+
+
+def test_a_foreign_directory_is_refused_untouched_and_kept_with_the_flag(tmp_path):
+    out = tmp_path / "photos"
+    (out / "unet_notes").mkdir(parents=True)
+    (out / "unet_notes" / "a.txt").write_text("mine")
+    (out / "holiday.jpg").write_bytes(b"\xff\xd8 not really")
+    before = tree_hashes(out)
+    with pytest.raises(OutputDirError, match=r"photos is not empty and holds no earlier training run \(holiday.jpg, "
+                                             r"unet_notes\); .*--allow_nonempty_output_dir"):  # fmt: skip
+        train(parse_args(tiny(out)))
+    assert tree_hashes(out) == before  # byte-identical, nothing added
+    train(parse_args(tiny(out, "--allow_nonempty_output_dir", "--checkpointing_steps", "1")))
+    after = tree_hashes(out)
+    assert {k: after[k] for k in before} == before and (out / "model_index.json").exists()
+    # --overwrite_output_dir starts over: only what a run of ours wrote goes
+    train(parse_args(tiny(out, "--overwrite_output_dir", "--checkpointing_steps", "100")))
+    assert {k: tree_hashes(out)[k] for k in before} == before and not list(out.glob("checkpoint-*"))
+
+
+def test_a_foreign_file_with_a_name_we_write_is_refused_even_with_the_flag(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples.png").write_bytes(b"my own picture")
+    with pytest.raises(OutputDirError, match="holds samples.png, which a training run writes"):
+        train(parse_args(tiny(out, "--allow_nonempty_output_dir")))
+    assert sorted(os.listdir(out)) == ["samples.png"]
+
+
+@pytest.fixture
+def trained(tmp_path) -> Path:
+    out = tmp_path / "out"
+    train(parse_args(tiny(out, *RUN)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--resume_from_checkpoint", "checkpoint-99"], "'checkpoint-99': no such checkpoint directory"),
+        (
+            ["--resume_from_checkpoint", "latest", "--ddpm_num_steps", "40", "--ddpm_beta_schedule", "cosine"],
+            r"was trained with another model or objective: --ddpm_beta_schedule: 'linear' in the checkpoint, "
+            r"'squaredcos_cap_v2' now; --ddpm_num_steps: 50 in the checkpoint, 40 now. Resume with the options",
+        ),
+        (["--resume_from_checkpoint", "latest", "--model_config", "digits-16-tiny"], r"UNet block_out_channels: "),
+        (["--resume_from_checkpoint", "latest", "--prediction_type", "v_prediction", "--loss", "simple"],
+         r"--prediction_type: 'epsilon' in the checkpoint, 'v_prediction' now"),
+        (["--resume_from_checkpoint", "latest", "--mixed_precision", "bf16"],
+         r"--mixed_precision bf16: the checkpoint .*checkpoint-6 was trained with --mixed_precision no"),
+    ],
+)  # fmt: skip
+def test_a_refused_resume_names_the_differences_and_changes_nothing(trained, extra, match, monkeypatch):
+    before = tree_hashes(trained)
+    monkeypatch.setattr("hf_ddpm.training.setup.load_training_data", lambda *_: pytest.fail("data read before checks"))
+    with pytest.raises(ValueError, match=match):
+        train(parse_args(tiny(trained, *RUN, *extra)))
+    assert tree_hashes(trained) == before
+
+
+def test_a_resume_restores_the_checkpoints_mixed_precision(tmp_path):
+    out = tmp_path / "out"
+    train(parse_args(tiny(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--mixed_precision", "bf16")))
+    (out / "checkpoint-2").rename(out / "checkpoint-2.old")  # resume from step 1
+    summary = train(parse_args(tiny(out, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-1")))
+    assert summary["mixed_precision"] == "bf16"  # restored, not the launcher's default "no"
+
+
+def test_the_manifest_records_the_foreign_files_and_the_lock_its_holder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    train(parse_args(tiny(out, "--allow_nonempty_output_dir")))
+    assert json.loads((out / MANIFEST_NAME).read_text())["foreign"] == ["notes.txt"]
+    holder = json.loads((out / LOCK_NAME).read_text())
+    assert holder["pid"] == os.getpid() and holder["host"]
+    assert checkpoints.list_checkpoints(out) == []

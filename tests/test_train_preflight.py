@@ -1,0 +1,208 @@
+"""Everything checked before any work: a UNet that cannot take the resolution or whose JSON config is broken, a Hub
+repo id that cannot exist, an unreachable remote dataset: each refused in seconds, before any data is read and
+before anything is written, naming the flag or the file and key. Defaults that fit a short run. One readable error
+line, also under `accelerate launch`."""
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+from test_train_launch import REPO, environment, launch_command
+
+from hf_ddpm.training import main, parse_args, train
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
+SHORT = ["--model_config", "test-tiny", "--resolution", "8", "--ddpm_num_steps", "50", "--eval_size", "2",
+         "--eval_num_images", "2", "--eval_num_timesteps", "2", "--eval_batch_size", "2"]  # fmt: skip
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Reading the data fails the test: every check below must come first."""
+    monkeypatch.setattr("hf_ddpm.training.setup.load_training_data", lambda *_: pytest.fail("data read before checks"))
+
+
+def refused(tmp_path, argv, match, error=ValueError):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    with pytest.raises(error, match=match):
+        train(parse_args(["--output_dir", str(out), *argv]))
+    assert time.monotonic() - started < 10
+    assert not out.exists()  # nothing written, not even the directory
+
+
+@pytest.mark.parametrize("resolution", [15, 17])
+def test_a_resolution_the_unet_cannot_take_is_refused_naming_the_accepted_ones(tmp_path, no_data, resolution):
+    match = (rf"--resolution {resolution}: the UNet of --model_config digits-16-tiny cannot take {resolution}x"
+             rf"{resolution} images \(RuntimeError: .*\). It halves the resolution 2 times, so it accepts multiples "
+             r"of 4: 4, 8, 12, 16, ...")  # fmt: skip
+    refused(tmp_path, ["--model_config", "digits-16-tiny", "--resolution", str(resolution)], match)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"layers_per_block": 0}, r"layers_per_block must be an integer >= 1, got 0"),
+        ({"block_out_channels": [-8, 16]}, r"block_out_channels must be a list of positive integers, got \[-8, 16\]"),
+        ({"down_block_types": ["DownBlock2D", "FancyBlock2D"]}, r"\(key down_block_types\): FancyBlock2D does not"),
+        ({"norm_num_groups": 3}, r"\(key norm_num_groups\): num_channels \(8\) must be divisible by num_groups \(3\)"),
+        ({"layers_per_blok": 1}, r"unknown key\(s\) layers_per_blok; UNet2DModel takes "),
+        (None, r"is not valid JSON: Expecting ',' delimiter \(line 1 column"),
+    ],
+)
+def test_a_broken_unet_json_is_refused_naming_the_file_and_key(tmp_path, no_data, change, match):
+    from hf_ddpm.unet import unet_config
+
+    path = tmp_path / "unet.json"
+    text = json.dumps({**unet_config("test-tiny"), **(change or {})})
+    path.write_text(text if change is not None else text.replace(", ", " ", 1))  # a comma dropped
+    refused(tmp_path, ["--model_config", str(path), "--resolution", "8"], rf"--model_config {path}.*{match}")
+
+
+def test_bad_hub_repo_ids_are_refused_before_training(tmp_path, no_data, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_unused")
+    refused(tmp_path, [*SHORT, "--push_to_hub", "--hub_model_id", "a/b/c"],
+            r"--hub_model_id 'a/b/c' is not a valid Hub repo id: Repo id must be in the form")  # fmt: skip
+    out = tmp_path / "my run (v2)"
+    with pytest.raises(ValueError, match=r"the repo id 'my run \(v2\)' \(from --output_dir's name\) is not a valid "
+                                         r"Hub repo id.*Pass --hub_model_id NAME"):  # fmt: skip
+        train(parse_args(["--output_dir", str(out), *SHORT, "--push_to_hub"]))
+    assert not out.exists()
+
+
+def test_the_push_target_is_said_at_start_up(tmp_path, no_data, monkeypatch, caplog):
+    from hf_ddpm.training import preflight
+
+    monkeypatch.setenv("HF_TOKEN", "hf_unused")
+    args = parse_args(["--output_dir", str(tmp_path / "digits-ddpm"), "--push_to_hub"])
+    with caplog.at_level(logging.INFO, logger="hf_ddpm.training.preflight"):
+        assert preflight.check_repo_id(args) == "digits-ddpm"
+    assert "--push_to_hub: will push the pipeline to " in caplog.text and "/<your namespace>/digits-ddpm" in caplog.text
+
+
+class SilentServer:
+    """A port that accepts connections (the kernel's backlog does) and never answers."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.port = self.socket.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent"])
+def test_an_unreachable_dataset_fails_in_seconds_naming_the_network(tmp_path, no_data, monkeypatch, kind):
+    from huggingface_hub import constants
+
+    if kind == "silent":
+        server = SilentServer()
+        port = server.port
+    else:
+        with socket.socket() as s:  # bound, then closed: nothing listens there
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    reason = "Connection refused" if kind == "refused" else "no answer within 5 s"
+    match = (rf"--dataset_name someone/images: the Hugging Face Hub at http://127.0.0.1:{port} cannot be reached "
+             rf"\(.*{reason}.*\): a network problem, not the dataset. .*HF_HUB_OFFLINE=1.*local copy")  # fmt: skip
+    started = time.monotonic()
+    refused(tmp_path, [*SHORT, "--dataset_name", "someone/images"], match, ConnectionError)
+    assert time.monotonic() - started < 15
+
+
+def image_folder(path, count):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+def test_defaults_fit_a_small_folder_and_a_short_run(tmp_path, caplog):
+    """No --train_batch_size, --lr_warmup_steps or --ddpm_num_inference_steps: a 10-image folder (9 to train)
+    trains with the batch capped at 9, the warmup shortened to a tenth of the 6-step run, grids of T = 20 steps."""
+    folder = image_folder(tmp_path / "images", 10)
+    argv = ["--output_dir", str(tmp_path / "out"), "--train_data_dir", str(folder), "--model_config", "test-tiny",
+            "--ddpm_num_steps", "21", "--eval_size", "1", "--eval_num_images", "1", "--eval_num_timesteps", "2",
+            "--eval_batch_size", "1", "--num_epochs", "6"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        summary = train(parse_args(argv))
+    assert summary["images_per_optimizer_step"] == 9 and summary["optimizer_steps"] == 6
+    assert "--train_batch_size 9 (the default 64, capped: 9 training images over 1 processes)" in caplog.text
+    assert "--lr_warmup_steps 0 (the default 100 is longer than the run's 6 steps: a tenth of it)" in caplog.text
+    saved = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert (saved["train_batch_size"], saved["lr_warmup_steps"], saved["ddpm_num_inference_steps"]) == (9, 0, 21)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--train_batch_size", "64"], r"the training split has 9 images, fewer than one global batch of 64"),
+        (["--lr_warmup_steps", "100"], r"--lr_warmup_steps 100 exceeds the run's 6 optimizer steps"),
+        (["--ddpm_num_inference_steps", "250"], r"--ddpm_num_inference_steps 250 exceeds the 21 training timesteps"),
+    ],
+)
+def test_explicit_values_that_do_not_fit_stay_errors(tmp_path, extra, match):
+    folder = image_folder(tmp_path / "images", 10)
+    argv = ["--output_dir", str(tmp_path / "out"), "--train_data_dir", str(folder), "--model_config", "test-tiny",
+            "--ddpm_num_steps", "21", "--eval_size", "1", "--num_epochs", "6", *extra]  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        train(parse_args(argv))
+    assert not (tmp_path / "out").exists()
+
+
+def run_cli(command, **env):
+    return subprocess.run(command, cwd=REPO, env=environment() | env, capture_output=True, text=True, timeout=300)
+
+
+def test_an_error_ends_the_output_with_one_line_and_debug_adds_the_traceback(tmp_path, capsys):
+    """training/train.py's `main` (in this process: the subprocess case is the next test)."""
+    argv = ["--output_dir", str(tmp_path / "out"), "--model_config", "digits-16-tiny", "--resolution", "15"]
+    assert main(argv) == 1
+    plain = capsys.readouterr().err
+    last = plain.strip().splitlines()[-1]
+    assert last.startswith("error: --resolution 15: the UNet of --model_config digits-16-tiny cannot take 15x15")
+    assert "Traceback" not in plain and plain.count("error: ") == 1
+    assert main([*argv, "--debug"]) == 1
+    debug = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in debug and debug.count("error: ") == 1  # with its cause: torch's
+    assert debug.strip().splitlines()[-1] == last
+
+
+def test_under_accelerate_launch_the_error_line_is_printed_once(tmp_path):
+    """`accelerate launch` adds its report of the failed command after our line (its CalledProcessError);
+    `accelerate launch --quiet` leaves our line last."""
+    argv = ["--output_dir", str(tmp_path / "out"), "--model_config", "digits-16-tiny", "--resolution", "15"]
+    command = launch_command(argv)
+    quiet = run_cli(command[:3] + ["--quiet"] + command[3:])
+    assert quiet.returncode == 1, quiet.stderr[-3000:]
+    assert quiet.stderr.strip().splitlines()[-1].startswith("error: --resolution 15: the UNet")
+    assert quiet.stderr.count("error: --resolution 15") == 1 and "Traceback" not in quiet.stderr
+
+
+@pytest.mark.slow  # ~40 s on two busy cores: the 20 steps are quick, the end-of-run grid and bits/dim are not
+def test_max_train_steps_20_with_every_other_flag_default_trains(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "training" / "train.py"), "--max_train_steps", "20"],
+                            cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--lr_warmup_steps 2 (the default 100 is longer than the run's 20 steps" in result.stderr
+    assert (tmp_path / "ddpm-model" / "model_index.json").exists()
+
+
+@pytest.mark.slow  # 40 epochs of a 9-image folder with the default grids (every 10 epochs, 250 steps)
+def test_a_10_image_folder_with_no_other_flag_trains(tmp_path):
+    folder = image_folder(tmp_path / "images", 10)
+    result = subprocess.run([sys.executable, str(REPO / "training" / "train.py"), "--train_data_dir", str(folder)],
+                            cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--train_batch_size 9 (the default 64, capped" in result.stderr
+    assert (tmp_path / "ddpm-model" / "model_index.json").exists()
