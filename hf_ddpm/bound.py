@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .gaussians import nats_to_bits_per_dim
+from .schedules import check_positive_int
 
 
 def proposal(num_terms: int) -> torch.Tensor:
@@ -115,8 +116,7 @@ def variational_bound(
         isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1
     ):
         raise ValueError(f"num_timesteps must be None (exact bound) or an integer >= 1, got {num_timesteps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     num_images, num_dims = x_start.shape[0], x_start[0].numel()
     num_train = scheduler.config.num_train_timesteps
     device = x_start.device

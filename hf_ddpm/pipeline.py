@@ -20,6 +20,7 @@ from .bound import BoundOutput, variational_bound
 from .gaussians import pixels_to_model
 from .loading import load_components
 from .scheduler import HFDDPMScheduler
+from .schedules import check_positive_int
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -137,8 +138,7 @@ class HFDDPMPipeline(DiffusionPipeline):
         steps. The chain runs in float32 even when the UNet runs in bf16/fp16: only the network sees the lower
         precision.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"generator is a list of {len(generator)} generators but batch_size={batch_size}: pass one generator "

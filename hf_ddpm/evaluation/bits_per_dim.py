@@ -12,6 +12,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..schedules import check_positive_int
 from .processes import Processes
 from .schema import Metric
 
@@ -38,8 +39,7 @@ def bits_per_dim(
     processes = processes or Processes()
     if len(images) == 0:
         raise ValueError(f"no images to evaluate in the {split}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    check_positive_int(block_size, "block_size")
     blocks = list(range(math.ceil(len(images) / block_size)))
     mine = processes.mine(blocks)
     results = []

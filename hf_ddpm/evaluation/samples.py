@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..schedules import check_positive_int
 from .processes import Processes
 
 MANIFEST = "samples.json"
@@ -79,8 +80,7 @@ def generate_shards(
         ("shard_size", shard_size),
         ("num_inference_steps", num_inference_steps),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+        check_positive_int(value, flag)
     sample_dir = Path(sample_dir)
     sample_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model, "num_samples": num_samples, "num_inference_steps": num_inference_steps,
