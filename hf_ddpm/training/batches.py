@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..data import default_memory_budget, load_data, random_hflip
+from ..data.streaming import StreamedImages, StreamingBatches, open_streaming
 from ..gaussians import pixels_to_model
 
 DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "eval_size",
@@ -37,7 +39,9 @@ def data_files(value: str | None) -> list[str] | None:
 
 def load_training_data(args, accelerator, resolution: int, channels: int | None):
     """The run's images (hf_ddpm.data.load_data). One process per machine preprocesses them into the cache while
-    the others wait; then all open the same cache files."""
+    the others wait; then all open the same cache files. With --streaming: a `StreamingData` (nothing is cached)."""
+    if args.streaming:
+        return _streaming_data(args, resolution, channels)
     if args.max_in_memory_gb is None:
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
         budget = default_memory_budget(per_machine)
@@ -52,6 +56,45 @@ def load_training_data(args, accelerator, resolution: int, channels: int | None)
             max_in_memory_bytes=budget,
             **{k: getattr(args, k) for k in DATA_OPTIONS},
         )
+
+
+@dataclass
+class StreamingData:
+    """What `load_training_data` gives for --streaming: the stream's maker and the held-out images, in memory."""
+
+    make_stream: object
+    column: str
+    train: StreamedImages
+    eval: torch.Tensor
+    source: str
+
+
+def _streaming_data(args, resolution, channels) -> StreamingData:
+    if args.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead")
+    opened = open_streaming(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir, train_data_files=data_files(args.train_data_files),
+        image_column=args.image_column, resolution=resolution, channels=channels, eval_size=args.eval_size,
+        cache_dir=args.cache_dir,
+    )  # fmt: skip
+    return StreamingData(*opened)
+
+
+def make_batches(data, args, accelerator):
+    """The run's batches: from memory or the mapped cache (`ShardedBatches`), or from a stream (`StreamingBatches`,
+    registered for checkpointing: its position is saved with each checkpoint)."""
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if not isinstance(data, StreamingData):
+        return ShardedBatches(data.train.to(device), args.train_batch_size, world, rank, args.seed)
+    batches = StreamingBatches(
+        data.make_stream, data.column, batch_size=args.train_batch_size, num_processes=world, process_index=rank,
+        seed=args.seed, buffer_size=args.shuffle_buffer_size, num_workers=args.dataloader_num_workers,
+        resolution=data.train.shape[2], channels=data.train.shape[1], skip_corrupt=args.on_corrupt_image == "skip",
+        device=device, num_examples=data.train.num_examples,
+    )  # fmt: skip
+    accelerator.register_for_checkpointing(batches)
+    return batches
 
 
 def derived_seed(*keys: int) -> int:
