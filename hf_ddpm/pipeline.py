@@ -18,7 +18,6 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .bound import BoundOutput, variational_bound
 from .gaussians import pixels_to_model
-from .loading import load_components
 from .scheduler import HFDDPMScheduler
 from .schedules import check_positive_int
 
@@ -59,7 +58,19 @@ class HFDDPMPipeline(DiffusionPipeline):
         load only with `use_safetensors=False`, which warns (unpickling can run code). A directory or repo
         without model_index.json is refused (hf_ddpm/loading.py).
         """
-        pipeline = cls(**load_components(pretrained_model_name_or_path, **kwargs))
+        loading = _package_module(cls, "loading")
+        if loading is not None:
+            components = loading.load_components(pretrained_model_name_or_path, **kwargs)
+        else:  # as remote code: the components from their subfolders, safetensors only
+            kwargs.pop("trust_remote_code", None)
+            scheduler = kwargs.pop("scheduler", None) or HFDDPMScheduler.from_pretrained(
+                pretrained_model_name_or_path, subfolder="scheduler"
+            )
+            unet = kwargs.pop("unet", None) or UNet2DModel.from_pretrained(
+                pretrained_model_name_or_path, subfolder="unet", **{"use_safetensors": True, **kwargs}
+            )
+            components = {"unet": unet, "scheduler": scheduler}
+        pipeline = cls(**components)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
 
@@ -254,9 +265,10 @@ class HFDDPMPipeline(DiffusionPipeline):
 
 
 def _package_module(pipeline, name: str):
-    """hf_ddpm.<name> when `pipeline` is the installed package's class; None where it runs as remote code (a bundle
-    never imports hf_ddpm, installed or not: it must behave the same everywhere)."""
-    if not type(pipeline).__module__.startswith("hf_ddpm."):
+    """hf_ddpm.<name> when `pipeline` (or its class) is the installed package's; None where it runs as remote code (a
+    bundle never imports hf_ddpm, installed or not: it must behave the same everywhere)."""
+    owner = pipeline if isinstance(pipeline, type) else type(pipeline)
+    if not owner.__module__.startswith("hf_ddpm."):
         return None
     return importlib.import_module(f"hf_ddpm.{name}")
 
@@ -270,13 +282,15 @@ def _write_remote_code(pipeline, directory) -> None:
     index_path = os.path.join(directory, "model_index.json")
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
-    for key, obj, folder in (("_class_name", pipeline, ""), ("scheduler", pipeline.scheduler, "scheduler")):
-        source = inspect.getsourcefile(type(obj))
+    for key, source, folder in (
+        ("_class_name", inspect.getsourcefile(type(pipeline)), ""),
+        ("scheduler", inspect.getsourcefile(HFDDPMScheduler), "scheduler"),  # the module this one imports
+    ):
         module = os.path.splitext(os.path.basename(source))[0]
-        if key == "scheduler" and type(obj).__name__ != "HFDDPMScheduler":
-            continue  # a diffusers scheduler needs no code
+        os.makedirs(os.path.join(directory, folder), exist_ok=True)
         shutil.copyfile(source, os.path.join(directory, folder, f"{module}.py"))
-        index[key] = [module, type(obj).__name__]
+        if key == "_class_name" or type(pipeline.scheduler).__name__ == "HFDDPMScheduler":
+            index[key] = [module, "HFDDPMPipeline" if key == "_class_name" else "HFDDPMScheduler"]
     with open(index_path, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.write("\n")

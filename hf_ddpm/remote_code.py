@@ -5,18 +5,20 @@ because it carries the code itself and `model_index.json` names it (H, h: 8 hex 
 
     model_index.json                    "_class_name": ["pipeline_hf_ddpm_H", "HFDDPMPipeline"],
                                         "scheduler": ["scheduling_hf_ddpm_h", "HFDDPMScheduler"], "unet": ["diffusers", ...]
-    pipeline_hf_ddpm_H.py               schedules + chain + gaussians + scheduler_configs + scheduler + bound + loading + pipeline
     scheduler/scheduling_hf_ddpm_h.py   schedules + chain + gaussians + scheduler_configs + scheduler
+    pipeline_hf_ddpm_H.py               bound + pipeline, importing the rest with
+                                        `from .scheduler.scheduling_hf_ddpm_h import ...` (diffusers fetches that file)
 
-diffusers 0.42 copies every remote module into one flat folder (HF_MODULES_CACHE/diffusers_modules/local) and
-re-executes a module of the same name in place, so the names are distinctive and carry a hash of the code: two
-repos saved by different versions of hf_ddpm load side by side in one process instead of swapping code under each
-other. diffusers executes each file alone: a module may import only installed packages, never a sibling that was
-not downloaded. Each file is therefore the package's own modules concatenated in dependency order with their
-relative imports removed (`from .x import a` needs nothing once x's text precedes it; `from . import x` becomes a
-namespace of x's names). `bundle_source` refuses what it cannot bundle exactly: an import of a package outside
-`ALLOWED_IMPORTS`, a relative import of a module not bundled before it, a lazy relative import, or a name bound by
-two bundled modules. The files are regenerated at every save, never kept by hand.
+diffusers 0.42 copies every remote module into one flat folder (HF_MODULES_CACHE/diffusers_modules/local; a
+`from .scheduler.x import` into its scheduler/ subfolder) and re-executes a module of the same name in place, so
+the names are distinctive and carry a hash of the code: two repos saved by different versions of hf_ddpm load side
+by side in one process instead of swapping code under each other. Each file is the package's own modules
+concatenated in dependency order with their relative imports removed (`from .x import a` needs nothing once x's
+text precedes it) or, in the pipeline module, pointed at the scheduler module. Docstrings keep their first paragraph
+(the full text is in the package). The bundler's rules, which the bundled modules keep (each says so at its top):
+top-level names unique across the bundled modules, relative imports named (`from .x import a`, never `from . import
+x`) and only at the top level. `bundle_source` refuses what breaks them, and any import of a package outside
+`ALLOWED_IMPORTS`. The files are regenerated at every save, never kept by hand.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ PIPELINE_PREFIX = "pipeline_hf_ddpm"  # at the repo root (diffusers looks for `<
 SCHEDULER_PREFIX = "scheduling_hf_ddpm"  # in scheduler/ (diffusers looks in the component's folder)
 PIPELINE_CLASS, SCHEDULER_CLASS = "HFDDPMPipeline", "HFDDPMScheduler"
 SCHEDULER_SOURCES = ("schedules", "chain", "gaussians", "scheduler_configs", "scheduler")
-PIPELINE_SOURCES = (*SCHEDULER_SOURCES, "bound", "loading", "pipeline")
+PIPELINE_SOURCES = ("bound", "pipeline")  # + an import of the scheduler module's names (loading.py: the package's)
+RULES = (
+    "# Bundled by hf_ddpm/remote_code.py into a Hub repo's remote code: keep top-level names unique across the\n"
+    "# bundled modules, and relative imports named (from .x import a) and at the top level."
+)
 # What a machine with diffusers has: its dependencies (torch is required to run any pipeline) and the stdlib.
 ALLOWED_IMPORTS = frozenset({"diffusers", "huggingface_hub", "numpy", "PIL", "safetensors", "torch"})
 
@@ -43,32 +49,69 @@ class BundleError(ValueError):
     """The package source cannot be turned into a self-contained module."""
 
 
-def bundle_source(modules: tuple[str, ...], title: str, package_dir: Path = PACKAGE_DIR, version: str = "") -> str:
-    """One self-contained Python module made of `package_dir/<m>.py` for m in `modules` (dependency order)."""
-    bundle = _Bundle(modules)
+def bundle_source(
+    modules: tuple[str, ...],
+    title: str,
+    package_dir: Path = PACKAGE_DIR,
+    version: str = "",
+    imports_from: tuple[str, tuple[str, ...], str] | None = None,
+) -> str:
+    """One Python module made of `package_dir/<m>.py` for m in `modules` (dependency order), self-contained but for
+    `imports_from` = (relative module, the package modules it holds, its source): relative imports of those
+    modules become named imports from it (the pipeline module imports the scheduler module so)."""
+    bundle = _Bundle(modules, imports_from)
     sections, digests = [], []
     for name in modules:
         path = package_dir / f"{name}.py"
         text = path.read_text(encoding="utf-8")
         digests.append(f"{name}.py sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
-        sections.append(f"# {'-' * 40} hf_ddpm/{name}.py\n\n" + bundle.add(name, text, str(path)))
+        sections.append(f"# {'-' * 40} hf_ddpm/{name}.py\n\n" + first_paragraphs(bundle.add(name, text, str(path))))
     header = (
-        f'"""{title}\n\nGenerated by hf_ddpm {version} (hf_ddpm/remote_code.py) from the package source; do not edit:\n'
+        f'"""{title}\n\nGenerated by hf_ddpm {version} (hf_ddpm/remote_code.py) from the package source; do not edit '
+        "(docstrings are cut to their first paragraph):\n"
         + "".join(f"    {d}\n" for d in digests)
-        + '"""\n\nfrom __future__ import annotations\n\n'
+        + '"""\n\n'
+        + RULES
+        + "\n\nfrom __future__ import annotations\n\n"
         + "\n".join(sorted(bundle.statements))
         + "\n"
+        + "".join(f"{line}\n" for line in bundle.relative_statements())
     )
     source = header + "\n\n" + "\n\n".join(sections)
-    check_self_contained(source)
+    check_self_contained(source, allowed_relative=imports_from[0] if imports_from else None)
     return source
+
+
+def first_paragraphs(source: str) -> str:
+    """`source` with every docstring cut to its first paragraph (what `help()` shows first); the code unchanged."""
+    lines = source.splitlines()
+    cuts = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                blank = next((i for i in range(first.lineno, first.end_lineno) if not lines[i].strip()), None)
+                if blank is not None:
+                    cuts.append((first.lineno - 1, blank, first.end_lineno))
+    for start, blank, end in sorted(cuts, reverse=True):
+        quote = '"""' if '"""' in lines[start] else "'''"
+        last = lines[blank - 1].rstrip()
+        lines[start:end] = [*lines[start : blank - 1], last + (" " if last.endswith(('"', "'", "\\")) else "") + quote]
+    return "\n".join(lines) + "\n"
 
 
 class _Bundle:
     """The names bound so far while concatenating modules, to inline relative imports and refuse collisions."""
 
-    def __init__(self, modules: tuple[str, ...]):
+    def __init__(self, modules: tuple[str, ...], imports_from: tuple[str, tuple[str, ...], str] | None = None):
         self.modules = modules
+        self.external, self.external_modules, external_source = imports_from or ("", (), "")
+        self.external_names = set(_top_level_names(ast.parse(external_source))) if imports_from else set()
+        self.imported: set[str] = set()  # names imported from the external module
         self.statements: set[str] = set()  # absolute imports, hoisted to the top
         self.origins: dict[str, str] = {}  # name bound by an import -> what it is ("numpy", "torch.nn.Module")
         self.defined: dict[str, str] = {}  # top-level name -> "<module>.py" that defines it
@@ -132,17 +175,18 @@ class _Bundle:
         if node.level != 1:
             raise BundleError(f"{name}.py line {node.lineno}: only single-dot relative imports can be bundled")
         lines = []
-        if node.module is None:  # from . import x: a namespace of the names x defines
+        if node.module is None:
+            raise BundleError(
+                f"{name}.py line {node.lineno}: `from . import ...` cannot be bundled; import the names (from .x import a)"
+            )
+        if node.module in self.external_modules:  # from the scheduler module the pipeline module imports
             for alias in node.names:
-                self._require_bundled(alias.name, name)
-                members = sorted(n for n, where in self.defined.items() if where == f"{alias.name}.py")
-                self._bind("types", "types", name)
-                self.statements.add("import types")
-                self._define(alias.asname or alias.name, name)
-                fields = ", ".join(f"{n}={n}" for n in members)
-                lines.append(
-                    f"{alias.asname or alias.name} = types.SimpleNamespace({fields})  # from . import {alias.name}"
-                )
+                if alias.name not in self.external_names:
+                    raise BundleError(f"{name}.py imports {alias.name!r} from .{node.module}, which does not define it")
+                if alias.asname and alias.asname != alias.name:
+                    raise BundleError(f"{name}.py line {node.lineno}: `as` in an import from .{node.module}")
+                self._bind(alias.name, f"{self.external}.{alias.name}", name)
+                self.imported.add(alias.name)
             return lines
         self._require_bundled(node.module, name)
         for alias in node.names:
@@ -154,6 +198,12 @@ class _Bundle:
                     f"{alias.asname} = {alias.name}  # from .{node.module} import {alias.name} as {alias.asname}"
                 )
         return lines
+
+    def relative_statements(self) -> list[str]:
+        """The import of the external module's names, wrapped as ruff would."""
+        if not self.imported:
+            return []
+        return [f"from {self.external} import (", *(f"    {n}," for n in sorted(self.imported)), ")"]
 
     def _require_bundled(self, target: str, name: str) -> None:
         if target not in self.modules or self.modules.index(target) >= self.modules.index(name):
@@ -174,12 +224,17 @@ def _top_level_names(tree: ast.Module) -> list[str]:
     return [n for n in names if n != "__all__"]
 
 
-def check_self_contained(source: str) -> None:
+def check_self_contained(source: str, allowed_relative: str | None = None) -> None:
     """Raise BundleError unless `source` compiles and every import in it (nested ones too) is absolute and of the
-    standard library or ALLOWED_IMPORTS, as seen both by Python (ast) and by diffusers' regex scan of remote modules
-    (which reads docstrings too, and would try to copy a sibling file for any line `from .x import y`)."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
+    standard library or ALLOWED_IMPORTS, or the one top-level `allowed_relative` import, as seen both by Python (ast)
+    and by diffusers' regex scan of remote modules (which reads docstrings too, and would try to copy a sibling file
+    for any line `from .x import y`)."""
+    tree = ast.parse(source)
+    allowed_nodes = {
+        id(n) for n in tree.body if isinstance(n, ast.ImportFrom) and n.level and f".{n.module}" == allowed_relative
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in allowed_nodes:
             roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             bad = getattr(node, "level", 0) > 0 or any(
                 r.split(".")[0] not in ALLOWED_IMPORTS | sys.stdlib_module_names for r in roots
@@ -189,7 +244,8 @@ def check_self_contained(source: str) -> None:
     for line in source.splitlines():
         words = line.split()
         if len(words) >= 2 and words[0] in ("from", "import") and words[1].startswith((".", "hf_ddpm")):
-            raise BundleError(f"diffusers would read this line as an import it cannot satisfy: {line.strip()!r}")
+            if words[1] != allowed_relative:
+                raise BundleError(f"diffusers would read this line as an import it cannot satisfy: {line.strip()!r}")
     compile(source, "<bundle>", "exec")
 
 
@@ -203,8 +259,11 @@ def scheduler_module_source() -> str:
 def pipeline_module_source() -> str:
     from . import __version__
 
-    title = f"{PIPELINE_CLASS} (hf_ddpm) as one self-contained module, for diffusers' trust_remote_code loading."
-    return bundle_source(PIPELINE_SOURCES, title, version=__version__)
+    scheduler_source = scheduler_module_source()
+    scheduler_module = f".scheduler.{module_name(SCHEDULER_PREFIX, scheduler_source)}"
+    title = f"{PIPELINE_CLASS} (hf_ddpm) as one module, for diffusers' trust_remote_code loading."
+    imports_from = (scheduler_module, SCHEDULER_SOURCES, scheduler_source)
+    return bundle_source(PIPELINE_SOURCES, title, version=__version__, imports_from=imports_from)
 
 
 def module_name(prefix: str, source: str) -> str:
@@ -224,8 +283,8 @@ def add_remote_code(directory: str | Path) -> list[str]:
     """Write the remote-code modules into a saved pipeline directory and name them in its model_index.json.
 
     Idempotent; modules written by another version of this code are replaced. Returns the written paths relative
-    to `directory`. The scheduler module is written only when the pipeline's scheduler is an HFDDPMScheduler (a
-    diffusers scheduler loads without remote code).
+    to `directory`. The scheduler module is always written (the pipeline module imports it); model_index.json names
+    it as the scheduler only when the pipeline's scheduler is an HFDDPMScheduler (a diffusers one needs no code).
     """
     directory = Path(directory)
     index_path = directory / "model_index.json"
@@ -238,15 +297,19 @@ def add_remote_code(directory: str | Path) -> list[str]:
     for stale in [*directory.glob(f"{PIPELINE_PREFIX}_*.py"), *directory.glob(f"scheduler/{SCHEDULER_PREFIX}_*.py")]:
         stale.unlink()
     written = []
-    modules = [("_class_name", PIPELINE_PREFIX, PIPELINE_CLASS, pipeline_module_source, "")]
     scheduler = index.get("scheduler")
-    if isinstance(scheduler, list) and scheduler[1] == SCHEDULER_CLASS:
-        modules.append(("scheduler", SCHEDULER_PREFIX, SCHEDULER_CLASS, scheduler_module_source, "scheduler/"))
+    ours = isinstance(scheduler, list) and scheduler[1] == SCHEDULER_CLASS
+    modules = [("_class_name", PIPELINE_PREFIX, PIPELINE_CLASS, pipeline_module_source, "")]
+    modules.append(
+        ("scheduler" if ours else None, SCHEDULER_PREFIX, SCHEDULER_CLASS, scheduler_module_source, "scheduler/")
+    )
     for key, prefix, class_name, make_source, folder in modules:
         source = make_source()
         name = module_name(prefix, source)
+        (directory / folder).mkdir(exist_ok=True)
         (directory / f"{folder}{name}.py").write_text(source, encoding="utf-8")
-        index[key] = [name, class_name]
+        if key is not None:
+            index[key] = [name, class_name]
         written.append(f"{folder}{name}.py")
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return written

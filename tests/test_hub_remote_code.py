@@ -4,6 +4,7 @@ self-contained as diffusers sees them, behave exactly as the package, and the bu
 """
 
 import ast
+import importlib.machinery
 import importlib.util
 import json
 import re
@@ -21,6 +22,7 @@ from hf_ddpm.remote_code import (
     ALLOWED_IMPORTS,
     PACKAGE_DIR,
     PIPELINE_SOURCES,
+    SCHEDULER_SOURCES,
     BundleError,
     add_remote_code,
     bundle_source,
@@ -55,11 +57,12 @@ def sample(pipe, steps=T, seed=3):
 
 
 def import_file(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The module at `path`, imported as `<name>.<file stem>` of a package rooted at its folder, as diffusers does:
+    the pipeline module's `from .scheduler.<module> import ...` then finds the scheduler module."""
+    package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+    package.__path__ = [str(path.parent)]
+    sys.modules[name] = package
+    return importlib.import_module(f"{name}.{path.stem}")
 
 
 @pytest.fixture(scope="module")
@@ -86,23 +89,63 @@ def test_saved_modules_are_generated_from_the_current_source(saved):
     assert not list(directory.rglob("*.bin")) and (directory / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_bundle_holds_every_definition_of_its_sources_verbatim():
-    bundle = pipeline_module_source()
-    for name in PIPELINE_SOURCES:
+def without_docstrings(node):
+    """`node` as ast.dump shows it, with every docstring removed (the bundles cut them to their first paragraph)."""
+    node = ast.parse(ast.unparse(node)).body[0]
+    for inner in ast.walk(node):
+        body = getattr(inner, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                inner.body = body[1:] or [ast.Pass()]
+    return ast.dump(node)
+
+
+@pytest.mark.parametrize(
+    ("make_source", "sources"),
+    [(pipeline_module_source, PIPELINE_SOURCES), (scheduler_module_source, SCHEDULER_SOURCES)],
+)
+def test_bundle_holds_every_definition_of_its_sources_with_the_same_code(make_source, sources):
+    bundle = make_source()
+    bundled = {without_docstrings(node) for node in ast.parse(bundle).body}
+    for name in sources:
         text = (PACKAGE_DIR / f"{name}.py").read_text()
         for node in ast.parse(text).body:
             if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)):
-                assert ast.get_source_segment(text, node) in bundle, f"{name}.py: {ast.dump(node)[:80]}"
-    assert "class HFDDPMPipeline(DiffusionPipeline)" in bundle and "class HFDDPMScheduler(" in bundle
+                assert without_docstrings(node) in bundled, f"{name}.py: {ast.dump(node)[:80]}"
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node, clean=False):
+                first_paragraph = ast.get_docstring(node, clean=False).split("\n\n")[0]
+                assert first_paragraph in bundle, f"{name}.py: {node.name}"
+    assert "class HFDDPMPipeline(DiffusionPipeline)" in bundle or "class HFDDPMScheduler(" in bundle
+
+
+def test_a_repo_carries_one_scheduler_and_at_most_60_kb_of_code(saved):
+    directory, written = saved
+    sizes = {name: (directory / name).stat().st_size for name in written}
+    assert sum(sizes.values()) <= 60_000, sizes
+    classes = [
+        (name, node.name)
+        for name in written
+        for node in ast.walk(ast.parse((directory / name).read_text()))
+        if isinstance(node, ast.ClassDef)
+    ]
+    assert [c for c in classes if c[1] == "HFDDPMScheduler"] == [(written[1], "HFDDPMScheduler")]
+    assert "SimpleNamespace" not in "".join((directory / name).read_text() for name in written)
+    for name in written:  # the bundler's rules head each bundled module
+        assert "keep top-level names unique across the" in (directory / name).read_text().split("from __future__")[0]
 
 
 @pytest.mark.parametrize("source", [pipeline_module_source, scheduler_module_source])
 def test_bundle_imports_only_what_a_diffusers_install_has(source, tmp_path):
     path = tmp_path / "module.py"
     path.write_text(source())
-    assert get_relative_imports(path) == []  # diffusers' own scan (which also reads docstrings)
-    for node in ast.walk(ast.parse(source())):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
+    scheduler_module = remote_files()["scheduler"].removesuffix(".py").replace("/", ".")
+    expected = [scheduler_module] if source is pipeline_module_source else []
+    assert get_relative_imports(path) == expected  # diffusers' own scan (which also reads docstrings)
+    tree = ast.parse(source())
+    relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    assert [(n.module, n in tree.body) for n in relative] == [(m, True) for m in expected]  # only that one, on top
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and node not in relative:
             assert getattr(node, "level", 0) == 0
             roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
             assert all(r.split(".")[0] in ALLOWED_IMPORTS | sys.stdlib_module_names for r in roots), ast.unparse(node)
@@ -163,7 +206,7 @@ def test_add_remote_code_is_idempotent_and_only_for_hf_ddpm_pipelines(saved, tmp
     # an HFDDPMPipeline whose scheduler is diffusers' own: only the pipeline module, the scheduler stays diffusers'
     pipe = make_pipe()
     HFDDPMPipeline(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)).save_pretrained(tmp_path / "theirs")
-    assert add_remote_code(tmp_path / "theirs") == [remote_files()["pipeline"]]
+    assert add_remote_code(tmp_path / "theirs") == list(remote_files().values())  # the pipeline imports both
     assert json.loads((tmp_path / "theirs" / "model_index.json").read_text())["scheduler"] == [
         "diffusers",
         "DDPMScheduler",
@@ -181,17 +224,33 @@ def write_package(directory, **modules):
     return directory
 
 
-def test_bundler_inlines_relative_imports_and_module_namespaces(tmp_path):
+def test_bundler_inlines_named_relative_imports(tmp_path):
     package = write_package(
         tmp_path / "pkg",
         a='"""a"""\nfrom __future__ import annotations\nimport math\n\nSCALE = 2.0\n\ndef double(x):\n    return SCALE * x\n',
-        b="from . import a\nfrom .a import double as twice\nimport math\n\ndef f(x):\n    return a.double(x) + twice(math.pi)\n",
+        b="from .a import double\nfrom .a import double as twice\nimport math\n\ndef f(x):\n    return double(x) + twice(math.pi)\n",
     )
     source = bundle_source(("a", "b"), "test bundle", package_dir=package)
     namespace = {}
     exec(compile(source, "bundle", "exec"), namespace)
     assert namespace["f"](1.0) == 2.0 + 2.0 * np.pi
     assert source.count("import math") == 1 and source.index("from __future__") < source.index("import math")
+
+
+def test_bundler_points_imports_of_another_bundle_at_it_and_cuts_docstrings(tmp_path):
+    package = write_package(
+        tmp_path / "pkg",
+        a="SCALE = 2.0\n",
+        b='def f(x):\n    """Twice x.\n\n    A second paragraph, in the package only.\n    """\n    return SCALE * x\n',
+    )
+    (package / "b.py").write_text("from .a import SCALE\n\n" + (package / "b.py").read_text())
+    source = bundle_source(
+        ("b",), "test bundle", package_dir=package, imports_from=(".other.mod", ("a",), "SCALE = 2\n")
+    )
+    assert "from .other.mod import (\n    SCALE,\n)" in source
+    assert '"""Twice x."""' in source and "second paragraph" not in source
+    with pytest.raises(BundleError, match="imports 'SCALE' from .a, which does not define it"):
+        bundle_source(("b",), "test bundle", package_dir=package, imports_from=(".other.mod", ("a",), "OTHER = 1\n"))
 
 
 @pytest.mark.parametrize(("modules", "match"), [
@@ -202,6 +261,7 @@ def test_bundler_inlines_relative_imports_and_module_namespaces(tmp_path):
     ({"a": "def f():\n    pass\n", "b": "f = 2\n"}, "b.py defines 'f', also bound by a.py"),
     ({"a": "import numpy as f\n", "b": "import torch as f\n"}, "binds 'f' to torch, already bound by `import numpy`"),
     ({"a": '"""Usage:\nfrom .x import y\n"""\n'}, "diffusers would read this line as an import"),
+    ({"a": "x = 1\n", "b": "from . import a\n"}, r"`from \. import \.\.\.` cannot be bundled; import the names"),
 ])  # fmt: skip
 def test_bundler_refuses_what_it_cannot_bundle_exactly(tmp_path, modules, match):
     package = write_package(tmp_path / "pkg", **modules)
