@@ -12,6 +12,8 @@ from typing import Literal, get_args
 
 import torch
 
+from .scheduler import model_output_channels
+
 LossType = Literal["simple", "vlb", "hybrid"]
 LOSS_TYPES = get_args(LossType)
 """simple: ‖target - model‖² (DDPM eq. 14); vlb: the bound's terms (DDPM eq. 5);
@@ -87,10 +89,10 @@ def training_losses(
     x_t = scheduler.add_noise(x_start, noise, timesteps)  # DDPM eq. 4
     output = model_fn(x_t, timesteps).float()
     channels = x_start.shape[1]
-    if output.shape[1] != (2 if learned else 1) * channels:
+    if output.shape[1] != model_output_channels(channels, learned):
         raise ValueError(
             f"the model outputs {output.shape[1]} channels for {channels}-channel data; "
-            f"variance_type={scheduler.config.variance_type!r} needs {(2 if learned else 1) * channels}"
+            f"variance_type={scheduler.config.variance_type!r} needs {model_output_channels(channels, learned)}"
         )
     mean_output = output[:, :channels]
     terms = {}

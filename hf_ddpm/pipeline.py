@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .bound import BoundOutput, variational_bound
 from .gaussians import pixels_to_model
-from .scheduler import HFDDPMScheduler
+from .scheduler import HFDDPMScheduler, model_output_channels
 from .schedules import check_positive_int
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -227,7 +227,7 @@ class HFDDPMPipeline(DiffusionPipeline):
 
     @property
     def _learned_variance(self) -> bool:
-        return self.unet.config.out_channels == 2 * self.unet.config.in_channels
+        return self.unet.config.out_channels == model_output_channels(self.unet.config.in_channels, True)
 
     @torch.no_grad()
     def bits_per_dim(

@@ -33,6 +33,12 @@ PredictionType = Literal["epsilon", "sample", "v_prediction"]
 PREDICTION_TYPES = get_args(PredictionType)
 
 
+def model_output_channels(data_channels: int, learned_variance: bool) -> int:
+    """Channels a model outputs for `data_channels`-channel data: the mean, then for a learned variance
+    (`learned_range`) one v per channel (Improved DDPM eq. 15). The one home of this count."""
+    return 2 * data_channels if learned_variance else data_channels
+
+
 @dataclass
 class HFDDPMSchedulerOutput(BaseOutput):
     """Output of `HFDDPMScheduler.step`.
@@ -255,7 +261,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     def _split_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         channels = sample.shape[1]
         if self.config.variance_type == "learned_range":
-            if model_output.shape[1] != 2 * channels:
+            if model_output.shape[1] != model_output_channels(channels, learned_variance=True):
                 raise ValueError(
                     f"variance_type='learned_range' needs a model with 2 × {channels} output channels (mean and "
                     f"variance), got {model_output.shape[1]}; use a learned-variance UNet or a fixed variance type"

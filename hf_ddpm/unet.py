@@ -11,6 +11,8 @@ from types import MappingProxyType
 
 from diffusers import UNet2DModel
 
+from .scheduler import model_output_channels
+
 __all__ = ["UNET_PRESETS", "unet_config"]
 
 _DOWN, _ATTN_DOWN = "DownBlock2D", "AttnDownBlock2D"
@@ -134,5 +136,5 @@ def unet_config(name: str, learned_variance: bool = False, **overrides) -> dict:
         raise ValueError(f"unknown UNet2DModel argument(s) {unknown}; expected some of {sorted(_UNET_ARGS)}")
     config = {**_PRESETS[name], **overrides}
     if learned_variance:
-        config["out_channels"] = 2 * config["out_channels"]
+        config["out_channels"] = model_output_channels(config["out_channels"], learned_variance=True)
     return config

@@ -10,7 +10,7 @@ from diffusers import UNet2DModel
 
 from ..loading import check_pipeline_index, load_unet
 from ..losses import check_objective
-from ..scheduler import SCHEDULE_ALIASES, HFDDPMScheduler
+from ..scheduler import SCHEDULE_ALIASES, HFDDPMScheduler, model_output_channels
 from ..schedules import PAPER_NUM_TIMESTEPS, paper_linear_endpoints
 from ..unet import UNET_PRESETS, unet_config
 from .config import DEFAULT_MODEL
@@ -60,7 +60,7 @@ def build_unet(args, channels: int | None, resolution: int, learned_variance: bo
     the pretrained one. Bad config values are refused naming the file and key (preflight.build_checked)."""
     if channels is None:
         channels = unet_config(model_source(args))["in_channels"]
-    out_channels = 2 * channels if learned_variance else channels
+    out_channels = model_output_channels(channels, learned_variance)
     if args.pretrained_model_name_or_path is not None:
         unet = load_unet(args.pretrained_model_name_or_path)  # safetensors only: a pickle is refused
         if unet.config.sample_size != resolution:
