@@ -19,7 +19,10 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
 from diffusers import DiffusionPipeline, UNet2DModel
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
 
 from .scheduler import HFDDPMScheduler
 
@@ -135,13 +138,35 @@ def load_unet(
             UserWarning,
             stacklevel=3,
         )
-    try:
-        return UNet2DModel.from_pretrained(source, subfolder=subfolder, use_safetensors=use_safetensors, **kwargs)
-    except ValueError as err:
-        if "expected shape" not in str(err):
-            raise
-        detail = str(err).split(". If you want")[0].replace("Cannot load  because ", "")  # diffusers' wording
-        raise ValueError(
-            f"the UNet weights in {folder} do not fit its config.json ({detail}); weights and config.json must "
-            "come from the same save_pretrained"
-        ) from err
+    if use_safetensors:
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        check_weights_fit_config(source, subfolder, **hub)
+    return UNet2DModel.from_pretrained(source, subfolder=subfolder, use_safetensors=use_safetensors, **kwargs)
+
+
+def check_weights_fit_config(source: str, subfolder: str | None, **hub) -> None:
+    """ValueError naming the first tensor (in name order) whose shape in the safetensors weights differs from the
+    UNet its config.json describes, before diffusers loads anything. Reads only the file's header; a sharded or
+    missing file is left to diffusers."""
+    folder = os.path.join(source, subfolder) if subfolder else source
+    name = "diffusion_pytorch_model.safetensors"
+    if os.path.isdir(source):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return
+    else:
+        try:
+            path = hf_hub_download(source, name, subfolder=subfolder, **hub)
+        except (OSError, ValueError):  # sharded, missing, or offline: diffusers reports it
+            return
+    with torch.device("meta"):
+        expected = UNet2DModel.from_config(UNet2DModel.load_config(source, subfolder=subfolder, **hub)).state_dict()
+    with safe_open(path, framework="pt") as weights:
+        for key in sorted(set(weights.keys()) & set(expected)):
+            shape = torch.Size(weights.get_slice(key).get_shape())
+            if shape != expected[key].shape:
+                raise ValueError(
+                    f"the UNet weights in {folder} do not fit its config.json ({key} expected shape "
+                    f"{expected[key].shape}, but got {shape}); weights and config.json must come from the same "
+                    "save_pretrained"
+                )
