@@ -1,6 +1,9 @@
-"""RESULTS.md (Markdown tables) and PNG plots from the JSON files in benchmarks/results/; the README's summary.
+"""RESULTS.md and its plots from the JSON files in benchmarks/results/: the one reporting module of the benchmarks.
 
-python -m benchmarks.report [RESULTS_DIR]
+    python -m benchmarks.report [RESULTS_DIR]
+
+A run writes RESULTS.md and the plots into its results directory and nothing else: README.md links RESULTS.md and
+states its headline numbers in its own words (a test checks that they are the ones RESULTS.md reports).
 """
 
 from __future__ import annotations
@@ -11,8 +14,154 @@ import sys
 
 from .common import RESULTS_DIR, read_json
 from .common import TRAINING_FLOOR as FLOOR
-from .markdown import US, clock_note, machine_line, other, pct, table, verdict
-from .report_sampling import sampling_cases, sampling_section, sampling_targets
+
+US = 1e6  # seconds → microseconds
+SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation")
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def other(clock: str) -> str:
+    return "cpu" if clock == "wall" else "wall"
+
+
+def machine_line(r: dict) -> str:
+    m = r["machine"]
+    load, after = (m.get(k) or ["?"] for k in ("load_average", "load_average_after"))
+    return (
+        f"{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s); torch {m['torch']}, diffusers "
+        f"{m['diffusers']}, accelerate {m['accelerate']}; {m['date_utc']} UTC, revision {m['git_revision']}; "
+        f"load average (1 min) {load[0]} before, {after[0]} after; profile `{r['profile']}`, "
+        f"{r['wall_seconds'] / 60:.1f} min"
+    )
+
+
+def clock_note(r: dict) -> str:
+    if r["clock"] == "wall":
+        return "Verdicts and tables use wall-clock time (the machine was quiet); CPU-time ratios are the cross-check."
+    return (
+        "**The machine was loaded** (1-minute load average ≥ 1.5 before or after this benchmark, see above): tables "
+        "and verdicts use this process's CPU time, which other processes barely change; wall-clock ratios are shown "
+        "for comparison."
+    )
+
+
+def heading(title: str, r: dict, clocked: bool = True) -> list[str]:
+    return [f"## {title}", "", machine_line(r), ""] + ([clock_note(r), ""] if clocked else [])
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+
+def sampling_cases(s: dict) -> list[tuple[str, dict]]:
+    return [(s["model"], c) for c in s["comparisons"]] + (
+        [(s["large_model"]["model"], s["large_model"])] if s.get("large_model") else []
+    )
+
+
+def sampling_targets(s: dict) -> tuple[bool | None, bool]:
+    """Verdicts from the overheads measured on their own (stub UNet): robust to the machine's load."""
+    clock, at_1000 = s["clock"], [c for c in s["comparisons"] if c["steps"] >= 1000]
+    overhead_ok = all(c[clock]["overhead_over_floor_stub"] <= 0.03 for c in at_1000) if at_1000 else None
+    return overhead_ok, all(c[clock]["speedup_vs_diffusers_stub"] >= 1.0 for _, c in sampling_cases(s))
+
+
+def sampling_section(s: dict) -> str:
+    clock, end_to_end, stub = s["clock"], [], []
+    for model, c in sampling_cases(s):
+        m, x = c[clock], c[other(clock)]
+        per = {k: v["median"] * US for k, v in m["seconds_per_image_step"].items()}
+        end_to_end.append(
+            [model, c["batch"], c["steps"], f"{per['unet_floor']:.0f}", f"{per['hf_ddpm']:.0f}",
+             f"{per['diffusers']:.0f}", pct(m["overhead_over_floor"]), pct(m["diffusers_overhead_over_floor"]),
+             f"{m['speedup_vs_diffusers']:.3f}x", f"{pct(x['overhead_over_floor'])} / {x['speedup_vs_diffusers']:.3f}x",
+             f"{c['max_abs_diff_vs_diffusers']:.1e}"]
+        )  # fmt: skip
+        loop = per["loop (stub UNet)"]
+        stub.append(
+            [model, c["batch"], c["steps"], f"{per['hf_ddpm (stub UNet)'] - loop:.1f}",
+             f"{per['diffusers (stub UNet)'] - loop:.1f}", pct(m["overhead_over_floor_stub"]),
+             pct(m["diffusers_overhead_over_floor_stub"]), f"{m['speedup_vs_diffusers_stub']:.3f}x"]
+        )  # fmt: skip
+    out = heading("Sampling", s) + [
+        f"End to end: time per image per sampling step (µs, {clock} clock, median over interleaved rounds) of "
+        "hf_ddpm's pipeline, diffusers' DDPMPipeline and the floor (the same UNet's forward passes alone, the same "
+        "inputs). Overheads and the speed ratio are medians of per-round ratios; |Δ| is the largest difference "
+        "between our images and diffusers' from the same seed (same weights).",
+        "",
+        table(
+            [
+                "model",
+                "batch",
+                "steps",
+                "UNet floor",
+                "hf_ddpm",
+                "diffusers DDPMPipeline",
+                "ours over floor",
+                "diffusers over floor",
+                "ours vs diffusers (speed)",
+                f"{other(clock)} clock: over floor / vs diffusers",
+                "max \\|Δ\\|",
+            ],
+            end_to_end,
+        ),  # fmt: skip
+        "",
+        "The overheads on their own: the same loops with a stub UNet that returns a fixed output at once (µs per "
+        "image per step beyond a bare loop over the stub), over the floor above; the implied speed ratio is "
+        "(floor + diffusers' overhead) / (floor + ours). The verdicts use these.",
+        "",
+        table(
+            [
+                "model",
+                "batch",
+                "steps",
+                "hf_ddpm overhead (µs)",
+                "diffusers overhead (µs)",
+                "ours over floor",
+                "diffusers over floor",
+                "ours vs diffusers (speed)",
+            ],
+            stub,
+        ),  # fmt: skip
+        "",
+    ]
+    overhead_ok, never_slower = sampling_targets(s)
+    out.append(f"- Target: overhead over the floor ≤ 3% at 1000 steps: {verdict(overhead_ok)}")
+    out.append(f"- Target: never slower than diffusers' DDPMPipeline: {verdict(never_slower)}")
+    o = s["speed_options"]
+    m, x = o[clock], o[other(clock)]
+    rows = [[n, f"{m['seconds_per_image_step'][n]['median'] * US:.0f}", f"{m['speedup_vs_fp32'][n]:.2f}x",
+             f"{x['speedup_vs_fp32'][n]:.2f}x"] for n in m["seconds_per_image_step"]]  # fmt: skip
+    out += ["", f"Speed options (our pipeline, {s['model']}, batch {o['batch']}, {o['steps']} steps):", ""]
+    out.append(table(["option", "µs / image / step", "speed vs fp32", f"({other(clock)} clock)"], rows))
+    c = o.get("compile")
+    if c and "error" in c:
+        out.append(f"\ntorch.compile failed: `{c['error']}`")
+    elif c:
+        out.append(f"\ntorch.compile warmup (wall clock): the first call took {c['first_call_seconds']:.1f} s "
+                   f"(an eager call: {c['eager_call_seconds']:.1f} s); the table shows calls after it.")  # fmt: skip
+    else:
+        out.append("\ntorch.compile: not run in this profile (its warmup takes minutes on a CPU).")
+    r = s["respacing"]
+    rows = [[n, f"{v['median']:.2f}", f"{r[clock]['speedup_vs_max_steps'][n]:.1f}x"]
+            for n, v in r[clock]["seconds_per_batch"].items()]  # fmt: skip
+    out += ["", f"Respacing (time of one batch of {r['batch']}, {s['model']}, {clock} clock):", ""]
+    out.append(table(["steps", "seconds", "speed vs the most steps"], rows))
+    return "\n".join(out)
+
 
 # ---------------------------------------------------------------------------------------------------- training
 
@@ -21,31 +170,24 @@ def training_section(t: dict) -> str:
     clock = t["clock"]
     m, x = t[clock], t[other(clock)]
     runs = next(iter(m["images_per_second"].values()))["runs"]
-    out = ["## Training", "", machine_line(t), "", clock_note(t), ""]
-    out.append(
+    rows = [[n, f"{v['median']:.0f}", f"{v['iqr']:.0f}", f"{m['speedup_vs_diffusers_fp32'][n]:.2f}x",
+             f"{x['speedup_vs_diffusers_fp32'][n]:.2f}x"] for n, v in m["images_per_second"].items()]  # fmt: skip
+    same = m["speedup_vs_same_precision"]
+    out = heading("Training", t) + [
         f"Images/s of the training loop ({t['model']}, batch {t['batch']}, {t['steps_per_run']} optimizer steps "
         f"per run, {runs} interleaved runs; median and IQR, {clock} clock). hf_ddpm: `hf_ddpm.training.train` with "
         "its defaults. diffusers example: the loop of train_unconditional.py (datasets + per-image transforms + "
         "DataLoader, DDPMScheduler.add_noise, F.mse_loss, clip_grad_norm_, AdamW, EMAModel.step with its defaults, "
-        "loss.item() each step)."
-    )
-    out.append("")
-    rows = [
-        [name, f"{v['median']:.0f}", f"{v['iqr']:.0f}", f"{m['speedup_vs_diffusers_fp32'][name]:.2f}x",
-         f"{x['speedup_vs_diffusers_fp32'][name]:.2f}x"]
-        for name, v in m["images_per_second"].items()
-    ]  # fmt: skip
-    headers = ["loop", "images/s", "IQR", "vs diffusers example (fp32)", f"({other(clock)} clock)"]
-    out.append(table(headers, rows))
-    same = m["speedup_vs_same_precision"]
-    out.append("")
-    out.append("Ours over theirs at the same precision: " + ", ".join(f"{k} {v:.2f}x" for k, v in same.items()))
+        "loss.item() each step).",
+        "",
+        table(["loop", "images/s", "IQR", "vs diffusers example (fp32)", f"({other(clock)} clock)"], rows),
+        "",
+        "Ours over theirs at the same precision: " + ", ".join(f"{k} {v:.2f}x" for k, v in same.items()),
+    ]
     c = t.get("compile")
     if c:
-        out.append(
-            f"\nhf_ddpm --compile (wall clock): the first {c['first_steps']} steps (compiling) took "
-            f"{c['first_steps_seconds']:.0f} s; after them {c['images_per_second_after_compile']:.0f} images/s."
-        )
+        out.append(f"\nhf_ddpm --compile (wall clock): the first {c['first_steps']} steps (compiling) took "
+                   f"{c['first_steps_seconds']:.0f} s; after them {c['images_per_second_after_compile']:.0f} images/s.")  # fmt: skip
     out.append(f"\n- Target: ≥ 1.2x the diffusers-style loop with our defaults: {verdict(same['fp32'] >= 1.2)}")
     bound = m["speedup_vs_diffusers_fp32"].get(FLOOR)
     if bound is not None:
@@ -53,9 +195,9 @@ def training_section(t: dict) -> str:
         out.append(
             f"\nThe floor row is the UNet's own work in a step and nothing else (forward, L_simple, backward, fused "
             f"AdamW on one fixed batch). Our loop runs at {ours / bound:.0%} of its speed, the diffusers-style loop at "
-            f"{1 / bound:.0%} (medians of paired ratios; the IQR column shows the runs' spread): no loop doing the "
-            f"same fp32 arithmetic can beat theirs by more than about {bound:.2f}x here. Beyond that it takes faster "
-            "kernels or less precise arithmetic: the bf16 and --compile rows above."
+            f"{1 / bound:.0%} (medians of paired ratios): no loop doing the same fp32 arithmetic can beat theirs by "
+            f"more than about {bound:.2f}x here. Beyond that it takes faster kernels or less precise arithmetic: the "
+            "bf16 and --compile rows above."
         )
     return "\n".join(out)
 
@@ -64,55 +206,41 @@ def training_section(t: dict) -> str:
 
 
 def quality_section(q: dict) -> str:
-    out = ["## Quality at equal compute", "", machine_line(q), ""]
-    out.append(
+    out = heading("Quality at equal compute", q, clocked=False) + [
         f"Each model: {q['model']}, batch {q['batch']}, {q['train_steps']} optimizer steps of hf_ddpm's training "
         f"loop (our defaults otherwise), T = {q['num_train_timesteps']}. The L_simple model is evaluated with both "
         "fixed variances; the hybrid model (L_simple + 0.001 L_vlb) with its learned_range variances."
-    )
+    ]
     for d in q["datasets"]:
-        out += ["", f"### {d['data_source']}", ""]
+        b0, bpd = d["bits_per_dim"][0], d["bits_per_dim"]
         rows = [[k, v["optimizer_steps"], f"{v['train_seconds']:.0f}"] for k, v in d["training"].items()]
-        out += [table(["loss", "optimizer steps", "training seconds"], rows), ""]
-        b0 = d["bits_per_dim"][0]
+        out += ["", f"### {d['data_source']}", "", table(["loss", "optimizer steps", "training seconds"], rows), ""]
         out.append(
-            f"Bits/dim on held-out images: the exact bound (all T terms) and the Monte Carlo estimate with "
-            f"K = {b0['monte_carlo_k']} on the same {b0['images']} images; the estimate on all "
+            f"Bits/dim on held-out images (hf_ddpm.evaluation): the exact bound (all T terms) and the Monte Carlo "
+            f"estimate with K = {b0['monte_carlo_k']} on the same {b0['images']} images; the estimate on all "
             f"{b0['held_out']['images']} held-out images (± standard error over images and timesteps)."
         )
-        out.append("")
-        rows = [
-            [
-                b["model"], b["variance_type"], f"{b['exact']:.3f}",
-                f"{b['monte_carlo']:.3f} ± {b['monte_carlo_stderr']:.3f}", f"{b['difference_in_stderrs']:+.2f}",
-                verdict(b["within_2_stderr"]), f"{b['held_out']['monte_carlo']:.3f} ± {b['held_out']['stderr']:.3f}",
-            ]
-            for b in d["bits_per_dim"]
-        ]  # fmt: skip
+        rows = [[b["model"], b["variance_type"], f"{b['exact']:.3f}",
+                 f"{b['monte_carlo']:.3f} ± {b['monte_carlo_stderr']:.3f}", f"{b['difference_in_stderrs']:+.2f}",
+                 verdict(b["within_2_stderr"]), f"{b['held_out']['monte_carlo']:.3f} ± {b['held_out']['stderr']:.3f}"]
+                for b in bpd]  # fmt: skip
         headers = ["model", "variance", f"exact ({b0['images']} images)", f"Monte Carlo K={b0['monte_carlo_k']}",
                    "(MC - exact) / SE", "within 2 SE", f"held-out MC ({b0['held_out']['images']} images)"]  # fmt: skip
-        out += [table(headers, rows), ""]
-        out.append(
-            f"- Target: Monte Carlo K = {b0['monte_carlo_k']} within 2 SE of exact: {verdict(all(b['within_2_stderr'] for b in d['bits_per_dim']))}"
-        )
-        out.append("")
+        out += ["", table(headers, rows), ""]
+        ok = all(b["within_2_stderr"] for b in bpd)
+        out += [f"- Target: Monte Carlo K = {b0['monte_carlo_k']} within 2 SE of exact: {verdict(ok)}", ""]
         out.append(
             "Why the estimate draws its timesteps the way it does: the KL terms are skewed toward small t. Simulated "
             f"from each image's exact terms (K = {b0['monte_carlo_k']} of them, 2000 times), K timesteps drawn "
             "uniformly against hf_ddpm's stratified draws from ½ uniform + ½ ∝ 1/t (hf_ddpm/bound.py):"
         )
-        out.append("")
-        rows = []
-        for b in d["bits_per_dim"]:
-            sim = b["simulated"]
-            rows.append([b["model"], b["variance_type"], f"{100 * sim['kl_share_first_10_timesteps']:.0f}%"] + [
-                f"{sim[design]['median_over_exact']:.2f} / {100 * sim[design]['relative_rmse']:.0f}% / "
-                f"{100 * sim[design]['2se_coverage']:.0f}%" for design in ("uniform", "hf_ddpm")
-            ])  # fmt: skip
+        rows = [[b["model"], b["variance_type"], f"{100 * b['simulated']['kl_share_first_10_timesteps']:.0f}%"]
+                + [f"{b['simulated'][k]['median_over_exact']:.2f} / {100 * b['simulated'][k]['relative_rmse']:.0f}% / "
+                   f"{100 * b['simulated'][k]['2se_coverage']:.0f}%" for k in ("uniform", "hf_ddpm")] for b in bpd]  # fmt: skip
         headers = ["model", "variance", "share of the KL sum in t = 1..10",
                    "uniform t: median / exact, RMS error, 2-SE coverage",
                    "hf_ddpm: median / exact, RMS error, 2-SE coverage"]  # fmt: skip
-        out.append(table(headers, rows))
+        out += ["", table(headers, rows)]
         if "fid" in d:
             out += ["", fid_block(d)]
     return "\n".join(out)
@@ -122,33 +250,25 @@ def fid_block(d: dict) -> str:
     f = d["fid"]
     real, samples = f["real_held_out"], f["samples_per_set"]
     fewer = f", fewer than the {samples} samples: its upward bias is larger" if real["images"] < samples else ""
+    pr = all("precision" in s for s in f["sets"])
+    rows = [[s["model"], s["variance_type"], s["steps"], f"{s['fid']:.1f} ± {s['bootstrap_std']:.1f}"]
+            + ([f"{s['precision']:.2f} / {s['recall']:.2f}"] if pr else []) + [f"{s['sampling_seconds']:.0f}"]
+            for s in f["sets"]]  # fmt: skip
+    headers = ["model", "variance", "steps", "FID"] + (["precision / recall"] if pr else []) + ["sampling seconds"]
     out = [
         f"FID ({f['feature_extractor']}): {samples} samples per row against {f['reference']}; ± the bootstrap "
         f"standard deviation over resampled samples. Real held-out images against the same reference give FID "
         f"{real['fid']:.1f} ({real['images']} images{fewer}). At these counts FID is biased upward and noisy: read "
         "differences against the ± column, and compare rows with each other rather than with published FIDs.",
         "",
+        table(headers, rows),
     ]
-    rows = [
-        [
-            s["model"],
-            s["variance_type"],
-            s["steps"],
-            f"{s['fid']:.1f} ± {s['bootstrap_std']:.1f}",
-            f"{s['sampling_seconds']:.0f}",
-        ]
-        for s in f["sets"]
-    ]
-    out.append(table(["model", "variance", "steps", "FID", "sampling seconds"], rows))
     r = d.get("respacing_target")
     if r and "relative_change_100" in r:
-        changes = ", ".join(
-            f"{s} steps {pct(r[f'relative_change_{s}'])}" for s in (250, 100, 50) if f"relative_change_{s}" in r
-        )
-        out.append(
-            f"\n- Target: learned_range at 100 steps within 10% of its 1000-step FID ({r['samples']} samples each): "
-            f"{verdict(r['within_10_percent_at_100'])} ({changes} vs 1000 steps)"
-        )
+        changes = ", ".join(f"{n} steps {pct(r[f'relative_change_{n}'])}" for n in (250, 100, 50)
+                            if f"relative_change_{n}" in r)  # fmt: skip
+        out.append(f"\n- Target: learned_range at 100 steps within 10% of its 1000-step FID ({r['samples']} samples "
+                   f"each): {verdict(r['within_10_percent_at_100'])} ({changes} vs 1000 steps)")  # fmt: skip
     else:
         out.append(
             "\n- Target (100-step FID within 10% of 1000-step): not evaluated in this profile (no 1000-step set)."
@@ -156,36 +276,57 @@ def fid_block(d: dict) -> str:
     return "\n".join(out)
 
 
-# ---------------------------------------------------------------------------------------------------- gpu
+# ---------------------------------------------------------------------------------------------------- gpu, evaluation
 
 
 def gpu_section(g: dict) -> str:
-    out = ["## GPU", ""]
     if not g.get("measured"):
-        out.append(
+        return "\n".join(["## GPU", "",
             f"{g.get('reason', 'not measured')}. On a machine with CUDA, `python -m benchmarks.run --only gpu` measures "
             f"the paper's CIFAR-10 model (35.7M parameters) training throughput at batch 128 in fp32 / bf16 / fp16 "
-            f"against the paper's {g['paper_steps_per_second']:.0f} steps/s on a TPU v3-8, and its sampling throughput."
-        )
-        return "\n".join(out)
-    out += [machine_line(g), "", f"{g['model']} on {g.get('gpu', g['device'])}, batch {g['batch']}:", ""]
-    rows = [
-        [p, f"{v['steps_per_second']:.1f}", f"{v['images_per_second']:.0f}", f"{v['vs_paper_tpu_v3_8']:.2f}x"]
-        for p, v in g["training"].items()
-    ]
+            f"against the paper's {g['paper_steps_per_second']:.0f} steps/s on a TPU v3-8, and its sampling throughput."])  # fmt: skip
+    rows = [[p, f"{v['steps_per_second']:.1f}", f"{v['images_per_second']:.0f}", f"{v['vs_paper_tpu_v3_8']:.2f}x"]
+            for p, v in g["training"].items()]  # fmt: skip
+    out = heading("GPU", g, clocked=False) + [f"{g['model']} on {g.get('gpu', g['device'])}, batch {g['batch']}:", ""]
     out += [table(["mixed precision", "steps/s", "images/s", "vs paper (21 steps/s, TPU v3-8)"], rows), ""]
     rows = []
     for name, row in g["sampling"].items():
         w = row["wall"]
-        per = w["seconds_per_image_step"]
-        rows.append(
-            [name, row["batch"], f"{per['hf_ddpm']['median'] * US:.1f}", f"{per['diffusers']['median'] * US:.1f}",
-             f"{per['unet_floor']['median'] * US:.1f}", pct(w["overhead_over_floor"]),
-             f"{w['speedup_vs_diffusers']:.3f}x", f"{row['images_per_second_at_1000_steps']:.1f}"]
-        )  # fmt: skip
-    headers = ["dtype", "batch", "hf_ddpm µs/img/step", "diffusers", "floor", "ours over floor", "ours vs diffusers",
-               "images/s at 1000 steps"]  # fmt: skip
-    out.append(table(headers, rows))
+        per = {k: v["median"] * US for k, v in w["seconds_per_image_step"].items()}
+        rows.append([name, row["batch"], f"{per['hf_ddpm']:.1f}", f"{per['diffusers']:.1f}", f"{per['unet_floor']:.1f}",
+                     pct(w["overhead_over_floor"]), f"{w['speedup_vs_diffusers']:.3f}x",
+                     f"{row['images_per_second_at_1000_steps']:.1f}"])  # fmt: skip
+    out.append(table(["dtype", "batch", "hf_ddpm µs/img/step", "diffusers", "floor", "ours over floor",
+                      "ours vs diffusers", "images/s at 1000 steps"], rows))  # fmt: skip
+    return "\n".join(out)
+
+
+def evaluation_section(e: dict) -> str:
+    t, c, p = e["throughput"], e["cifar10"], e["paper_protocol"]
+    rows = [[n, f"{r['bits_per_dim_images_per_second']:.2f}", f"{r['unet_passes_per_second']:.0f}",
+             f"{r['samples_per_second']:.2f}" if "samples_per_second" in r else "n/a",
+             f"{r['inception_images_per_second']:.1f}" if "inception_images_per_second" in r else "n/a"]
+            for n, r in t["processes"].items()]  # fmt: skip
+    a = p["assumption"]
+    out = heading("Evaluation", e, clocked=False) + [
+        f"`python -m hf_ddpm evaluate` on {t['model']} (T = {t['T']}): the exact bound on {t['images']} held-out "
+        f"images, {t['samples']} samples at {t['sampling_steps']} steps; 1 process and 2 (`accelerate launch`), "
+        "the best of the rounds, seconds as hf_ddpm.evaluation records them.",
+        "",
+        table(["processes", "bits/dim images/s", "UNet passes/s", "samples/s", "Inception images/s"], rows),
+        "",
+        f"The paper's protocol for the CIFAR-10 preset ({c['parameters'] / 1e6:.1f}M parameters, "
+        f"{c['flops_per_image'] / 1e9:.1f} GFLOP per UNet pass, counted): 50,000 samples at 1000 steps + the exact "
+        f"bound on the 10,000 test images = {p['unet_passes']:.1e} UNet passes. Measured here: "
+        f"{c['cpu_seconds_per_batch']:.2f} s per batch of {c['batch']} on {c['cpu_threads']} thread(s).",
+        "",
+        table(["where", "projected hours"], [[k, f"{v:,.1f}"] for k, v in p["hours"].items()]),
+        "",
+        f"ASSUMED, not measured (no GPU was lent): {a['gpu']} at {a['utilization']:.0%} of its "
+        f"{a['peak_flops_bf16'] / 1e12:.0f} TFLOP/s bf16 peak; the processes share no work but the final gathering, "
+        "so 8 GPUs take an eighth. A cross-check: Song et al. 2021 (DDIM, section 1) report about 20 hours for 50k "
+        "samples of 32x32 from a DDPM on one RTX 2080 Ti.",
+    ]
     return "\n".join(out)
 
 
@@ -193,7 +334,7 @@ def gpu_section(g: dict) -> str:
 
 
 def summary_section(results: dict) -> str:
-    """The headline table (what README.md shows)."""
+    """The headline table; README.md states these numbers and links RESULTS.md."""
     rows = []
     s, t, q = results.get("sampling"), results.get("training"), results.get("quality")
     if s:
@@ -201,107 +342,124 @@ def summary_section(results: dict) -> str:
         at_1000 = [c for c in s["comparisons"] if c["steps"] >= 1000] or s["comparisons"]
         worst = max(at_1000, key=lambda c: c[clock]["overhead_over_floor_stub"])
         overhead_ok, never_slower = sampling_targets(s)
-        rows.append(
-            [f"sampling overhead over the bare UNet forward passes ({s['model']}, batch {worst['batch']}, "
-             f"{worst['steps']} steps)", "≤ 3% at 1000 steps",
-             f"{pct(worst[clock]['overhead_over_floor_stub'])} (end to end: {pct(worst[clock]['overhead_over_floor'])})",
-             verdict(overhead_ok)]
-        )  # fmt: skip
-        slowest_name, slowest = min(sampling_cases(s), key=lambda mc: mc[1][clock]["speedup_vs_diffusers_stub"])
-        rows.append(
-            [f"sampling speed vs diffusers DDPMPipeline, same weights (slowest case: {slowest_name}, batch "
-             f"{slowest['batch']})", "≥ 1.00x",
-             f"{slowest[clock]['speedup_vs_diffusers_stub']:.3f}x (end to end: "
-             f"{slowest[clock]['speedup_vs_diffusers']:.3f}x)", verdict(never_slower)]
-        )  # fmt: skip
+        rows.append([f"sampling overhead over the bare UNet forward passes ({s['model']}, batch {worst['batch']}, "
+                     f"{worst['steps']} steps)", "≤ 3% at 1000 steps",
+                     f"{pct(worst[clock]['overhead_over_floor_stub'])} (end to end: {pct(worst[clock]['overhead_over_floor'])})",
+                     verdict(overhead_ok)])  # fmt: skip
+        name, slowest = min(sampling_cases(s), key=lambda mc: mc[1][clock]["speedup_vs_diffusers_stub"])
+        rows.append([f"sampling speed vs diffusers DDPMPipeline, same weights (slowest case: {name}, batch "
+                     f"{slowest['batch']})", "≥ 1.00x", f"{slowest[clock]['speedup_vs_diffusers_stub']:.3f}x (end to "
+                     f"end: {slowest[clock]['speedup_vs_diffusers']:.3f}x)", verdict(never_slower)])  # fmt: skip
     if t:
         m = t[t["clock"]]
-        ratio = m["speedup_vs_same_precision"]["fp32"]
-        ips = m["images_per_second"]
-        floor = m["speedup_vs_diffusers_fp32"].get(FLOOR)
+        ratio, ips, floor = (
+            m["speedup_vs_same_precision"]["fp32"],
+            m["images_per_second"],
+            m["speedup_vs_diffusers_fp32"].get(FLOOR),
+        )
         bound = f"; the UNet step alone: {floor:.2f}x" if floor else ""
-        rows.append(
-            [f"training images/s vs diffusers-style loop ({t['model']}, batch {t['batch']}, fp32; {t['clock']} clock)",
-             "≥ 1.2x", f"{ratio:.2f}x ({ips['hf_ddpm (defaults, fp32)']['median']:.0f} vs "
-             f"{ips['diffusers example (fp32)']['median']:.0f}){bound}", verdict(ratio >= 1.2)]
-        )  # fmt: skip
+        rows.append([f"training images/s vs diffusers-style loop ({t['model']}, batch {t['batch']}, fp32; {t['clock']} "
+                     f"clock)", "≥ 1.2x", f"{ratio:.2f}x ({ips['hf_ddpm (defaults, fp32)']['median']:.0f} vs "
+                     f"{ips['diffusers example (fp32)']['median']:.0f}){bound}", verdict(ratio >= 1.2)])  # fmt: skip
     if q:
         d = q["datasets"][0]
         worst = max(d["bits_per_dim"], key=lambda b: abs(b["difference_in_stderrs"]))
-        rows.append(
-            [f"bits/dim: Monte Carlo K={worst['monte_carlo_k']} vs exact ({worst['images']} images, worst model)",
-             "within 2 SE", f"{worst['difference_in_stderrs']:+.2f} SE",
-             verdict(all(b["within_2_stderr"] for b in d["bits_per_dim"]))]
-        )  # fmt: skip
+        rows.append([f"bits/dim: Monte Carlo K={worst['monte_carlo_k']} vs exact ({worst['images']} images, worst "
+                     "model)", "within 2 SE", f"{worst['difference_in_stderrs']:+.2f} SE",
+                     verdict(all(b["within_2_stderr"] for b in d["bits_per_dim"]))])  # fmt: skip
         r = d.get("respacing_target")
         if r and "relative_change_100" in r:
-            rows.append(
-                [f"FID, learned_range, 100 vs 1000 steps ({r['samples']} samples each)", "within 10%",
-                 f"{r['fid_100']:.1f} vs {r['fid_1000']:.1f} ({pct(r['relative_change_100'])})",
-                 verdict(r["within_10_percent_at_100"])]
-            )  # fmt: skip
+            rows.append([f"FID, learned_range, 100 vs 1000 steps ({r['samples']} samples each)", "within 10%",
+                         f"{r['fid_100']:.1f} vs {r['fid_1000']:.1f} ({pct(r['relative_change_100'])})",
+                         verdict(r["within_10_percent_at_100"])])  # fmt: skip
     if not rows:
         return ""
     m = next(iter(v for v in results.values() if v))["machine"]
-    lines = [
-        "## Summary",
-        "",
-        f"{m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, diffusers {m['diffusers']}.",
-        "",
-    ]
-    return "\n".join(lines + [table(["measure", "target", "measured", "verdict"], rows)])
+    return "\n".join(["## Summary", "", f"{m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, diffusers "
+                      f"{m['diffusers']}.", "", table(["measure", "target", "measured", "verdict"], rows)])  # fmt: skip
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+# ---------------------------------------------------------------------------------------------------- plots
 
 
-def update_readme(summary: str, readme: str = README) -> None:
-    """Replace the README's text between the benchmark markers with the latest summary table."""
-    with open(readme) as f:
-        text = f.read()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{readme} has no '{README_START}' ... '{README_END}' section to write the summary into")
-    body = summary.split("\n", 2)[2]  # without the "## Summary" heading: the README's own heading stands above
-    body += "\n\nAll tables, the plots and how each number is measured: [benchmarks/results/RESULTS.md]"
-    body += "(benchmarks/results/RESULTS.md). Rerun with `make bench` (about an hour on two CPU cores)."
-    with open(readme + ".tmp", "w") as f:
-        f.write(text[: start + len(README_START)] + "\n" + body + "\n" + text[end:])
-    os.replace(readme + ".tmp", readme)
+def plots(results: dict, results_dir: str) -> list[str]:
+    """PNG plots (matplotlib, the `bench` extra): sampling cost per step, training throughput, FID vs steps."""
+    if importlib.util.find_spec("matplotlib") is None:  # keep the plots an earlier run drew from these files
+        print("matplotlib is not installed (pip install -e '.[bench]'): plots not redrawn", file=sys.stderr)
+        names = ("sampling.png", "training.png", "quality_fid.png")
+        return [n for n in names if os.path.isfile(os.path.join(results_dir, n))]
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(os.path.join(results_dir, name), dpi=110)
+        plt.close(fig)
+        return name
+
+    written = []
+    s, t, q = (results.get(k) for k in ("sampling", "training", "quality"))
+    if s:
+        cases, clock = sampling_cases(s), s["clock"]
+        fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
+        for ax, (model, c) in zip(axes[0], cases):
+            per = c[clock]["seconds_per_image_step"]
+            keys = ("unet_floor", "hf_ddpm", "diffusers")
+            ax.bar(keys, [per[k]["median"] * US for k in keys], yerr=[per[k]["iqr"] * US / 2 for k in keys],
+                   color=["#999999", "#1f77b4", "#ff7f0e"], capsize=3)  # fmt: skip
+            ax.set_title(f"{model}\nbatch {c['batch']}, {c['steps']} steps", fontsize=9)
+            ax.set_ylabel(f"µs per image per step ({clock} clock)")
+        written.append(save(fig, "sampling.png"))
+    if t:
+        items = list(t[t["clock"]]["images_per_second"].items())
+        fig, ax = plt.subplots(figsize=(7, 0.5 * len(items) + 1.5))
+        colors = ["#1f77b4" if n.startswith("hf_ddpm") else "#999999" if n.startswith("floor") else "#ff7f0e"
+                  for n, _ in items]  # fmt: skip
+        ax.barh([n for n, _ in items], [v["median"] for _, v in items], xerr=[v["iqr"] / 2 for _, v in items],
+                color=colors, capsize=3)  # fmt: skip
+        ax.invert_yaxis()
+        ax.set_xlabel(f"images/s ({t['model']}, batch {t['batch']}; {t['clock']} clock)")
+        written.append(save(fig, "training.png"))
+    d = q["datasets"][0] if q else {}
+    if "fid" in d:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        series: dict[str, list] = {}
+        for row in d["fid"]["sets"]:
+            series.setdefault(f"{row['model']} / {row['variance_type']}", []).append(row)
+        for i, (label, rows) in enumerate(series.items()):
+            rows.sort(key=lambda r: r["steps"])
+            shift = 1.06 ** (i - (len(series) - 1) / 2)  # side by side where series share a step count
+            ax.errorbar([r["steps"] * shift for r in rows], [r["fid"] for r in rows],
+                        yerr=[r["bootstrap_std"] for r in rows], marker="osD^v"[i % 5], capsize=3, label=label)  # fmt: skip
+        real = d["fid"]["real_held_out"]
+        ax.axhline(real["fid"], color="gray", ls="--", label=f"real held-out images ({real['images']})")
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps (respaced)")
+        ax.set_ylabel(f"FID ({d['fid']['samples_per_set']} samples)")
+        ax.legend(fontsize=8)
+        written.append(save(fig, "quality_fid.png"))
+    return written
 
 
-def write(results_dir: str = RESULTS_DIR, readme: str | None = None) -> str:
-    """Write RESULTS.md and the plots into `results_dir`; with `readme`, also that file's summary section."""
-    results = {name: read_json(name, results_dir) for name in ("sampling", "training", "quality", "gpu")}
+def write(results_dir: str = RESULTS_DIR) -> str:
+    """Write RESULTS.md and the plots into `results_dir` (and nothing else)."""
+    results = {name: read_json(name, results_dir) for name in SECTIONS}
     parts = ["# Benchmark results", "", "Written by `python -m benchmarks.run`; do not edit by hand.", ""]
-    summary = summary_section(results)
-    parts.append(summary)
-    if readme and summary:
-        update_readme(summary, readme)
-    sections = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
-                "gpu": gpu_section}  # fmt: skip
-    for name, render in sections.items():
-        if results[name]:
-            parts += ["", render(results[name])]
-    plots = plot_all(results, results_dir)
-    if plots:
-        parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    parts.append(summary_section(results))
+    render = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
+              "gpu": gpu_section, "evaluation": evaluation_section}  # fmt: skip
+    parts += [part for name in SECTIONS if results[name] for part in ("", render[name](results[name]))]
+    written = plots(results, results_dir)
+    if written:
+        parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in written]
     path = os.path.join(results_dir, "RESULTS.md")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         f.write("\n".join(parts).rstrip() + "\n")
+    os.replace(path + ".tmp", path)
     return path
 
 
-def plot_all(results: dict, results_dir: str) -> list[str]:
-    if importlib.util.find_spec("matplotlib") is None:  # in the `bench` extra
-        print("matplotlib is not installed (pip install -e '.[bench]'): no plots", file=sys.stderr)
-        return []
-    from . import plots
-
-    return plots.write(results, results_dir)
-
-
 if __name__ == "__main__":
-    directory = sys.argv[1] if len(sys.argv) > 1 else RESULTS_DIR
-    print(write(directory, readme=README if os.path.abspath(directory) == RESULTS_DIR else None))
+    print(write(sys.argv[1] if len(sys.argv) > 1 else RESULTS_DIR))

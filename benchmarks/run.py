@@ -5,6 +5,7 @@
     python -m benchmarks.run --only sampling training
     python -m benchmarks.run --train_data_dir ./my_images   # quality also on an image folder (or --dataset_name)
     python -m benchmarks.report                    # re-render RESULTS.md and the plots from the JSON files
+    python -m benchmarks.run --only evaluation     # `python -m hf_ddpm evaluate` throughput, paper-protocol projection
 
 Each JSON records the machine (CPU, cores, threads, versions) and the load average before and after; timings are
 medians over interleaved rounds, ratios are taken between runs of the same round.
@@ -25,10 +26,10 @@ import time
 from . import report
 from .common import RESULTS_DIR, load_average, log, machine, primary_clock, set_threads, write_json
 
-BENCHMARKS = ("sampling", "training", "quality", "gpu")
+BENCHMARKS = ("sampling", "training", "quality", "gpu", "evaluation")
 # Timing comparisons run on one thread: on two cores a second OpenMP thread gains little for these small models and
 # makes every number hostage to any other process; quality (pure throughput) uses all cores.
-DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "gpu": None}
+DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "gpu": None, "evaluation": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,9 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(name: str, profile: str, args: argparse.Namespace) -> dict:
-    from . import gpu, quality, sampling, training
+    from . import evaluation, gpu, quality, sampling, training
 
-    module = {"sampling": sampling, "training": training, "quality": quality, "gpu": gpu}[name]
+    module = {"sampling": sampling, "training": training, "quality": quality, "gpu": gpu, "evaluation": evaluation}[
+        name
+    ]
     threads = set_threads(args.threads if args.threads is not None else DEFAULT_THREADS[name] or os.cpu_count())
     info = machine()
     started = time.perf_counter()
@@ -89,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if own_cache:
             shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
-    in_repo = os.path.abspath(args.results_dir) == RESULTS_DIR  # the README shows the repository's own results
-    report.write(args.results_dir, readme=report.README if in_repo else None)
+    report.write(args.results_dir)  # RESULTS.md and plots only: README.md states the headline numbers itself
     log(f"all done in {time.perf_counter() - started:.0f} s; see {os.path.join(args.results_dir, 'RESULTS.md')}")
 
 

@@ -80,25 +80,33 @@ def test_every_benchmark_runs_in_its_smoke_profile_and_writes_its_results(tmp_pa
         assert (out / "sampling.png").stat().st_size > 1000 and (out / "training.png").exists()
 
 
-def test_update_readme_replaces_only_the_marked_section(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
-    summary = "## Summary\n\nmachine line\n\n| measure | verdict |\n|---|---|\n| x | **met** |"
-    report.update_readme(summary, str(readme))
-    text = readme.read_text()
-    assert "old table" not in text and "## Summary" not in text  # the README's own heading stands above
-    assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{report.README_END}\nafter\n")
-    assert "machine line\n\n| measure | verdict |" in text and "benchmarks/results/RESULTS.md" in text
-    report.update_readme(summary, str(readme))  # idempotent: a rerun does not stack tables
-    assert readme.read_text() == text
+def test_a_report_writes_results_md_and_leaves_the_readme_alone(tmp_path):
+    # Behaviour change (issue 16, item 10): a benchmark run no longer rewrites README.md between markers.
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    readme = (ROOT / "README.md").read_bytes()
+    written = Path(report.write(str(tmp_path)))
+    assert (ROOT / "README.md").read_bytes() == readme
+    text = written.read_text()
+    assert written == tmp_path / "RESULTS.md" and text.startswith("# Benchmark results\n")
+    for heading in ("## Summary", "## Sampling", "## Training", "## Quality at equal compute", "## GPU"):
+        assert heading in text
+    assert "<!-- benchmarks:start -->" not in readme.decode()  # no markers left to rewrite
 
 
-def test_update_readme_refuses_a_readme_without_markers(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n")
-    with pytest.raises(ValueError, match="no '<!-- benchmarks:start -->'"):
-        report.update_readme("## Summary\n\ntable", str(readme))
-    assert readme.read_text() == "# Title\n"  # untouched
+def test_the_readme_states_the_headline_numbers_of_results_md():
+    """README.md's benchmark section links RESULTS.md, and each row of its headline table is a row of RESULTS.md's
+    summary: numbers stated by hand, checked against the run's."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Benchmarks\n") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "(benchmarks/results/RESULTS.md)" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| measure")]
+    assert len(rows) >= 4
+    summary = (ROOT / "benchmarks" / "results" / "RESULTS.md").read_text().split("\n## ")[1]
+    assert summary.startswith("Summary")
+    for row in rows:
+        assert row in summary.splitlines(), row
 
 
 def _training_result(ours: float, theirs: float, floor: float) -> dict:

@@ -208,6 +208,11 @@ def test_sample_i_comes_from_seed_base_plus_i_whatever_the_shards(pipe, tmp_path
     assert torch.equal(load_shards(tmp_path / "a", [0, 1, 2]), first)
     with pytest.raises(ValueError, match="num_inference_steps: 4 there, 5 now"):
         generate_shards(pipe, tmp_path / "a", 5, num_inference_steps=5, seed=7, shard_size=2)
+    torch.manual_seed(1)  # other weights: the shards of the first are not theirs
+    unet = UNet2DModel(**unet_config("test-tiny", sample_size=SIZE, in_channels=1, out_channels=1))
+    with pytest.raises(ValueError, match="fingerprint: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now"):
+        generate_shards(HFDDPMPipeline(unet=unet, scheduler=pipe.scheduler), tmp_path / "a", 5, num_inference_steps=4,
+                        seed=7, shard_size=2)  # fmt: skip
 
 
 def test_bits_per_dim_blocks_are_seeded_by_their_index(pipe):
@@ -249,6 +254,7 @@ def test_evaluate_writes_every_metric_for_the_card(pipeline_dir, tmp_path, capsy
     )
     line = f"FID: {fid.value:.2f} (6 samples at 3 steps vs 20 images of the held-out split of scikit-learn digits"
     assert line in printed and "(held-out protocol)" in printed
+    assert "reference statistics computed (20 images through the feature extractor)" in printed
     assert 0 <= metrics["precision"].value <= 1 and metrics["kid"].value > 0
     assert {m.name: m.value for m in read_metrics(out)} == {n: m.value for n, m in metrics.items()}
     rows = {r["type"]: r for r in collect_metrics(None, json.loads(out.read_text()))}

@@ -3,6 +3,8 @@ FID, precision/recall and KID, each naming its protocol."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
@@ -35,21 +37,30 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
         label = "the DDPM paper's protocol: vs the training split" if split == "train" else "held-out protocol"
         protocol = f"vs {about} ({label})"
 
+    if processes.is_main and args.fid_reference is None:
+        how = f"computed ({reference.count} images through the feature extractor)" if reference.computed else "read"
+        print(f"reference statistics {how}: {reference.path}")
+
     from .run import default_sample_dir
 
     steps = args.num_inference_steps or pipe.scheduler.config.num_train_timesteps
     args.num_inference_steps = steps
     sample_dir = Path(args.sample_dir) if args.sample_dir else default_sample_dir(args, cache_dir)
-    model = args.model
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    started = time.perf_counter()
     shards = generate_shards(pipe, sample_dir, args.num_samples, num_inference_steps=steps, seed=options["seed"],
                              shard_size=args.batch_size, png=args.png, model=model, processes=processes,
                              progress=True)  # fmt: skip
     if processes.is_main:
         print(f"samples: {shards['generated']} of {shards['shards']} shards drawn now, the rest found in {sample_dir}")
+    sampling_seconds = time.perf_counter() - started
     features = features_in_blocks(extractor, lambda j: load_shards(sample_dir, [j]), shards["shards"], processes)
+    feature_seconds = time.perf_counter() - started - sampling_seconds
 
     details = {"num_samples": len(features), "num_inference_steps": steps, "feature_extractor": extractor.name,
-               "reference": reference.description, "sample_dir": str(sample_dir), "seed": options["seed"]}  # fmt: skip
+               "reference": reference.description, "sample_dir": str(sample_dir), "seed": options["seed"],
+               "shards_drawn": shards["generated"], "sampling_seconds": sampling_seconds,  # this run's shards
+               "feature_seconds": feature_seconds}  # fmt: skip
     what = f"{len(features)} samples at {steps} steps {protocol}; {extractor.name}"
     metrics = [Metric("fid", frechet_distance(reference.stats, features), None, len(features), what, details)]
     if reference.features is not None:

@@ -10,6 +10,7 @@ same directory is refused before it draws anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,15 @@ MANIFEST = "samples.json"
 
 def shard_path(sample_dir: str | os.PathLike, shard: int) -> Path:
     return Path(sample_dir) / f"shard-{shard:05d}.npz"
+
+
+def fingerprint(pipeline) -> str:
+    """sha256 of the UNet's weights and the scheduler's config: shards of other weights are never reused."""
+    digest = hashlib.sha256(json.dumps(dict(pipeline.scheduler.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(pipeline.unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _complete(path: Path) -> bool:
@@ -83,8 +93,9 @@ def generate_shards(
         check_positive_int(value, flag)
     sample_dir = Path(sample_dir)
     sample_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model, "num_samples": num_samples, "num_inference_steps": num_inference_steps,
-                "seed": seed, "shard_size": shard_size, "image_shape": list(pipeline._image_shape)}  # fmt: skip
+    settings = {"model": model, "fingerprint": fingerprint(pipeline), "num_samples": num_samples,
+                "num_inference_steps": num_inference_steps, "seed": seed, "shard_size": shard_size,
+                "image_shape": list(pipeline._image_shape)}  # fmt: skip
     _check_manifest(sample_dir, settings, processes)
     shards = math.ceil(num_samples / shard_size)
     missing = [j for j in range(shards) if not _complete(shard_path(sample_dir, j))]
