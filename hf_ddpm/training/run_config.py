@@ -56,7 +56,8 @@ def option(default=None, help: str = "", *, aliases=(), min=None, parse=None, ne
 # fmt: off
 @dataclass
 class DataOptions:
-    dataset_name: str | None = option(help="a Hub dataset id or a local dataset directory (default: the bundled digits)")
+    dataset_name: str | None = option(
+        help="a Hub dataset id or a local dataset directory (default: the bundled digits)")
     dataset_config_name: str | None = option(help="the dataset's configuration, if it has several")
     train_data_dir: str | None = option(help="an image folder (read with datasets' imagefolder)")
     image_column: str | None = option(help="default: detected (the datasets.Image column, or image, img, ...)")
@@ -107,12 +108,12 @@ class ObjectiveOptions:
         aliases=("--beta_schedule",))
     variance_type: VarianceType | None = option(
         help="default: fixed_small (learned_range with --loss hybrid), or the pretrained scheduler's")
-    loss: LossType = option("simple",  # DDPM section 3.4: the unweighted ε loss gave the paper's best FID
+    loss: LossType = option("simple",  # DDPM section 3.4 and Table 2: L_simple gave the paper's best FID (3.17)
                             "simple: DDPM eq. 14; vlb: the bound; hybrid: simple + 0.001 vlb (needs learned_range)")
     importance_sampling: bool = option(
         False, "sample t by the loss's second moment (Improved DDPM section 3.3; meant for --loss vlb)")
-    # 250 respaced steps: a quarter of T = 1000's cost per grid; benchmarks/results/RESULTS.md measured the FID at
-    # 250 steps within 3.4% of 1000 steps' (diffusers' default is 1000)
+    # 250 respaced steps: a quarter of T = 1000's cost per grid; benchmarks/results/RESULTS.md measured a learned_range
+    # model's FID at 250 steps within 3.4% of its 1000 steps' (diffusers' default is 1000)
     # (TRAIN) None: 250, or T when T is smaller, so that a short-T run needs no flag
     ddpm_num_inference_steps: int | None = option(
         help="sampling steps of the sample grids (default: 250, or T if smaller; a respaced chain when fewer than T)",
@@ -197,8 +198,8 @@ class LoggingOptions:
     eval_bits_per_dim_steps: int | None = option(
         help="Monte Carlo bits/dim on the held-out split every N steps (always at the end)", min=1)
     eval_num_images: int = option(256, "held-out images in the bits/dim estimate", min=1)
-    # K = 16 stratified terms: benchmarks/results/RESULTS.md shows the Monte Carlo estimate's standard error of a
-    # 16-image mean at K = 64 is ~0.01 bits/dim; 16 terms per image is a quarter of that cost for a training curve
+    # K = 16 stratified terms: a quarter of K = 64's cost, whose 16-image mean has a standard error of ~0.01 bits/dim
+    # in benchmarks/results/RESULTS.md (so ~0.02 at K = 16, the error going as 1/√K): enough for a training curve
     eval_num_timesteps: int = option(16, "K sampled terms of the bound per image", min=1)
 
 
