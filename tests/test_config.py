@@ -175,6 +175,8 @@ def test_a_source_chosen_on_the_command_line_replaces_the_files_competing_one(tm
         None,
     )
     assert (config.model_config, config.dropout) == ("ddpm-cifar10-32", 0.1)  # untouched: no competing flag given
+    config = parse_args(["--config", str(path), "--train_data_files", "train-*.parquet"])
+    assert (config.train_data_files, config.dataset_name, config.train_data_dir) == ("train-*.parquet", None, None)
     config = parse_args(["--config", str(path), "--pretrained_model_name_or_path", "outputs/run"])
     assert (config.model_config, config.dropout, config.dataset_name) == (None, None, "uoft-cs/cifar10")
     with pytest.raises(ValueError, match="not both"):  # both on the command line: still refused

@@ -162,9 +162,12 @@ def _typed(key, value, kind, choices, optional, parse, source):
 
 # A choice made on the command line replaces the config file's competing one: `--config ddpm-cifar10
 # --train_data_dir ./my_images` trains the recipe on an image folder instead of the recipe's dataset.
+DATA_SOURCES = ("dataset_name", "train_data_dir", "train_data_files")
 REPLACES = {
-    "dataset_name": ("train_data_dir",),
-    "train_data_dir": ("dataset_name", "dataset_config_name"),
+    **{
+        s: (*(o for o in DATA_SOURCES if o != s), *(() if s == "dataset_name" else ("dataset_config_name",)))
+        for s in DATA_SOURCES
+    },
     "model_config": ("pretrained_model_name_or_path",),
     "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
     "save_images_epochs": ("save_images_steps",),
