@@ -16,8 +16,7 @@ BIN_HALF_WIDTH = 1.0 / 255.0
 
 
 def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels k in 0..255 → float32 k / 127.5 - 1 in [-1, 1]: DDPM section 3.3 scales the data "linearly to
-    [-1, 1]", the scale on which eq. 13 lays its bins. The one home of this convention (training and the bound)."""
+    """uint8 k in 0..255 → k / 127.5 - 1 in [-1, 1] (DDPM section 3.3), the scale of eq. 13's bins."""
     return images.to(torch.float32) / 127.5 - 1.0
 
 

@@ -34,8 +34,7 @@ PREDICTION_TYPES = get_args(PredictionType)
 
 
 def model_output_channels(data_channels: int, learned_variance: bool) -> int:
-    """Channels a model outputs for `data_channels`-channel data: the mean, then for a learned variance
-    (`learned_range`) one v per channel (Improved DDPM eq. 15). The one home of this count."""
+    """The mean's channels, then for learned_range one v per channel (Improved DDPM eq. 15)."""
     return 2 * data_channels if learned_variance else data_channels
 
 

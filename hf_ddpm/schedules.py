@@ -114,8 +114,7 @@ def betas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 
 def check_positive_int(value, name: str) -> int:
-    """`value` if it is an integer >= 1 (a Python or NumPy int, not a bool), else a ValueError naming `name` and the
-    value. The package's one check of counts: T, batch sizes, sample counts."""
+    """`value` if an int (not bool) >= 1, else a ValueError naming it: the one check of counts."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
@@ -124,5 +123,5 @@ def check_positive_int(value, name: str) -> int:
 def _check_num_timesteps(num_train_timesteps) -> None:
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)):
         check_positive_int(num_train_timesteps, "num_train_timesteps")
-    if num_train_timesteps < 1:  # an int: the message the scheduler's config errors have always had
+    if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
