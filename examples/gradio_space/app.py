@@ -377,7 +377,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    # One CPU thread by default: beside other load, two OpenMP threads on two cores sampled 4-20x slower (README)
+    parser.add_argument("--num_threads", type=int, default=int(os.environ.get("HF_DDPM_NUM_THREADS", "1")),
+                        help="CPU threads for sampling (default: $HF_DDPM_NUM_THREADS, else 1)")  # fmt: skip
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.num_threads)
     demo = build_demo(default_model(args.model))
     if demo.model.error:
         print(f"app.py: {demo.model.error}", flush=True)  # the page shows it too
