@@ -247,6 +247,7 @@ def test_an_edm_config_has_no_beta_schedule_for_ddpm(tmp_path):
         (torch.zeros(3, 8, 8, dtype=torch.uint8), r"shape \(N, 3, 8, 8\) to match the UNet, got \(3, 8, 8\)"),
         ([Image.new("RGB", (9, 9))], r"images must be 8x8 \(the UNet's sample_size\), got sizes \[\(9, 9\)\]"),
         ([Image.new("RGB", (8, 8)), np.zeros((8, 8, 3))], "a non-empty list of PIL images"),
+        (torch.zeros(0, 3, 8, 8, dtype=torch.uint8), r"images holds no image: shape \(0, 3, 8, 8\); pass at least one"),
     ],
 )
 def test_bits_per_dim_refuses_values_that_are_not_uint8_images_of_the_model_shape(images, match):

@@ -200,5 +200,7 @@ def test_the_resume_command_drops_resume_and_overwrite_flags(monkeypatch):
         "accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 training/train.py --seed 3 "
         "--resume_from_checkpoint latest"
     )
+    monkeypatch.setattr(sys, "argv", [str(REPO / "hf_ddpm" / "train.py")])  # `accelerate launch -m hf_ddpm.train`
+    assert resume_command([], 1, "no") == "python -m hf_ddpm.train --resume_from_checkpoint latest"
     assert isinstance(Preempted(15, "c", "x"), SystemExit) and Preempted(15, "c", "x").code == 143
     assert PreemptionHandler().received is None

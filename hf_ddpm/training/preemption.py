@@ -134,11 +134,14 @@ def resume_command(argv: list[str], num_processes: int, mixed_precision: str) ->
         if arg.startswith("--resume_from_checkpoint="):
             continue
         options.append(arg)
-    script = sys.argv[0] if sys.argv and sys.argv[0] else "training/train.py"
+    script = [sys.argv[0] if sys.argv and sys.argv[0] else "training/train.py"]
+    module = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+    if os.path.abspath(script[0]) == module:  # started as `-m hf_ddpm.train` (an installed wheel)
+        script = ["-m", "hf_ddpm.train"]
     if "ACCELERATE_MIXED_PRECISION" in os.environ or num_processes > 1:  # started by `accelerate launch`
         processes = ["--multi_gpu"] if num_processes > 1 else []
         prefix = ["accelerate", "launch", *processes, "--num_processes", str(num_processes)]
         prefix += ["--mixed_precision", mixed_precision]
     else:
         prefix = ["python"]
-    return shlex.join([*prefix, script, *options, "--resume_from_checkpoint", "latest"])
+    return shlex.join([*prefix, *script, *options, "--resume_from_checkpoint", "latest"])
