@@ -3,6 +3,7 @@
     python -m hf_ddpm push OUTPUT_DIR --repo-id USER/NAME [--private] [--token TOKEN] [--metrics METRICS.json]
     python -m hf_ddpm export OUTPUT_DIR DEST --repo-id USER/NAME
     python -m hf_ddpm evaluate MODEL [--num_timesteps K] [--num_samples N] [--metrics_out METRICS.json]
+    python -m hf_ddpm push-space --space-id USER/NAME --model-id USER/MODEL [--app-dir DIR] [--private] [--token TOKEN]
 
 The token defaults to HF_TOKEN or the one saved by `hf auth login` (a --token on the command line is visible to
 other users of the machine in the process list). Errors print one message, never the token, and exit with 1.
@@ -25,15 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     push = commands.add_parser("push", help="push a saved HFDDPMPipeline directory (e.g. a training --output_dir)")
     push.add_argument("output_dir", help="the pipeline directory: model_index.json, unet/, scheduler/")
     push.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME (NAME alone: the token owner's)")
-    push.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its)")
-    push.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
-    push.add_argument("--commit-message", default=None)
-    push.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
 
     export = commands.add_parser("export", help="write the folder a push would upload, without any network use")
     export.add_argument("output_dir")
     export.add_argument("dest", help="a new or empty directory")
     export.add_argument("--repo-id", required=True, help="the repo id the model card's code examples name")
+
+    space = commands.add_parser("push-space", help="push the Gradio demo as a Space that loads a pushed model repo")
+    space.add_argument("--space-id", "--space_id", dest="space_id", required=True, help="USER/NAME of the Space")
+    space.add_argument("--model-id", "--model_id", dest="model_id", required=True, help="the model repo (pushed)")
+    space.add_argument("--app-dir", "--app_dir", dest="app_dir", default=None, help="default: the shipped demo app")
+    for sub, what in ((push, "repo"), (space, "Space")):  # the same guards: hub.check_can_push, request_timeout
+        sub.add_argument(
+            "--private", action="store_true", help=f"create the {what} private (an existing one keeps its)"
+        )
+        sub.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
+        sub.add_argument("--commit-message", default=None)
+        sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
 
     evaluate = commands.add_parser("evaluate", help="bits/dim, FID, precision/recall, KID (also under accelerate)")
     add_evaluate_arguments(evaluate)
@@ -56,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     try:
+        if args.command == "push-space":
+            from .space import DEFAULT_APP_DIR, push_space
+
+            app_dir = args.app_dir or DEFAULT_APP_DIR
+            url = push_space(
+                app_dir,
+                args.space_id,
+                args.model_id,
+                token=args.token,
+                private=args.private,
+                commit_message=args.commit_message,
+                timeout=args.timeout,
+            )
+            print(f"pushed {app_dir} to the Space {args.space_id} (model {args.model_id}): {url}")
+            return 0
         if args.command == "export":
             files = export_hub_folder(
                 args.output_dir, args.dest, repo_id=args.repo_id, metrics=args.metrics, license=args.license

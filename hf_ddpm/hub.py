@@ -3,8 +3,9 @@
     save_hub_pipeline(pipe, directory)   save_pretrained (safetensors) + the remote-code modules (remote_code.py)
     export_hub_folder(output_dir, dest)  the exact folder a push uploads, built from a training output directory
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
-    check_publish(args), publish(output_dir, args)   the training script's --push_to_hub hooks
     python -m hf_ddpm push OUTPUT_DIR --repo-id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
+    check_can_push(what, command, token), request_timeout(seconds)   the guards of every push (also the Space's)
+The training script's --push_to_hub hooks live in hf_ddpm/training/publish.py.
 
 A push uploads a staged copy (model_index.json, unet/ weights in safetensors and config, scheduler/ config, the
 remote-code modules, README.md, samples.png), never the output directory itself: checkpoints, logs, optimizer
@@ -165,8 +166,7 @@ def push_to_hub(
     if isinstance(metrics, (str, Path)):
         extra += f" --metrics {shlex.quote(str(metrics))}"
     command = retry_command(output_dir, repo_id, private, extra)
-    refuse_offline(output_dir, command)
-    token = resolve_token(token, output_dir, command)
+    token = check_can_push(output_dir, command, token)
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -176,7 +176,7 @@ def push_to_hub(
         raise HubPushError(f"not pushing {output_dir}: {err}", command) from err
     from huggingface_hub import create_repo, upload_folder
 
-    with tempfile.TemporaryDirectory(prefix="hf_ddpm_push_") as stage, _request_timeout(timeout):
+    with tempfile.TemporaryDirectory(prefix="hf_ddpm_push_") as stage, request_timeout(timeout):
         stage = Path(stage)
         if isinstance(metrics, (str, Path)):
             metrics = json.loads(Path(metrics).read_text())
@@ -213,27 +213,33 @@ def _failure_message(output_dir, repo_id: str, reason: str, command: str) -> str
     )
 
 
-def refuse_offline(output_dir, command: str) -> None:
+def check_can_push(what, command: str, token: str | None = None) -> str:
+    """The guards every push passes before any request: refused in offline mode and without a token (`token`,
+    else HF_TOKEN or the saved login), each HubPushError naming `what` is pushed and `command` to push it again.
+    Returns the token."""
+    _refuse_offline(what, command)
+    return _resolve_token(token, what, command)
+
+
+def _refuse_offline(what, command: str) -> None:
     """HubPushError in offline mode (HF_HUB_OFFLINE=1), before any request is made."""
     from huggingface_hub import constants
 
     if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise HubPushError(
-            f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent. {output_dir} is complete on "
+            f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent. {what} is complete on "
             f"disk; to push it later, unset HF_HUB_OFFLINE and run:\n    {command}",
             command,
         )
 
 
-def resolve_token(token: str | None, output_dir, command: str) -> str:
+def _resolve_token(token: str | None, what, command: str) -> str:
     """`token`, else HF_TOKEN or the saved login; HubPushError when there is none (no request made)."""
     from huggingface_hub import get_token
 
     token = token or get_token()
     if not token:
-        raise HubPushError(
-            f"no Hugging Face token: {TOKEN_SOURCES}. Then push {output_dir} with:\n    {command}", command
-        )
+        raise HubPushError(f"no Hugging Face token: {TOKEN_SOURCES}. Then push {what} with:\n    {command}", command)
     return token
 
 
@@ -246,7 +252,7 @@ def refuse_secret_in(folder: Path, token: str) -> None:
 
 
 @contextlib.contextmanager
-def _request_timeout(seconds: float):
+def request_timeout(seconds: float):
     """huggingface_hub's shared HTTP client waits forever by default; bound each request while pushing."""
     from huggingface_hub.utils import get_session
 
@@ -257,23 +263,3 @@ def _request_timeout(seconds: float):
         yield
     finally:
         session.timeout = previous
-
-
-def _repo_id_of(args) -> str:
-    return args.hub_model_id or Path(args.output_dir).resolve().name
-
-
-def check_publish(args) -> None:
-    """Training start-up: fail before any training when --push_to_hub cannot succeed (offline mode, no token)."""
-    if not getattr(args, "push_to_hub", False):
-        return
-    command = retry_command(args.output_dir, _repo_id_of(args), args.hub_private_repo)
-    refuse_offline(args.output_dir, command)
-    resolve_token(args.hub_token, args.output_dir, command)
-
-
-def publish(output_dir: str | Path, args) -> str:
-    """Training's --push_to_hub hook (main process, after the pipeline is saved): push `output_dir` as
-    --hub_model_id (default: the output directory's name, in the token owner's namespace), private with
-    --hub_private_repo, with --hub_token or the usual token sources. Returns the commit URL; raises HubPushError."""
-    return push_to_hub(output_dir, _repo_id_of(args), private=args.hub_private_repo, token=args.hub_token)

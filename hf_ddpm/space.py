@@ -1,6 +1,10 @@
 """Publishing the Gradio demo as a Hugging Face Space: copy the app folder, point it at a model repo, upload it.
 
-    python -m hf_ddpm.space --space_id you/ddpm-demo --model_id you/ddpm-digits [--app_dir examples/gradio_space]
+    python -m hf_ddpm push-space --space-id you/ddpm-demo --model-id you/ddpm-digits [--app-dir DIR] [--private]
+        [--token TOKEN] [--timeout SECONDS]   (hf_ddpm/cli.py; `python -m hf_ddpm.space` takes the same flags)
+
+A push is refused before any request in offline mode (HF_HUB_OFFLINE=1) or without a token, each HTTP request may
+stall `timeout` seconds at most, and a failure says how to push again: the guards of `python -m hf_ddpm push`.
 
 The Space's app reads its model from the first `models:` entry of its README front matter (unless the Space sets
 HF_DDPM_MODEL), so that entry is the one place the model id is written; it also links the Space to the model page.
@@ -8,15 +12,17 @@ HF_DDPM_MODEL), so that entry is the one place the model id is written; it also 
 
 from __future__ import annotations
 
-import argparse
+import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, metadata_load, metadata_save
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from .hub import DEFAULT_TIMEOUT, TOKEN_SOURCES, HubPushError, check_can_push, request_timeout
 from .shipped import shipped_dir
 
 __all__ = ["DEFAULT_APP_DIR", "prepare_space", "push_space"]
@@ -46,6 +52,26 @@ def prepare_space(app_dir: str | Path, model_id: str, out_dir: str | Path) -> Pa
     return out_dir
 
 
+def space_retry_command(space_id: str, model_id: str, app_dir, private: bool = False) -> str:
+    """The command that pushes the Space again (never with a token in it)."""
+    command = f"python -m hf_ddpm push-space --space-id {shlex.quote(space_id)} --model-id {shlex.quote(model_id)}"
+    if Path(app_dir) != DEFAULT_APP_DIR:
+        command += f" --app-dir {shlex.quote(str(app_dir))}"
+    return command + (" --private" if private else "")
+
+
+def _model_exists(api: HfApi, model_id: str, timeout: float) -> bool:
+    """repo_exists with a timeout: huggingface_hub's info requests pass their own (none by default), which
+    overrides the shared client's that request_timeout sets."""
+    try:
+        api.model_info(model_id, timeout=timeout)
+    except GatedRepoError:
+        return True  # it exists; the Space needs access to it
+    except RepositoryNotFoundError:
+        return False
+    return True
+
+
 def push_space(
     app_dir: str | Path,
     space_id: str,
@@ -53,44 +79,49 @@ def push_space(
     token: str | None = None,
     private: bool = False,
     commit_message: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> str:
     """Create (or reuse) the Gradio Space `space_id` and upload `app_dir` to it, set to load `model_id`.
 
     The model repo must already exist (push it first); a private model needs the Space to have an HF_TOKEN secret.
-    Returns the Space's URL.
+    Refused before any request in offline mode or without a token (HF_TOKEN or the saved login); `timeout`: seconds
+    one HTTP request may stall. Returns the Space's URL; raises HubPushError (saying how to push again) or
+    ValueError / OSError for a bad id or app folder.
     """
-    api = HfApi(token=token)
+    command = space_retry_command(space_id, model_id, app_dir, private)
+    token = check_can_push(app_dir, command, token)
     validate_repo_id(space_id)
-    validate_repo_id(model_id)
-    if not api.repo_exists(model_id):
-        raise ValueError(f"model repo {model_id!r} not found on {api.endpoint}: push the model before its Space")
-    url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hf_ddpm_space_") as tmp:
-        folder = prepare_space(app_dir, model_id, tmp)
-        api.upload_folder(
-            repo_id=url.repo_id,
-            repo_type="space",
-            folder_path=folder,
-            commit_message=commit_message or f"Gradio demo of {model_id}",
-        )
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_ddpm_space_") as tmp, request_timeout(timeout):
+        folder = prepare_space(app_dir, model_id, tmp)  # bad input fails here, before any request
+        try:
+            if not _model_exists(api, model_id, timeout):
+                raise ValueError(
+                    f"model repo {model_id!r} not found on {api.endpoint}: push the model before its Space"
+                )
+            url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+            api.upload_folder(
+                repo_id=url.repo_id,
+                repo_type="space",
+                folder_path=folder,
+                commit_message=commit_message or f"Gradio demo of {model_id}",
+            )
+        except ValueError:
+            raise
+        except Exception as err:  # network, HTTP 4xx/5xx, timeouts: all end the same way for the user
+            raise HubPushError(
+                f"pushing the Space {space_id} failed: {type(err).__name__}: {err}\nTo push it again, run:\n"
+                f"    {command}\n(for the token, {TOKEN_SOURCES})",
+                command,
+            ) from err
     return str(url)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Upload the Gradio demo as a Hugging Face Space for a model repo.")
-    parser.add_argument("--space_id", required=True, help="namespace/name of the Space")
-    parser.add_argument("--model_id", required=True, help="the model repo the Space loads (pushed already)")
-    parser.add_argument("--app_dir", default=str(DEFAULT_APP_DIR), help="default: examples/gradio_space")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--token", default=None, help="default: HF_TOKEN or the saved login")
-    args = parser.parse_args(argv)
-    try:
-        url = push_space(args.app_dir, args.space_id, args.model_id, token=args.token, private=args.private)
-    except (ValueError, OSError) as err:  # HfHubHTTPError and HFValidationError are among these
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"pushed {args.app_dir} to the Space {args.space_id} (model {args.model_id}): {url}")
-    return 0
+    """`python -m hf_ddpm.space FLAGS`: the same as `python -m hf_ddpm push-space FLAGS`."""
+    from .cli import main as cli_main
+
+    return cli_main(["push-space", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -24,21 +24,21 @@ PUSH_ARGS = ["--push_to_hub", "--hub_model_id", REPO_ID, "--hub_token", TOKEN]
 
 TRAIN_AND_PUBLISH = """
     import json, sys, numpy as np, torch
-    import hf_ddpm.hub as hub
+    import hf_ddpm.training.loop as loop
     import hf_ddpm.training.publish as hook
     from hf_ddpm import HFDDPMPipeline
     from hf_ddpm.training import parse_args, train
 
     argv, push = sys.argv[1:-5], sys.argv[-5:]  # push: --push_to_hub --hub_model_id ID --hub_token T
-    wired = hook.publish is hub.publish  # training's --push_to_hub hook calls hf_ddpm.hub.publish
+    wired = loop.publish is hook.publish  # training's --push_to_hub calls hf_ddpm.training.publish.publish
     if wired:
         train(parse_args(argv + push))
     else:  # what the hook does, after a run without --push_to_hub
         args = parse_args(argv)
         train(args)
         args.push_to_hub, args.hub_model_id, args.hub_token = True, push[2], push[4]
-        hub.check_publish(args)
-        hub.publish(args.output_dir, args)
+        hook.check_publish(args)
+        hook.publish(args.output_dir, args)
     pipe = HFDDPMPipeline.from_pretrained(argv[argv.index("--output_dir") + 1])
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, generator=torch.manual_seed(5), num_inference_steps=10, output_type="np").images
@@ -83,6 +83,6 @@ def test_a_trained_run_published_by_the_training_hook_loads_without_hf_ddpm(tmp_
         finish(start_script(bare, LOAD_WITHOUT_HF_DDPM, server.env(tmp_path, None), tmp_path))
         np.testing.assert_allclose(np.load(tmp_path / "remote.npy"), np.load(tmp_path / "local.npy"), atol=1e-6)
         assert tree_hashes(out) == before
-        print("training hook wired to hf_ddpm.hub.publish:", trained["wired"])
+        print("training hook wired to hf_ddpm.training.publish.publish:", trained["wired"])
     finally:
         server.stop()

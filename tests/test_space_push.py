@@ -72,14 +72,16 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def pushed(hub, pipe, tmp_path_factory):
-    """The model pushed with `python -m hf_ddpm push`, then its Space with `python -m hf_ddpm.space`; meanwhile a
-    Space pushed for a model that is not on the Hub."""
+    """The model pushed with `python -m hf_ddpm push`, then its Space with `python -m hf_ddpm push-space`; meanwhile a
+    Space pushed for a model that is not on the Hub (with `python -m hf_ddpm.space`, which takes the same flags)."""
     tmp = tmp_path_factory.mktemp("space_push")
     save_hub_pipeline(pipe, tmp / "model")
     orphan = start(hub, tmp, "-m", "hf_ddpm.space", "--space_id", "test-user/orphan", "--model_id", "test-user/nope")
     code, _, err = result(start(hub, tmp, "-m", "hf_ddpm", "push", str(tmp / "model"), "--repo-id", MODEL_ID))
     assert code == 0, err
-    code, out, err = result(start(hub, tmp, "-m", "hf_ddpm.space", "--space_id", SPACE_ID, "--model_id", MODEL_ID))
+    code, out, err = result(
+        start(hub, tmp, "-m", "hf_ddpm", "push-space", "--space-id", SPACE_ID, "--model-id", MODEL_ID)
+    )
     assert code == 0, err
     files, repo = hub.files(SPACE_ID, "space"), hub.repo(SPACE_ID, "space")
     return {"tmp": tmp, "stdout": out, "files": files, "repo": repo, "orphan": result(orphan)}
@@ -184,3 +186,40 @@ def test_prepare_space_refuses_what_a_space_cannot_use(tmp_path):
     (tmp_path / "README.md").write_text("---\nsdk: docker\n---\n")
     with pytest.raises(ValueError, match="must say `sdk: gradio`, got sdk='docker'"):
         prepare_space(tmp_path, "someone/model", tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent"),
+        ({}, "no Hugging Face token"),
+    ],
+)
+def test_push_space_has_the_push_guards_before_any_request(hub, tmp_path, env, match):
+    hub.clear()
+    argv = ["-m", "hf_ddpm", "push-space", "--space-id", "test-user/guarded", "--model-id", MODEL_ID]
+    token = TOKEN if env else None  # offline: the token is there, the guard still refuses
+    process = subprocess.Popen(
+        [sys.executable, *argv],
+        env=hub.env(tmp_path, token) | {"PYTHONPATH": str(REPO)} | env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, _, err = result(process)
+    assert code == 1 and match in err, err
+    assert "python -m hf_ddpm push-space --space-id test-user/guarded --model-id " + MODEL_ID in err
+    assert hub.requests() == []  # refused before any request
+
+
+def test_a_stalled_space_push_fails_within_the_timeout_and_says_how_to_push_again(hub, pushed, tmp_path):
+    hub.clear()
+    hub.fail(r"^POST /api/repos/create", mode="hang", seconds=60)  # create_repo is not retried
+    argv = ["-m", "hf_ddpm", "push-space", "--space-id", "test-user/stalled", "--model-id", MODEL_ID, "--timeout", "2"]
+    started = time.monotonic()
+    code, _, err = result(start(hub, tmp_path, *argv))
+    hub.clear()
+    assert code == 1 and time.monotonic() - started < 30, err
+    assert "pushing the Space test-user/stalled failed" in err and "To push it again, run:" in err
+    assert TOKEN not in err and hub.repo("test-user/stalled", "space") is None

@@ -1,5 +1,31 @@
-"""The hook through which a finished run is published to the Hub: hf_ddpm/hub.py implements it."""
+"""The training script's --push_to_hub hooks: check at start-up that a push can succeed, push the finished run.
 
-from ..hub import check_publish, publish
+The Hub side (what a repo holds, the push itself and its guards) is hf_ddpm/hub.py's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..hub import check_can_push, push_to_hub, retry_command
 
 __all__ = ["check_publish", "publish"]
+
+
+def _repo_id_of(args) -> str:
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def check_publish(args) -> None:
+    """Training start-up: fail before any training when --push_to_hub cannot succeed (offline mode, no token)."""
+    if not getattr(args, "push_to_hub", False):
+        return
+    command = retry_command(args.output_dir, _repo_id_of(args), args.hub_private_repo)
+    check_can_push(args.output_dir, command, args.hub_token)
+
+
+def publish(output_dir: str | Path, args) -> str:
+    """Training's --push_to_hub hook (main process, after the pipeline is saved): push `output_dir` as
+    --hub_model_id (default: the output directory's name, in the token owner's namespace), private with
+    --hub_private_repo, with --hub_token or the usual token sources. Returns the commit URL; raises HubPushError."""
+    return push_to_hub(output_dir, _repo_id_of(args), private=args.hub_private_repo, token=args.hub_token)
