@@ -14,7 +14,7 @@ from PIL import Image
 from test_train_inprocess import tiny
 
 from hf_ddpm import unet_config
-from hf_ddpm.training import parse_args, train
+from hf_ddpm.training import parse_args, run_config, train
 from hf_ddpm.training.config import RECIPES_DIR, recipe_names
 from hf_ddpm.training.model import build_scheduler
 
@@ -136,15 +136,18 @@ def test_the_recipes_unets_have_the_papers_parameter_counts(name):
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_the_command_line_overrides_a_recipe_and_the_improved_recipe_trains(tmp_path):
+def test_the_command_line_overrides_a_recipe_and_the_improved_recipe_trains(tmp_path, monkeypatch):
     images = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(24)]
     local = tmp_path / "data"
     datasets.Dataset.from_dict({"image": images}).save_to_disk(local)
     argv = ["--config", "improved-ddpm-cifar10", "--dataset_name", str(local), "--lr_warmup_steps", "0"]
     argv += ["--checkpointing_steps", "100", "--save_images_steps", "100", "--no-random_flip"]
+    checks = []
+    monkeypatch.setattr(run_config, "check_args", lambda args, check=run_config.check_args: checks.append(check(args)))
     config = parse_args(tiny(tmp_path / "out", *argv, "--ddpm_num_steps", "40", "--eval_size", "4"))
     assert (config.train_batch_size, config.ddpm_num_steps, config.loss, config.dropout) == (4, 40, "hybrid", 0.3)
     summary = train(config)
+    assert len(checks) == 1  # the options are checked once, when the config is built, not again by train()
     assert summary["optimizer_steps"] == 2 and np.isfinite(summary["eval"]["bits_per_dim"])
     pipeline_config = (tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text()
     assert '"variance_type": "learned_range"' in pipeline_config and '"squaredcos_cap_v2"' in pipeline_config
