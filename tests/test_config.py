@@ -132,7 +132,10 @@ def test_config_file_values_are_used_and_the_command_line_wins(tmp_path, suffix)
 @pytest.mark.parametrize(
     "text,match",
     [
-        ("learning_rte: 1e-4\n", r"unknown option 'learning_rte'; allowed: dataset_name, .*learning_rate"),
+        (
+            "learning_rte: 1e-4\n",
+            r"unknown option 'learning_rte' \(did you mean learning_rate\?\); allowed: dataset_name, .*, learning_rate, ",
+        ),
         ("train_batch_size: 2.5\n", "train_batch_size must be int, got 2.5"),
         ("train_batch_size: many\n", "train_batch_size 'many' is not int"),
         ("random_flip: 1\n", "random_flip must be bool, got 1"),

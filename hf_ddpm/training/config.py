@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import types
@@ -132,7 +133,9 @@ def config_values(data: dict, source: str = "the config") -> dict:
     for key, value in data.items():
         name = aliases.get(key, key)
         if name not in specs:
-            raise ValueError(f"{source}: unknown option {key!r}; allowed: {', '.join(specs)}")
+            close = difflib.get_close_matches(key, [*specs, *aliases], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{source}: unknown option {key!r}{hint}; allowed: {', '.join(specs)}")
         f, (kind, choices, optional) = specs[name]
         values[name] = _typed(key, value, kind, choices, optional, f.metadata["parse"], source)
     return values
