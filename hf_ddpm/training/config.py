@@ -19,13 +19,11 @@ from pathlib import Path
 import yaml
 
 from ..shipped import shipped_dir
-from .run_config import (  # noqa: F401 (re-exported: the names callers import from here)
+from .run_config import (  # noqa: F401 (DEFAULT_*, effective_mixed_precision, serializable_args: imported from here)
     DEFAULT_MODEL,
     DEFAULT_SAVE_IMAGES_EPOCHS,
     GROUPS,
-    SECRET_ARGS,
     TrainingConfig,
-    check_args,
     effective_mixed_precision,
     serializable_args,
 )
