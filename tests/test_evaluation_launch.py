@@ -115,7 +115,7 @@ def shards(directory: Path) -> dict[str, int]:
 
 
 def test_a_killed_sampling_run_started_again_draws_only_the_missing_shards(pipeline_dir, tmp_path):
-    argv = [pipeline_dir, "--num_images", 0, "--batch_size", 2, "--num_samples", 16, "--num_inference_steps", 25,
+    argv = [pipeline_dir, "--num_images", 0, "--batch_size", 2, "--num_samples", 24, "--num_inference_steps", 10,
             "--reference_count", 16, "--reference_cache_dir", tmp_path / "cache"]  # fmt: skip
     sample_dir = tmp_path / "samples"
     process = subprocess.Popen(
@@ -124,7 +124,7 @@ def test_a_killed_sampling_run_started_again_draws_only_the_missing_shards(pipel
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while len(shards(sample_dir)) < 2 and process.poll() is None and time.monotonic() < deadline:
+        while len(shards(sample_dir)) < 1 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         tree = [process.pid, *descendants(process.pid)]  # the launcher and its workers (in their own sessions)
@@ -132,12 +132,12 @@ def test_a_killed_sampling_run_started_again_draws_only_the_missing_shards(pipel
             os.kill(pid, signal.SIGKILL)
         process.wait()
     before = shards(sample_dir)
-    assert 2 <= len(before) < 8, f"the run was not stopped midway: {len(before)} of 8 shards"
+    assert 1 <= len(before) < 12, f"the run was not stopped midway: {len(before)} of 12 shards"
     out = tmp_path / "resumed.json"
     resumed = run(2, *argv, "--sample_dir", sample_dir, "--metrics_out", out)
-    assert f"samples: {8 - len(before)} of 8 shards drawn now" in resumed.stdout
+    assert f"samples: {12 - len(before)} of 12 shards drawn now" in resumed.stdout, resumed.stdout
     after = shards(sample_dir)
-    assert len(after) == 8 and {k: after[k] for k in before} == before  # the finished shards were not drawn again
+    assert len(after) == 12 and {k: after[k] for k in before} == before  # the finished shards were not drawn again
 
     # the numbers of an uninterrupted run (here in this process)
     args = build_parser().parse_args(["evaluate", *map(str, argv), "--sample_dir", str(tmp_path / "whole")])

@@ -34,7 +34,8 @@ def shard_path(sample_dir: str | os.PathLike, shard: int) -> Path:
 
 def fingerprint(pipeline) -> str:
     """sha256 of the UNet's weights and the scheduler's config: shards of other weights are never reused."""
-    digest = hashlib.sha256(json.dumps(dict(pipeline.scheduler.config), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in pipeline.scheduler.config.items() if not k.startswith("_")}  # no bookkeeping keys
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(pipeline.unet.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
