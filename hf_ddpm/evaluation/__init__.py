@@ -4,10 +4,11 @@
 
 - `schema`: the result of every metric (value, standard error, count, protocol) and the JSON a card reads;
   no torch, so that the model card can import it.
-- `likelihood`: bits/dim (DDPM eq. 5) over a split, exact or Monte Carlo, images divided among processes.
+- `processes`: work items divided among the processes of an `accelerate launch`, results gathered in order.
+- `bits_per_dim`: the bound (DDPM eq. 5) over a split, exact or Monte Carlo, in seeded blocks.
 - `features`: the feature extractor (Inception-v3 pool3, TF FID weights) and its one name.
 - `sample_metrics`: FID, precision/recall (Kynkäänniemi et al. 2019) and KID from features.
 - `samples`: samples in resumable shards, sample i from seed base + i.
 - `reference`: reference statistics computed once and reused, or read from a mu/sigma .npz made elsewhere.
-- `run`: the evaluation a command line asks for (`python -m hf_ddpm evaluate`).
+- `run` (the command line, its flags) and `sample_run` (the sample metrics of one evaluation).
 """
