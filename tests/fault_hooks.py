@@ -91,7 +91,9 @@ def _install(env) -> None:
 
     def hooked_log(self, values, step=None, **kwargs):
         if env.get("FAULT_PID_DIR") and step == 1:
-            (Path(env["FAULT_PID_DIR"]) / f"rank-{rank}").write_text(str(os.getpid()))
+            path = Path(env["FAULT_PID_DIR"]) / f"rank-{rank}"
+            Path(f"{path}.tmp").write_text(str(os.getpid()))
+            os.replace(f"{path}.tmp", path)  # never read half-written
         if point == "first-step" and not os.path.exists(marker):
             Path(marker).write_text("training")
         result = log(self, values, step=step, **kwargs)

@@ -163,6 +163,8 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical_and_only_rank_0_writes(
     assert len(remote_code) == 1  # the bundled pipeline module, so diffusers alone loads the folder
     top.remove(remote_code[0])
     assert top == [
+        ".hf_ddpm-manifest.json",  # the files that were there before the run (none)
+        ".hf_ddpm.lock",  # the run's lock (free once it ended)
         "checkpoint-2",
         "checkpoint-4",
         "logs",

@@ -18,6 +18,7 @@ import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomically
 from ..hub import save_hub_pipeline
 from ..losses import training_losses
 from . import checkpoints
@@ -158,7 +159,7 @@ def _finish(run: Run, seconds: float) -> dict:
                 summary["eval"] = _log_bits_per_dim(run, step)
             _log_samples(run, step, os.path.join(args.output_dir, "samples.png"))
             _save_pipeline(run)
-            _write_atomically(
+            write_atomically(
                 os.path.join(args.output_dir, "training_summary.json"), lambda f: json.dump(summary, f, indent=2)
             )
         except Exception as err:  # shared below, so that the other processes stop too instead of waiting
@@ -171,7 +172,8 @@ def _finish(run: Run, seconds: float) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
-        publish(args.output_dir, args)
+        summary["hub_commit_url"] = publish(args.output_dir, args)
+        logger.info("pushed to the Hub: %s", summary["hub_commit_url"])
     return summary
 
 
@@ -207,13 +209,6 @@ def _save_pipeline(run: Run) -> None:
         save_hub_pipeline(run.pipeline(), run.args.output_dir)  # atomic: never a half-written pipeline
 
 
-def _write_atomically(path: str, write, mode: str = "w") -> None:
-    """Write `path` through `path.tmp` and a rename: a killed run never leaves it half-written."""
-    with open(path + ".tmp", mode) as f:
-        write(f)
-    os.replace(path + ".tmp", path)
-
-
 def _periodic(run: Run, step: int) -> None:
     """Checkpoint (all processes), then sample grids, bits/dim and pipeline snapshots (main process)."""
     args, accelerator = run.args, run.accelerator
@@ -240,7 +235,7 @@ def _log_samples(run: Run, step: int, path: str) -> None:
             run.pipeline(), run.args.eval_batch_size, run.args.ddpm_num_inference_steps, run.args.seed
         )
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_atomically(path, lambda f: grid.save(f, format="PNG"), "wb")
+    write_atomically(path, lambda f: grid.save(f, format="PNG"), "wb")  # never half-written
     tracker = run.accelerator.get_tracker("tensorboard") if run.args.logger == "tensorboard" else None
     if tracker is not None:
         tracker.log_images({"samples": images}, step=step, dataformats="NHWC")

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
 from . import checkpoints, output_dir, preflight, threads
-from .batches import ShardedBatches, load_training_data
+from .batches import ShardedBatches, load_training_data, make_batches
 from .config import effective_mixed_precision, serializable_args
 from .faults import NanGuard, any_process_failed, describe
 from .model import build_scheduler, build_unet, data_shape, model_source
@@ -85,8 +85,9 @@ def check_run(args) -> Plan:
     """Every check that needs no data and writes nothing (each process alike, so all refuse together): the Hub
     target, the model and the objective, one UNet forward pass at the training resolution, the checkpoint to
     resume and its compatibility, and the output directory."""
-    check_publish(args)
     preflight.check_repo_id(args)
+    check_publish(args)
+    preflight.check_dataset_reachable(args)
     channels, resolution = data_shape(args)
     scheduler = build_scheduler(args)
     num_timesteps = scheduler.config.num_train_timesteps
@@ -195,7 +196,7 @@ def _build(args, accelerator, plan: Plan) -> Run:
                 "--train_batch_size %d (the default %d, capped: %d training images over %d processes)",
                 args.train_batch_size, DEFAULT_BATCH_SIZE, len(data.train), world,
             )  # fmt: skip
-    batches = ShardedBatches(data.train.to(device), args.train_batch_size, world, accelerator.process_index, args.seed)
+    batches = make_batches(data, args, accelerator)  # streaming: registered for checkpointing (its position)
     steps_per_epoch = batches.batches_per_epoch / args.gradient_accumulation_steps
     total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
     if args.lr_warmup_steps is None:  # the default, shortened for a run shorter than it
