@@ -38,6 +38,8 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     datasets.DatasetDict({"train": dataset(range(6)), "test": dataset(range(50, 53))}).save_to_disk(str(tmp_path / "d"))
     split = load(tmp_path, dataset_name=str(tmp_path / "d"), eval_size=0.1)  # its own test split is held out
     assert reds(split.train) == list(range(6)) and reds(split.eval) == [50, 51, 52]
+    none = load(tmp_path, dataset_name=str(tmp_path / "d"), eval_size=0)
+    assert none.eval.shape == (0, 3, 4, 4) and len(none.train) == 6
 
 
 def test_single_parquet_arrow_and_csv_of_relative_paths(tmp_path):

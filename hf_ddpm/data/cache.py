@@ -98,7 +98,7 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(os.path.join(folder, "tmp*")):  # left by a run killed while writing
         os.remove(stale)
-    source = ds.select_columns([column])
+    source = (ds.to_dataset() if hasattr(ds, "to_dataset") else ds).select_columns([column])
     if rows is not None:
         source = source.select(rows)
     feature = source.features[column]
@@ -154,7 +154,7 @@ class MappedImages:
         self._starts = np.concatenate([[0], np.cumsum(ends)])
         self.rows = np.asarray(rows, np.int64)
         self.channels = channels  # 1 for an all-gray source cached with 3 channels: keep the first
-        c, r = self._views[0].shape[1:3] if self._views else (channels, 0)
+        r = cached.features["pixels"].shape[-1]
         self.shape = torch.Size((len(self.rows), channels, r, r))
         self.dtype = torch.uint8
         self.device = torch.device("cpu")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")  # test first: the paper's bits/dim are on the test set
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jp2")
+_EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
@@ -43,7 +44,8 @@ def _image_files(folder: str) -> list[str]:
     found = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, n) for n in names if not n.startswith(".") and _is_image(n)]
+        prefix = os.path.join(root, "")
+        found += [prefix + n for n in names if n[:1] != "." and "." + n.rpartition(".")[2].lower() in _EXTENSIONS]
     return sorted(found)
 
 
@@ -58,11 +60,31 @@ def _paths_dataset(paths: list[str]):
     return datasets.Dataset.from_dict({"image": [{"path": p, "bytes": None} for p in paths]}, features=features)
 
 
+class ImagePaths:
+    """A split of image files, as a `datasets.Dataset` with one 'image' column only when it must be preprocessed:
+    a cached start does not build it (0.8 s for 100k files)."""
+
+    column_names = ["image"]
+
+    def __init__(self, paths: list[str]):
+        import datasets
+
+        self.paths = paths
+        self.features = datasets.Features({"image": datasets.Image(decode=False)})
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def to_dataset(self):
+        return _paths_dataset(self.paths)
+
+
 def _image_folder(folder: str, streaming: bool) -> Source:
     """A folder of images; subfolders named train and test/validation/... become those splits (as imagefolder)."""
     if not os.path.isdir(folder):
         raise ValueError(f"train_data_dir {folder!r} is not a directory")
-    subdirs = {d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))}
+    with os.scandir(folder) as entries:  # is_dir() from the directory listing: no stat per file
+        subdirs = {e.name for e in entries if e.is_dir()}
     named = ["train", *EVAL_SPLIT_NAMES] if "train" in subdirs else []
     lists = {s: _image_files(os.path.join(folder, s)) for s in named if s in subdirs} or {"train": _image_files(folder)}
     if not any(lists.values()):
@@ -75,7 +97,7 @@ def _image_folder(folder: str, streaming: bool) -> Source:
         import datasets
 
         return Source(datasets.load_dataset("imagefolder", data_dir=folder, streaming=True), folder)
-    splits = {s: _paths_dataset(paths) for s, paths in lists.items() if paths}
+    splits = {s: ImagePaths(paths) for s, paths in lists.items() if paths}
     return Source(splits, folder, {s: _files_identity(paths) for s, paths in lists.items() if paths})
 
 
@@ -92,7 +114,7 @@ def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
     if all(_is_image(f) for f in files):
         if streaming:
             return Source({"train": _paths_dataset(files).to_iterable_dataset()}, description)
-        return Source({"train": _paths_dataset(files)}, description, {"train": _files_identity(files)})
+        return Source({"train": ImagePaths(files)}, description, {"train": _files_identity(files)})
     builders = {FILE_BUILDERS.get(k) for k in kinds}
     if len(builders) != 1 or None in builders:
         raise ValueError(
