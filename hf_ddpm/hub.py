@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .atomic import staging_name
 from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
 from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
 
@@ -50,8 +51,8 @@ class HubPushError(RuntimeError):
         self.retry_command = retry_command
 
 
-PIPELINE_STAGING = ".pipeline.tmp"  # inside the target directory: the new pipeline, before it is swapped in
-PIPELINE_REPLACED = ".pipeline-old.tmp"  # the previous pipeline's files, until the new one is complete
+PIPELINE_STAGING = staging_name("pipeline", hidden=True)  # .pipeline.tmp: the new pipeline, before it is swapped in
+PIPELINE_REPLACED = staging_name("pipeline-old", hidden=True)  # the previous pipeline's files, until then
 
 
 def save_hub_pipeline(pipeline, directory: str | Path) -> list[str]:

@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 
+from ..atomic import TMP_SUFFIX, is_staging, remove_dir, replace_dir, staging_name
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
 from .faults import any_process_failed, describe
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-TMP_SUFFIX = ".tmp"
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -49,7 +49,7 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
         return latest_checkpoint(output_dir)
     for path in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
         if os.path.isdir(path):
-            if path.rstrip("/").endswith(TMP_SUFFIX):
+            if is_staging(path):
                 raise ValueError(f"{path} is an incomplete checkpoint (its run stopped while writing it)")
             return path
     raise ValueError(
@@ -60,7 +60,12 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
 
 # What a run killed while writing may leave besides `checkpoint-*.tmp`: a pipeline being swapped in (hf_ddpm/hub.py)
 # and files written through a temporary name (loop.py).
-INCOMPLETE_NAMES = (PIPELINE_STAGING, PIPELINE_REPLACED, "samples.png.tmp", "training_summary.json.tmp")
+INCOMPLETE_NAMES = (
+    PIPELINE_STAGING,
+    PIPELINE_REPLACED,
+    staging_name("samples.png"),
+    staging_name("training_summary.json"),
+)
 
 
 def remove_incomplete(output_dir: str) -> None:
@@ -84,8 +89,7 @@ def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
         return []
     removed = [path for _, path in list_checkpoints(output_dir)[:-total_limit]]
     for path in removed:
-        os.rename(path, path + TMP_SUFFIX)
-        shutil.rmtree(path + TMP_SUFFIX)
+        remove_dir(path)
     if removed:
         logger.info("checkpoints_total_limit=%d: removed %s", total_limit, ", ".join(map(os.path.basename, removed)))
     return removed
@@ -111,17 +115,6 @@ def _create(tmp: str) -> None:
     os.makedirs(tmp)
 
 
-def _commit(tmp: str, final: str) -> None:
-    if os.path.exists(final):  # the same step from an earlier attempt of this run: replace it
-        stale = final + ".stale" + TMP_SUFFIX
-        shutil.rmtree(stale, ignore_errors=True)
-        os.rename(final, stale)
-        os.rename(tmp, final)
-        shutil.rmtree(stale)
-    else:
-        os.rename(tmp, final)
-
-
 def _write_error(error: Exception | None, step: int, final: str, previous: str | None, output_dir: str):
     errno = getattr(error, "errno", None)
     reason = describe(error) if error is not None else "another process failed to write its part"
@@ -140,7 +133,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     An error on any process (disk full, a read-only or unwritable directory, ...) removes the `.tmp` directory and raises
     CheckpointWriteError on every process, naming the path and the checkpoint that is kept."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = final + TMP_SUFFIX
+    tmp = staging_name(final)
     previous = latest_checkpoint(output_dir)
     main = accelerator.is_main_process
     error = _attempt(_create, tmp) if main else None
@@ -149,7 +142,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         error = _attempt(accelerator.save_state, tmp)
         failed = any_process_failed(accelerator, error is not None)  # all parts are written
     if not failed and main:
-        error = _attempt(_commit, tmp, final)
+        error = _attempt(replace_dir, tmp, final)  # an existing one: the same step from an earlier attempt
     if not failed:
         failed = any_process_failed(accelerator, error is not None)
     if failed:

@@ -23,6 +23,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from ..atomic import staging_name, write_atomically
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
 from ..remote_code import PIPELINE_PREFIX
 
@@ -30,9 +31,9 @@ LOCK_NAME = ".hf_ddpm.lock"
 MANIFEST_NAME = ".hf_ddpm-manifest.json"
 # Top-level names a run writes (checkpoints, the pipeline, samples, logs, the run's records, their temporary names).
 RUN_PATTERNS = ("checkpoint-*", "unet", "scheduler", "model_index.json", f"{PIPELINE_PREFIX}_*.py", "samples",
-                "samples.png", "samples.png.tmp", "training_args.json", "training_summary.json",
-                "training_summary.json.tmp", PIPELINE_STAGING, PIPELINE_REPLACED, LOCK_NAME, MANIFEST_NAME,
-                MANIFEST_NAME + ".tmp")  # fmt: skip
+                "samples.png", staging_name("samples.png"), "training_args.json", "training_summary.json",
+                staging_name("training_summary.json"), PIPELINE_STAGING, PIPELINE_REPLACED, LOCK_NAME, MANIFEST_NAME,
+                staging_name(MANIFEST_NAME))  # fmt: skip
 # What an earlier run of ours leaves even without a manifest (written by versions before it existed).
 RUN_MARKERS = ("checkpoint-*", "training_args.json", "model_index.json")
 
@@ -126,10 +127,7 @@ def prepare_output_dir(found: OutputDir, args) -> None:
                 os.remove(target)
     manifest = _manifest(found.path) or {"written_by": "hf_ddpm", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     manifest["foreign"] = sorted(set(manifest.get("foreign", [])) | set(found.foreign))
-    tmp = os.path.join(found.path, MANIFEST_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(found.path, MANIFEST_NAME))
+    write_atomically(os.path.join(found.path, MANIFEST_NAME), lambda f: json.dump(manifest, f, indent=2))
 
 
 class RunLock:

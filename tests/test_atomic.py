@@ -1,0 +1,152 @@
+"""hf_ddpm/atomic.py: the one home of atomic writes and staging names (checkpoints, samples, summary, manifest,
+the pipeline swap). A process killed mid-write (a real SIGKILL) leaves the old file and only its staging sibling."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_ddpm import atomic
+from hf_ddpm.atomic import is_staging, remove_dir, replace_dir, staging_name, write_atomically
+from hf_ddpm.hub import PIPELINE_REPLACED, PIPELINE_STAGING
+from hf_ddpm.training import checkpoints, output_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_staging_names_are_the_ones_runs_leave_and_clean_up():
+    assert staging_name("out/samples.png") == os.path.join("out", "samples.png.tmp")
+    assert staging_name(Path("out") / "checkpoint-4") == os.path.join("out", "checkpoint-4.tmp")
+    assert staging_name("metrics.json", unique=True) == f"metrics.json.tmp-{os.getpid()}"
+    # the names existing runs and tests know (tests/fault_hooks.py, tests/test_faults.py)
+    assert (PIPELINE_STAGING, PIPELINE_REPLACED) == (".pipeline.tmp", ".pipeline-old.tmp")
+    assert checkpoints.TMP_SUFFIX == ".tmp"
+    assert set(checkpoints.INCOMPLETE_NAMES) == {
+        ".pipeline.tmp",
+        ".pipeline-old.tmp",
+        "samples.png.tmp",
+        "training_summary.json.tmp",
+    }
+    assert {".hf_ddpm-manifest.json.tmp", *checkpoints.INCOMPLETE_NAMES} <= set(output_dir.RUN_PATTERNS)
+
+
+@pytest.mark.parametrize(
+    ("name", "staging"),
+    [
+        ("checkpoint-3.tmp", True),
+        ("/runs/out/checkpoint-3.tmp/", True),
+        (".pipeline.tmp", True),
+        (f"metrics.json.tmp-{os.getpid()}", True),
+        ("checkpoint-3", False),
+        ("notes.tmpl", False),
+        ("x.tmp-abc", False),
+        ("tmp", False),
+    ],
+)
+def test_is_staging_tells_staging_names_from_complete_ones(name, staging):
+    assert is_staging(name) is staging
+
+
+def test_write_atomically_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    write_atomically(path, lambda f: f.write("new"))
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["summary.json"]
+    write_atomically(str(tmp_path / "grid.png"), lambda f: f.write(b"\x89PNG"), "wb")
+    assert (tmp_path / "grid.png").read_bytes() == b"\x89PNG"
+    write_atomically(path, lambda f: f.write("mine"), unique=True)
+    assert path.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["grid.png", "summary.json"]
+
+
+def test_write_atomically_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: calls.append(("replace", a, b)) or replace(a, b))
+    write_atomically(tmp_path / "a.txt", lambda f: f.write("x"))
+    assert calls == ["fsync", ("replace", str(tmp_path / "a.txt.tmp"), tmp_path / "a.txt")]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_its_staging_file(tmp_path):
+    path = tmp_path / "samples.png"
+    path.write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(path, fail, "wb")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["samples.png"]
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file_and_its_staging_sibling(tmp_path):
+    """A real SIGKILL while the new content is half written: the name still holds the old content, whole, and the
+    only other file is `path.tmp`, which checkpoints.remove_incomplete deletes at the next start."""
+    path = tmp_path / "training_summary.json"
+    path.write_text('{"old": true}')
+    marker = tmp_path / "marker"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from hf_ddpm.atomic import write_atomically
+
+        def write(f):
+            f.write('{{"new": ')
+            f.flush()
+            open({str(marker)!r}, "w").close()
+            time.sleep(600)
+
+        write_atomically({str(path)!r}, write)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the writer never started writing"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        process.kill()
+    assert path.read_text() == '{"old": true}'
+    assert (tmp_path / "training_summary.json.tmp").read_text() == '{"new": '
+    marker.unlink()
+    checkpoints.remove_incomplete(str(tmp_path))
+    assert os.listdir(tmp_path) == ["training_summary.json"]
+
+
+def test_replace_dir_swaps_in_a_whole_folder(tmp_path):
+    staged, final = tmp_path / "checkpoint-4.tmp", tmp_path / "checkpoint-4"
+    staged.mkdir()
+    (staged / "model.safetensors").write_text("first")
+    replace_dir(staged, final)
+    assert (final / "model.safetensors").read_text() == "first" and os.listdir(tmp_path) == ["checkpoint-4"]
+    staged.mkdir()  # the same step again (an earlier attempt of the run wrote it): the new one replaces it
+    (staged / "model.safetensors").write_text("second")
+    replace_dir(staged, final)
+    assert (final / "model.safetensors").read_text() == "second" and os.listdir(tmp_path) == ["checkpoint-4"]
+
+
+def test_remove_dir_killed_while_deleting_leaves_no_folder_under_its_name(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "optimizer.bin").write_text("x")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # stands for the kill: rmtree never finishes
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        remove_dir(folder)
+    assert os.listdir(tmp_path) == ["checkpoint-2.tmp"]
+    assert checkpoints.list_checkpoints(str(tmp_path)) == []  # never taken for a complete checkpoint
+    monkeypatch.undo()
+    checkpoints.remove_incomplete(str(tmp_path))
+    assert os.listdir(tmp_path) == []
