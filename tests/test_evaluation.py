@@ -291,6 +291,12 @@ def test_evaluate_reads_the_runs_data_options_and_refuses_a_mismatch(pipeline_di
     with pytest.raises(ValueError, match="2048-d features"):
         evaluate(evaluate_args(*argv), extractor=PixelFeatures())
     assert not (tmp_path / "s").exists()  # refused before any sample was drawn
+    good = tmp_path / "published.npz"  # statistics made elsewhere: FID only (no features for precision/recall)
+    np.savez(good, **{k: v for k, v in sm.statistics(PixelFeatures()(digits(20))).items() if k != "n"})
+    argv[argv.index(bad)] = good
+    (fid,) = evaluate(evaluate_args(*argv, "--num_inference_steps", 3), extractor=PixelFeatures())
+    assert fid.name == "fid" and fid.count == 2 and fid.value > 0
+    assert fid.protocol.endswith("vs the statistics in published.npz (--fid_reference); " + PixelFeatures.name)
 
 
 def test_metric_schema_round_trips_and_names_its_protocol():
