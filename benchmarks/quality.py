@@ -25,7 +25,8 @@ from hf_ddpm.bound import collapsed_strata_stderr, stratified_draws
 from hf_ddpm.data import load_data
 from hf_ddpm.evaluation.bits_per_dim import bits_per_dim as held_out_bits_per_dim
 from hf_ddpm.evaluation.features import InceptionFeatures
-from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, precision_recall, statistics
+from hf_ddpm.evaluation.reference import cached_reference
+from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, precision_recall
 from hf_ddpm.evaluation.samples import generate_shards, load_shards
 
 from .common import log
@@ -164,14 +165,17 @@ def fid_scores(pipes: dict, data, settings: dict, features: InceptionFeatures, w
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     reference_images = data.train[order[: cfg["reference"]]]
     started = time.perf_counter()
-    reference_features = features(reference_images)
-    reference = statistics(reference_features)
+    key = {"source": data.source, "split": "train", "shape": list(reference_images.shape[1:]),
+           "count": len(reference_images), "subset": f"torch.randperm seed {seed}"}  # fmt: skip
+    cached = cached_reference(key, features, lambda: reference_images, f"{len(reference_images)} training images")
+    reference_features, reference = cached.features, cached.stats  # computed once, then read from the cache
     real = data.eval[: cfg["samples"]]
     result = {
         "feature_extractor": features.name,
         "reference": f"{len(reference_images)} training images (seeded random subset; the paper's protocol)",
         "samples_per_set": cfg["samples"],
         "reference_seconds": time.perf_counter() - started,
+        "reference_cached": not cached.computed,
         "real_held_out": {"images": len(real), "fid": frechet_distance(reference, features(real))},
         "sets": [],
     }
