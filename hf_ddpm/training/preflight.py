@@ -15,6 +15,8 @@ import os
 import torch
 from diffusers import UNet2DModel
 
+from .publish import repo_id_of
+
 logger = logging.getLogger(__name__)  # not accelerate's: these checks run before its state exists
 
 PROGRESS_FILE = "custom_checkpoint_0.pkl"  # TrainProgress: the first object registered for checkpointing (setup.py)
@@ -112,7 +114,7 @@ def check_repo_id(args) -> str | None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     given = args.hub_model_id is not None
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = repo_id_of(args)  # the one the push uses
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
