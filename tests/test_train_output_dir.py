@@ -119,3 +119,21 @@ def test_the_manifest_records_the_foreign_files_and_the_lock_its_holder(tmp_path
     holder = json.loads((out / LOCK_NAME).read_text())
     assert holder["pid"] == os.getpid() and holder["host"]
     assert checkpoints.list_checkpoints(out) == []
+
+
+def test_a_resume_with_another_process_count_is_refused(trained, monkeypatch):
+    """The data order and random streams follow from the process count: a checkpoint of 2 processes resumed by 1
+    is refused before anything is read or written (the record is what checkpoint-6 holds, its count changed)."""
+    from hf_ddpm.training import preflight
+
+    record = preflight.checkpoint_record(str(trained / "checkpoint-6"))
+    assert record["run_shape"]["num_processes"] == 1 and record["mixed_precision"] == "no"
+    record["run_shape"]["num_processes"] = 2
+    monkeypatch.setattr(preflight, "checkpoint_record", lambda path: record)
+    before = tree_hashes(trained)
+    match = (
+        r"checkpoint-6 was written by 2 processes and this run has 1; resume with `accelerate launch --num_processes 2`"
+    )
+    with pytest.raises(ValueError, match=match):
+        train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
+    assert tree_hashes(trained) == before
