@@ -165,9 +165,11 @@ def test_a_second_ctrl_c_aborts_at_once_and_forked_children_ignore_the_signal(tm
     """In a child: the first SIGINT sets the flag (the handler returns), the second kills the process at once;
     a forked child (a DataLoader worker) that inherited the handler ignores the signal."""
     script = f"""
-import os, signal, sys, time
-sys.path.insert(0, {str(REPO)!r})
-from hf_ddpm.training.preemption import PreemptionHandler
+import importlib.util, os, signal, sys, time
+spec = importlib.util.spec_from_file_location("preemption", {str(REPO / "hf_ddpm" / "training" / "preemption.py")!r})
+preemption = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(preemption)  # the module alone (no torch): a quick child
+PreemptionHandler = preemption.PreemptionHandler
 handler = PreemptionHandler((signal.SIGINT, signal.SIGTERM))
 handler.install()
 child = os.fork()

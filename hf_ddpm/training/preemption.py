@@ -21,8 +21,6 @@ import shlex
 import signal
 import sys
 
-import torch
-
 DEFAULT_SIGNALS = "TERM,INT,USR1"
 
 
@@ -92,9 +90,11 @@ class PreemptionHandler:
                 flush=True,
             )
 
-    def reduce_with_loss(self, accelerator, loss: torch.Tensor) -> torch.Tensor:
+    def reduce_with_loss(self, accelerator, loss):
         """All-reduce (mean) `loss` together with this process's signal number (0 if none): one collective.
         Returns the mean loss, a tensor (nothing is read on the host here)."""
+        import torch  # here: the signal handling above needs no torch (a DataLoader worker may import this module)
+
         flag = torch.tensor(float(self.received or 0), device=loss.device, dtype=loss.dtype)
         self._reduced = accelerator.reduce(torch.stack([loss, flag]), "sum")
         return self._reduced[0] / accelerator.num_processes
