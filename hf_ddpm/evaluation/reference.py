@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomically
 from .processes import Processes
 from .sample_metrics import statistics
 
@@ -87,12 +88,12 @@ def cached_reference(
     stats = statistics(features)
     if processes.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], features=features)
         manifest = {**key, "count": len(features), "description": description,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
         path.with_suffix(".json").write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)  # the .npz last: its presence means the entry is whole
+        write_atomically(  # the .npz last: its presence means the entry is whole
+            path, lambda f: np.savez(f, mu=stats["mu"], sigma=stats["sigma"], features=features), "wb", unique=True
+        )
         logger.info("reference statistics of %s saved to %s", description, path)
     processes.barrier()
     return Reference(stats["mu"], stats["sigma"], features, len(features), description, str(path), computed=True)

