@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from ..atomic import write_atomically
 from .images import decode_image
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
     if cached is not None:
         return cached, folder, False
     os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(folder, "tmp*")):  # left by a run killed while writing
+    for stale in glob.glob(os.path.join(folder, "tmp*")) + glob.glob(os.path.join(folder, f"{MANIFEST}.tmp*")):
+        # left by a run killed while writing (datasets' temporary files, our manifest's staging file)
         os.remove(stale)
     source = (ds.to_dataset() if hasattr(ds, "to_dataset") else ds).select_columns([column])
     if rows is not None:
@@ -128,12 +130,8 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
         desc="preprocessing images",
     )  # fmt: skip
     names = [os.path.relpath(f["filename"], folder) for f in mapped.cache_files]
-    tmp = os.path.join(folder, f".{MANIFEST}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({"files": names, "rows": len(mapped), "options": options, "version": CACHE_VERSION}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, MANIFEST))  # the cache is complete from here on
+    manifest = {"files": names, "rows": len(mapped), "options": options, "version": CACHE_VERSION}
+    write_atomically(os.path.join(folder, MANIFEST), lambda f: json.dump(manifest, f), unique=True)  # complete now
     logger.info("preprocessed %d images in %.1f s", len(mapped), time.perf_counter() - started)
     return open_cache(folder), folder, True
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from .cache import MappedImages, preprocess
-from .images import check_eval_size, check_resolution, digits_array, eval_count, gray_to
+from .images import check_eval_size, check_resolution, detect_image_column, digits_array, eval_count, gray_to
 from .sources import open_source, train_and_eval_split
 
 logger = logging.getLogger("hf_ddpm.data")
@@ -113,8 +113,6 @@ def load_data(
     rng = np.random.default_rng(seed)
     if not given:
         return _digits(resolution, channels, eval_size, rng, max_train_samples)
-
-    from .images import detect_image_column
 
     src = open_source(dataset_name, dataset_config_name, train_data_dir, train_data_files, cache_dir)
     train_split, eval_split = train_and_eval_split(src.splits)

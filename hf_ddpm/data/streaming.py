@@ -22,6 +22,7 @@ import concurrent.futures
 import copy
 import logging
 import multiprocessing
+import signal
 
 import numpy as np
 import torch
@@ -31,6 +32,13 @@ from .images import decode_image
 logger = logging.getLogger(__name__)
 UNKNOWN_LENGTH = 2**62
 DEFAULT_EVAL_IMAGES = 1000  # held out from the test split when --eval_size is a fraction (its length is unknown)
+
+
+def _ignore_signals() -> None:
+    """A decoding worker ignores the signals the training process checkpoints on (a Ctrl-C reaches the whole
+    process group): a worker killed by one would break the pool before the trainer's checkpoint."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def decode_example(value, resolution: int, channels: int) -> np.ndarray | None:
@@ -78,7 +86,11 @@ class StreamingBatches:
         self.batches_per_epoch = max(1, known) if known else 2**62  # unknown length: epochs are not counted
         self.images = range(num_examples or 0)  # the length, when the dataset states it
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and a process group
-        self._pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) if num_workers else None
+        self._pool = None
+        if num_workers:  # the workers leave the signals of preemption (SIGINT, SIGTERM, SIGUSR1) to the trainer
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                num_workers, mp_context=ctx, initializer=_ignore_signals
+            )
         self._restore({"epoch": 0, "stream": None, "buffer": [], "rng": None, "exhausted": False, "micro_step": 0})
 
     def _restore(self, state: dict) -> None:
@@ -102,6 +114,7 @@ class StreamingBatches:
 
     def _take(self):
         """The next encoded example: a random one of the buffer, refilled from the stream (a new epoch at its end)."""
+        fresh = False
         while True:
             while not self._exhausted and len(self._buffer) < self.buffer_size:
                 try:
@@ -112,11 +125,10 @@ class StreamingBatches:
                 i = int(self._rng.integers(len(self._buffer)))
                 self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
                 return self._buffer.pop()
-            self._epoch += 1
-            self._exhausted = False
+            if fresh:
+                raise ValueError(f"process {self.process_index}'s part of the stream holds no example")
+            self._epoch, self._exhausted, fresh = self._epoch + 1, False, True
             self._open(None)
-            if not self.batches_per_epoch or self._epoch > 1_000_000:
-                raise ValueError("the stream holds no example")
 
     def _state(self, micro_step: int) -> dict:
         return {"epoch": self._epoch, "stream": copy.deepcopy(self._stream.state_dict()),
