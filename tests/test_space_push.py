@@ -213,9 +213,16 @@ def test_push_space_has_the_push_guards_before_any_request(hub, tmp_path, env, m
     assert hub.requests() == []  # refused before any request
 
 
-def test_a_stalled_space_push_fails_within_the_timeout_and_says_how_to_push_again(hub, pushed, tmp_path):
+@pytest.mark.parametrize(
+    "stalls",
+    [
+        r"^GET /api/models/",  # the model check: huggingface_hub's info calls pass their own timeout (None)
+        r"^POST /api/repos/create",  # create_repo is not retried
+    ],
+)
+def test_a_stalled_space_push_fails_within_the_timeout_and_says_how_to_push_again(hub, pushed, tmp_path, stalls):
     hub.clear()
-    hub.fail(r"^POST /api/repos/create", mode="hang", seconds=60)  # create_repo is not retried
+    hub.fail(stalls, mode="hang", seconds=60)
     argv = ["-m", "hf_ddpm", "push-space", "--space-id", "test-user/stalled", "--model-id", MODEL_ID, "--timeout", "2"]
     started = time.monotonic()
     code, _, err = result(start(hub, tmp_path, *argv))
@@ -223,3 +230,22 @@ def test_a_stalled_space_push_fails_within_the_timeout_and_says_how_to_push_agai
     assert code == 1 and time.monotonic() - started < 30, err
     assert "pushing the Space test-user/stalled failed" in err and "To push it again, run:" in err
     assert TOKEN not in err and hub.repo("test-user/stalled", "space") is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--app-dir", "EMPTY"], "has no README.md: a Space needs one with its front matter"),
+        (["--space-id", "not a/valid id"], "Repo id must"),
+        (["--model-id", "./a/local/path"], "Repo id must"),
+    ],
+)
+def test_a_bad_space_push_is_refused_before_any_request(hub, tmp_path, flags, match):
+    """A bad app folder or id fails with one error line and exit status 1, before the Hub hears anything."""
+    hub.clear()
+    (tmp_path / "EMPTY").mkdir()
+    given = {"--space-id": "test-user/refused", "--model-id": MODEL_ID, **dict(zip(flags[::2], flags[1::2]))}
+    argv = ["-m", "hf_ddpm", "push-space", *(part for item in given.items() for part in item)]
+    code, out, err = result(start(hub, tmp_path, *argv))
+    assert code == 1 and err.startswith("error: ") and match in err and out == "", err
+    assert hub.requests() == []
