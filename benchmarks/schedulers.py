@@ -46,7 +46,8 @@ PROFILES = {
 TARGET_EVALUATIONS, TARGET_RATIO = 25, 0.10
 
 
-def run(profile: str = "full", seed: int = 0) -> dict:
+def run(profile: str = "full", seed: int = 0, partial_dir: str | None = None) -> dict:
+    """The benchmark; with `partial_dir`, the rows so far are written to schedulers_partial.json after each one."""
     settings = PROFILES[profile]
     started = time.perf_counter()
     features = InceptionFeatures()
@@ -80,6 +81,8 @@ def run(profile: str = "full", seed: int = 0) -> dict:
                     "bootstrap_std": bootstrap_fid(reference, feats, settings["bootstrap"], seed),
                     "sampling_seconds": seconds,
                 })  # fmt: skip
+                if partial_dir:
+                    write_json("schedulers_partial", {"profile": profile, "rows": rows}, partial_dir)
     return {
         "benchmark": "schedulers",
         "machine": machine(),
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--results_dir", default=None, help="default: benchmarks/results")
     args = parser.parse_args(argv)
-    result = run(args.profile)
+    result = run(args.profile, partial_dir=args.results_dir)
     kwargs = {"results_dir": args.results_dir} if args.results_dir else {}
     log(f"schedulers: wrote {write_json('schedulers', result, **kwargs)}")
     print(markdown(result))

@@ -3,6 +3,8 @@
     python examples/generate.py MODEL --out samples.png --num_images 16 --steps 100 --seed 0 --num_threads 1
 
 Fewer steps than the model's T sample the respaced chain (Improved DDPM, section 4); --steps T is the full chain.
+--scheduler swaps in one of diffusers' samplers (the same model, fewer model evaluations for the same quality:
+benchmarks/schedulers.py), e.g. `--scheduler dpm++2m --steps 20`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ import torch
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.images import make_grid
 
+SCHEDULERS = {  # --scheduler -> (diffusers class name, from_config overrides); "ddpm": the pipeline's own
+    "ddpm": (None, {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -22,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="samples.png", help="PNG file to write")
     parser.add_argument("--num_images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=100, help="sampling steps (at most the model's T)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddpm", help="default: ancestral (DDPM)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", type=int, default=None, help="grid rows (default: near square)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -31,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.num_threads)
 
     pipe = HFDDPMPipeline.from_pretrained(args.model).to(args.device)
+    class_name, overrides = SCHEDULERS[args.scheduler]
+    if class_name is not None:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
     num_train = pipe.scheduler.config.num_train_timesteps
     if not 1 <= args.steps <= num_train:
         parser.error(f"--steps must be from 1 to the model's T = {num_train}, got {args.steps}")
@@ -44,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     make_grid(images, num_rows=args.rows).save(args.out)
     print(
-        f"wrote {args.out}: {args.num_images} samples, {args.steps} of {num_train} steps, seed {args.seed}, {seconds:.1f} s"
+        f"wrote {args.out}: {args.num_images} samples, {args.steps} of {num_train} steps ({args.scheduler}), "
+        f"seed {args.seed}, {seconds:.1f} s"
     )
 
 

@@ -55,9 +55,19 @@ def test_generate_writes_a_grid_png_of_the_requested_images(pipeline_dir, tmp_pa
     assert result.returncode == 0, result.stderr
     grid = Image.open(out)
     assert grid.mode == "L" and grid.size == (3 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)  # 2 rows x 3, 2-pixel gaps
-    assert f"6 samples, 10 of {T} steps, seed 0" in result.stdout
+    assert f"6 samples, 10 of {T} steps (ddpm), seed 0" in result.stdout
     too_many = run_script("generate.py", str(pipeline_dir), "--out", str(out), "--steps", str(T + 1))
     assert too_many.returncode == 2 and f"--steps must be from 1 to the model's T = {T}, got {T + 1}" in too_many.stderr
+
+
+def test_generate_samples_with_a_diffusers_scheduler(pipeline_dir, tmp_path):
+    out = tmp_path / "fast.png"
+    argv = ["--out", str(out), "--num_images", "4", "--steps", "5", "--scheduler", "dpm++2m"]
+    result = run_script("generate.py", str(pipeline_dir), *argv)
+    assert result.returncode == 0, result.stderr
+    assert f"4 samples, 5 of {T} steps (dpm++2m), seed 0" in result.stdout and Image.open(out).mode == "L"
+    bad = run_script("generate.py", str(pipeline_dir), "--scheduler", "euler")
+    assert bad.returncode == 2 and "invalid choice: 'euler'" in bad.stderr
 
 
 def test_evaluate_prints_monte_carlo_bits_per_dim_and_writes_card_metrics(evaluate, pipeline_dir, tmp_path, capsys):
