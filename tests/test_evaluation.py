@@ -283,6 +283,12 @@ def test_evaluate_reads_the_runs_data_options_and_refuses_a_mismatch(pipeline_di
     (run_dir / "training_args.json").write_text(json.dumps({"resolution": 32}))
     with pytest.raises(ValueError, match="resolution 32 does not match the model's sample_size 16x16"):
         evaluate(evaluate_args(run_dir))
+    rgb = tmp_path / "rgb"  # a 3-channel model, no training_args.json: not scored on the 1-channel digits
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("test-tiny", sample_size=SIZE, in_channels=3, out_channels=3))
+    HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=T)).save_pretrained(rgb)
+    with pytest.raises(ValueError, match=r"digits .* has 1-channel images and the model takes 3"):
+        evaluate(evaluate_args(rgb, "--num_images", 1))
     with pytest.raises(ValueError, match="num_timesteps 51 exceeds the model's T = 50"):
         evaluate(evaluate_args(pipeline_dir, "--num_timesteps", 51))
     bad = tmp_path / "stats.npz"

@@ -65,7 +65,8 @@ def data_options(args: argparse.Namespace) -> dict:
     if path.is_file():
         run_args = json.loads(path.read_text())
     return {k: getattr(args, k, None) if getattr(args, k, None) is not None else run_args.get(k, d)
-            for k, d in DATA_OPTIONS.items()} | {"resolution": args.resolution or run_args.get("resolution")}  # fmt: skip
+            for k, d in DATA_OPTIONS.items()} | {"resolution": args.resolution or run_args.get("resolution"),
+                                                 "from_run": bool(run_args)}  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -98,7 +99,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     pipe.set_progress_bar_config(disable=True)
     channels, height, width = pipe._image_shape
     options = data_options(args)
-    resolution = options.pop("resolution")
+    resolution, from_run = options.pop("resolution"), options.pop("from_run")
     if resolution is not None and resolution != height:
         raise ValueError(f"the data's resolution {resolution} does not match the model's sample_size {height}x{width}")
     num_train = pipe.scheduler.config.num_train_timesteps
@@ -111,9 +112,14 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
         max_train = 1  # only the held-out images are needed; the split does not depend on it
     if args.split == "train" and args.num_images != 0:
         max_train = None if args.num_images is None else max(args.num_images, max_train or 0)
-    data = load_data(resolution=height, channels=channels, max_train_samples=max_train, **options)
-    if tuple(data.eval.shape[1:]) != (channels, height, width) and len(data.eval):
-        raise ValueError(f"the data's images are {tuple(data.eval.shape[1:])}, the model's {(channels, height, width)}")
+    # a run's own data is converted to the model's channels as training converted it; other data keeps its own
+    # channel count, and a model that takes another is refused (an RGB model is not scored on grayscale digits)
+    data = load_data(resolution=height, channels=channels if from_run else None, max_train_samples=max_train, **options)
+    if data.train.shape[1] != channels:
+        raise ValueError(
+            f"the data ({data.source}) has {data.train.shape[1]}-channel images and the model takes {channels}: "
+            "evaluate on the data the model was trained on (its training_args.json, or the data flags)"
+        )
     where = {"eval": f"held-out split of {data.source} (eval_size {options['eval_size']}, seed {options['seed']})",
              "train": f"training split of {data.source}"}  # fmt: skip
     metrics = []
