@@ -78,7 +78,7 @@ def cached_reference(
     processes = processes or Processes()
     key = {**key, "feature_extractor": extractor.name}
     path = cache_path(cache_dir or default_cache_dir(), key)
-    if path.is_file():
+    if all(processes.gather([path.is_file()])):  # every process can read it (no one waits in a collective alone)
         reference = _read(path, extractor.dim, description)
         logger.info("reference statistics of %s read from %s (no feature extraction)", description, path)
         return reference

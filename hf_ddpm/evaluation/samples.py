@@ -99,7 +99,7 @@ def generate_shards(
     _check_manifest(sample_dir, settings, processes)
     shards = math.ceil(num_samples / shard_size)
     missing = [j for j in range(shards) if not _complete(shard_path(sample_dir, j))]
-    processes.barrier()  # everyone agrees on `missing` before anyone writes
+    missing = processes.gather([missing])[0]  # the main process's list, before anyone writes
     mine = processes.mine(missing)
     bar = tqdm(mine, desc="sampling", unit="shard", disable=not (progress and processes.is_main))
     for j in bar:
