@@ -6,9 +6,11 @@ moment leaves the previous version or the new one, plus at most a staging siblin
     write_atomically(path, write)  write(f) into the staging sibling, fsync, os.replace onto `path`
     replace_dir(staged, final)     rename a complete folder onto `final`, replacing an older one of that name
     remove_dir(path)               rename to the staging name, then delete: never half-deleted under its name
+    swap_in(stage, directory, last)  move a complete set of files into a folder, the one readers open first last
 
-Users: training's checkpoints (hf_ddpm/training/checkpoints.py), its samples and summary (training/loop.py), the
-pipeline swap (hf_ddpm/hub.py save_hub_pipeline), the output directory's manifest (training/output_dir.py).
+Users: training's checkpoints (hf_ddpm/training/checkpoints.py), its samples and summary (training/loop.py) and
+output-directory manifest (training/output_dir.py), the pipeline save (hf_ddpm/hub.py save_hub_pipeline), the
+evaluation's metrics, shards and statistics (hf_ddpm/evaluation/), the data cache's manifest (hf_ddpm/data/cache.py).
 Renames are atomic within one file system only: the staging sibling always sits beside its target.
 """
 
@@ -18,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "is_staging", "remove_dir", "replace_dir", "staging_name", "write_atomically"]
+__all__ = ["TMP_SUFFIX", "is_staging", "remove_dir", "replace_dir", "staging_name", "swap_in", "write_atomically"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -74,3 +76,21 @@ def remove_dir(path: str | os.PathLike) -> None:
     tmp = staging_name(path)
     os.rename(path, tmp)
     shutil.rmtree(tmp)
+
+
+def swap_in(stage: Path, directory: Path, last: str, *, parked: Path, also_replaces=()) -> None:
+    """Move every entry of the complete folder `stage` into `directory`, with renames: `last` (the file every reader
+    opens first, e.g. model_index.json) is removed first and renamed in last, so a kill at any moment leaves the
+    old set, the new one, or a directory without `last` that no reader accepts: never a mix. The entries replaced
+    (those of the new names, and `also_replaces`) wait in the new staging folder `parked` until the end."""
+    (directory / last).unlink(missing_ok=True)  # from here the directory holds no complete set ...
+    parked.mkdir()
+    new = [p.name for p in stage.iterdir() if p.name != last]
+    for name in sorted(set(new) | set(also_replaces)):
+        if (directory / name).exists():
+            (directory / name).rename(parked / name)
+    for name in new:
+        (stage / name).rename(directory / name)
+    (stage / last).replace(directory / last)  # ... and from here the new one
+    shutil.rmtree(stage)
+    shutil.rmtree(parked)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .atomic import staging_name
+from .atomic import staging_name, swap_in
 from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
 from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
 
@@ -72,17 +72,8 @@ def save_hub_pipeline(pipeline, directory: str | Path) -> list[str]:
         shutil.rmtree(leftover, ignore_errors=True)
     pipeline.save_pretrained(stage, safe_serialization=True)
     written = add_remote_code(stage)
-    (directory / "model_index.json").unlink(missing_ok=True)  # from here the directory holds no pipeline ...
-    replaced.mkdir()
-    new = [p.name for p in stage.iterdir() if p.name != "model_index.json"]
-    for name in sorted(set(new) | {p.name for p in directory.glob(f"{PIPELINE_PREFIX}_*.py")}):
-        if (directory / name).exists():
-            (directory / name).rename(replaced / name)
-    for name in new:
-        (stage / name).rename(directory / name)
-    (stage / "model_index.json").replace(directory / "model_index.json")  # ... and from here the new one
-    shutil.rmtree(stage)
-    shutil.rmtree(replaced)
+    old_code = [p.name for p in directory.glob(f"{PIPELINE_PREFIX}_*.py")]  # an older version's modules go too
+    swap_in(stage, directory, "model_index.json", parked=replaced, also_replaces=old_code)
     return written
 
 

@@ -1,6 +1,7 @@
 """hf_ddpm/atomic.py: the one home of atomic writes and staging names (checkpoints, samples, summary, manifest,
 the pipeline swap). A process killed mid-write (a real SIGKILL) leaves the old file and only its staging sibling."""
 
+import ast
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hf_ddpm import atomic
-from hf_ddpm.atomic import is_staging, remove_dir, replace_dir, staging_name, write_atomically
+from hf_ddpm.atomic import is_staging, remove_dir, replace_dir, staging_name, swap_in, write_atomically
 from hf_ddpm.hub import PIPELINE_REPLACED, PIPELINE_STAGING
 from hf_ddpm.training import checkpoints, output_dir
 
@@ -150,3 +151,59 @@ def test_remove_dir_killed_while_deleting_leaves_no_folder_under_its_name(tmp_pa
     monkeypatch.undo()
     checkpoints.remove_incomplete(str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+def test_swap_in_moves_a_whole_set_with_the_first_read_file_last(tmp_path, monkeypatch):
+    directory, stage, parked = tmp_path / "out", tmp_path / "out" / ".pipeline.tmp", tmp_path / "out" / ".old.tmp"
+    (directory / "unet").mkdir(parents=True)
+    (directory / "unet" / "old.safetensors").write_text("old")
+    (directory / "model_index.json").write_text("old index")
+    (directory / "pipeline_old.py").write_text("old code")
+    (directory / "checkpoint-2").mkdir()  # not part of the set: untouched
+    (stage / "unet").mkdir(parents=True)
+    (stage / "unet" / "new.safetensors").write_text("new")
+    (stage / "model_index.json").write_text("new index")
+    seen = []  # what a reader finds at each rename: never the new index beside the old weights, or the reverse
+    rename, replace = Path.rename, Path.replace
+
+    def look(self, target, move):
+        index = directory / "model_index.json"
+        seen.append(index.read_text() if index.exists() else None)
+        return move(self, target)
+
+    monkeypatch.setattr(Path, "rename", lambda self, target: look(self, target, rename))
+    monkeypatch.setattr(Path, "replace", lambda self, target: look(self, target, replace))
+    swap_in(stage, directory, "model_index.json", parked=parked, also_replaces=["pipeline_old.py"])
+    monkeypatch.undo()
+    assert set(seen) == {None}  # the old index went first; the new one came last
+    assert (directory / "model_index.json").read_text() == "new index"
+    assert sorted(os.listdir(directory)) == ["checkpoint-2", "model_index.json", "unet"]
+    assert os.listdir(directory / "unet") == ["new.safetensors"]
+
+
+def _renames(tree: ast.AST) -> list[int]:
+    """Lines that rename a file: os.replace/os.rename/shutil.move, Path.rename, Path.replace (one argument; a str's
+    replace takes two)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name, owner = node.func.attr, node.func.value
+            module = owner.id if isinstance(owner, ast.Name) else None
+            if (module, name) in {("os", "replace"), ("os", "rename"), ("shutil", "move")}:
+                lines.append(node.lineno)
+            elif module not in ("os", "shutil") and (name == "rename" or (name == "replace" and len(node.args) == 1)):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_atomic_py_is_the_only_module_that_renames_files():
+    """One home: every write-then-rename of the library goes through hf_ddpm/atomic.py."""
+    package = REPO / "hf_ddpm"
+    found = {
+        f"{path.relative_to(package)}:{line}"
+        for path in package.rglob("*.py")
+        if path.name != "atomic.py"
+        for line in _renames(ast.parse(path.read_text(encoding="utf-8")))
+    }
+    assert not found, f"renames outside hf_ddpm/atomic.py: {sorted(found)}"
+    assert len(_renames(ast.parse((package / "atomic.py").read_text()))) >= 5  # the scan sees them
