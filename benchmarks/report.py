@@ -12,6 +12,8 @@ import importlib.util
 import os
 import sys
 
+from hf_ddpm.atomic import write_atomically
+
 from .common import RESULTS_DIR, read_json
 from .common import TRAINING_FLOOR as FLOOR
 
@@ -455,9 +457,8 @@ def write(results_dir: str = RESULTS_DIR) -> str:
     if written:
         parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in written]
     path = os.path.join(results_dir, "RESULTS.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(parts).rstrip() + "\n")
-    os.replace(path + ".tmp", path)
+    text = "\n".join(parts).rstrip() + "\n"
+    write_atomically(path, lambda f: f.write(text))
     return path
 
 
