@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .atomic import staging_name, swap_in
+from .atomic import replace_dir, staging_name, swap_in
 from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
 from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
 
@@ -106,6 +106,7 @@ def export_hub_folder(
     license: str = DEFAULT_LICENSE,
 ) -> list[str]:
     """Write into `dest` (new or empty) exactly what `push_to_hub` uploads; returns its files, relative to `dest`.
+    Written beside it as `dest.tmp` and renamed into place: an export that fails or is killed leaves no `dest`.
 
     metrics: for the card (see `render_model_card`), or the path of a JSON file holding them.
     """
@@ -120,12 +121,18 @@ def export_hub_folder(
     weights = (".safetensors", ".safetensors.index.json")  # never pickled .bin weights or their index
     files += [f"unet/{p.name}" for p in sorted(unet.iterdir()) if p.name.endswith(weights)]
     files += [SAMPLE_GRID] if (output_dir / SAMPLE_GRID).is_file() else []
-    for name in files:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(output_dir / name, dest / name)
-    add_remote_code(dest)
-    card = render_model_card(dest, repo_id, training_dir=output_dir, metrics=metrics, license=license)
-    card.save(dest / "README.md")
+    stage = Path(staging_name(dest))  # `dest` appears whole or not at all
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        for name in files:
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(output_dir / name, stage / name)
+        add_remote_code(stage)
+        card = render_model_card(stage, repo_id, training_dir=output_dir, metrics=metrics, license=license)
+        card.save(stage / "README.md")
+        replace_dir(stage, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
 
 

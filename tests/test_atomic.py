@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from diffusers import UNet2DModel
 
-from hf_ddpm import atomic
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, atomic, hub, unet_config
 from hf_ddpm.atomic import is_staging, remove_dir, replace_dir, staging_name, swap_in, write_atomically
 from hf_ddpm.hub import PIPELINE_REPLACED, PIPELINE_STAGING
 from hf_ddpm.training import checkpoints, output_dir
@@ -207,3 +208,24 @@ def test_atomic_py_is_the_only_module_that_renames_files():
     }
     assert not found, f"renames outside hf_ddpm/atomic.py: {sorted(found)}"
     assert len(_renames(ast.parse((package / "atomic.py").read_text()))) >= 5  # the scan sees them
+
+
+def test_an_export_that_fails_leaves_no_folder_and_a_whole_one_otherwise(tmp_path, monkeypatch):
+    """hub.export_hub_folder writes `dest.tmp` and renames it: a failure midway leaves neither name behind."""
+    pipe = HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=10))
+    assert hub.save_hub_pipeline(pipe, tmp_path / "run")
+    assert not [name for name in os.listdir(tmp_path / "run") if is_staging(name)]  # the swap left none
+    dest = tmp_path / "export"
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hub, "render_model_card", fail)
+        with pytest.raises(OSError, match="No space left"):
+            hub.export_hub_folder(tmp_path / "run", dest, repo_id="me/m")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    dest.mkdir()  # new or empty: both take the export
+    files = hub.export_hub_folder(tmp_path / "run", dest, repo_id="me/m")
+    assert {"model_index.json", "README.md", "unet/config.json"} <= set(files)
+    assert sorted(os.listdir(tmp_path)) == ["export", "run"]
