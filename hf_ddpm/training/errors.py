@@ -25,14 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import train
 
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    args = None
     try:
-        train(parse_args(argv))
+        args = parse_args(argv)
+        train(args)
     except SystemExit as stop:  # --help, argparse's usage errors (already printed), a preemption
         code = stop.code
         return code if isinstance(code, int) else (0 if code is None else ERROR_STATUS)
     except Exception as err:
-        if debug:
+        if args.debug if args is not None else "--debug" in argv:  # (also from a --config file once parsed)
             traceback.print_exc()
         sys.stdout.flush()
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
