@@ -119,6 +119,23 @@ def test_an_unreachable_dataset_fails_in_seconds_naming_the_network(tmp_path, no
     assert time.monotonic() - started < 15
 
 
+def test_a_hub_that_answers_is_left_to_datasets(monkeypatch, hub):
+    """Any HTTP answer (here the local Hub server's 404 for an unknown dataset) means the network works: the probe
+    passes, and datasets reports what is wrong with the name."""
+    from huggingface_hub import constants
+
+    from hf_ddpm.training.preflight import check_dataset_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    check_dataset_reachable(parse_args(["--dataset_name", "someone/no-such-dataset"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the cache is read, nothing is probed
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    check_dataset_reachable(parse_args(["--dataset_name", "someone/no-such-dataset"]))
+
+
 def image_folder(path, count):
     path.mkdir()
     rng = np.random.default_rng(0)
