@@ -4,7 +4,7 @@
     export_hub_folder(output_dir, dest)  the exact folder a push uploads, built from a training output directory
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
     python -m hf_ddpm push OUTPUT_DIR --repo-id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
-    check_can_push(what, command, token), request_timeout(seconds)   the guards of every push (also the Space's)
+    check_can_push, request_timeout, push_failed   the guards and the error of every push (also the Space's)
 The training script's --push_to_hub hooks live in hf_ddpm/training/publish.py.
 
 A push uploads a staged copy (model_index.json, unet/ weights in safetensors and config, scheduler/ config, the
@@ -198,17 +198,18 @@ def push_to_hub(
         except HubPushError:
             raise
         except Exception as err:  # network, HTTP 4xx/5xx, timeouts: all end the same way for the user
-            raise HubPushError(
-                _failure_message(output_dir, repo_id, f"{type(err).__name__}: {err}", command), command
-            ) from err
+            kept = f"Nothing in {output_dir} was changed. "
+            raise push_failed(f"{output_dir} to the Hub as {repo_id}", err, command, kept) from err
     return commit.commit_url
 
 
-def _failure_message(output_dir, repo_id: str, reason: str, command: str) -> str:
-    return (
-        f"pushing {output_dir} to the Hub as {repo_id} failed: {reason}\n"
-        f"Nothing in {output_dir} was changed. To push it again, run:\n    {command}\n"
-        f"(for the token, {TOKEN_SOURCES})"
+def push_failed(what: str, err: Exception, command: str, kept: str = "") -> HubPushError:
+    """The error of a push the Hub did not take (network, HTTP 4xx/5xx, a timeout): what, why, and how to push
+    again. kept: a sentence on what is left untouched."""
+    return HubPushError(
+        f"pushing {what} failed: {type(err).__name__}: {err}\n{kept}To push it again, run:\n    {command}\n"
+        f"(for the token, {TOKEN_SOURCES})",
+        command,
     )
 
 

@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, metadata_load, metadata_save
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .hub import DEFAULT_TIMEOUT, TOKEN_SOURCES, HubPushError, check_can_push, request_timeout
+from .hub import DEFAULT_TIMEOUT, check_can_push, push_failed, request_timeout
 from .shipped import shipped_dir
 
 __all__ = ["DEFAULT_APP_DIR", "prepare_space", "push_space"]
@@ -109,11 +109,7 @@ def push_space(
         except ValueError:
             raise
         except Exception as err:  # network, HTTP 4xx/5xx, timeouts: all end the same way for the user
-            raise HubPushError(
-                f"pushing the Space {space_id} failed: {type(err).__name__}: {err}\nTo push it again, run:\n"
-                f"    {command}\n(for the token, {TOKEN_SOURCES})",
-                command,
-            ) from err
+            raise push_failed(f"the Space {space_id}", err, command) from err
     return str(url)
 
 
