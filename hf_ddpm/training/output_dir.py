@@ -24,16 +24,15 @@ import time
 from dataclasses import dataclass, field
 
 from ..atomic import staging_name, write_atomically
-from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
 from ..remote_code import PIPELINE_PREFIX
+from .checkpoints import INCOMPLETE_NAMES  # the staging names a killed run leaves
 
 LOCK_NAME = ".hf_ddpm.lock"
 MANIFEST_NAME = ".hf_ddpm-manifest.json"
 # Top-level names a run writes (checkpoints, the pipeline, samples, logs, the run's records, their temporary names).
 RUN_PATTERNS = ("checkpoint-*", "unet", "scheduler", "model_index.json", f"{PIPELINE_PREFIX}_*.py", "samples",
-                "samples.png", staging_name("samples.png"), "training_args.json", "training_summary.json",
-                staging_name("training_summary.json"), PIPELINE_STAGING, PIPELINE_REPLACED, LOCK_NAME, MANIFEST_NAME,
-                staging_name(MANIFEST_NAME))  # fmt: skip
+                "samples.png", "training_args.json", "training_summary.json", *INCOMPLETE_NAMES, LOCK_NAME,
+                MANIFEST_NAME, staging_name(MANIFEST_NAME))  # fmt: skip
 # What an earlier run of ours leaves even without a manifest (written by versions before it existed).
 RUN_MARKERS = ("checkpoint-*", "training_args.json", "model_index.json")
 
