@@ -108,7 +108,8 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
     if not isinstance(feature, datasets.Image) and not paths:
         raise ValueError(f"column {column!r} holds {feature}, not images (datasets.Image or file paths)")
     source = source.cast_column(column, datasets.Image(decode=False))  # decode ourselves, one bad file at a time
-    num_proc = num_proc if num_proc and len(source) >= 4 * 1024 else None  # a pool costs more than small data
+    num_proc = num_proc or min(8, os.cpu_count() or 1)  # default: the CPUs, up to 8
+    num_proc = num_proc if num_proc > 1 and len(source) >= 4 * 1024 else None  # a pool costs more than small data
     features = datasets.Features({
         "pixels": datasets.Array3D((channels or 3, resolution, resolution), "uint8"),
         "color": datasets.Value("bool"),

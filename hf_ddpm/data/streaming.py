@@ -86,7 +86,7 @@ class StreamingBatches:
         self.batches_per_epoch = max(1, known) if known else 2**62  # unknown length: epochs are not counted
         self.images = range(num_examples or 0)  # the length, when the dataset states it
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and a process group
-        self._pool = None
+        self._pool, self._workers = None, num_workers
         if num_workers:  # the workers leave the signals of preemption (SIGINT, SIGTERM, SIGUSR1) to the trainer
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 num_workers, mp_context=ctx, initializer=_ignore_signals
@@ -141,7 +141,8 @@ class StreamingBatches:
         if self._pool is None:
             decoded = [decode_example(v, *args) for v in values]
         else:
-            decoded = self._pool.map(decode_example, values, *([a] * len(values) for a in args))
+            chunk = -(-len(values) // self._workers)  # one message per worker and batch, not per image
+            decoded = self._pool.map(decode_example, values, *([a] * len(values) for a in args), chunksize=chunk)
         self._pending = (micro_step, decoded, values, self._state(micro_step + 1))
 
     def batch(self, micro_step: int) -> torch.Tensor:
