@@ -143,7 +143,7 @@ def step_consumption(preset: str, resolution: int, batch: int) -> float:
 
 
 STARTUP = """
-import resource, sys, time
+import sys, time
 started = float(sys.argv[4])
 from hf_ddpm.data import load_data
 from hf_ddpm.training.batches import ShardedBatches
@@ -151,8 +151,8 @@ data = load_data(train_data_dir=sys.argv[1], resolution=32, eval_size=0, cache_d
                  max_in_memory_bytes=0 if sys.argv[3] == "mapped" else None)
 ShardedBatches(data.train, 64, 1, 0, 0).batch(0)
 seconds = time.time() - started
-anon = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon:"))
-print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, anon)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(seconds, int(status["VmHWM"].split()[0]), int(status["RssAnon"].split()[0]))  # peak RSS, private RSS (kB)
 """
 
 
@@ -212,7 +212,7 @@ def markdown(d: dict) -> str:
             lines.append(f"| {res}² | {name} | {s['median']:.0f} | {vs} |")
     if d["step_consumption"]:
         lines += ["", "What one fp32 training step consumes on this CPU (images/s): " + "; ".join(
-            f"{k}: {v:.1f}" for k, v in d["step_consumption"].items())]  # fmt: skip
+            f"{k}: {v:.3g}" for k, v in d["step_consumption"].items())]  # fmt: skip
     lines += ["", "Start-up (a fresh process to its first batch) and memory against size, 32² images:", "",
               "| images | run | seconds | peak RSS (MB) | RssAnon at first batch (MB) |", "|---|---|---|---|---|"]  # fmt: skip
     for n, runs in d["startup"].items():

@@ -16,9 +16,10 @@ from hf_ddpm.atomic import write_atomically
 
 from .common import RESULTS_DIR, read_json
 from .common import TRAINING_FLOOR as FLOOR
+from .data import markdown as data_markdown
 
 US = 1e6  # seconds → microseconds
-SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation")
+SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data")
 
 # ---------------------------------------------------------------------------------------------------- markdown
 
@@ -451,7 +452,7 @@ def write(results_dir: str = RESULTS_DIR) -> str:
     parts = ["# Benchmark results", "", "Written by `python -m benchmarks.run`; do not edit by hand.", ""]
     parts.append(summary_section(results))
     render = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
-              "gpu": gpu_section, "evaluation": evaluation_section}  # fmt: skip
+              "gpu": gpu_section, "evaluation": evaluation_section, "data": data_markdown}  # fmt: skip
     parts += [part for name in SECTIONS if results[name] for part in ("", render[name](results[name]))]
     written = plots(results, results_dir)
     if written:

@@ -26,10 +26,10 @@ import time
 from . import report
 from .common import RESULTS_DIR, load_average, log, machine, primary_clock, set_threads, write_json
 
-BENCHMARKS = ("sampling", "training", "quality", "gpu", "evaluation")
+BENCHMARKS = ("sampling", "training", "quality", "gpu", "evaluation", "data")
 # Timing comparisons run on one thread: on two cores a second OpenMP thread gains little for these small models and
 # makes every number hostage to any other process; quality (pure throughput) uses all cores.
-DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "gpu": None, "evaluation": 1}
+DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "gpu": None, "evaluation": 1, "data": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,11 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(name: str, profile: str, args: argparse.Namespace) -> dict:
-    from . import evaluation, gpu, quality, sampling, training
+    from . import data, evaluation, gpu, quality, sampling, training
 
-    module = {"sampling": sampling, "training": training, "quality": quality, "gpu": gpu, "evaluation": evaluation}[
-        name
-    ]
+    module = {"sampling": sampling, "training": training, "quality": quality, "gpu": gpu, "evaluation": evaluation,
+              "data": data}[name]  # fmt: skip
     threads = set_threads(args.threads if args.threads is not None else DEFAULT_THREADS[name] or os.cpu_count())
     info = machine()
     started = time.perf_counter()
