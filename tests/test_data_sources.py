@@ -1,7 +1,13 @@
-"""Every local form `datasets` users keep images in, through hf_ddpm.data.load_data: a `save_to_disk` folder (a Dataset
+"""Every form `datasets` users keep images in, through hf_ddpm.data.load_data: a `save_to_disk` folder (a Dataset
 and a DatasetDict with its own test split), a single parquet / arrow / csv-of-paths file, a list of data files and
-glob patterns (--train_data_files), image files, and an image folder with train/ and test/ subfolders. Each holds
-solid-colour images whose colours name them, so the tests check exactly which images arrived where."""
+glob patterns (--train_data_files), image files, an image folder with train/ and test/ subfolders, and a Hub
+dataset id (served by tests/hub_server.py), cached and streamed. Each holds solid-colour images whose colours name
+them, so the tests check exactly which images arrived where."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -85,3 +91,42 @@ def test_image_folder_with_train_and_test_subfolders(tmp_path):
             solid(i).save(tmp_path / "f" / split / f"{i}.png")
     data = load(tmp_path, train_data_dir=str(tmp_path / "f"), eval_size=0.5)
     assert reds(data.train) == [0, 1, 2, 3] and reds(data.eval) == [40, 41]
+
+
+HUB_CLIENT = r"""
+import json, logging, sys, datasets, huggingface_hub
+from PIL import Image
+from hf_ddpm.data import load_data
+from hf_ddpm.data.streaming import StreamingBatches, open_streaming
+logging.basicConfig(level=logging.INFO, format="LOG %(name)s: %(message)s")
+features = datasets.Features({"image": datasets.Image()})
+images = [Image.new("RGB", (8, 8), (i, 100, 200)) for i in range(6)]
+datasets.Dataset.from_dict({"image": images}, features=features).to_parquet(sys.argv[1] + "/train.parquet")
+api = huggingface_hub.HfApi()
+api.create_repo("test-user/pixels", repo_type="dataset")
+api.upload_file(path_or_fileobj=sys.argv[1] + "/train.parquet", path_in_repo="data/train-00000-of-00001.parquet",
+                repo_id="test-user/pixels", repo_type="dataset")
+out = {"cached": []}
+for _ in range(2):
+    data = load_data(dataset_name="test-user/pixels", resolution=4, eval_size=2, cache_dir=sys.argv[1] + "/cache")
+    out["cached"].append([data.train[:, 0, 0, 0].tolist(), data.eval[:, 0, 0, 0].tolist(), data.cache_dir])
+make, column, info, _, _ = open_streaming(dataset_name="test-user/pixels", resolution=4, eval_size=0)
+stream = StreamingBatches(make, column, batch_size=6, num_processes=1, process_index=0, seed=0, buffer_size=4,
+                          num_workers=0, resolution=4, channels=3, skip_corrupt=True, device="cpu")
+out["streamed"] = stream.batch(0)[:, 0, 0, 0].tolist()
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_a_hub_dataset_id_through_the_local_hub_server_cached_and_streamed(hub, tmp_path):
+    env = hub.env(tmp_path, "token") | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", HUB_CLIENT, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    out = json.loads(line.removeprefix("RESULT "))
+    (train, held_out, folder), again = out["cached"]
+    assert sorted(train + held_out) == [0, 1, 2, 3, 4, 5] and len(held_out) == 2 and again == [train, held_out, folder]
+    assert run.stderr.count("LOG hf_ddpm.data.cache: preprocessing 6 images") == 1  # the second load: from the cache
+    assert sorted(out["streamed"]) == [0, 1, 2, 3, 4, 5] and out["streamed"] != [0, 1, 2, 3, 4, 5]  # shuffled
+    assert any("datasets/test-user/pixels" in r["path"] for r in hub.requests())  # over HTTP from the Hub server
