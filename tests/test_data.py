@@ -295,6 +295,7 @@ def test_detect_image_column_order():
         ({"eval_size": 1.0}, r"eval_size 1.0 as a fraction must be in \[0, 1\)"),
         ({"eval_size": N_DIGITS}, f"eval_size {N_DIGITS} holds out {N_DIGITS} of the {N_DIGITS} images"),
         ({"max_train_samples": 0}, "max_train_samples must be a positive int or None, got 0"),
+        ({"max_in_memory_bytes": -1}, r"max_in_memory_bytes must be an int >= 0 or None \(automatic\), got -1"),
         ({"dataset_name": "x", "train_data_dir": "y"}, r"dataset_name \('x'\) or train_data_dir \('y'\), not both"),
     ],
 )

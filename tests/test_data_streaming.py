@@ -86,6 +86,16 @@ def test_image_folder_stream_holds_out_the_first_images_of_its_test_split(tmp_pa
     assert held_out[:, 0, 0, 0].tolist() == [100, 101] and source == str(tmp_path / "f")  # the files in order
 
 
+def test_streaming_refuses_an_unknown_length_without_max_train_steps_and_the_digits():
+    from hf_ddpm.training.batches import load_training_data
+    from hf_ddpm.training.config import parse_args
+
+    with pytest.raises(ValueError, match="--streaming needs --max_train_steps"):
+        load_training_data(parse_args(["--streaming", "--train_data_dir", "x"]), None, 8, None)
+    with pytest.raises(ValueError, match="--streaming needs --dataset_name, --train_data_dir or --train_data_files"):
+        load_training_data(parse_args(["--streaming", "--max_train_steps", "5"]), None, 8, None)
+
+
 @pytest.mark.slow  # two 2-process runs and a resume: about a minute
 def test_a_killed_two_process_streaming_run_resumes_to_the_same_weights(tmp_path):
     files = write_shards(tmp_path / "d", n=64, shards=2)
