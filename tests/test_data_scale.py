@@ -1,6 +1,7 @@
 """Data at scale (slow): a generated folder of 100,000 32x32 images trains on the memory-mapped cache with private
 memory (RssAnon, summed over the launcher and training processes) that does not grow with the dataset; the second
-start decodes nothing and reaches its first optimizer step quickly; two DDP processes build the cache once."""
+start decodes nothing and reaches its first optimizer step quickly; two DDP processes build the cache once, and train to the same weights on the
+memory-mapped and in-memory paths."""
 
 import multiprocessing
 import re
@@ -11,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 from test_train_launch import REPO, environment, launch, launch_command, tiny
 
 pytestmark = pytest.mark.slow
@@ -84,9 +87,9 @@ def measured_launch(argv, num_processes=1):
     return log, peak[0], first_step[0]
 
 
-def run_args(out, folder, cache, *extra):
+def run_args(out, folder, cache, *extra, budget_gb="0"):
     args = tiny(out, "--train_data_dir", folder, "--cache_dir", str(cache), "--max_train_steps", "3",
-                "--save_images_steps", "1000", "--checkpointing_steps", "1000", "--max_in_memory_gb", "0", *extra)  # fmt: skip
+                "--save_images_steps", "1000", "--checkpointing_steps", "1000", "--max_in_memory_gb", budget_gb, *extra)  # fmt: skip
     i = args.index("--resolution")
     return [*args[:i], "--resolution", "32", *args[i + 2 :]]  # the images' own size: 3 KB each decoded
 
@@ -116,6 +119,11 @@ def test_two_ddp_processes_build_the_cache_once(tmp_path):
     folder.mkdir()
     for i in range(64):
         Image.new("RGB", (12, 12), (i, 0, 0)).save(folder / f"{i}.png")
-    log = launch(run_args(tmp_path / "out", str(folder), tmp_path / "cache"), num_processes=2)
+    log = launch(run_args(tmp_path / "mapped", str(folder), tmp_path / "cache"), num_processes=2)
     assert len(re.findall(r"preprocessing \d+ images", log)) == 1  # one process built it, the other waited
     assert log.count("batches read from the memory-mapped cache") == 2  # both open it
+    log = launch(run_args(tmp_path / "held", str(folder), tmp_path / "cache", budget_gb="1"), num_processes=2)
+    assert "preprocessing" not in log and log.count("held in memory") == 2
+    a = load_file(str(tmp_path / "mapped" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "held" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same positions on both paths: the same run
