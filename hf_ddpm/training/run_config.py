@@ -80,9 +80,10 @@ class DataOptions:
     preprocessing_num_workers: int | None = option(
         help="processes that decode images into the cache on its first run (default: the CPUs, up to 8)", min=1)
     streaming: bool = option(False, "stream the dataset (Hub or data files) instead of preprocessing it into the "
-                                    "cache; decoded in the DataLoader workers; resumes at the next batch")
+                                    "cache; decoded in worker processes; resumes at the next batch")
     shuffle_buffer_size: int = option(10_000, "--streaming: the shuffle buffer, in examples", min=1)
-    dataloader_num_workers: int = option(0, "--streaming: DataLoader worker processes that decode images", min=0)
+    dataloader_num_workers: int = option(
+        0, "--streaming: processes that decode images, a batch ahead (0: the training process)", min=0)
 
 
 @dataclass
