@@ -62,6 +62,14 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     Args: as diffusers' `DDPMScheduler`. `beta_schedule` also accepts `"cosine"` (stored as `squaredcos_cap_v2`).
     `variance_type`: `fixed_small` (σ² = β̃_t), `fixed_large` (σ² = β_t, with β̃_1 at t = 0 as the DDPM code does),
     their `_log` forms (the same variances handled in log space), or `learned_range` (Improved DDPM eq. 15).
+
+    Saved alone (`save_pretrained(dir)`, `push_to_hub(repo)`), it writes only `scheduler_config.json`:
+    `"_class_name": "HFDDPMScheduler"` and DDPMScheduler's keys, no remote code. diffusers 0.42 loads a scheduler
+    with `load_config` + `from_config` and never runs code from its folder (`trust_remote_code` is read only by
+    `DiffusionPipeline`, through model_index.json, and `AutoModel`, through config.json), so module files there would
+    go unused. Without hf_ddpm, `DDPMScheduler.from_pretrained(dir)` loads the same process (T, β, variance and
+    prediction type) with diffusers' step (see this module's docstring for where it differs). A pipeline's save
+    writes this class's remote code into its scheduler/ folder (hf_ddpm/remote_code.py).
     """
 
     # The schedulers HFDDPMPipeline is tested to sample with (tests/test_pipeline_schedulers.py); `from_config` reads

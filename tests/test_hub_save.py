@@ -2,6 +2,7 @@
 (local Hub, tests/hub_server.py) that load all three ways, the package-free way checked in a virtual environment
 without hf_ddpm; the push carries hf_ddpm's model card."""
 
+import inspect
 import json
 import sys
 
@@ -128,3 +129,35 @@ def test_push_to_hub_uploads_a_repo_that_loads_without_hf_ddpm_with_the_card(sha
 def test_push_to_hub_refuses_create_pr():
     with pytest.raises(ValueError, match="create_pr=True is not supported"):
         make_pipe().push_to_hub("test-user/x", create_pr=True)
+
+
+def test_a_scheduler_saved_or_pushed_alone_is_a_plain_ddpm_scheduler_config(hub, tmp_path):
+    """diffusers loads a scheduler from its config alone (no trust_remote_code path), so a scheduler saved or pushed
+    by itself carries no code and loads as diffusers' DDPMScheduler with the same process (HFDDPMScheduler's
+    docstring); inside a pipeline its folder holds the remote code (test_save_pretrained_writes_...)."""
+    kwargs = {"num_train_timesteps": T, "beta_schedule": "cosine", "variance_type": "learned_range",
+              "prediction_type": "v_prediction", "timestep_spacing": "trailing"}  # fmt: skip
+    ours = HFDDPMScheduler(**kwargs)
+    ours.save_pretrained(tmp_path / "alone")
+    assert [p.name for p in (tmp_path / "alone").iterdir()] == ["scheduler_config.json"]
+    config = json.loads((tmp_path / "alone" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "HFDDPMScheduler"
+    ddpm_keys = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    assert set(config) - {"_class_name", "_diffusers_version"} == ddpm_keys  # nothing diffusers would warn about
+    theirs = DDPMScheduler.from_pretrained(tmp_path / "alone")
+    assert {k: theirs.config[k] for k in kwargs} == {**kwargs, "beta_schedule": "squaredcos_cap_v2"}
+    torch.testing.assert_close(theirs.alphas_cumprod.double(), ours.alphas_cumprod, rtol=0, atol=1e-7)
+    again = HFDDPMScheduler.from_pretrained(tmp_path / "alone")
+    assert {k: again.config[k] for k in ddpm_keys} == {k: ours.config[k] for k in ddpm_keys}
+
+    push = f"""
+        import json
+        from diffusers import DDPMScheduler
+        from hf_ddpm import HFDDPMScheduler
+        HFDDPMScheduler(**{kwargs!r}).push_to_hub("test-user/scheduler-alone")
+        print(json.dumps(dict(DDPMScheduler.from_pretrained("test-user/scheduler-alone").config)))
+    """
+    env = hub.env(tmp_path, TOKEN) | {"PYTHONPATH": str(REPO)}
+    loaded = json.loads(finish(start_script(sys.executable, push, env, tmp_path)).strip().splitlines()[-1])
+    assert {k: loaded[k] for k in ddpm_keys} == {k: theirs.config[k] for k in ddpm_keys}
+    assert not [name for name in hub.files("test-user/scheduler-alone") if name.endswith(".py")]
