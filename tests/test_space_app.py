@@ -366,3 +366,33 @@ def test_preview_grid_tiles_and_upscales(app):
     grid = app.preview_grid(torch.linspace(-2, 2, 5 * 16 * 16).reshape(5, 1, 16, 16))
     assert grid.mode == "L" and grid.size == (4 * (3 * 18 + 2), 4 * (2 * 18 + 2))  # 2 rows x 3 columns, x4
     assert np.asarray(grid).min() == 0 and np.asarray(grid).max() == 255  # clamped to [-1, 1]
+
+
+@pytest.mark.parametrize(
+    "name", ["UniPCMultistepScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "DDIMScheduler"]
+)
+def test_generate_previews_with_a_scheduler_that_gives_no_predicted_x0(app, tmp_path, name):
+    """Any scheduler of HFDDPMScheduler.compatibles samples in the app: x_t is previewed every few steps, x̂_0 where
+    the step gives it (DDIM) and nothing in its place where it does not (UniPC, DPM-Solver, PNDM), and the final
+    images are the pipeline's for that seed."""
+    import diffusers
+
+    pipe = HFDDPMPipeline.from_pretrained(save_tiny_pipeline(tmp_path / "pipeline"))
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    model = app.DemoModel(pipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        *progress, (gallery, x_t, x_0, status) = model.generate(10, 5, 2)
+        expected = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=10).images
+    finally:
+        torch.set_num_threads(threads)
+    total = len(pipe.scheduler.timesteps)  # PNDM's warm-up makes more model calls than 10
+    assert status == f"Done: 2 image(s), 10 of {T} steps, seed 5"
+    assert len(gallery) == 2 and all(np.array_equal(np.asarray(Image.open(a)), b) for a, b in zip(gallery, expected))
+    assert progress and all(Path(p[1]).is_file() for p in progress)
+    gives_x0 = name == "DDIMScheduler"
+    note = "" if gives_x0 else f"; {name} gives no predicted x_0"
+    assert progress[-1][3] == f"Step {total}/{total} (t = {float(pipe.scheduler.timesteps[-1]):g}){note}"
+    assert all((p[2] is not None) == gives_x0 for p in progress) and (x_0 is not None) == gives_x0
+    assert x_t == progress[-1][1]

@@ -36,6 +36,7 @@ MAX_MC_TIMESTEPS = 1000  # Monte Carlo timesteps K for bits/dim; K >= 2 so that 
 DEFAULT_MC_TIMESTEPS = 50
 MAX_SEED = 2**32 - 1
 NUM_PREVIEWS = 20  # progress updates per sampling run, about
+PREVIEWS = ("sample", "pred_original_sample")  # x_t and x̂_0, as the pipeline's callback names them
 PREVIEW_MIN_SIDE = 64  # previews are upscaled (nearest) to at least this many pixels per image
 MAX_UPLOAD_BYTES = 5 * 2**20  # enforced by gradio at upload (launch(max_file_size=...))
 MAX_UPLOAD_PIXELS = 4096 * 4096  # refuse larger images before decoding them
@@ -202,9 +203,11 @@ class DemoModel:
         def on_step(pipe, i, t, tensors):  # runs in the worker thread, after step i (timestep t)
             if stop.is_set():
                 raise InterruptedError("request cancelled")
-            if (i + 1) % every == 0 or i + 1 == steps:
-                x_t, x_0 = (self.png(preview_grid(tensors[k])) for k in ("sample", "pred_original_sample"))
-                updates.put(("step", (i + 1, int(t), x_t, x_0)))
+            total = len(pipe.scheduler.timesteps)  # Heun, PNDM, ... take more model calls than `steps`
+            if (i + 1) % every == 0 or i + 1 == total:
+                # x̂_0 only where the scheduler's step gives it (UniPC, DPM-Solver, PNDM do not): else x_t alone
+                x_t, x_0 = (self.png(preview_grid(tensors[k])) if k in tensors else None for k in PREVIEWS)
+                updates.put(("step", (i + 1, total, float(t), x_t, x_0)))
             return {}
 
         def work():
@@ -227,8 +230,9 @@ class DemoModel:
             while True:
                 kind, payload = updates.get()
                 if kind == "step":
-                    done, t, x_t, x_0 = payload
-                    yield gr.skip(), x_t, x_0, f"Step {done}/{steps} (t = {t})"
+                    done, total, t, x_t, x_0 = payload
+                    note = "" if x_0 else f"; {type(self.pipe.scheduler).__name__} gives no predicted x_0"
+                    yield gr.skip(), x_t, x_0, f"Step {done}/{total} (t = {t:g}){note}"
                 elif kind == "done":
                     label = f"Done: {num_images} image(s), {steps} of {self.num_train_timesteps} steps, seed {seed}"
                     yield payload, x_t, x_0, label
