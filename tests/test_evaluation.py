@@ -21,7 +21,7 @@ from hf_ddpm.evaluation.bits_per_dim import bits_per_dim
 from hf_ddpm.evaluation.reference import cached_reference, external_reference
 from hf_ddpm.evaluation.run import evaluate
 from hf_ddpm.evaluation.samples import generate_shards, load_shards, shard_path
-from hf_ddpm.evaluation.schema import Metric, read_metrics
+from hf_ddpm.evaluation.schema import Metric, read_metrics, write_metrics
 from hf_ddpm.model_card import collect_metrics
 
 T, SIZE = 50, 16
@@ -230,6 +230,28 @@ def test_bits_per_dim_blocks_are_seeded_by_their_index(pipe):
     assert (metric.count, metric.protocol) == (6, "Monte Carlo, K = 4; 6 images of the six digits")
     one = bits_per_dim(pipe, images[:1], split="one digit")
     assert one.stderr is None and one.summary().startswith(f"bits/dim: {one.value:.4f} (exact bound; 1 images")
+
+
+def test_bits_per_dim_standard_error_is_over_images_and_none_where_unknown(pipe, tmp_path):
+    """The exact bound's per-image standard error is NaN (hf_ddpm.bound): over several images the metric's standard
+    error is their spread alone (finite); for one image it is None where the bound's is NaN (exact, K = 1), that
+    image's own where it is known; written as JSON null, never NaN or 0."""
+    images = digits(3)
+    exact = bits_per_dim(pipe, images, block_size=2, seed=5)
+    blocks = [
+        pipe.bits_per_dim(images[s : s + 2], batch_size=2, generator=torch.Generator().manual_seed(5 + b))
+        for b, s in enumerate((0, 2))
+    ]
+    assert all(torch.isnan(block.standard_error).all() for block in blocks)
+    values = torch.cat([block.bits_per_dim for block in blocks]).double()
+    assert exact.stderr == pytest.approx((values.std() / 3**0.5).item(), rel=1e-12) and exact.stderr > 0
+    one_draw = bits_per_dim(pipe, images[:1], num_timesteps=1, seed=2)
+    assert one_draw.stderr is None and np.isfinite(one_draw.value)
+    four = bits_per_dim(pipe, images[:1], num_timesteps=4, seed=2)
+    own = pipe.bits_per_dim(images[:1], num_timesteps=4, generator=torch.Generator().manual_seed(2)).standard_error
+    assert four.stderr == pytest.approx(own.item(), rel=1e-12) and four.stderr > 0
+    write_metrics(tmp_path / "m.json", [one_draw])
+    assert json.loads((tmp_path / "m.json").read_text())["bits_per_dim"]["stderr"] is None
 
 
 def evaluate_args(*argv):

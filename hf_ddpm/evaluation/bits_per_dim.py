@@ -33,9 +33,9 @@ def bits_per_dim(
 
     num_timesteps=None: the exact bound (all T terms); K: the unbiased Monte Carlo estimate from K timesteps per
     image (hf_ddpm.bound). The standard error is std / sqrt(N) of the per-image values, which for Monte Carlo
-    holds both the spread over images and over the sampled timesteps; for one image it is that image's Monte Carlo
-    standard error (None for the exact bound, whose
-    T terms are one draw each).
+    holds both the spread over images and over the sampled timesteps (the per-image standard errors are not used).
+    For one image it is that image's Monte Carlo standard error, or None where that is unknown: the exact bound
+    and K = 1 (NaN in `BoundOutput.standard_error`: the exact bound's T terms are one draw of x_t each), never 0.
     """
     processes = processes or Processes()
     if len(images) == 0:
