@@ -17,9 +17,10 @@ from hf_ddpm.atomic import write_atomically
 from .common import RESULTS_DIR, read_json
 from .common import TRAINING_FLOOR as FLOOR
 from .data import markdown as data_markdown
+from .schedulers import section as schedulers_section
 
 US = 1e6  # seconds → microseconds
-SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data")
+SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data", "schedulers")
 
 # ---------------------------------------------------------------------------------------------------- markdown
 
@@ -375,6 +376,12 @@ def summary_section(results: dict) -> str:
             rows.append([f"FID, learned_range, 100 vs 1000 steps ({r['samples']} samples each)", "within 10%",
                          f"{r['fid_100']:.1f} vs {r['fid_1000']:.1f} ({pct(r['relative_change_100'])})",
                          verdict(r["within_10_percent_at_100"])])  # fmt: skip
+    sc = results.get("schedulers")
+    if sc and sc.get("target"):
+        g = sc["target"]
+        rows.append([f"FID, best diffusers scheduler at ≤ 25 model evaluations vs 1000-step ancestral "
+                     f"({sc['samples_per_set']} samples each)", "within 10%", f"{g['best']}: {g['best_fid']:.1f} vs "
+                     f"{g['ancestral_1000_fid']:.1f} ({pct(g['relative_change'])})", verdict(g["met"])])  # fmt: skip
     if not rows:
         return ""
     m = next(iter(v for v in results.values() if v))["machine"]
@@ -452,7 +459,8 @@ def write(results_dir: str = RESULTS_DIR) -> str:
     parts = ["# Benchmark results", "", "Written by `python -m benchmarks.run`; do not edit by hand.", ""]
     parts.append(summary_section(results))
     render = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
-              "gpu": gpu_section, "evaluation": evaluation_section, "data": data_markdown}  # fmt: skip
+              "gpu": gpu_section, "evaluation": evaluation_section, "data": data_markdown,
+              "schedulers": schedulers_section}  # fmt: skip
     parts += [part for name in SECTIONS if results[name] for part in ("", render[name](results[name]))]
     written = plots(results, results_dir)
     if written:

@@ -1,5 +1,7 @@
-"""Quality against sampling cost: FID at 10 / 20 / 50 / 100 / 1000 model evaluations for DDPM ancestral sampling
-(HFDDPMScheduler, respaced), DDIM, DPM-Solver++ 2M and UniPC, all on the same trained digits model.
+"""Quality against sampling cost: FID at 10 / 20 / 25 / 50 / 100 / 1000 model evaluations for DDPM ancestral sampling
+(HFDDPMScheduler, respaced), DDIM, DPM-Solver++ 2M, UniPC and SDE-DPM-Solver++ 2M, all on the same trained digits
+model; the DPM-Solver/UniPC rows also with x̂_0 clipped to [-1, 1] (as DDPM's and DDIM's steps do with the model's
+`clip_sample=True`).
 
 The model, its training and the FID protocol are benchmarks/quality.py's (L_simple, fixed_small; FID of N samples
 against a seeded subset of training images, Inception pool3 features, a bootstrap standard deviation). Each of these
@@ -9,11 +11,14 @@ reference. Target (issue 15): a diffusers scheduler within 10% of the 1000-step 
 evaluations.
 
     python -m benchmarks.schedulers [--profile quick|full]   # writes benchmarks/results/schedulers.json
+    python -m benchmarks.schedulers --model_dir DIR --only "UniPC, x̂_0 clipped" --evaluations 20 25 --merge
+        # some rows again, on a saved model (the one the stored rows came from), into the stored results
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -22,39 +27,74 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
+from hf_ddpm.atomic import write_atomically
 from hf_ddpm.data import load_data
 from hf_ddpm.evaluation.features import InceptionFeatures
 from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, statistics
 
-from .common import log, machine, write_json
+from .common import RESULTS_DIR, log, machine, read_json, write_json
 from .quality import PROFILES as QUALITY_PROFILES
 from .quality import sample_uint8, train_model
 
-SCHEDULERS = {  # name -> the scheduler class swapped in with from_config (diffusers' defaults otherwise)
-    "DDPM ancestral (respaced)": HFDDPMScheduler,
-    "DDIM (eta = 0)": DDIMScheduler,
-    "DPM-Solver++ 2M": DPMSolverMultistepScheduler,
-    "UniPC": UniPCMultistepScheduler,
+# diffusers' dynamic thresholding with s clamped to [1, sample_max_value] = [1, 1]: x̂_0 clipped to [-1, 1] at each
+# step (diffusers' _threshold_sample), what DDPM's and DDIM's steps do with clip_sample=True
+CLIPPED = {"thresholding": True, "sample_max_value": 1.0}
+SDE = {"algorithm_type": "sde-dpmsolver++"}  # DPM-Solver++ 2M for the reverse SDE (Lu et al. 2022, "DPM-Solver++")
+SCHEDULERS = {  # name -> (scheduler class, config overrides): class.from_config(the model's config, **overrides)
+    "DDPM ancestral (respaced)": (HFDDPMScheduler, {}),
+    "DDIM (eta = 0)": (DDIMScheduler, {}),
+    "DPM-Solver++ 2M": (DPMSolverMultistepScheduler, {}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+    "DPM-Solver++ 2M, x̂_0 clipped": (DPMSolverMultistepScheduler, CLIPPED),
+    "UniPC, x̂_0 clipped": (UniPCMultistepScheduler, CLIPPED),
+    "SDE-DPM-Solver++ 2M": (DPMSolverMultistepScheduler, SDE),  # stochastic: fresh noise at each step, as DDPM's
+    "SDE-DPM-Solver++ 2M, x̂_0 clipped": (DPMSolverMultistepScheduler, {**SDE, **CLIPPED}),
 }
 PROFILES = {
     "smoke": {**QUALITY_PROFILES["smoke"], "evaluations": (2, 4), "samples": 8, "reference": 16, "bootstrap": 2},
     "quick": {**QUALITY_PROFILES["quick"], "evaluations": (10, 20, 50), "samples": 64, "reference": 256,
               "bootstrap": 5},
-    "full": {**QUALITY_PROFILES["full"], "evaluations": (10, 20, 50, 100, 1000), "samples": 300, "reference": 1000,
+    "full": {**QUALITY_PROFILES["full"], "evaluations": (10, 20, 25, 50, 100, 1000), "samples": 300, "reference": 1000,
              "bootstrap": 20},
 }  # fmt: skip
 TARGET_EVALUATIONS, TARGET_RATIO = 25, 0.10
 
 
-def run(profile: str = "full", seed: int = 0, partial_dir: str | None = None) -> dict:
-    """The benchmark; with `partial_dir`, the rows so far are written to schedulers_partial.json after each one."""
+def run(
+    profile: str = "full",
+    seed: int = 0,
+    partial_dir: str | None = None,
+    model_dir: str | None = None,
+    only: list[str] | None = None,
+    evaluations: list[int] | None = None,
+) -> dict:
+    """The benchmark; with `partial_dir`, the rows so far are written to schedulers_partial.json after each one.
+    `model_dir`: a pipeline this benchmark trained before (its training_summary.json), instead of training one;
+    `only` / `evaluations`: those schedulers / model evaluation counts only."""
     settings = PROFILES[profile]
+    unknown = sorted(set(only or ()) - set(SCHEDULERS))
+    if unknown:
+        raise ValueError(f"unknown scheduler rows {unknown}; choose from {sorted(SCHEDULERS)}")
+    counts = evaluations or settings["evaluations"]
+    if min(counts) < 1:
+        raise ValueError(f"model evaluations must be >= 1, got {sorted(counts)}")
+    summary_path = os.path.join(model_dir or "", "training_summary.json")
+    if model_dir and not os.path.isfile(summary_path):
+        raise ValueError(f"--model_dir {model_dir} holds no training_summary.json: pass a trained pipeline's folder")
     started = time.perf_counter()
     features = InceptionFeatures()
     with tempfile.TemporaryDirectory() as workdir:
-        log(f"schedulers: training the L_simple digits model ({settings['train_steps']} steps)")
-        training = train_model(settings, "simple", os.path.join(workdir, "model"), {})
-        pipe = HFDDPMPipeline.from_pretrained(os.path.join(workdir, "model"))
+        if model_dir:
+            with open(summary_path) as f:
+                summary = json.load(f)
+            training = {"loss": "simple", "optimizer_steps": summary["optimizer_steps"],
+                        "train_seconds": summary["train_seconds"], "model_dir": model_dir,
+                        "parameter_sha256": summary.get("parameter_sha256")}  # fmt: skip
+        else:
+            log(f"schedulers: training the L_simple digits model ({settings['train_steps']} steps)")
+            training = train_model(settings, "simple", os.path.join(workdir, "model"), {})
+            model_dir = os.path.join(workdir, "model")
+        pipe = HFDDPMPipeline.from_pretrained(model_dir)
         pipe.set_progress_bar_config(disable=True)
         ddpm_config = pipe.scheduler.config
         data = load_data(
@@ -63,20 +103,23 @@ def run(profile: str = "full", seed: int = 0, partial_dir: str | None = None) ->
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
         reference = statistics(features(data.train[order[: settings["reference"]]]))
         rows = []
-        for name, scheduler_class in SCHEDULERS.items():
-            pipe.scheduler = scheduler_class.from_config(ddpm_config)
-            for evaluations in settings["evaluations"]:
-                if evaluations == 1000 and scheduler_class is not HFDDPMScheduler:
+        for index, (name, (scheduler_class, overrides)) in enumerate(SCHEDULERS.items()):
+            if only and name not in only:
+                continue
+            pipe.scheduler = scheduler_class.from_config(ddpm_config, **overrides)
+            for count in counts:
+                if count == 1000 and scheduler_class is not HFDDPMScheduler:
                     continue  # the reference only
-                steps = min(evaluations, settings["T"])
+                steps = min(count, settings["T"])
                 log(f"schedulers: {name} at {steps} model evaluations ({settings['samples']} samples)")
                 began = time.perf_counter()
-                sample_dir = os.path.join(workdir, f"samples-{scheduler_class.__name__}-{steps}")
+                sample_dir = os.path.join(workdir, f"samples-{index}-{steps}")
                 images = sample_uint8(pipe, settings["samples"], steps, sample_dir, seed)
                 seconds = time.perf_counter() - began
                 feats = features(images)
                 rows.append({
-                    "scheduler": name, "class": scheduler_class.__name__, "model_evaluations": steps,
+                    "scheduler": name, "class": scheduler_class.__name__, "config": overrides,
+                    "model_evaluations": steps,
                     "fid": frechet_distance(reference, feats),
                     "bootstrap_std": bootstrap_fid(reference, feats, settings["bootstrap"], seed),
                     "sampling_seconds": seconds,
@@ -117,6 +160,21 @@ def target(rows: list[dict]) -> dict | None:
     }
 
 
+def merge(result: dict, stored: dict) -> dict:
+    """`result`'s rows into the `stored` results (same profile): a row of the same scheduler and evaluation count is
+    replaced, the others are kept; the target is recomputed."""
+    if stored.get("profile") != result["profile"]:
+        raise ValueError(f"the stored results are of profile {stored.get('profile')!r}, not {result['profile']!r}")
+    new = {(r["scheduler"], r["model_evaluations"]) for r in result["rows"]}
+    kept = [r for r in stored["rows"] if (r["scheduler"], r["model_evaluations"]) not in new]
+    order = {name: i for i, name in enumerate(SCHEDULERS)}
+    rows = sorted(kept + result["rows"], key=lambda r: (order.get(r["scheduler"], len(order)), r["model_evaluations"]))
+    merged = {**stored, "rows": rows, "target": target(rows)}
+    merged["reruns"] = [*stored.get("reruns", []), {"machine": result["machine"], "training": result["training"],
+                                                   "rows": sorted(new, key=str), "seconds": result["seconds"]}]  # fmt: skip
+    return merged
+
+
 def markdown(result: dict) -> str:
     counts = sorted({r["model_evaluations"] for r in result["rows"]})
     lines = [
@@ -132,6 +190,11 @@ def markdown(result: dict) -> str:
         cells = {r["model_evaluations"]: r for r in result["rows"] if r["scheduler"] == name}
         row = [f"{cells[c]['fid']:.1f} ± {cells[c]['bootstrap_std']:.1f}" if c in cells else "" for c in counts]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
+    swaps = {r["scheduler"]: (r["class"], r.get("config") or {}) for r in result["rows"] if r.get("config")}
+    if swaps:
+        lines += ["", "Rows with config overrides: " + "; ".join(
+            f"{name}: `{cls}.from_config(pipe.scheduler.config, "
+            + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")`" for name, (cls, config) in swaps.items())]  # fmt: skip
     t = result["target"]
     if t:
         lines += ["", f"Target (≤ {TARGET_EVALUATIONS} evaluations within {TARGET_RATIO:.0%} of 1000-step ancestral "
@@ -140,15 +203,35 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def section(result: dict) -> str:
+    """The RESULTS.md section (and benchmarks/results/schedulers.md) of a schedulers.json."""
+    note = f"\n\n{result['note']}" if result.get("note") else ""
+    how = (f"`python -m benchmarks.schedulers --profile {result['profile']}` (its own run, not part of "
+           "`python -m benchmarks.run`; CPU, timings not compared).")  # fmt: skip
+    return f"## Schedulers: FID against model evaluations\n\n{how}\n\n{markdown(result)}{note}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--results_dir", default=None, help="default: benchmarks/results")
+    parser.add_argument("--model_dir", default=None, help="a pipeline this benchmark trained (default: train one)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"scheduler rows: {', '.join(SCHEDULERS)}")
+    parser.add_argument("--evaluations", nargs="+", type=int, help="model evaluation counts (default: the profile's)")
+    parser.add_argument("--merge", action="store_true", help="replace these rows in the stored schedulers.json")
     args = parser.parse_args(argv)
-    result = run(args.profile, partial_dir=args.results_dir)
+    stored = read_json("schedulers", args.results_dir or RESULTS_DIR) if args.merge else None
+    if args.merge and stored is None:
+        parser.error(f"--merge: no schedulers.json in {args.results_dir or RESULTS_DIR}")
+    result = run(args.profile, partial_dir=args.results_dir, model_dir=args.model_dir, only=args.only,
+                 evaluations=args.evaluations)  # fmt: skip
+    if stored is not None:
+        result = merge(result, stored)
     kwargs = {"results_dir": args.results_dir} if args.results_dir else {}
     log(f"schedulers: wrote {write_json('schedulers', result, **kwargs)}")
-    print(markdown(result))
+    text = section(result) + "\n"
+    write_atomically(os.path.join(args.results_dir or RESULTS_DIR, "schedulers.md"), lambda f: f.write(text))
+    print(text)
 
 
 if __name__ == "__main__":
