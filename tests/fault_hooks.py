@@ -31,7 +31,7 @@ PAUSE = 600  # seconds: the test kills the process long before
 
 
 def start_training(tmp_path: Path, argv: list[str], pause_at: str = "", **env) -> subprocess.Popen:
-    from test_train_launch import REPO, environment
+    from training_runs import REPO, environment
 
     marker = tmp_path / f"marker-{time.monotonic_ns()}"
     variables = environment() | {"FAULT_PAUSE_AT": pause_at, "FAULT_MARKER": str(marker)} | env

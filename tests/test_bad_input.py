@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, EDMEulerScheduler, EulerDiscreteScheduler, UNet2DModel
+from image_files import write_folder, write_parquet
 from PIL import Image
-from test_data import write_folder, write_parquet
-from test_train_inprocess import tiny
+from training_runs import tiny
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.training import parse_args, train

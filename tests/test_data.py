@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from image_files import write_folder, write_parquet
 from PIL import Image
 
 from hf_ddpm.data import (
@@ -35,18 +36,6 @@ def colours(images: torch.Tensor) -> set[tuple[int, ...]]:
     flat = images.flatten(2)  # (B, C, H*W)
     assert (flat == flat[:, :, :1]).all(), "an image that should be one solid colour is not"
     return {tuple(c) for c in flat[:, :, 0].tolist()}
-
-
-def write_folder(folder, images: dict[str, Image.Image]):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, img in images.items():
-        img.save(folder / name)
-    return str(folder)
-
-
-def write_parquet(path, columns: dict, features: datasets.Features):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
 
 
 def palette_image(size, colour) -> Image.Image:

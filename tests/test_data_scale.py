@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train_launch import REPO, environment, launch, launch_command, tiny
+from training_runs import REPO, environment, launch, launch_command, launch_flags
 
 pytestmark = pytest.mark.slow
 BIG, SMALL = 100_000, 10_000
@@ -88,7 +88,7 @@ def measured_launch(argv, num_processes=1):
 
 
 def run_args(out, folder, cache, *extra, budget_gb="0"):
-    args = tiny(out, "--train_data_dir", folder, "--cache_dir", str(cache), "--max_train_steps", "3",
+    args = launch_flags(out, "--train_data_dir", folder, "--cache_dir", str(cache), "--max_train_steps", "3",
                 "--save_images_steps", "1000", "--checkpointing_steps", "1000", "--max_in_memory_gb", budget_gb, *extra)  # fmt: skip
     i = args.index("--resolution")
     return [*args[:i], "--resolution", "32", *args[i + 2 :]]  # the images' own size: 3 KB each decoded

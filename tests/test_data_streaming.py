@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 from PIL import Image
-from test_train_launch import REPO, TIMEOUT, environment, launch, launch_command, tiny, weights
+from training_runs import REPO, TIMEOUT, environment, launch, launch_command, launch_flags, weights
 
 from hf_ddpm.data.streaming import StreamingBatches, open_streaming
 
@@ -102,7 +102,7 @@ def test_a_killed_two_process_streaming_run_resumes_to_the_same_weights(tmp_path
     steps = ["--streaming", "--train_data_files", ",".join(files), "--eval_size", "0", "--max_train_steps", "60",
              "--checkpointing_steps", "4", "--shuffle_buffer_size", "8", "--dataloader_num_workers", "1",
              "--save_images_steps", "1000", "--random_flip"]  # fmt: skip
-    args = tiny(tmp_path, *steps)
+    args = launch_flags(tmp_path, *steps)
     args = [*args[: args.index("--eval_size")], *args[args.index("--eval_size") + 2 :]]  # tiny's own --eval_size
     reference = tmp_path / "reference"
     launch(_with_output(args, reference), num_processes=2)

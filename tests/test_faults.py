@@ -21,10 +21,9 @@ from diffusers import DiffusionPipeline
 from fault_hooks import HOOKS, start_training, stop, wait_for_marker
 from hub_clients import tree_hashes
 from hub_server import HubServer
+from push_runs import PUSHED, assert_failed_cleanly, start_cli, start_pushes, wait
 from safetensors.torch import load_file
-from test_hub_push import PUSHED, assert_failed_cleanly, start_cli, start_pushes, wait
-from test_train_inprocess import tiny
-from test_train_launch import REPO, environment, launch_command
+from training_runs import REPO, assert_same_weights, environment, launch_command, tiny
 
 import hf_ddpm.training.loop as loop
 from hf_ddpm import HFDDPMPipeline
@@ -39,14 +38,6 @@ RUN = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--random_flip", 
 RECORDS = [MANIFEST_NAME, LOCK_NAME]  # what every run keeps in its output directory (sorted: dot-names first)
 CHECKPOINT_FILES = {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors", "optimizer.bin",
                     "random_states_0.pkl", "scheduler.bin"}  # fmt: skip
-
-
-def assert_same_weights(a: Path, b: Path, files=("unet/diffusion_pytorch_model.safetensors",)):
-    for name in files:
-        left, right = load_file(str(a / name)), load_file(str(b / name))
-        assert left.keys() == right.keys()
-        for key in left:
-            assert torch.equal(left[key], right[key]), f"{name}: {key} differs"
 
 
 def reset_accelerate() -> None:

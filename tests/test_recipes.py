@@ -11,7 +11,7 @@ import tomllib
 import torch
 from diffusers import UNet2DModel
 from PIL import Image
-from test_train_inprocess import tiny
+from training_runs import tiny
 
 from hf_ddpm import unet_config
 from hf_ddpm.training import parse_args, run_config, train

@@ -14,8 +14,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from hub_clients import REPO, finish, start_script
 from hub_server import HubServer
-from test_train_inprocess import tiny
-from test_train_launch import launch_command
+from training_runs import launch_command, tiny
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.hub import save_hub_pipeline

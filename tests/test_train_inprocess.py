@@ -9,30 +9,13 @@ import PIL.Image
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from training_runs import scalars, tiny
 
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.hub import HubPushError
 from hf_ddpm.training import parse_args, train
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
-
-
-def tiny(output_dir, *extra, model=("--model_config", "test-tiny")):
-    """Options of a seconds-long run: the test-tiny UNet on 8x8 digits, T = 50."""
-    return [
-        "--output_dir", str(output_dir), *model, "--resolution", "8",
-        "--ddpm_num_steps", "50", "--train_batch_size", "4", "--max_train_steps", "2", "--lr_warmup_steps", "0",
-        "--eval_size", "16", "--eval_num_images", "4", "--eval_num_timesteps", "2", "--eval_batch_size", "2",
-        "--ddpm_num_inference_steps", "4", *extra,
-    ]  # fmt: skip
-
-
-def scalars(output_dir, tag):
-    (events,) = (output_dir / "logs" / "train").glob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events))
-    accumulator.Reload()
-    return {e.step: e.value for e in accumulator.Scalars(tag)}
 
 
 def test_bf16_autocast_is_active_inside_the_unet_on_cpu(tmp_path):

@@ -6,97 +6,21 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from training_runs import REPO, TIMEOUT, environment, launch, launch_command, launch_flags, scalars, weights
 
 from hf_ddpm import HFDDPMPipeline
-
-REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 300
-
-
-def tiny(output_dir, *extra):
-    return [
-        "--output_dir", str(output_dir), "--model_config", "test-tiny", "--resolution", "8",
-        "--ddpm_num_steps", "50", "--train_batch_size", "4", "--lr_warmup_steps", "2", "--eval_size", "16",
-        "--eval_num_images", "4", "--eval_num_timesteps", "2", "--eval_batch_size", "4",
-        "--ddpm_num_inference_steps", "4", *extra,
-    ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(argv, num_processes=1):
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_cpu_threads_per_process",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    if num_processes == 1:
-        launcher += ["--cpu", "--num_processes", "1"]
-    else:  # with ACCELERATE_USE_CPU=1 (below): DDP over gloo on the CPU
-        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
-    return launcher + [str(REPO / "training" / "train.py"), *argv]
-
-
-def environment():
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        ACCELERATE_USE_CPU="1",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.pop("ACCELERATE_MIXED_PRECISION", None)
-    return env
-
-
-def launch(argv, num_processes=1) -> str:
-    result = subprocess.run(
-        launch_command(argv, num_processes),
-        cwd=REPO,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result.stdout + result.stderr
-
-
-def scalars(output_dir, tag):
-    (events,) = (Path(output_dir) / "logs" / "train").glob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events))
-    accumulator.Reload()
-    return {e.step: e.value for e in accumulator.Scalars(tag)}
 
 
 def test_a_tiny_launch_writes_a_pipeline_that_loads_and_samples(tmp_path):
     out = tmp_path / "out"
     launch(
-        tiny(
+        launch_flags(
             out,
             "--max_train_steps",
             "6",
@@ -137,7 +61,7 @@ def test_a_tiny_launch_writes_a_pipeline_that_loads_and_samples(tmp_path):
 def test_two_process_ddp_on_cpu_keeps_replicas_identical_and_only_rank_0_writes(tmp_path):
     out = tmp_path / "out"
     log = launch(
-        tiny(
+        launch_flags(
             out,
             "--max_train_steps",
             "4",
@@ -195,19 +119,15 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical_and_only_rank_0_writes(
     assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 2)).item()), abs=1e-9)
 
 
-def weights(path):
-    return load_file(str(path))
-
-
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
     steps = ["--max_train_steps", "80", "--checkpointing_steps", "10", "--gradient_accumulation_steps", "2",
              "--random_flip", "--save_images_steps", "1000"]  # fmt: skip
     reference = tmp_path / "reference"
-    launch(tiny(reference, *steps))
+    launch(launch_flags(reference, *steps))
 
     resumed = tmp_path / "resumed"
     process = subprocess.Popen(
-        launch_command(tiny(resumed, *steps)),
+        launch_command(launch_flags(resumed, *steps)),
         cwd=REPO,
         env=environment(),
         stdout=subprocess.DEVNULL,
@@ -226,7 +146,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
     assert not (resumed / "model_index.json").exists(), "killed too late: the run had finished"
     (resumed / "checkpoint-999999.tmp").mkdir()  # what a kill during a save leaves: never picked as `latest`
 
-    log = launch(tiny(resumed, *steps, "--resume_from_checkpoint", "latest"))
+    log = launch(launch_flags(resumed, *steps, "--resume_from_checkpoint", "latest"))
     step = int(re.search(r"resumed from .*checkpoint-(\d+) at optimizer step (\d+)", log).group(2))
     assert 10 <= step < 80
     assert not (resumed / "checkpoint-999999.tmp").exists()

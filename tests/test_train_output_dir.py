@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from fault_hooks import start_training, stop, wait_for_marker
 from hub_clients import tree_hashes
-from test_faults import assert_same_weights
-from test_train_inprocess import tiny
+from training_runs import assert_same_weights, tiny
 
 from hf_ddpm.training import checkpoints, parse_args, train
 from hf_ddpm.training.output_dir import LOCK_NAME, MANIFEST_NAME, OutputDirError

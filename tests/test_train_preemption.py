@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 from fault_hooks import HOOKS, start_training, wait_for_marker
-from test_faults import assert_same_weights
-from test_train_inprocess import tiny
-from test_train_launch import REPO, environment, free_port, launch_command
+from training_runs import REPO, assert_same_weights, environment, free_port, launch_command, tiny
 
 from hf_ddpm.training import checkpoints, parse_args, train
 from hf_ddpm.training.preemption import Preempted, PreemptionHandler, exit_status, parse_signals, resume_command

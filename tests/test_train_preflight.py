@@ -13,7 +13,7 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
-from test_train_launch import REPO, environment, launch_command
+from training_runs import REPO, environment, launch_command
 
 from hf_ddpm.training import main, parse_args, train
 
