@@ -174,3 +174,58 @@ def log(message: str) -> None:
     load = load_average()
     stamp = datetime.now().strftime("%H:%M:%S")
     print(f"[{stamp} load {load[0] if load else '?'}] {message}", flush=True)
+
+
+US = 1e6  # seconds → microseconds
+
+
+def sampling_cases(s: dict) -> list[tuple[str, dict]]:
+    """(model, comparison) of each sampling case in a sampling result, the large model's last."""
+    return [(s["model"], c) for c in s["comparisons"]] + (
+        [(s["large_model"]["model"], s["large_model"])] if s.get("large_model") else []
+    )
+
+
+# RESULTS.md formatting, shared by benchmarks/report.py and the benchmarks that render their own section
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def other(clock: str) -> str:
+    return "cpu" if clock == "wall" else "wall"
+
+
+def machine_line(r: dict) -> str:
+    m = r["machine"]
+    load, after = (m.get(k) or ["?"] for k in ("load_average", "load_average_after"))
+    return (
+        f"{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s); torch {m['torch']}, diffusers "
+        f"{m['diffusers']}, accelerate {m['accelerate']}; {m['date_utc']} UTC, revision {m['git_revision']}; "
+        f"load average (1 min) {load[0]} before, {after[0]} after; profile `{r['profile']}`, "
+        f"{r['wall_seconds'] / 60:.1f} min"
+    )
+
+
+def clock_note(r: dict) -> str:
+    if r["clock"] == "wall":
+        return "Verdicts and tables use wall-clock time (the machine was quiet); CPU-time ratios are the cross-check."
+    return (
+        "**The machine was loaded** (1-minute load average ≥ 1.5 before or after this benchmark, see above): tables "
+        "and verdicts use this process's CPU time, which other processes barely change; wall-clock ratios are shown "
+        "for comparison."
+    )
+
+
+def heading(title: str, r: dict, clocked: bool = True) -> list[str]:
+    return [f"## {title}", "", machine_line(r), ""] + ([clock_note(r), ""] if clocked else [])

@@ -8,80 +8,20 @@ states its headline numbers in its own words (a test checks that they are the on
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 from hf_ddpm.atomic import write_atomically
 
-from .common import RESULTS_DIR, read_json
+from .common import RESULTS_DIR, US, heading, other, pct, read_json, sampling_cases, table, verdict
 from .common import TRAINING_FLOOR as FLOOR
 from .data import markdown as data_markdown
+from .plots import plots
 from .schedulers import section as schedulers_section
 
-US = 1e6  # seconds → microseconds
 SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data", "schedulers")
 
-# ---------------------------------------------------------------------------------------------------- markdown
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
-
-
-def _at_floor(t: dict) -> bool:
-    """The training target: our fp32 loop never slower than the diffusers-style one, and within 2% (this machine's
-    noise) of the floor, the UNet step alone."""
-    m = t[t["clock"]]["speedup_vs_diffusers_fp32"]
-    ours, floor = m["hf_ddpm (defaults, fp32)"], m.get(FLOOR)
-    return ours >= 1.0 and (floor is None or ours >= 0.98 * floor)
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:+.1f}%"
-
-
-def other(clock: str) -> str:
-    return "cpu" if clock == "wall" else "wall"
-
-
-def machine_line(r: dict) -> str:
-    m = r["machine"]
-    load, after = (m.get(k) or ["?"] for k in ("load_average", "load_average_after"))
-    return (
-        f"{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s); torch {m['torch']}, diffusers "
-        f"{m['diffusers']}, accelerate {m['accelerate']}; {m['date_utc']} UTC, revision {m['git_revision']}; "
-        f"load average (1 min) {load[0]} before, {after[0]} after; profile `{r['profile']}`, "
-        f"{r['wall_seconds'] / 60:.1f} min"
-    )
-
-
-def clock_note(r: dict) -> str:
-    if r["clock"] == "wall":
-        return "Verdicts and tables use wall-clock time (the machine was quiet); CPU-time ratios are the cross-check."
-    return (
-        "**The machine was loaded** (1-minute load average ≥ 1.5 before or after this benchmark, see above): tables "
-        "and verdicts use this process's CPU time, which other processes barely change; wall-clock ratios are shown "
-        "for comparison."
-    )
-
-
-def heading(title: str, r: dict, clocked: bool = True) -> list[str]:
-    return [f"## {title}", "", machine_line(r), ""] + ([clock_note(r), ""] if clocked else [])
-
-
 # ---------------------------------------------------------------------------------------------------- sampling
-
-
-def sampling_cases(s: dict) -> list[tuple[str, dict]]:
-    return [(s["model"], c) for c in s["comparisons"]] + (
-        [(s["large_model"]["model"], s["large_model"])] if s.get("large_model") else []
-    )
 
 
 def sampling_targets(s: dict) -> tuple[bool | None, bool]:
@@ -176,6 +116,14 @@ def sampling_section(s: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+
+
+def _at_floor(t: dict) -> bool:
+    """The training target: our fp32 loop never slower than the diffusers-style one, and within 2% (this machine's
+    noise) of the floor, the UNet step alone."""
+    m = t[t["clock"]]["speedup_vs_diffusers_fp32"]
+    ours, floor = m["hf_ddpm (defaults, fp32)"], m.get(FLOOR)
+    return ours >= 1.0 and (floor is None or ours >= 0.98 * floor)
 
 
 def training_section(t: dict) -> str:
@@ -398,70 +346,6 @@ def summary_section(results: dict) -> str:
     m = next(iter(v for v in results.values() if v))["machine"]
     return "\n".join(["## Summary", "", f"{m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, diffusers "
                       f"{m['diffusers']}.", "", table(["measure", "target", "measured", "verdict"], rows)])  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------- plots
-
-
-def plots(results: dict, results_dir: str) -> list[str]:
-    """PNG plots (matplotlib, the `bench` extra): sampling cost per step, training throughput, FID vs steps."""
-    if importlib.util.find_spec("matplotlib") is None:  # keep the plots an earlier run drew from these files
-        print("matplotlib is not installed (pip install -e '.[bench]'): plots not redrawn", file=sys.stderr)
-        names = ("sampling.png", "training.png", "quality_fid.png")
-        return [n for n in names if os.path.isfile(os.path.join(results_dir, n))]
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    def save(fig, name: str) -> str:
-        fig.tight_layout()
-        fig.savefig(os.path.join(results_dir, name), dpi=110)
-        plt.close(fig)
-        return name
-
-    written = []
-    s, t, q = (results.get(k) for k in ("sampling", "training", "quality"))
-    if s:
-        cases, clock = sampling_cases(s), s["clock"]
-        fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
-        for ax, (model, c) in zip(axes[0], cases):
-            per = c[clock]["seconds_per_image_step"]
-            keys = ("unet_floor", "hf_ddpm", "diffusers")
-            ax.bar(keys, [per[k]["median"] * US for k in keys], yerr=[per[k]["iqr"] * US / 2 for k in keys],
-                   color=["#999999", "#1f77b4", "#ff7f0e"], capsize=3)  # fmt: skip
-            ax.set_title(f"{model}\nbatch {c['batch']}, {c['steps']} steps", fontsize=9)
-            ax.set_ylabel(f"µs per image per step ({clock} clock)")
-        written.append(save(fig, "sampling.png"))
-    if t:
-        items = list(t[t["clock"]]["images_per_second"].items())
-        fig, ax = plt.subplots(figsize=(7, 0.5 * len(items) + 1.5))
-        colors = ["#1f77b4" if n.startswith("hf_ddpm") else "#999999" if n.startswith("floor") else "#ff7f0e"
-                  for n, _ in items]  # fmt: skip
-        ax.barh([n for n, _ in items], [v["median"] for _, v in items], xerr=[v["iqr"] / 2 for _, v in items],
-                color=colors, capsize=3)  # fmt: skip
-        ax.invert_yaxis()
-        ax.set_xlabel(f"images/s ({t['model']}, batch {t['batch']}; {t['clock']} clock)")
-        written.append(save(fig, "training.png"))
-    d = q["datasets"][0] if q else {}
-    if "fid" in d:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        series: dict[str, list] = {}
-        for row in d["fid"]["sets"]:
-            series.setdefault(f"{row['model']} / {row['variance_type']}", []).append(row)
-        for i, (label, rows) in enumerate(series.items()):
-            rows.sort(key=lambda r: r["steps"])
-            shift = 1.06 ** (i - (len(series) - 1) / 2)  # side by side where series share a step count
-            ax.errorbar([r["steps"] * shift for r in rows], [r["fid"] for r in rows],
-                        yerr=[r["bootstrap_std"] for r in rows], marker="osD^v"[i % 5], capsize=3, label=label)  # fmt: skip
-        real = d["fid"]["real_held_out"]
-        ax.axhline(real["fid"], color="gray", ls="--", label=f"real held-out images ({real['images']})")
-        ax.set_xscale("log")
-        ax.set_xlabel("sampling steps (respaced)")
-        ax.set_ylabel(f"FID ({d['fid']['samples_per_set']} samples)")
-        ax.legend(fontsize=8)
-        written.append(save(fig, "quality_fid.png"))
-    return written
 
 
 def write(results_dir: str = RESULTS_DIR) -> str:
