@@ -1,9 +1,12 @@
 """The `python -m hf_ddpm` command line: push a saved pipeline directory to the Hub, or export what a push uploads.
 
-    python -m hf_ddpm push OUTPUT_DIR --repo-id USER/NAME [--private] [--token TOKEN] [--metrics METRICS.json]
-    python -m hf_ddpm export OUTPUT_DIR DEST --repo-id USER/NAME
+    python -m hf_ddpm push OUTPUT_DIR --repo_id USER/NAME [--private] [--token TOKEN] [--metrics METRICS.json]
+    python -m hf_ddpm export OUTPUT_DIR DEST --repo_id USER/NAME
     python -m hf_ddpm evaluate MODEL [--num_timesteps K] [--num_samples N] [--metrics_out METRICS.json]
-    python -m hf_ddpm push-space --space-id USER/NAME --model-id USER/MODEL [--app-dir DIR] [--private] [--token TOKEN]
+    python -m hf_ddpm push-space --space_id USER/NAME --model_id USER/MODEL [--app_dir DIR] [--private] [--token TOKEN]
+
+Flags are spelled with underscores, as in the training script; the dash spellings (--repo-id) are read as the same
+flags (hf_ddpm/flags.py).
 
 The token defaults to HF_TOKEN or the one saved by `hf auth login` (a --token on the command line is visible to
 other users of the machine in the process list). Errors print one message, never the token, and exit with 1.
@@ -11,37 +14,37 @@ other users of the machine in the process list). Errors print one message, never
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .evaluation.run import add_arguments as add_evaluate_arguments
+from .flags import FlagParser
 from .hub import DEFAULT_TIMEOUT, HubPushError, export_hub_folder, push_to_hub
 from .model_card import DEFAULT_LICENSE
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hf_ddpm", description=__doc__.split("\n\n")[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m hf_ddpm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     push = commands.add_parser("push", help="push a saved HFDDPMPipeline directory (e.g. a training --output_dir)")
     push.add_argument("output_dir", help="the pipeline directory: model_index.json, unet/, scheduler/")
-    push.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME (NAME alone: the token owner's)")
+    push.add_argument("--repo_id", required=True, help="USER/NAME or ORG/NAME (NAME alone: the token owner's)")
 
     export = commands.add_parser("export", help="write the folder a push would upload, without any network use")
     export.add_argument("output_dir")
     export.add_argument("dest", help="a new or empty directory")
-    export.add_argument("--repo-id", required=True, help="the repo id the model card's code examples name")
+    export.add_argument("--repo_id", required=True, help="the repo id the model card's code examples name")
 
     space = commands.add_parser("push-space", help="push the Gradio demo as a Space that loads a pushed model repo")
-    space.add_argument("--space-id", "--space_id", dest="space_id", required=True, help="USER/NAME of the Space")
-    space.add_argument("--model-id", "--model_id", dest="model_id", required=True, help="the model repo (pushed)")
-    space.add_argument("--app-dir", "--app_dir", dest="app_dir", default=None, help="default: the shipped demo app")
+    space.add_argument("--space_id", required=True, help="USER/NAME of the Space")
+    space.add_argument("--model_id", required=True, help="the model repo (pushed)")
+    space.add_argument("--app_dir", default=None, help="default: the shipped demo app")
     for sub, what in ((push, "repo"), (space, "Space")):  # the same guards: hub.check_can_push, request_timeout
         sub.add_argument(
             "--private", action="store_true", help=f"create the {what} private (an existing one keeps its)"
         )
         sub.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
-        sub.add_argument("--commit-message", default=None)
+        sub.add_argument("--commit_message", default=None)
         sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
 
     evaluate = commands.add_parser("evaluate", help="bits/dim, FID, precision/recall, KID (also under accelerate)")
@@ -56,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate":
+        from .cpu import tune_process
         from .evaluation.run import evaluate
 
         try:
+            tune_process(args.num_threads)  # this program owns the process: threads and allocator for UNet work
             evaluate(args)
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
