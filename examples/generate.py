@@ -15,6 +15,7 @@ import time
 import torch
 
 from hf_ddpm import HFDDPMPipeline
+from hf_ddpm.cpu import tune_process
 from hf_ddpm.images import make_grid
 
 SCHEDULERS = {  # --scheduler -> (diffusers class name, from_config overrides); "ddpm": the pipeline's own
@@ -36,10 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", type=int, default=None, help="grid rows (default: near square)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # One CPU thread by default: beside other load, two OpenMP threads on two cores sampled 4-20x slower (README)
-    parser.add_argument("--num_threads", type=int, default=1, help="CPU threads (default: 1)")
+    # One CPU thread on small machines: beside other load, two OpenMP threads on two cores sampled 4-20x slower
+    parser.add_argument("--num_threads", type=int, default=None, help="CPU threads (default: hf_ddpm.cpu's policy)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.num_threads)
+    tune_process(args.num_threads)  # this script owns the process: threads and glibc's allocator for UNet work
 
     pipe = HFDDPMPipeline.from_pretrained(args.model).to(args.device)
     class_name, overrides = SCHEDULERS[args.scheduler]

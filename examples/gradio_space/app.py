@@ -385,7 +385,12 @@ def main(argv=None) -> None:
     parser.add_argument("--num_threads", type=int, default=int(os.environ.get("HF_DDPM_NUM_THREADS", "1")),
                         help="CPU threads for sampling (default: $HF_DDPM_NUM_THREADS, else 1)")  # fmt: skip
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.num_threads)
+    try:  # this app owns the process: threads and glibc's allocator for UNet work (hf_ddpm/cpu.py)
+        from hf_ddpm.cpu import tune_process
+    except ImportError:  # a Space without hf_ddpm: threads only
+        torch.set_num_threads(args.num_threads)
+    else:
+        tune_process(args.num_threads)
     demo = build_demo(default_model(args.model))
     if demo.model.error:
         print(f"app.py: {demo.model.error}", flush=True)  # the page shows it too

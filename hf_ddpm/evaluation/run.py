@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="images per block (bits/dim) and per shard")
     parser.add_argument("--metrics_out", default=None, help="JSON for `python -m hf_ddpm push --metrics`")
     parser.add_argument("--device", default=None, help="default: this process's accelerate device")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="CPU threads per process (default: 1 on a machine of <= 4 usable CPUs, else the CPUs "
+                             "divided among its processes; OMP_NUM_THREADS also sets it: hf_ddpm/cpu.py)")  # fmt: skip
 
 
 def data_options(args: argparse.Namespace) -> dict:
