@@ -10,7 +10,16 @@ without losing the buffer (datasets' own shuffle buffer is refilled on resume, w
 ours, whose encoded examples are saved in the checkpoint). Images are decoded in `num_workers` worker processes
 (0: in the training process), one batch ahead. An epoch is one pass over the process's part of the stream; the
 next one starts when it ends (its examples in the buffer are still drawn first), so processes need not see equal
-counts. A corrupt image is skipped (the next example takes its place) with a warning, or stops the run.
+counts. A corrupt image is skipped (the next example takes its place) with a warning, or stops the run; the warnings
+are rate-limited (the first few by name, then a count at most every WARNING_INTERVAL seconds).
+
+A source that cannot be read is not a corrupt image: a file of the stream that is missing or unreadable (a folder
+moved away, an unmounted share, revoked access), a stream that raises while it is read, a pass that yields no example,
+MAX_CONSECUTIVE_FAILURES undecodable examples in a row, or as many in a row as a whole pass holds, raise
+`StreamSourceError` naming the source: the training loop stops on it as on a preemption, with a checkpoint of its last
+optimizer step (`state_dict()` then holds the position of that step's end, so the resume reads the same batches).
+Decoding workers die with the process that started them (a parent-death signal, else a watchdog thread), so a
+trainer killed alone (the kernel's OOM killer) leaves no orphans holding the launcher's output pipes.
 
 The held-out images are the first `eval_count` examples of the dataset's own test/validation split (the train
 stream has no held-out part: its examples could not be kept out of training without reading it all first).
@@ -20,9 +29,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
+import sys
+import threading
+import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,24 +45,108 @@ import torch
 from .images import decode_image
 
 logger = logging.getLogger(__name__)
+RESUME_HINT = "Restore the source, then continue from the last checkpoint with --resume_from_checkpoint latest"
 UNKNOWN_LENGTH = 2**62
 DEFAULT_EVAL_IMAGES = 1000  # held out from the test split when --eval_size is a fraction (its length is unknown)
+# Undecodable examples in a row that stop the run: a source that returns garbage (a share serving empty files, the
+# wrong column) ends in seconds instead of skipping forever; corrupt files scattered in good data never come close.
+MAX_CONSECUTIVE_FAILURES = 100
+FIRST_WARNINGS = 3  # corrupt images named one by one; after them, one line with the count ...
+WARNING_INTERVAL = 60.0  # ... at most every this many seconds
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _ignore_signals() -> None:
+class StreamSourceError(RuntimeError):
+    """The stream's source cannot be read (vanished, unreadable, or nothing in it decodes). The training loop
+    catches it at a batch fetch and stops as on a preemption: a checkpoint of its last optimizer step, then this
+    message and the resume command. `source`: the stream's description; `path`: the file that failed, if one did."""
+
+    def __init__(self, message: str, source: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.source, self.path = source, path
+
+
+class Failure(NamedTuple):
+    """Why an example gave no image: `unreadable` (its file could not be read: the source, not the image) or not
+    (the bytes are not a decodable image); `message` says what the reader raised."""
+
+    unreadable: bool
+    message: str
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)  # the parent died: nothing of ours is left to decode for
+
+
+def _init_worker(parent_pid: int) -> None:
     """A decoding worker ignores the signals the training process checkpoints on (a Ctrl-C reaches the whole
-    process group): a worker killed by one would break the pool before the trainer's checkpoint."""
+    process group: a worker killed by one would break the pool before the trainer's checkpoint), and dies with the
+    process that started it: a SIGKILLed trainer (the kernel's OOM killer) would otherwise leave the workers, and the
+    resource tracker they keep alive, holding the launcher's stdout/stderr pipes open, so `accelerate launch` never
+    exits. Linux: the kernel's parent-death signal; elsewhere a thread that polls the parent's pid."""
     for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
 
 
-def decode_example(value, resolution: int, channels: int) -> np.ndarray | None:
-    """(C, R, R) uint8 for one encoded image, or None when it does not decode."""
+def _read_bytes(path: str) -> bytes:
+    if "://" in path:  # a remote file of a Hub stream (hf://, https://): datasets' reader
+        from datasets.utils.file_utils import xopen
+
+        with xopen(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def decode_example(value, resolution: int, channels: int) -> np.ndarray | Failure:
+    """(C, R, R) uint8 for one encoded image, or the Failure that says why there is none: the file could not be
+    read (missing, no permission, I/O error), or its bytes do not decode."""
+    if value.get("bytes") is None and value.get("path"):
+        try:
+            value = {"bytes": _read_bytes(value["path"]), "path": value["path"]}
+        except OSError as err:
+            return Failure(True, f"{type(err).__name__}: {err.strerror or err}")
     try:
         arr, _ = decode_image(value, resolution, channels, None)
-    except Exception:  # Pillow's plugins raise OSError, ValueError, SyntaxError, struct.error, ...
-        return None
+    except Exception as err:  # Pillow's plugins raise OSError, ValueError, SyntaxError, struct.error, ...
+        return Failure(False, f"{type(err).__name__}: {err}")
     return np.broadcast_to(arr, (channels, resolution, resolution))
+
+
+class _SkipLog:
+    """Warnings for skipped corrupt images: the first FIRST_WARNINGS by name, then one line with the count at most
+    every WARNING_INTERVAL seconds (a stream of bad files must not flood the log)."""
+
+    def __init__(self):
+        self.total, self.unsaid, self.last_said = 0, 0, 0.0
+
+    def skipped(self, name: str, why: str) -> None:
+        self.total += 1
+        now = time.monotonic()
+        if self.total <= FIRST_WARNINGS:
+            more = "; further ones are counted, not named" if self.total == FIRST_WARNINGS else ""
+            logger.warning("skipped corrupt image %s of the stream (%s)%s", name, why, more)
+            self.last_said = now
+        elif now - self.last_said >= WARNING_INTERVAL:
+            logger.warning(
+                "skipped %d more corrupt images of the stream (%d in all; the latest %s: %s)",
+                self.unsaid + 1, self.total, name, why,
+            )  # fmt: skip
+            self.unsaid, self.last_said = 0, now
+        else:
+            self.unsaid += 1
 
 
 def prepare_stream(stream, column: str):
@@ -64,7 +163,7 @@ def first_images(stream, column: str, count: int, resolution: int, channels: int
         if len(out) == count:
             break
         arr = decode_example(example[column], resolution, channels)
-        if arr is not None:
+        if isinstance(arr, np.ndarray):
             out.append(arr)
     return (
         torch.from_numpy(np.stack(out))
@@ -77,8 +176,12 @@ class StreamingBatches:
     """The uint8 batch (B, C, R, R) of this process at each micro-step, in order, from a stream; checkpointable."""
 
     def __init__(self, make_stream, column, *, batch_size, num_processes, process_index, seed, buffer_size,
-                 num_workers, resolution, channels, skip_corrupt, device, num_examples=None):  # fmt: skip
+                 num_workers, resolution, channels, skip_corrupt, device, num_examples=None, source=None,
+                 accumulation_steps=1):  # fmt: skip
         self._make_stream, self.column = make_stream, column  # make_stream(): a fresh stream of the whole split
+        self.source = source or "the stream"  # for messages: the folder, files or dataset id
+        # the position kept for a checkpoint when the source fails is the end of the last optimizer step
+        self.accumulation_steps = accumulation_steps
         self.batch_size, self.num_processes, self.process_index = batch_size, num_processes, process_index
         self.seed, self.buffer_size = seed, buffer_size
         self.resolution, self.channels, self.skip_corrupt, self.device = resolution, channels, skip_corrupt, device
@@ -89,7 +192,7 @@ class StreamingBatches:
         self._pool, self._workers = None, num_workers
         if num_workers:  # the workers leave the signals of preemption (SIGINT, SIGTERM, SIGUSR1) to the trainer
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                num_workers, mp_context=ctx, initializer=_ignore_signals
+                num_workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
             )
         self._restore({"epoch": 0, "stream": None, "buffer": [], "rng": None, "exhausted": False, "micro_step": 0})
 
@@ -101,7 +204,13 @@ class StreamingBatches:
         self._open(state["stream"])
         self._next_step = state["micro_step"]
         self._handed_out = state  # the position after the last batch handed out
+        self._at_boundary = state  # ... and after the last one of an optimizer step
         self._pending = None  # (micro_step, future or arrays, state after it)
+        self._failed = None  # a StreamSourceError met while reading ahead, raised when its batch is asked for
+        self._in_a_row = 0  # undecodable examples since the last decoded one
+        self._taken, self._pass_size = 0, None  # examples of this pass so far; of the last whole pass
+        self._whole_pass = state["stream"] is None  # this pass started at its beginning: its count is its size
+        self._skips = getattr(self, "_skips", None) or _SkipLog()
 
     def _open(self, stream_state) -> None:
         from datasets.distributed import split_dataset_by_node
@@ -119,16 +228,53 @@ class StreamingBatches:
             while not self._exhausted and len(self._buffer) < self.buffer_size:
                 try:
                     self._buffer.append(next(self._iterator)[self.column])
+                    self._taken += 1
                 except StopIteration:
                     self._exhausted = True
+                    if self._whole_pass:
+                        self._pass_size = self._taken
+                    self._taken, self._whole_pass = 0, True
+                except Exception as err:  # the reader of a file or connection: the source, not an image
+                    raise StreamSourceError(
+                        f"the stream {self.source} failed while it was read ({type(err).__name__}: {err}): the "
+                        f"source vanished or cannot be read (a moved folder, an unmounted share, a lost connection)."
+                        f" {RESUME_HINT}", self.source,
+                    ) from err  # fmt: skip
             if self._buffer:
                 i = int(self._rng.integers(len(self._buffer)))
                 self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
                 return self._buffer.pop()
             if fresh:
-                raise ValueError(f"process {self.process_index}'s part of the stream holds no example")
+                raise StreamSourceError(
+                    f"process {self.process_index}'s part of the stream {self.source} holds no example: the source "
+                    f"is empty or vanished. {RESUME_HINT}", self.source,
+                )  # fmt: skip
             self._epoch, self._exhausted, fresh = self._epoch + 1, False, True
             self._open(None)
+
+    def _failed_example(self, value, failure: Failure) -> None:
+        """Skip an example that gave no image (with a rate-limited warning), or raise: StreamSourceError for an
+        unreadable file or a run of failures no corrupt file explains, ValueError with --on_corrupt_image stop."""
+        name = value.get("path") or "an image"
+        if failure.unreadable:
+            raise StreamSourceError(
+                f"cannot read {name} of the stream {self.source} ({failure.message}): the source vanished or is "
+                f"unreadable (a moved folder, an unmounted share, changed permissions), which is not a corrupt "
+                f"image. {RESUME_HINT}", self.source, name,
+            )  # fmt: skip
+        if not self.skip_corrupt:
+            raise ValueError(f"cannot decode image {name} of the stream ({failure.message}; --on_corrupt_image "
+                             "skip skips it)")  # fmt: skip
+        self._in_a_row += 1
+        limit = min(MAX_CONSECUTIVE_FAILURES, self._pass_size or MAX_CONSECUTIVE_FAILURES)
+        if self._in_a_row >= limit:
+            what = "a whole pass over it" if limit == self._pass_size else f"{limit} in a row"
+            raise StreamSourceError(
+                f"no image of the stream {self.source} decodes: {self._in_a_row} examples failed in a row ({what}; "
+                f"the latest {name}: {failure.message}). The source is not images, or it is damaged: check it. "
+                f"{RESUME_HINT}", self.source, name,
+            )  # fmt: skip
+        self._skips.skipped(name, failure.message)
 
     def _state(self, micro_step: int) -> dict:
         return {"epoch": self._epoch, "stream": copy.deepcopy(self._stream.state_dict()),
@@ -151,22 +297,31 @@ class StreamingBatches:
                 f"streaming batches come in order: micro-step {micro_step} asked, {self._next_step} is next "
                 "(resume from a checkpoint of this run, with the same --train_batch_size and processes)"
             )
-        if self._pending is None or self._pending[0] != micro_step:
-            self._submit(micro_step)
-        _, decoded, values, state = self._pending
-        arrays = list(decoded)
-        for i, arr in enumerate(arrays):
-            while arr is None:  # a corrupt image: the next example takes its place
-                name = values[i].get("path") or "an image"
-                if not self.skip_corrupt:
-                    raise ValueError(f"cannot decode image {name} of the stream (--on_corrupt_image skip skips it)")
-                logger.warning("skipped corrupt image %s of the stream", name)
-                values[i] = self._take()
-                arr = decode_example(values[i], self.resolution, self.channels)
-                state = self._state(micro_step + 1)
-            arrays[i] = arr
+        try:
+            if self._failed is not None:
+                raise self._failed
+            if self._pending is None or self._pending[0] != micro_step:
+                self._submit(micro_step)
+            _, decoded, values, state = self._pending
+            arrays = list(decoded)
+            for i, arr in enumerate(arrays):
+                while not isinstance(arr, np.ndarray):  # a corrupt image: the next example takes its place
+                    self._failed_example(values[i], arr)
+                    values[i] = self._take()
+                    arr = decode_example(values[i], self.resolution, self.channels)
+                    state = self._state(micro_step + 1)
+                self._in_a_row = 0
+                arrays[i] = arr
+        except StreamSourceError:
+            self._handed_out = self._at_boundary  # a checkpoint now holds the end of the last optimizer step
+            raise
         self._handed_out, self._next_step = state, micro_step + 1
-        self._submit(micro_step + 1)  # decoded in the workers while this batch trains
+        if (micro_step + 1) % self.accumulation_steps == 0:
+            self._at_boundary = state
+        try:
+            self._submit(micro_step + 1)  # decoded in the workers while this batch trains
+        except StreamSourceError as err:  # this batch is whole: train on it, and stop at the next
+            self._failed, self._pending = err, None
         return torch.from_numpy(np.stack(arrays)).to(self.device)
 
     def state_dict(self) -> dict:

@@ -1,0 +1,201 @@
+"""--streaming under faults: a source that vanishes, a source whose every example is garbage, a trainer killed alone.
+
+A vanished source is not a corrupt image: the run ends in seconds with one line naming the source and the fix
+(`StreamSourceError`), instead of skipping "corrupt" images epoch after epoch; corrupt images among good ones are
+skipped with rate-limited warnings; the decoding workers die with their trainer, so `accelerate launch` exits at once
+when the trainer alone is SIGKILLed (the kernel's OOM killer) and leaves no process behind. Real processes, real
+signals, a real folder moved away; time bounds are generous (these machines are loaded)."""
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from PIL import Image
+from training_runs import REPO, environment, launch_command, launch_flags
+
+import hf_ddpm.data.streaming as streaming
+from hf_ddpm.data.streaming import StreamingBatches, StreamSourceError, open_streaming
+
+
+def write_folder(folder, n, corrupt=()):
+    """n solid 10x10 RGB images; image i has colour (i, 255 - i, 9); the names in `corrupt` hold garbage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (10, 10), (i, 255 - i, 9)).save(folder / f"{i:04d}.png")
+    for name in corrupt:
+        (folder / name).write_bytes(b"not an image at all")
+    return str(folder)
+
+
+def batches(folder, workers=0, batch=4, accumulation=1):
+    make_stream, column, info, _, source = open_streaming(train_data_dir=folder, resolution=4, eval_size=0, channels=3)
+    return StreamingBatches(
+        make_stream, column, batch_size=batch, num_processes=1, process_index=0, seed=0, buffer_size=8,
+        num_workers=workers, resolution=4, channels=3, skip_corrupt=True, device="cpu", source=source,
+        accumulation_steps=accumulation,
+    )  # fmt: skip
+
+
+def test_a_vanished_folder_raises_naming_it_and_keeps_the_position_of_the_last_optimizer_step(tmp_path):
+    folder = write_folder(tmp_path / "f", 40)
+    b = batches(folder, accumulation=2)
+    for step in range(4):  # optimizer steps 1 and 2 (two micro-steps each)
+        b.batch(step)
+    os.rename(folder, tmp_path / "moved")
+    b.batch(4)  # decoded ahead, before the move: the first micro-step of step 3 trains
+    with pytest.raises(
+        StreamSourceError, match=r"cannot read .*/f/\d{4}\.png of the stream .*/f \(FileNotFoundError"
+    ) as e:
+        b.batch(5)
+    assert "not a corrupt image" in str(e.value) and "--resume_from_checkpoint latest" in str(e.value)
+    assert e.value.source == folder and e.value.path.startswith(folder)
+    assert b.state_dict()["processes"][0]["micro_step"] == 4  # the end of optimizer step 2, not micro-step 4's
+
+    os.rename(tmp_path / "moved", folder)  # restored: a resume from that position reads on
+    resumed = batches(folder, accumulation=2)
+    resumed.load_state_dict(b.state_dict())
+    reference = batches(folder, accumulation=2)
+    expected = [reference.batch(step) for step in range(8)]
+    assert all(torch.equal(resumed.batch(step), expected[step]) for step in range(4, 8))
+
+
+def test_corrupt_images_are_skipped_with_a_few_named_warnings_then_a_count(tmp_path, caplog, monkeypatch):
+    folder = write_folder(tmp_path / "f", 30, corrupt=[f"bad{i}.png" for i in range(10)])
+    monkeypatch.setattr(streaming, "WARNING_INTERVAL", 0.0)  # the count line at once instead of after a minute
+    b = batches(folder)
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.data.streaming"):
+        seen = [b.batch(step) for step in range(15)]  # 60 images: two passes, 20 corrupt files met
+    assert all(batch.shape == (4, 3, 4, 4) and (batch[:, 2] == 9).all() for batch in seen)  # only good images
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped corrupt image")]
+    counted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ") and " more " in r.getMessage()]  # fmt: skip
+    assert len(named) == streaming.FIRST_WARNINGS and "counted, not named" in named[-1]
+    assert counted and all("in all; the latest" in m and "bad" in m for m in counted)
+    assert b._skips.total >= 15  # every corrupt file of the passes read, counted
+
+    monkeypatch.setattr(streaming, "WARNING_INTERVAL", 3600.0)
+    caplog.clear()
+    quiet = batches(folder)
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.data.streaming"):
+        for step in range(15):
+            quiet.batch(step)
+    assert len(caplog.records) == streaming.FIRST_WARNINGS  # within the interval: no more lines, only the count
+
+
+def test_a_stream_where_nothing_decodes_stops_after_a_pass_or_a_run_of_failures(tmp_path, monkeypatch):
+    folder = tmp_path / "f"
+    write_folder(folder, 1)
+    for i in range(12):
+        (folder / f"{i:04d}.png").write_bytes(b"garbage")  # every image damaged (one written over)
+    b = batches(str(folder))
+    started = time.monotonic()
+    with pytest.raises(StreamSourceError, match=r"no image of the stream .* decodes: 12 examples failed in a row "
+                                                r"\(a whole pass over it; the latest .*\.png: UnidentifiedImageError"):  # fmt: skip
+        for step in range(1000):
+            b.batch(step)
+    assert time.monotonic() - started < 10
+    monkeypatch.setattr(streaming, "MAX_CONSECUTIVE_FAILURES", 5)
+    with pytest.raises(StreamSourceError, match=r"5 examples failed in a row \(5 in a row"):
+        batches(str(folder)).batch(0)
+
+
+def test_decoding_workers_die_with_the_process_that_started_them(tmp_path):
+    folder = write_folder(tmp_path / "f", 20)
+    script = (
+        "import sys\n"
+        "from hf_ddpm.data.streaming import StreamingBatches, open_streaming\n"
+        "if __name__ == '__main__':\n"
+        "    m, c, _, _, s = open_streaming(train_data_dir=sys.argv[1], resolution=4, eval_size=0)\n"
+        "    b = StreamingBatches(m, c, batch_size=4, num_processes=1, process_index=0, seed=0, buffer_size=8,\n"
+        "                         num_workers=2, resolution=4, channels=3, skip_corrupt=True, device='cpu')\n"
+        "    b.batch(0)\n"
+        "    print('ready', flush=True)\n"
+        "    import time; time.sleep(600)\n"
+    )  # fmt: skip
+    (tmp_path / "decode.py").write_text(script)  # a file: spawned workers import the main module by its path
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "decode.py"), folder], cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    family = []
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 2  # the two workers (and the resource tracker)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)  # EOF on both pipes: no child holds them any more
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"orphaned: {[p.cmdline() for p in alive]}"
+    finally:
+        proc.kill()
+        for p in family:  # a failed test leaves no orphans behind either
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
+def _launch(tmp_path, folder, *extra):
+    argv = launch_flags(tmp_path / "out", "--streaming", "--train_data_dir", folder, "--dataloader_num_workers", "2",
+                        "--max_train_steps", "100000", "--checkpointing_steps", "4", "--save_images_steps", "100000",
+                        "--shuffle_buffer_size", "16", *extra)  # fmt: skip
+    return subprocess.Popen(launch_command(argv), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout} s"
+        time.sleep(0.05)
+
+
+def _kill_family(proc, family=()):
+    if proc.poll() is None:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True), *family]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow  # a launched streaming run: about 30 s
+def test_a_folder_moved_away_mid_stream_ends_the_run_in_seconds_naming_it(tmp_path):
+    folder = write_folder(tmp_path / "data", 64)
+    proc = _launch(tmp_path, folder)
+    try:
+        _wait_for(tmp_path / "out" / "checkpoint-4", proc)
+        os.rename(folder, tmp_path / "unmounted")  # as an unmounted share
+        moved = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        _kill_family(proc)
+    took = time.monotonic() - moved
+    log = (stdout + stderr).decode(errors="replace")
+    assert proc.returncode != 0 and took < 60, (took, log[-3000:])
+    assert f"of the stream {folder} (FileNotFoundError" in log and "--resume_from_checkpoint latest" in log
+    assert log.count("skipped corrupt image") == 0 and len(log) < 200_000  # no flood of "corrupt" images
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()  # what was written before stays
+
+
+@pytest.mark.slow  # a launched streaming run: about 30 s
+def test_sigkill_of_the_trainer_alone_ends_accelerate_launch_at_once_with_no_orphans(tmp_path):
+    folder = write_folder(tmp_path / "data", 64)
+    proc, family = _launch(tmp_path, folder), []
+    try:
+        _wait_for(tmp_path / "out" / "checkpoint-4", proc)
+        (trainer,) = [p for p in psutil.Process(proc.pid).children() if "train.py" in " ".join(p.cmdline())]
+        family = trainer.children(recursive=True)
+        assert len(family) >= 2, [p.cmdline() for p in family]  # two decoding workers (and the resource tracker)
+        trainer.send_signal(signal.SIGKILL)  # the OOM killer's way: the trainer alone
+        killed = time.monotonic()
+        proc.communicate(timeout=120)  # the launcher exits and no one holds its output pipes
+        took = time.monotonic() - killed
+        gone, alive = psutil.wait_procs(family, timeout=30)
+    finally:
+        _kill_family(proc, family)
+    assert proc.returncode != 0 and took < 60, took
+    assert not alive, f"orphaned: {[p.cmdline() for p in alive]}"
