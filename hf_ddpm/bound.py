@@ -21,6 +21,7 @@ variance is estimated by collapsing the strata in adjacent pairs (a trailing thr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,25 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .gaussians import nats_to_bits_per_dim
 from .schedules import check_positive_int
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_counter(progress_bar: Callable | None, total: int):
+    """A bar counting `total` units of work with `update(n)`: `progress_bar(total=...)` as diffusers' pipelines make
+    it (`DiffusionPipeline.progress_bar`, which `set_progress_bar_config(disable=True)` silences), or nothing."""
+    if progress_bar is None:
+        yield _Silent()
+        return
+    bar = progress_bar(total=total)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def proposal(num_terms: int) -> torch.Tensor:
@@ -82,6 +102,9 @@ class BoundOutput(BaseOutput):
         K = 1. Exact bound: NaN, not 0, because it is not free of sampling error: each of its T KL terms is taken at one
         draw x_t ~ q(x_t | x_0), and one draw per term gives no estimate of that error (repeat with other generator
         seeds to measure it).
+    distortion: exact bound with `distortion=True`: (N, T), column t the RMSE of x̂_0 predicted from that term's x_t
+        (clipped as the scheduler's config says, as DDPM's evaluation code does) against x_0, on the [0, 255] scale:
+        the distortion of progressive coding (DDPM section 4.3, Fig. 5); else None.
     weights: Monte Carlo: (N, K) the weight 1 / (K p(t)) of each sampled term, so that bits_per_dim = prior_bpd +
         decoder_bpd + Σ_k weights · terms_bpd (see stratified_draws); exact: ones (N, T).
     """
@@ -93,6 +116,7 @@ class BoundOutput(BaseOutput):
     timesteps: torch.Tensor
     standard_error: torch.Tensor
     weights: torch.Tensor
+    distortion: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -103,6 +127,8 @@ def variational_bound(
     num_timesteps: int | None = None,
     batch_size: int = 64,
     generator: torch.Generator | None = None,
+    distortion: bool = False,
+    progress_bar: Callable | None = None,
 ) -> BoundOutput:
     """DDPM's bound (eq. 5) on data x_start (N, C, H, W) in [-1, 1] under the model `model_fn(x_t, t) -> output`.
 
@@ -110,13 +136,16 @@ def variational_bound(
     num_timesteps=K: L_T + L_0 + Σ_k L_{t_k - 1} / (K p(t_k)), t_k stratified draws from p on {1 .. T-1}: an
     unbiased estimate of the same bound, with a standard error that can only overstate its spread (see
     the module docstring for p and the strata). The model runs on `batch_size` (image, t) pairs at a time; the
-    terms are computed in float64.
+    terms are computed in float64. distortion=True (exact bound only) also returns each term's x̂_0 error (see
+    BoundOutput.distortion), from the same model evaluations. progress_bar: see `progress_counter`.
     """
     if num_timesteps is not None and (
         isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1
     ):
         raise ValueError(f"num_timesteps must be None (exact bound) or an integer >= 1, got {num_timesteps!r}")
     check_positive_int(batch_size, "batch_size")
+    if distortion and num_timesteps is not None:
+        raise ValueError(f"distortion=True needs the exact bound (num_timesteps=None), got {num_timesteps}")
     num_images, num_dims = x_start.shape[0], x_start[0].numel()
     num_train = scheduler.config.num_train_timesteps
     device = x_start.device
@@ -132,17 +161,23 @@ def variational_bound(
             weights = torch.zeros(num_images, 0, dtype=torch.float64)
         timesteps = torch.cat([torch.zeros(num_images, 1, dtype=torch.long), sampled], dim=1)
     terms = torch.zeros(timesteps.shape, dtype=torch.float64, device=device)
+    errors = torch.zeros(timesteps.shape, dtype=torch.float64, device=device) if distortion else None
 
     image_index = torch.arange(num_images).repeat_interleave(timesteps.shape[1])
     flat_t = timesteps.reshape(-1)
-    for start in range(0, len(flat_t), batch_size):
-        n, t = image_index[start : start + batch_size], flat_t[start : start + batch_size]
-        x0 = x_start[n.to(device)]
-        noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=torch.float32).to(torch.float64)
-        x_t = scheduler.add_noise(x0, noise, t)  # x_t ~ q(x_t | x_0), DDPM eq. 4
-        output = model_fn(x_t.to(torch.float32), t.to(device)).to(torch.float64)
-        term = scheduler.bound_terms(output, x0, x_t, t).flatten(1).sum(dim=1)
-        terms.view(-1)[start : start + len(t)] = term
+    with progress_counter(progress_bar, len(flat_t)) as bar:
+        for start in range(0, len(flat_t), batch_size):
+            n, t = image_index[start : start + batch_size], flat_t[start : start + batch_size]
+            x0 = x_start[n.to(device)]
+            noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=torch.float32).to(torch.float64)
+            x_t = scheduler.add_noise(x0, noise, t)  # x_t ~ q(x_t | x_0), DDPM eq. 4
+            output = model_fn(x_t.to(torch.float32), t.to(device)).to(torch.float64)
+            term = scheduler.bound_terms(output, x0, x_t, t).flatten(1).sum(dim=1)
+            terms.view(-1)[start : start + len(t)] = term
+            if errors is not None:  # RMSE of x̂_0 on [0, 255]: 127.5 per unit of the [-1, 1] scale
+                x0_hat = scheduler.p_mean_variance(output, x_t, t)[2]
+                errors.view(-1)[start : start + len(t)] = 127.5 * (x0_hat - x0).pow(2).flatten(1).mean(1).sqrt()
+            bar.update(len(t))
 
     prior = scheduler.prior_kl(x_start).flatten(1).sum(dim=1)  # L_T
     decoder, kl = terms[:, 0], terms[:, 1:]
@@ -168,4 +203,5 @@ def variational_bound(
         timesteps=timesteps_out,
         standard_error=bpd(standard_error),
         weights=weights,
+        distortion=errors,
     )
