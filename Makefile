@@ -42,9 +42,10 @@ demo: venv
 		training/train.py --output_dir outputs/demo --overwrite_output_dir --eval_batch_size 64 --save_images_epochs 30
 	@echo "samples: outputs/demo/samples.png; pipeline: HFDDPMPipeline.from_pretrained(\"outputs/demo\")"
 
-# Benchmarks against diffusers on this machine (benchmarks/run.py): sampling, training, quality (bits/dim, FID) and,
-# where CUDA is available, the GPU section; writes benchmarks/results/ (JSON, RESULTS.md, plots). About an hour
-# on two CPU cores; `make bench BENCH_ARGS=--quick` takes a few minutes.
+# Benchmarks against diffusers on this machine (benchmarks/run.py): sampling, training, quality (bits/dim, FID), FID
+# against model evaluations per scheduler, evaluation throughput, the data path, the allocator's CPU floor and,
+# where CUDA is available, the GPU section; writes benchmarks/results/ (JSON, RESULTS.md, plots). About two hours
+# on two CPU cores; `make bench BENCH_ARGS=--quick` takes well under an hour.
 BENCH_STAMP := $(VENV)/bench.stamp
 BENCH_ARGS  ?=
 

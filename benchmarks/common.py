@@ -20,6 +20,9 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TRAINING_FLOOR = "floor: the UNet step alone (fp32)"  # the training benchmark's row with nothing but the model's work
+# the schedulers benchmark's target: a diffusers scheduler at <= 25 model evaluations within 10% of the 1000-step
+# ancestral FID
+FAST_EVALUATIONS, FAST_FID_RATIO = 25, 0.10
 
 
 def cpu_model() -> str:
@@ -189,8 +192,10 @@ def sampling_cases(s: dict) -> list[tuple[str, dict]]:
 # RESULTS.md formatting, shared by benchmarks/report.py and the benchmarks that render their own section
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+def table(headers: list[str], rows: list[list], numeric: bool = False) -> str:
+    """A Markdown table; `numeric`: the columns after the first right-aligned."""
+    rule = ["---"] + ["---:" if numeric else "---"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 

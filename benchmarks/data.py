@@ -197,29 +197,5 @@ def run(profile: str = "full") -> dict:
     return result
 
 
-def markdown(d: dict) -> str:
-    """The RESULTS.md section of a data.json."""
-    lines = ["## Data path", "", f"Images/s delivered to the training step as float input (batch {d['batch']}; "
-             "median over rounds; no model). Workers: DataLoader / decoding processes.", ""]  # fmt: skip
-    diffusers = d["throughput"].get("32", {})
-    base = {k.split("(")[1]: v["median"] for k, v in diffusers.items() if k.startswith("diffusers")}
-    lines += ["| resolution | path | images/s | vs diffusers example (same workers) |", "|---|---|---|---|"]
-    for res, rows in d["throughput"].items():
-        for name, s in rows.items():
-            workers = name.split("(")[1]
-            theirs = base.get(workers) if res == "32" and not name.startswith("diffusers") else None
-            vs = f"{s['median'] / theirs:.1f}x" if theirs else ""
-            lines.append(f"| {res}² | {name} | {s['median']:.0f} | {vs} |")
-    if d["step_consumption"]:
-        lines += ["", "What one fp32 training step consumes on this CPU (images/s): " + "; ".join(
-            f"{k}: {v:.3g}" for k, v in d["step_consumption"].items())]  # fmt: skip
-    lines += ["", "Start-up (a fresh process to its first batch) and memory against size, 32² images:", "",
-              "| images | run | seconds | peak RSS (MB) | RssAnon at first batch (MB) |", "|---|---|---|---|---|"]  # fmt: skip
-    for n, runs in d["startup"].items():
-        for name, s in runs.items():
-            lines.append(f"| {n} | {name} | {s['seconds']:.1f} | {s['peak_rss_mb']:.0f} | {s['rss_anon_mb']:.0f} |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
     print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "quick"), indent=2))

@@ -13,13 +13,12 @@ import sys
 
 from hf_ddpm.atomic import write_atomically
 
+from . import common
 from .common import RESULTS_DIR, US, heading, other, pct, read_json, sampling_cases, table, verdict
 from .common import TRAINING_FLOOR as FLOOR
-from .data import markdown as data_markdown
 from .plots import plots
-from .schedulers import section as schedulers_section
 
-SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data", "schedulers")
+SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data", "schedulers", "allocator")
 
 # ---------------------------------------------------------------------------------------------------- sampling
 
@@ -293,6 +292,106 @@ def evaluation_section(e: dict) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def data_section(d: dict) -> str:
+    lines = ["## Data path", "", f"Images/s delivered to the training step as float input (batch {d['batch']}; "
+             "median over rounds; no model). Workers: DataLoader / decoding processes.", ""]  # fmt: skip
+    diffusers = d["throughput"].get("32", {})
+    base = {k.split("(")[1]: v["median"] for k, v in diffusers.items() if k.startswith("diffusers")}
+    rows = []
+    for res, paths in d["throughput"].items():
+        for name, s in paths.items():
+            theirs = base.get(name.split("(")[1]) if res == "32" and not name.startswith("diffusers") else None
+            rows.append([f"{res}²", name, f"{s['median']:.0f}", f"{s['median'] / theirs:.1f}x" if theirs else ""])
+    lines.append(table(["resolution", "path", "images/s", "vs diffusers example (same workers)"], rows))
+    if d["step_consumption"]:
+        lines += ["", "What one fp32 training step consumes on this CPU (images/s): " + "; ".join(
+            f"{k}: {v:.3g}" for k, v in d["step_consumption"].items())]  # fmt: skip
+    rows = [[n, name, f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:.0f}", f"{s['rss_anon_mb']:.0f}"]
+            for n, runs in d["startup"].items() for name, s in runs.items()]  # fmt: skip
+    lines += ["", "Start-up (a fresh process to its first batch) and memory against size, 32² images:", "",
+              table(["images", "run", "seconds", "peak RSS (MB)", "RssAnon at first batch (MB)"], rows)]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- schedulers
+
+
+def schedulers_section(result: dict) -> str:
+    """The RESULTS.md section (and benchmarks/results/schedulers.md) of a schedulers.json."""
+    counts = sorted({r["model_evaluations"] for r in result["rows"]})
+    rows = []
+    for name in dict.fromkeys(r["scheduler"] for r in result["rows"]):
+        cells = {r["model_evaluations"]: r for r in result["rows"] if r["scheduler"] == name}
+        rows.append([name] + [f"{cells[c]['fid']:.1f} ± {cells[c]['bootstrap_std']:.1f}" if c in cells else ""
+                              for c in counts])  # fmt: skip
+    lines = [
+        "## Schedulers: FID against model evaluations", "",
+        f"`python -m benchmarks.schedulers --profile {result['profile']}` (its own run, not part of "
+        "`python -m benchmarks.run`; CPU, timings not compared).", "",
+        f"FID ({result['feature_extractor']}; {result['samples_per_set']} samples per cell against "
+        f"{result['reference']}; ± bootstrap std) of the {result['model']} digits model "
+        f"({result['train_steps']} training steps, T = {result['num_train_timesteps']}) by scheduler and model "
+        "evaluations:", "",
+        table(["scheduler", *map(str, counts)], rows, numeric=True),
+    ]  # fmt: skip
+    swaps = {r["scheduler"]: (r["class"], r.get("config") or {}) for r in result["rows"] if r.get("config")}
+    if swaps:
+        lines += ["", "Rows with config overrides: " + "; ".join(
+            f"{name}: `{cls}.from_config(pipe.scheduler.config, "
+            + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")`" for name, (cls, config) in swaps.items())]  # fmt: skip
+    t = result["target"]
+    if t:
+        lines += ["", f"Target (≤ {common.FAST_EVALUATIONS} evaluations within {common.FAST_FID_RATIO:.0%} "
+                  f"of 1000-step ancestral FID {t['ancestral_1000_fid']:.1f}): best {t['best']}: {t['best_fid']:.1f} "
+                  f"({t['relative_change']:+.1%}), **{'met' if t['met'] else 'not met'}**"]  # fmt: skip
+    if result.get("note"):
+        lines += ["", result["note"]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- allocator
+
+
+def allocator_rows(cases: dict) -> list[list]:
+    """One row per (case, allocator): medians per repetition; the wall ratio is paired within rounds."""
+    rows = []
+    for case, allocators in cases.items():
+        for name, r in allocators.items():
+            share = r["system"] / r["cpu"] if r["cpu"] else 0.0
+            rows.append([case, name, f"{r['wall']:.2f}", f"{r['cpu']:.2f}", f"{r['system']:.3f} ({share:.0%})",
+                         f"{r['faults']:,.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['wall_ratio']:.2f}x"])  # fmt: skip
+    return rows
+
+
+def allocator_section(a: dict) -> str:
+    headers = ["work", "allocator", "wall s", "CPU s", "system s (of CPU)", "minor faults", "peak RSS MB",
+               "speed vs glibc default (wall)"]  # fmt: skip
+    work = "; ".join(f"{name}: batch {b}, {n} model call(s)" for name, (b, n) in a["work"].items())
+    out = heading("Allocator: the CPU floor", a) + [
+        "The same work in a fresh one-thread process per allocator (benchmarks/allocator.py): glibc's defaults, "
+        "glibc with hf_ddpm.cpu's `mallopt` at start-up (what `python -m hf_ddpm`, training, the examples and the "
+        "Space do), jemalloc and tcmalloc preloaded. Medians of "
+        f"{a['reps']} repetitions per process and {a['rounds']} interleaved rounds; faults and system time are "
+        "counts the machine's load barely changes, wall ratios are paired within a round. digits-16-tiny, "
+        f"untrained ({work}).",
+        "",
+        table(headers, allocator_rows(a["workloads"])),
+    ]
+    if a.get("missing"):
+        out += ["", f"Not installed here, not measured: {', '.join(a['missing'])}."]
+    e = a.get("end_to_end")
+    if e:
+        same = ", ".join(f"{name.split(' (')[0]}: {'identical' if ok else '**different**'}"
+                         for name, ok in e["identical_output"].items())  # fmt: skip
+        out += ["", "End to end, the commands as a user runs them (the whole process, imports included), with the "
+                "tuning and with a user's MALLOC_PERTURB_=0 switching it off:", "",
+                table(headers, allocator_rows(e["commands"])), "", f"What they compute, both ways: {same}."]  # fmt: skip
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------------------- summary
 
 
@@ -354,8 +453,8 @@ def write(results_dir: str = RESULTS_DIR) -> str:
     parts = ["# Benchmark results", "", "Written by `python -m benchmarks.run`; do not edit by hand.", ""]
     parts.append(summary_section(results))
     render = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
-              "gpu": gpu_section, "evaluation": evaluation_section, "data": data_markdown,
-              "schedulers": schedulers_section}  # fmt: skip
+              "gpu": gpu_section, "evaluation": evaluation_section, "data": data_section,
+              "schedulers": schedulers_section, "allocator": allocator_section}  # fmt: skip
     parts += [part for name in SECTIONS if results[name] for part in ("", render[name](results[name]))]
     written = plots(results, results_dir)
     if written:

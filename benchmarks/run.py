@@ -1,11 +1,13 @@
 """Run the benchmarks and write benchmarks/results/: one JSON per benchmark, RESULTS.md and PNG plots.
 
-    python -m benchmarks.run                       # everything (about an hour on two CPU cores)
+    python -m benchmarks.run                       # everything (about two hours on two CPU cores)
     python -m benchmarks.run --quick               # a few minutes: fewer steps, rounds and samples
     python -m benchmarks.run --only sampling training
     python -m benchmarks.run --train_data_dir ./my_images   # quality also on an image folder (or --dataset_name)
     python -m benchmarks.report                    # re-render RESULTS.md and the plots from the JSON files
     python -m benchmarks.run --only evaluation     # `python -m hf_ddpm evaluate` throughput, paper-protocol projection
+    python -m benchmarks.run --only schedulers     # FID against model evaluations (also: python -m benchmarks.schedulers)
+    python -m benchmarks.run --only allocator      # the CPU floor under glibc's defaults, mallopt, jemalloc, tcmalloc
 
 Each JSON records the machine (CPU, cores, threads, versions) and the load average before and after; timings are
 medians over interleaved rounds, ratios are taken between runs of the same round.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import logging
 import os
@@ -26,10 +29,11 @@ import time
 from . import report
 from .common import RESULTS_DIR, load_average, log, machine, primary_clock, set_threads, write_json
 
-BENCHMARKS = ("sampling", "training", "quality", "gpu", "evaluation", "data")
+BENCHMARKS = ("sampling", "training", "quality", "schedulers", "gpu", "evaluation", "data", "allocator")
 # Timing comparisons run on one thread: on two cores a second OpenMP thread gains little for these small models and
-# makes every number hostage to any other process; quality (pure throughput) uses all cores.
-DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "gpu": None, "evaluation": 1, "data": 1}
+# makes every number hostage to any other process; quality and schedulers (FID: pure throughput) use all cores.
+DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "schedulers": None, "gpu": None, "evaluation": 1,
+                   "data": 1, "allocator": 1}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,15 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(name: str, profile: str, args: argparse.Namespace) -> dict:
-    from . import data, evaluation, gpu, quality, sampling, training
-
-    module = {"sampling": sampling, "training": training, "quality": quality, "gpu": gpu, "evaluation": evaluation,
-              "data": data}[name]  # fmt: skip
+    module = importlib.import_module(f".{name}", __package__)  # only this benchmark's dependencies
     threads = set_threads(args.threads if args.threads is not None else DEFAULT_THREADS[name] or os.cpu_count())
     info = machine()
     started = time.perf_counter()
     if name == "quality":
-        flags = {k: getattr(args, k) for k in quality.DATA_FLAGS}
+        flags = {k: getattr(args, k) for k in module.DATA_FLAGS}
         result = module.run(profile, flags)
     else:
         result = module.run(profile)

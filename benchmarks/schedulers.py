@@ -1,7 +1,7 @@
 """Quality against sampling cost: FID at 10 / 20 / 25 / 50 / 100 / 1000 model evaluations for DDPM ancestral sampling
-(HFDDPMScheduler, respaced), DDIM, DPM-Solver++ 2M, UniPC and SDE-DPM-Solver++ 2M, all on the same trained digits
-model; the DPM-Solver/UniPC rows also with x̂_0 clipped to [-1, 1] (as DDPM's and DDIM's steps do with the model's
-`clip_sample=True`).
+(HFDDPMScheduler, respaced at Improved DDPM's steps and at diffusers' default `leading` ones), DDIM, DPM-Solver++
+2M, UniPC and SDE-DPM-Solver++ 2M, all on the same trained digits model; the DPM-Solver/UniPC rows also with x̂_0
+clipped to [-1, 1] (as DDPM's and DDIM's steps do with the model's `clip_sample=True`).
 
 The model, its training and the FID protocol are benchmarks/quality.py's (L_simple, fixed_small; FID of N samples
 against a seeded subset of training images, Inception pool3 features, a bootstrap standard deviation). Each of these
@@ -28,20 +28,27 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistep
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.atomic import write_atomically
+from hf_ddpm.chain import IMPROVED_DDPM_SPACING
 from hf_ddpm.data import load_data
 from hf_ddpm.evaluation.features import InceptionFeatures
 from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, statistics
 
-from .common import RESULTS_DIR, log, machine, read_json, write_json
+from .common import FAST_EVALUATIONS, FAST_FID_RATIO, RESULTS_DIR, log, machine, read_json, write_json
 from .quality import PROFILES as QUALITY_PROFILES
 from .quality import sample_uint8, train_model
+from .report import schedulers_section
 
 # diffusers' dynamic thresholding with s clamped to [1, sample_max_value] = [1, 1]: x̂_0 clipped to [-1, 1] at each
 # step (diffusers' _threshold_sample), what DDPM's and DDIM's steps do with clip_sample=True
 CLIPPED = {"thresholding": True, "sample_max_value": 1.0}
 SDE = {"algorithm_type": "sde-dpmsolver++"}  # DPM-Solver++ 2M for the reverse SDE (Lu et al. 2022, "DPM-Solver++")
+# Ancestral sampling of the respaced chain, at Improved DDPM's steps (its section 4; the reference row: at 1000 all
+# spacings visit every timestep) and at diffusers' default `leading` steps (980, 960, ..., 0 for 50 of 1000). The
+# diffusers schedulers keep their own default spacing, as a diffusers user swapping them in gets.
+REFERENCE = "DDPM ancestral (Improved DDPM's steps)"
 SCHEDULERS = {  # name -> (scheduler class, config overrides): class.from_config(the model's config, **overrides)
-    "DDPM ancestral (respaced)": (HFDDPMScheduler, {}),
+    REFERENCE: (HFDDPMScheduler, {"timestep_spacing": IMPROVED_DDPM_SPACING}),
+    "DDPM ancestral (diffusers' leading steps)": (HFDDPMScheduler, {"timestep_spacing": "leading"}),
     "DDIM (eta = 0)": (DDIMScheduler, {}),
     "DPM-Solver++ 2M": (DPMSolverMultistepScheduler, {}),
     "UniPC": (UniPCMultistepScheduler, {}),
@@ -57,7 +64,6 @@ PROFILES = {
     "full": {**QUALITY_PROFILES["full"], "evaluations": (10, 20, 25, 50, 100, 1000), "samples": 300, "reference": 1000,
              "bootstrap": 20},
 }  # fmt: skip
-TARGET_EVALUATIONS, TARGET_RATIO = 25, 0.10
 
 
 def run(
@@ -108,7 +114,7 @@ def run(
                 continue
             pipe.scheduler = scheduler_class.from_config(ddpm_config, **overrides)
             for count in counts:
-                if count == 1000 and scheduler_class is not HFDDPMScheduler:
+                if count == 1000 and name != REFERENCE:
                     continue  # the reference only
                 steps = min(count, settings["T"])
                 log(f"schedulers: {name} at {steps} model evaluations ({settings['samples']} samples)")
@@ -145,8 +151,8 @@ def run(
 
 def target(rows: list[dict]) -> dict | None:
     """The best diffusers scheduler at <= 25 model evaluations against the 1000-step ancestral FID."""
-    reference = [r for r in rows if r["class"] == "HFDDPMScheduler" and r["model_evaluations"] == 1000]
-    fast = [r for r in rows if r["class"] != "HFDDPMScheduler" and r["model_evaluations"] <= TARGET_EVALUATIONS]
+    reference = [r for r in rows if r["scheduler"] == REFERENCE and r["model_evaluations"] == 1000]
+    fast = [r for r in rows if r["class"] != "HFDDPMScheduler" and r["model_evaluations"] <= FAST_EVALUATIONS]
     if not reference or not fast:
         return None
     best = min(fast, key=lambda r: r["fid"])
@@ -156,7 +162,7 @@ def target(rows: list[dict]) -> dict | None:
         "best": f"{best['scheduler']} at {best['model_evaluations']}",
         "best_fid": best["fid"],
         "relative_change": ratio,
-        "met": ratio <= TARGET_RATIO,
+        "met": ratio <= FAST_FID_RATIO,
     }
 
 
@@ -173,42 +179,6 @@ def merge(result: dict, stored: dict) -> dict:
     merged["reruns"] = [*stored.get("reruns", []), {"machine": result["machine"], "training": result["training"],
                                                    "rows": sorted(new, key=str), "seconds": result["seconds"]}]  # fmt: skip
     return merged
-
-
-def markdown(result: dict) -> str:
-    counts = sorted({r["model_evaluations"] for r in result["rows"]})
-    lines = [
-        f"FID ({result['feature_extractor']}; {result['samples_per_set']} samples per cell against "
-        f"{result['reference']}; ± bootstrap std) of the {result['model']} digits model "
-        f"({result['train_steps']} training steps, T = {result['num_train_timesteps']}) by scheduler and model "
-        "evaluations:",
-        "",
-        "| scheduler | " + " | ".join(str(c) for c in counts) + " |",
-        "|---|" + "---:|" * len(counts),
-    ]
-    for name in dict.fromkeys(r["scheduler"] for r in result["rows"]):
-        cells = {r["model_evaluations"]: r for r in result["rows"] if r["scheduler"] == name}
-        row = [f"{cells[c]['fid']:.1f} ± {cells[c]['bootstrap_std']:.1f}" if c in cells else "" for c in counts]
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
-    swaps = {r["scheduler"]: (r["class"], r.get("config") or {}) for r in result["rows"] if r.get("config")}
-    if swaps:
-        lines += ["", "Rows with config overrides: " + "; ".join(
-            f"{name}: `{cls}.from_config(pipe.scheduler.config, "
-            + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")`" for name, (cls, config) in swaps.items())]  # fmt: skip
-    t = result["target"]
-    if t:
-        lines += ["", f"Target (≤ {TARGET_EVALUATIONS} evaluations within {TARGET_RATIO:.0%} of 1000-step ancestral "
-                  f"FID {t['ancestral_1000_fid']:.1f}): best {t['best']}: {t['best_fid']:.1f} "
-                  f"({t['relative_change']:+.1%}), **{'met' if t['met'] else 'not met'}**"]  # fmt: skip
-    return "\n".join(lines)
-
-
-def section(result: dict) -> str:
-    """The RESULTS.md section (and benchmarks/results/schedulers.md) of a schedulers.json."""
-    note = f"\n\n{result['note']}" if result.get("note") else ""
-    how = (f"`python -m benchmarks.schedulers --profile {result['profile']}` (its own run, not part of "
-           "`python -m benchmarks.run`; CPU, timings not compared).")  # fmt: skip
-    return f"## Schedulers: FID against model evaluations\n\n{how}\n\n{markdown(result)}{note}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         result = merge(result, stored)
     kwargs = {"results_dir": args.results_dir} if args.results_dir else {}
     log(f"schedulers: wrote {write_json('schedulers', result, **kwargs)}")
-    text = section(result) + "\n"
+    text = schedulers_section(result) + "\n"
     write_atomically(os.path.join(args.results_dir or RESULTS_DIR, "schedulers.md"), lambda f: f.write(text))
     print(text)
 

@@ -1,7 +1,7 @@
-"""benchmarks/data.py's report: ratios against diffusers' example at the same worker count, and every measured row
+"""The data path benchmark's report (benchmarks/report.py): ratios against diffusers' example at the same worker count, and every measured row
 shown (the benchmark itself runs in tests/test_benchmarks.py's smoke run)."""
 
-from benchmarks.data import markdown
+from benchmarks.report import data_section
 
 
 def test_the_data_section_divides_by_diffusers_at_the_same_worker_count():
@@ -22,7 +22,7 @@ def test_the_data_section_divides_by_diffusers_at_the_same_worker_count():
         "step_consumption": {"ddpm-cifar10-32 (32², batch 8)": 1.97},
         "startup": {"1000": {"cached, memory-mapped": {"seconds": 5.31, "peak_rss_mb": 485.0, "rss_anon_mb": 334.0}}},
     }
-    lines = markdown(result).splitlines()
+    lines = data_section(result).splitlines()
     assert "| 32² | in memory (0 workers) | 3000 | 3.0x |" in lines
     assert "| 32² | streaming (2 workers) | 900 | 1.5x |" in lines  # 900 / 600, not / 1000
     assert "| 32² | diffusers example (0 workers) | 1000 |  |" in lines
