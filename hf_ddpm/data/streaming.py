@@ -179,7 +179,8 @@ class StreamingBatches:
                  num_workers, resolution, channels, skip_corrupt, device, num_examples=None, source=None,
                  accumulation_steps=1):  # fmt: skip
         self._make_stream, self.column = make_stream, column  # make_stream(): a fresh stream of the whole split
-        self.source = source or "the stream"  # for messages: the folder, files or dataset id
+        self.source = source  # for messages: the folder, files or dataset id
+        self._named = f" {source}" if source else ""
         # the position kept for a checkpoint when the source fails is the end of the last optimizer step
         self.accumulation_steps = accumulation_steps
         self.batch_size, self.num_processes, self.process_index = batch_size, num_processes, process_index
@@ -236,7 +237,7 @@ class StreamingBatches:
                     self._taken, self._whole_pass = 0, True
                 except Exception as err:  # the reader of a file or connection: the source, not an image
                     raise StreamSourceError(
-                        f"the stream {self.source} failed while it was read ({type(err).__name__}: {err}): the "
+                        f"the stream{self._named} failed while it was read ({type(err).__name__}: {err}): the "
                         f"source vanished or cannot be read (a moved folder, an unmounted share, a lost connection)."
                         f" {RESUME_HINT}", self.source,
                     ) from err  # fmt: skip
@@ -246,7 +247,7 @@ class StreamingBatches:
                 return self._buffer.pop()
             if fresh:
                 raise StreamSourceError(
-                    f"process {self.process_index}'s part of the stream {self.source} holds no example: the source "
+                    f"process {self.process_index}'s part of the stream{self._named} holds no example: the source "
                     f"is empty or vanished. {RESUME_HINT}", self.source,
                 )  # fmt: skip
             self._epoch, self._exhausted, fresh = self._epoch + 1, False, True
@@ -258,7 +259,7 @@ class StreamingBatches:
         name = value.get("path") or "an image"
         if failure.unreadable:
             raise StreamSourceError(
-                f"cannot read {name} of the stream {self.source} ({failure.message}): the source vanished or is "
+                f"cannot read {name} of the stream{self._named} ({failure.message}): the source vanished or is "
                 f"unreadable (a moved folder, an unmounted share, changed permissions), which is not a corrupt "
                 f"image. {RESUME_HINT}", self.source, name,
             )  # fmt: skip
@@ -270,7 +271,7 @@ class StreamingBatches:
         if self._in_a_row >= limit:
             what = "a whole pass over it" if limit == self._pass_size else f"{limit} in a row"
             raise StreamSourceError(
-                f"no image of the stream {self.source} decodes: {self._in_a_row} examples failed in a row ({what}; "
+                f"no image of the stream{self._named} decodes: {self._in_a_row} examples failed in a row ({what}; "
                 f"the latest {name}: {failure.message}). The source is not images, or it is damaged: check it. "
                 f"{RESUME_HINT}", self.source, name,
             )  # fmt: skip
