@@ -169,3 +169,18 @@ def test_threads_policy_explicit_environment_and_default(monkeypatch):
             cpu.set_threads(0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluate_takes_num_threads_and_refuses_a_bad_count_before_any_work(monkeypatch, capsys):
+    import hf_ddpm.evaluation.run
+    from hf_ddpm.cli import main
+
+    asked, evaluated = [], []
+    monkeypatch.setattr(hf_ddpm.evaluation.run, "evaluate", evaluated.append)
+    monkeypatch.setattr(cpu, "tune_process", asked.append)
+    assert main(["evaluate", "some/model", "--num_threads", "3"]) == 0
+    assert asked == [3] and evaluated[0].num_threads == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(hf_ddpm.evaluation.run, "evaluate", evaluated.append)
+    assert main(["evaluate", "some/model", "--num_threads", "0"]) == 1
+    assert "--num_threads must be at least 1, got 0" in capsys.readouterr().err and len(evaluated) == 1
