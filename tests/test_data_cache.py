@@ -127,7 +127,7 @@ def test_a_run_killed_while_preprocessing_leaves_nothing_used_as_complete(tmp_pa
     assert list(root.glob("*/tmp*")), "preprocessing never started writing"
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its pool of decoding processes
     proc.wait()
-    (folder_key,) = list(root.iterdir())
+    (folder_key,) = [p for p in root.iterdir() if p.is_dir()]  # beside it: its lock file, <key>.lock
     assert not (folder_key / MANIFEST).exists()  # not complete
     assert cache_module.open_cache(str(folder_key)) is None
     data = load_data(train_data_dir=folder, resolution=16, eval_size=0, cache_dir=str(cache))  # builds it again

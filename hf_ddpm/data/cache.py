@@ -2,12 +2,22 @@
 
 `preprocess` runs `Dataset.map(..., num_proc=...)` over the images (decode, mode, resize, crop: images.decode_image)
 into Arrow files of an `Array3D((C, R, R), "uint8")` column under `<datasets cache>/hf_ddpm_preprocessed/<key>/`.
-The key hashes the split's identity (sources.py) and every preprocessing option, so changing one makes a new cache.
+The key hashes the split's identity (sources.py: for files, their resolved absolute paths, sizes and modification
+times, so neither the working directory nor the spelling `f200` / `./f200/` matters, and a file whose content changes
+with its size and mtime kept is not seen) and every preprocessing option, so changing one makes a new cache.
 `datasets` writes each file to a temporary name and renames it when complete; we then write `complete.json`, the
-manifest naming those files, atomically (temporary file + rename). A run killed while preprocessing leaves no manifest,
-so the next run preprocesses again (`map` reuses whichever shard files were complete, and redoes the rest): nothing
-half-written is ever read as complete. Later runs, resumes and the other processes open the manifest's files
-memory-mapped (`Dataset.from_file`) without decoding anything.
+manifest naming those files with their sizes and a checksum of their ends, atomically (temporary file + rename). A run
+killed while preprocessing leaves no manifest, so the next run preprocesses again (`map` reuses whichever shard files
+were complete, and redoes the rest): nothing half-written is ever read as complete. Later runs, resumes and the other
+processes open the manifest's files memory-mapped (`Dataset.from_file`) without decoding anything.
+
+Self-healing and shared: a cache file that is missing, truncated, changed or does not read as Arrow is found when the
+cache is opened (the manifest's sizes and checksums, then Arrow itself) and the cache is rebuilt, with a warning that
+names the folder. Builders of one key take a lock file beside its folder (`<key>.lock`, flock): a second builder
+waits for the first and then uses its cache; temporary files in the folder are removed only by the lock's holder, so
+only those of builders that died. Before building, the free space under the cache root is compared with the bytes the
+cache needs (`CacheSpaceError` names --cache_dir, both numbers and the fix), and a disk that fills while building
+gives the same error.
 
 `MappedImages` reads a batch of rows straight out of the mapped Arrow buffers (zero-copy numpy views per record
 batch): resident memory holds the batch, not the dataset; the mapped pages are page cache the kernel can drop.
@@ -15,12 +25,18 @@ batch): resident memory holds the batch, not the dataset; the mapped pages are p
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
+import fcntl
 import functools
 import glob
+import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
 import time
 
 import numpy as np
@@ -31,8 +47,39 @@ from .images import decode_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the preprocessing itself changes: old caches are then never reused
+CACHE_VERSION = 2  # bump when the preprocessing or the key changes: old caches are then never reused
 MANIFEST = "complete.json"
+ENDS = 1 << 20  # the checksum of a cache file covers its size and its first and last MiB: cheap at any size
+
+
+class CacheDamaged(Exception):
+    """A complete cache (it has a manifest) whose files do not match it: rebuilt, never read."""
+
+
+class CacheSpaceError(OSError):
+    """The disk of the cache has too little room for it (found before building, or when it filled while building)."""
+
+
+def _ends_digest(path: str, size: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(ENDS))
+        if size > ENDS:
+            f.seek(max(ENDS, size - ENDS))
+            digest.update(f.read(ENDS))
+    return digest.hexdigest()
+
+
+def _record(path: str) -> dict:
+    size = os.path.getsize(path)
+    return {"size": size, "ends_sha256": _ends_digest(path, size)}
+
+
+def _bytes_needed(rows: int, channels: int, resolution: int) -> int:
+    """The size of the Arrow cache of `rows` images: the pixels, the nested lists' int32 offsets, the flags, and
+    the schema and record-batch headers (a few KB per file and per batch of 256 rows)."""
+    per_row = channels * resolution * resolution + 4 * (channels * resolution + channels + 2) + 8
+    return rows * per_row + 1024 * (rows // 256 + 64)
 
 
 def cache_root(cache_dir: str | None) -> str:
@@ -60,7 +107,7 @@ def _preprocess_batch(batch, indices, *, column, rows, resolution, channels, cro
     color, upscaled, error = [False] * n, [False] * n, [""] * n
     for i, (value, index) in enumerate(zip(batch[column], indices)):
         row = int(rows[index]) if rows is not None else index  # the row of the source split: its crop's seed
-        if value["bytes"] is None and value["path"] and not os.path.isabs(value["path"]):
+        if value["bytes"] is None and value["path"] and base_dir and not os.path.isabs(value["path"]):
             value = {"bytes": None, "path": os.path.join(base_dir, value["path"])}
         crop_rng = None if crop_seed is None else np.random.default_rng([crop_seed, 1, row])
         try:
@@ -74,32 +121,106 @@ def _preprocess_batch(batch, indices, *, column, rows, resolution, channels, cro
 
 
 def open_cache(folder: str):
-    """The cached split of a complete cache folder, memory-mapped; None if the folder holds no complete cache."""
+    """The cached split of a complete cache folder, memory-mapped; None if the folder holds no complete cache
+    (no manifest); CacheDamaged saying which file and how when its files do not match the manifest."""
     import datasets
 
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
+            manifest = json.load(f)
+        files, records, rows = manifest["files"], manifest["records"], manifest["rows"]
+    except FileNotFoundError:
         return None
-    parts = [datasets.Dataset.from_file(os.path.join(folder, name)) for name in files]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CacheDamaged(f"its manifest {MANIFEST} does not read ({type(err).__name__}: {err})") from err
+    for name in files:
+        path, record = os.path.join(folder, name), records.get(name, {})
+        try:
+            size = os.path.getsize(path)
+            if size != record.get("size"):
+                raise CacheDamaged(f"{name} holds {size} bytes, {record.get('size')} were written (truncated?)")
+            if _ends_digest(path, size) != record.get("ends_sha256"):
+                raise CacheDamaged(f"{name} has changed since it was written (its checksum differs)")
+        except OSError as err:
+            raise CacheDamaged(f"{name} cannot be read ({type(err).__name__}: {err.strerror or err})") from err
+    try:
+        parts = [datasets.Dataset.from_file(os.path.join(folder, name)) for name in files]
+    except Exception as err:  # pyarrow raises OSError, ArrowInvalid, ...
+        raise CacheDamaged(f"its files do not read as Arrow ({type(err).__name__}: {err})") from err
+    cached = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(cached) != rows:
+        raise CacheDamaged(f"its files hold {len(cached)} rows, {rows} were written")
+    return cached
+
+
+@contextlib.contextmanager
+def _build_lock(folder: str):
+    """Hold `<folder>.lock` (flock, exclusive) while building `folder`: a second builder of the same key waits, then
+    finds the cache complete. The kernel releases it with a process that dies; the file itself is never removed
+    (removing a lock file lets two processes hold two different locks)."""
+    path = folder + ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            logger.info("waiting for %s, which is building the preprocessed cache %s", holder, folder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"PID {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _space_error(cache_dir, root: str, needed: int, free: int, what: str) -> CacheSpaceError:
+    where = f"--cache_dir {cache_dir}" if cache_dir else f"--cache_dir (not given: the datasets cache, {root})"
+    return CacheSpaceError(
+        errno.ENOSPC,
+        f"{where}: {what} needs about {needed} bytes ({needed / 1e9:.2f} GB) and the disk holding {root} has "
+        f"{free} bytes ({free / 1e9:.2f} GB) free; free space there, or pass --cache_dir on a disk with room",
+    )
 
 
 def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, base_dir, cache_dir, num_proc):
     """The preprocessed rows `rows` (None: all) of `ds`, from the cache or built now; (dataset, folder, built)."""
-    import datasets
 
     options = {"column": column, "resolution": resolution, "channels": channels, "crop_seed": crop_seed,
                "base_dir": base_dir}  # fmt: skip
-    folder = os.path.join(cache_root(cache_dir), cache_key(identity, rows, **options))
-    cached = open_cache(folder)
-    if cached is not None:
-        return cached, folder, False
-    os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(folder, "tmp*")) + glob.glob(os.path.join(folder, f"{MANIFEST}.tmp*")):
-        # left by a run killed while writing (datasets' temporary files, our manifest's staging file)
-        os.remove(stale)
+    root = cache_root(cache_dir)
+    folder = os.path.join(root, cache_key(identity, rows, **options))
+    with contextlib.suppress(CacheDamaged):  # a damaged one is rebuilt below, under the lock
+        cached = open_cache(folder)
+        if cached is not None:
+            return cached, folder, False
+    os.makedirs(root, exist_ok=True)
+    with _build_lock(folder):
+        try:
+            cached = open_cache(folder)
+        except CacheDamaged as err:
+            logger.warning("the preprocessed cache %s is damaged (%s): rebuilding it", folder, err)
+            os.remove(os.path.join(folder, MANIFEST))  # no longer complete, before anything else goes
+            shutil.rmtree(folder)
+            cached = None
+        if cached is not None:  # built by the process this one waited for
+            logger.info("using the preprocessed cache %s, built by another process meanwhile", folder)
+            return cached, folder, False
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, "tmp*")) + glob.glob(os.path.join(folder, f"{MANIFEST}.tmp*")):
+            # left by a builder that died while writing (datasets' temporary files, our manifest's staging file):
+            # the lock's holder is the only builder alive, so no file here is another's work in progress
+            os.remove(stale)
+        return _build(ds, column, identity, rows, options, folder, root, cache_dir, num_proc)
+
+
+def _build(ds, column, identity, rows, options, folder, root, cache_dir, num_proc):
+    import datasets
+
+    resolution, channels = options["resolution"], options["channels"]
     source = (ds.to_dataset() if hasattr(ds, "to_dataset") else ds).select_columns([column])
     if rows is not None:
         source = source.select(rows)
@@ -108,6 +229,10 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
     if not isinstance(feature, datasets.Image) and not paths:
         raise ValueError(f"column {column!r} holds {feature}, not images (datasets.Image or file paths)")
     source = source.cast_column(column, datasets.Image(decode=False))  # decode ourselves, one bad file at a time
+    needed, free = _bytes_needed(len(source), channels or 3, resolution), shutil.disk_usage(root).free
+    what = f"the preprocessed cache of {len(source)} images ({channels or 3}x{resolution}x{resolution} uint8)"
+    if needed > free:
+        raise _space_error(cache_dir, root, needed, free, what)
     num_proc = num_proc or min(8, os.cpu_count() or 1)  # default: the CPUs, up to 8
     num_proc = num_proc if num_proc > 1 and len(source) >= 4 * 1024 else None  # a pool costs more than small data
     features = datasets.Features({
@@ -124,15 +249,22 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
     )  # fmt: skip
     started = time.perf_counter()
     fn = functools.partial(_preprocess_batch, column=column, rows=rows, resolution=resolution, channels=channels,
-                           crop_seed=crop_seed, base_dir=base_dir)  # fmt: skip
-    mapped = source.map(
-        fn, batched=True, with_indices=True, batch_size=256, remove_columns=[column], features=features,
-        num_proc=num_proc, cache_file_name=os.path.join(folder, "pixels.arrow"), new_fingerprint=os.path.basename(folder),
-        desc="preprocessing images",
-    )  # fmt: skip
-    names = [os.path.relpath(f["filename"], folder) for f in mapped.cache_files]
-    manifest = {"files": names, "rows": len(mapped), "options": options, "version": CACHE_VERSION}
-    write_atomically(os.path.join(folder, MANIFEST), lambda f: json.dump(manifest, f), unique=True)  # complete now
+                           crop_seed=options["crop_seed"], base_dir=options["base_dir"])  # fmt: skip
+    try:
+        mapped = source.map(
+            fn, batched=True, with_indices=True, batch_size=256, remove_columns=[column], features=features,
+            num_proc=num_proc, cache_file_name=os.path.join(folder, "pixels.arrow"),
+            new_fingerprint=os.path.basename(folder), desc="preprocessing images",
+        )  # fmt: skip
+        names = [os.path.relpath(f["filename"], folder) for f in mapped.cache_files]
+        manifest = {"files": names, "rows": len(mapped), "options": options, "version": CACHE_VERSION,
+                    "records": {name: _record(os.path.join(folder, name)) for name in names}}  # fmt: skip
+        write_atomically(os.path.join(folder, MANIFEST), lambda f: json.dump(manifest, f), unique=True)  # complete
+    except OSError as err:
+        if err.errno != errno.ENOSPC and "No space left on device" not in str(err):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)  # what was written of it: ours (we hold the lock)
+        raise _space_error(cache_dir, root, needed, shutil.disk_usage(root).free, what + " (the disk filled while it was built)") from err  # fmt: skip
     logger.info("preprocessed %d images in %.1f s", len(mapped), time.perf_counter() - started)
     return open_cache(folder), folder, True
 

@@ -128,7 +128,7 @@ def load_data(
     train_idx, eval_idx = np.sort(train_idx[:max_train_samples]), np.sort(eval_idx)  # sorted: sequential reads
 
     opts = {"resolution": resolution, "channels": channels, "crop_seed": None if center_crop else seed,
-            "base_dir": src.base_dir or os.getcwd(), "cache_dir": cache_dir, "num_proc": preprocessing_num_workers}  # fmt: skip
+            "base_dir": src.base_dir, "cache_dir": cache_dir, "num_proc": preprocessing_num_workers}  # fmt: skip
     wanted = {train_split: [train_idx]}
     wanted.setdefault(eval_split or train_split, []).append(eval_idx)
     parts, folders = {}, {}

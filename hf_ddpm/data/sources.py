@@ -3,9 +3,12 @@ a folder written by `save_to_disk`, single data files or a list of them (parquet
 image files), or an image folder.
 
 Each split carries an identity: a string that changes whenever its content may have, so the preprocessed cache
-(cache.py) is keyed by it. For an image folder or a list of files it is the files' paths, sizes and modification
-times, from one directory walk: a second start on a million files does not go through `load_dataset`'s data-file
-resolution (minutes for 100k files) at all. For everything else it is the dataset's own fingerprint.
+(cache.py) is keyed by it. For an image folder or a list of files it is the files' resolved absolute paths (the
+same folder named `f200` or `./f200/`, or from another working directory, is the same source), sizes and
+modification times, from one directory walk: a second start on a million files does not go through `load_dataset`'s
+data-file resolution (minutes for 100k files) at all. A file whose content changes while its size and modification
+time stay the same is not seen (contents are not hashed: that would read every image at every start). For everything
+else it is the dataset's own fingerprint.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def _image_folder(folder: str, streaming: bool) -> Source:
     """A folder of images; subfolders named train and test/validation/... become those splits (as imagefolder)."""
     if not os.path.isdir(folder):
         raise ValueError(f"train_data_dir {folder!r} is not a directory")
+    given, folder = folder, os.path.realpath(folder)  # the files' paths, so the cache key, are the resolved ones
     with os.scandir(folder) as entries:  # is_dir() from the directory listing: no stat per file
         subdirs = {e.name for e in entries if e.is_dir()}
     named = ["train", *EVAL_SPLIT_NAMES] if "train" in subdirs else []
@@ -90,15 +94,15 @@ def _image_folder(folder: str, streaming: bool) -> Source:
     if not any(lists.values()):
         count = sum(len(n) for _, _, n in os.walk(folder))
         raise ValueError(
-            f"train_data_dir {folder!r} holds no image files ({count} files, none with an image extension such "
+            f"train_data_dir {given!r} holds no image files ({count} files, none with an image extension such "
             f"as .png, .jpg or .webp)"
         )
     if streaming:
         import datasets
 
-        return Source(datasets.load_dataset("imagefolder", data_dir=folder, streaming=True), folder)
+        return Source(datasets.load_dataset("imagefolder", data_dir=given, streaming=True), given)
     splits = {s: ImagePaths(paths) for s, paths in lists.items() if paths}
-    return Source(splits, folder, {s: _files_identity(paths) for s, paths in lists.items() if paths})
+    return Source(splits, given, {s: _files_identity(paths) for s, paths in lists.items() if paths})
 
 
 def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
@@ -111,6 +115,7 @@ def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
         raise ValueError(f"train_data_files: {missing[:3]} not found (of {len(files)} files)")
     kinds = {os.path.splitext(f)[1].lower() for f in files}
     description = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+    files = [os.path.realpath(f) for f in files]  # the key of their cache: the same files however they are named
     if all(_is_image(f) for f in files):
         if streaming:
             return Source({"train": _paths_dataset(files).to_iterable_dataset()}, description)
@@ -122,10 +127,10 @@ def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
             f"extensions {sorted(kinds)}"
         )
     (builder,) = builders
-    data_files = {"train": [os.path.abspath(f) for f in files]}
+    data_files = {"train": files}
     splits = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming)
     identities = {} if streaming else {"train": _hash(splits["train"]._fingerprint, _files_identity(files))}
-    return Source(dict(splits), description, identities, os.path.dirname(os.path.abspath(files[0])))
+    return Source(dict(splits), description, identities, os.path.dirname(files[0]))
 
 
 def open_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, train_data_files=None,
