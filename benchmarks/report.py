@@ -47,46 +47,24 @@ def sampling_section(s: dict) -> str:
              f"{per['diffusers (stub UNet)'] - loop:.1f}", pct(m["overhead_over_floor_stub"]),
              pct(m["diffusers_overhead_over_floor_stub"]), f"{m['speedup_vs_diffusers_stub']:.3f}x"]
         )  # fmt: skip
+    end_to_end_headers = ["model", "batch", "steps", "UNet floor", "hf_ddpm", "diffusers DDPMPipeline", "ours over floor",
+                          "diffusers over floor", "ours vs diffusers (speed)",
+                          f"{other(clock)} clock: over floor / vs diffusers", "max \\|Δ\\|"]  # fmt: skip
+    stub_headers = ["model", "batch", "steps", "hf_ddpm overhead (µs)", "diffusers overhead (µs)", "ours over floor",
+                    "diffusers over floor", "ours vs diffusers (speed)"]  # fmt: skip
     out = heading("Sampling", s) + [
         f"End to end: time per image per sampling step (µs, {clock} clock, median over interleaved rounds) of "
         "hf_ddpm's pipeline, diffusers' DDPMPipeline and the floor (the same UNet's forward passes alone, the same "
         "inputs). Overheads and the speed ratio are medians of per-round ratios; |Δ| is the largest difference "
         "between our images and diffusers' from the same seed (same weights).",
         "",
-        table(
-            [
-                "model",
-                "batch",
-                "steps",
-                "UNet floor",
-                "hf_ddpm",
-                "diffusers DDPMPipeline",
-                "ours over floor",
-                "diffusers over floor",
-                "ours vs diffusers (speed)",
-                f"{other(clock)} clock: over floor / vs diffusers",
-                "max \\|Δ\\|",
-            ],
-            end_to_end,
-        ),  # fmt: skip
+        table(end_to_end_headers, end_to_end),
         "",
         "The overheads on their own: the same loops with a stub UNet that returns a fixed output at once (µs per "
         "image per step beyond a bare loop over the stub), over the floor above; the implied speed ratio is "
         "(floor + diffusers' overhead) / (floor + ours). The verdicts use these.",
         "",
-        table(
-            [
-                "model",
-                "batch",
-                "steps",
-                "hf_ddpm overhead (µs)",
-                "diffusers overhead (µs)",
-                "ours over floor",
-                "diffusers over floor",
-                "ours vs diffusers (speed)",
-            ],
-            stub,
-        ),  # fmt: skip
+        table(stub_headers, stub),
         "",
     ]
     overhead_ok, never_slower = sampling_targets(s)
@@ -382,6 +360,8 @@ def allocator_section(a: dict) -> str:
     ]
     if a.get("missing"):
         out += ["", f"Not installed here, not measured: {', '.join(a['missing'])}."]
+    out += ["", "`python -m benchmarks.run` tunes its own process the same way (each JSON's `machine.allocator` says "
+            "how); the sections above whose JSON lacks it were measured under glibc's defaults, on the higher floor."]  # fmt: skip
     e = a.get("end_to_end")
     if e:
         same = ", ".join(f"{name.split(' (')[0]}: {'identical' if ok else '**different**'}"

@@ -22,38 +22,23 @@ from .common import interleaved, log, paired_ratio, summary, timed
 
 PROFILES = {
     # a few seconds: for tests/test_benchmarks.py
-    "smoke": {
-        "model": "test-tiny",
-        "num_train_timesteps": 20,
-        "comparisons": [{"batch": 2, "steps": 20}],
-        "rounds": 2,
-        "options": {"batch": 2, "steps": 10, "rounds": 2, "compile": False},
-        "respacing": {"batch": 2, "steps": [20, 10, 5], "rounds": 1},
-        "large_model": None,
-    },
-    "quick": {
-        "model": "digits-16-tiny",
-        "num_train_timesteps": 1000,
-        "comparisons": [{"batch": 1, "steps": 250}, {"batch": 16, "steps": 50}],
-        "rounds": 3,
-        "options": {"batch": 16, "steps": 20, "rounds": 3, "compile": False},
-        "respacing": {"batch": 16, "steps": [250, 100, 50], "rounds": 1},
-        "large_model": None,
-    },
-    "full": {
-        "model": "digits-16-tiny",
-        "num_train_timesteps": 1000,
-        # the scheduler's cost per step does not depend on the number of steps: batch 16 at 200 steps gives the
-        # per-step overhead at a larger batch in a fifth of the time of 1000 steps
-        "comparisons": [{"batch": 1, "steps": 1000}, {"batch": 16, "steps": 200}],
-        "rounds": 5,
-        "options": {"batch": 16, "steps": 100, "rounds": 5, "compile": True},
-        "respacing": {"batch": 16, "steps": [1000, 250, 100, 50], "rounds": 3},
-        # the paper's CIFAR-10 UNet (35.7M parameters) is slow on a CPU: a small batch, 20 steps of the 1000-step
-        # chain give its per-step cost
-        "large_model": {"model": "ddpm-cifar10-32", "batch": 2, "steps": 20, "rounds": 3},
-    },
-}
+    "smoke": {"model": "test-tiny", "num_train_timesteps": 20, "comparisons": [{"batch": 2, "steps": 20}], "rounds": 2,
+              "options": {"batch": 2, "steps": 10, "rounds": 2, "compile": False},
+              "respacing": {"batch": 2, "steps": [20, 10, 5], "rounds": 1}, "large_model": None},
+    "quick": {"model": "digits-16-tiny", "num_train_timesteps": 1000, "rounds": 3,
+              "comparisons": [{"batch": 1, "steps": 250}, {"batch": 16, "steps": 50}],
+              "options": {"batch": 16, "steps": 20, "rounds": 3, "compile": False},
+              "respacing": {"batch": 16, "steps": [250, 100, 50], "rounds": 1}, "large_model": None},
+    "full": {"model": "digits-16-tiny", "num_train_timesteps": 1000, "rounds": 5,
+             # the scheduler's cost per step does not depend on the number of steps: batch 16 at 200 steps gives the
+             # per-step overhead at a larger batch in a fifth of the time of 1000 steps
+             "comparisons": [{"batch": 1, "steps": 1000}, {"batch": 16, "steps": 200}],
+             "options": {"batch": 16, "steps": 100, "rounds": 5, "compile": True},
+             "respacing": {"batch": 16, "steps": [1000, 250, 100, 50], "rounds": 3},
+             # the paper's CIFAR-10 UNet (35.7M parameters) is slow on a CPU: a small batch, 20 steps of the
+             # 1000-step chain give its per-step cost
+             "large_model": {"model": "ddpm-cifar10-32", "batch": 2, "steps": 20, "rounds": 3}},
+}  # fmt: skip
 
 
 def make_unet(name: str, seed: int = 0) -> UNet2DModel:
