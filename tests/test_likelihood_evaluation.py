@@ -1,0 +1,169 @@
+"""The likelihood API (hf_ddpm/evaluation/likelihood.py): every method through one call, each result naming itself,
+its cost and what it bounds; ε from every parametrization; progress that `set_progress_bar_config` turns off;
+bad input refused naming the value; over a split in blocks that resume; `python -m hf_ddpm evaluate --likelihood`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.cli import build_parser
+from hf_ddpm.evaluation.likelihood import METHODS, likelihood_over_split, log_likelihood
+from hf_ddpm.evaluation.run import evaluate
+from hf_ddpm.probability_flow import epsilon_from_output
+
+T, SIZE = 20, 8
+FAST_ODE = {"rtol": 1e-3, "atol": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_pipe(**scheduler_kwargs) -> HFDDPMPipeline:
+    torch.manual_seed(0)
+    learned = scheduler_kwargs.get("variance_type") == "learned_range"
+    unet = UNet2DModel(**unet_config("test-tiny", sample_size=SIZE, in_channels=1, out_channels=2 if learned else 1))
+    pipe = HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=T, **scheduler_kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+def digits(n: int) -> torch.Tensor:
+    from hf_ddpm.data import load_data
+
+    return load_data(resolution=SIZE, max_train_samples=n).train[:n]
+
+
+def test_every_method_names_itself_its_cost_and_what_it_bounds(pipe):
+    images = digits(2)
+    outs = {}
+    for method in METHODS:
+        options = FAST_ODE if method == "ode" else {"num_trajectories": 4, "num_samples": 2} if method == "iw" else {}
+        outs[method] = out = log_likelihood(pipe, images, method, generator=torch.manual_seed(0), **options)
+        assert out.method == method and "bound" in out.bounds
+        assert out.bits_per_dim.shape == out.standard_error.shape == out.model_evaluations.shape == (2,)
+        assert torch.all(torch.isfinite(out.bits_per_dim)) and torch.all(out.bits_per_dim > 0)
+    assert outs["bound"].model_evaluations.tolist() == [T, T]
+    assert outs["trajectory"].model_evaluations.tolist() == [16 * T] * 2  # M = 16 trajectories of T steps
+    assert outs["iw"].model_evaluations.tolist() == [4 * T] * 2 and outs["iw"].details["num_samples"] == 2
+    nfe = outs["ode"].details["nfe"]
+    assert torch.all(nfe >= 6) and torch.equal(outs["ode"].model_evaluations, nfe)  # one probe per evaluation
+    # the bound is the pipeline's own bits_per_dim (same generator), and rate-distortion comes from that pass
+    direct = pipe.bits_per_dim(images, generator=torch.manual_seed(0)).bits_per_dim
+    torch.testing.assert_close(outs["bound"].bits_per_dim, direct.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(outs["rate_distortion"].bits_per_dim, direct.cpu(), rtol=0, atol=0)
+    rate = outs["rate_distortion"].details["rate"]
+    assert rate.shape == (2, T + 1) and torch.allclose(rate[:, -1], direct.cpu().double())
+    assert math.isnan(outs["bound"].standard_error[0])  # one draw of x_t per term: unknown, not 0
+    assert torch.all(outs["trajectory"].standard_error > 0) and torch.all(outs["iw"].standard_error > 0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_epsilon_from_every_parametrization(prediction_type):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    alpha_bar = 0.3
+    x = math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * eps  # DDPM eq. 4
+    output = {"epsilon": eps, "sample": x0, "v_prediction": math.sqrt(alpha_bar) * eps - math.sqrt(1 - alpha_bar) * x0}
+    config = SimpleNamespace(prediction_type=prediction_type, variance_type="fixed_small")
+    torch.testing.assert_close(epsilon_from_output(output[prediction_type], x, alpha_bar, config), eps)
+    learned = SimpleNamespace(prediction_type=prediction_type, variance_type="learned_range")
+    with_variance = torch.cat([output[prediction_type], torch.full_like(eps, 0.3)], dim=1)  # the mean channels first
+    torch.testing.assert_close(epsilon_from_output(with_variance, x, alpha_bar, learned), eps)
+
+
+def test_learned_range_and_v_prediction_models_run_every_method():
+    for kwargs in ({"variance_type": "learned_range"}, {"prediction_type": "v_prediction"}):
+        pipe = make_pipe(**kwargs)
+        out = log_likelihood(pipe, digits(1), "ode", generator=torch.manual_seed(0), **FAST_ODE)
+        assert torch.isfinite(out.bits_per_dim).all(), kwargs
+        assert torch.isfinite(log_likelihood(pipe, digits(1), "iw", num_samples=2).bits_per_dim).all()
+
+
+def test_progress_follows_set_progress_bar_config(pipe, capsys):
+    images = digits(1)
+    pipe.set_progress_bar_config(disable=False)
+    try:
+        log_likelihood(pipe, images, "ode", generator=torch.manual_seed(0), **FAST_ODE)
+        log_likelihood(pipe, images, "bound")
+        shown = capsys.readouterr().err
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    assert "1/1" in shown and f"{T}/{T}" in shown and "<" in shown  # a count and an ETA ([elapsed<remaining])
+    log_likelihood(pipe, images, "bound")
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_input_is_refused_naming_the_value(pipe):
+    images = digits(1)
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        log_likelihood(pipe, images.float(), "ode")
+    with pytest.raises(ValueError, match="method='exact'.*choose one of"):
+        log_likelihood(pipe, images, "exact")
+    with pytest.raises(ValueError, match=r"num_samples.*got 0"):
+        log_likelihood(pipe, images, "iw", num_samples=0)
+    with pytest.raises(ValueError, match=r"num_probes.*got 0"):
+        log_likelihood(pipe, images, "ode", num_probes=0)
+    with pytest.raises(ValueError, match="num_trajectories=6 must be a multiple of num_samples K = 4"):
+        log_likelihood(pipe, images, "iw", num_samples=4, num_trajectories=6)
+    torch.manual_seed(0)
+    wrong = UNet2DModel(**unet_config("test-tiny", sample_size=SIZE, in_channels=1, out_channels=3))
+    bad = HFDDPMPipeline(unet=wrong, scheduler=HFDDPMScheduler(num_train_timesteps=T))
+    with pytest.raises(ValueError, match=r"output has shape \(1, 3, 8, 8\).*needs \(1, 1, 8, 8\)"):
+        log_likelihood(bad, images, "ode", **FAST_ODE)
+
+
+def test_a_split_resumes_from_its_finished_blocks(pipe, tmp_path):
+    images = digits(5)
+    options = {"divergence": "rademacher", "num_probes": 2, **FAST_ODE}
+    first = likelihood_over_split(pipe, images, "ode", options=options, block_size=2, seed=4, block_dir=tmp_path)
+    blocks = sorted(tmp_path.glob("block-*.npz"))
+    assert [p.name for p in blocks] == ["block-00000.npz", "block-00001.npz", "block-00002.npz"]
+    kept = {p.name: p.stat().st_mtime_ns for p in blocks[:2]}
+    blocks[2].unlink()
+    again = likelihood_over_split(pipe, images, "ode", options=options, block_size=2, seed=4, block_dir=tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(tmp_path.glob("block-*.npz"))[:2]} == kept  # not redone
+    assert again.value == first.value and again.stderr == first.stderr and again.count == 5
+    assert first.name == "bits_per_dim_ode" and first.details["nfe_per_image"]["mean"] > 0
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['options'\]\)"):
+        likelihood_over_split(pipe, images, "ode", options={**options, "num_probes": 3}, block_size=2, seed=4,
+                              block_dir=tmp_path)  # fmt: skip
+
+
+def test_evaluate_command_writes_one_entry_per_method(tmp_path):
+    path = tmp_path / "pipeline"
+    make_pipe().save_pretrained(path)
+    out = tmp_path / "metrics.json"
+    argv = ["evaluate", str(path), "--num_images", "3", "--batch_size", "2", "--likelihood",
+            "bound,trajectory,iw,ode,rate_distortion", "--num_trajectories", "4", "--iw_samples", "2", "--rtol", "1e-3",
+            "--atol", "1e-3", "--likelihood_dir", str(tmp_path / "blocks"), "--metrics_out", str(out)]  # fmt: skip
+    metrics = evaluate(build_parser().parse_args(argv))
+    written = json.loads(out.read_text())
+    names = ["bits_per_dim", "bits_per_dim_trajectory", "bits_per_dim_iw", "bits_per_dim_ode", "rate_distortion"]
+    assert [m.name for m in metrics] == names and sorted(written) == sorted(names)
+    assert written["bits_per_dim_iw"]["num_samples"] == 2 and "upper bound" in written["bits_per_dim_ode"]["bounds"]
+    assert len(written["rate_distortion"]["rate_bits_per_dim"]) == T + 1
+    assert written["rate_distortion"]["value"] == pytest.approx(written["bits_per_dim"]["value"], rel=1e-12)
+    assert np.isfinite(written["bits_per_dim_ode"]["nfe_per_image"]["mean"])
+    for bad, match in ((["--likelihood", "bound,exact"], "unknown methods \\['exact'\\]"),
+                       (["--iw_samples", "0"], "--iw_samples must be >= 1, got 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            evaluate(build_parser().parse_args(["evaluate", str(path), *bad]))
