@@ -6,6 +6,11 @@ none of that code: its components are a diffusers UNet2DModel in unet/ and a sch
 HFDDPMScheduler config, or a DDPMScheduler one: the keys are shared), so `HFDDPMPipeline.from_pretrained` loads
 them here, each from its subfolder.
 
+Before anything is read, the source is checked at the door: a local path that does not exist is said to be missing
+at once; a Hub repo id is looked up with one short request (hf_ddpm/hub_probe.py), so an unreachable Hub or a repo
+that does not exist is named in seconds, not after a minute of retries; a repo already in the local cache loads
+from it when the Hub cannot be reached.
+
 What is refused, with a message that says so: a directory or repo without model_index.json (not a saved pipeline,
 or one whose save was interrupted: the pipeline writer puts model_index.json back last), an index without a
 UNet2DModel `unet` and a `scheduler`, and pickled .bin weights. Weights are safetensors only unless the caller opts
@@ -21,9 +26,10 @@ import warnings
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from safetensors import safe_open
 
+from .hub_probe import HubUnreachable, endpoint, hub_status, offline
 from .scheduler import HFDDPMScheduler
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -51,6 +57,7 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     for key in ("dtype", "torch_dtype"):
         if isinstance(model.get(key), dict):  # per-component dtypes, as diffusers' pipelines accept them
             model[key] = model[key].get("unet", model[key].get("default"))
+    hub = check_source(pretrained_model_name_or_path, hub)
     unet_folder, scheduler_folder = component_folders(pretrained_model_name_or_path, **hub)
     if unet_folder is not None and (kwargs.get("unet") is None or kwargs.get("scheduler") is None):
         check_pipeline_index(pretrained_model_name_or_path, **hub)
@@ -62,6 +69,53 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     if scheduler is None:
         scheduler = HFDDPMScheduler.from_pretrained(pretrained_model_name_or_path, subfolder=scheduler_folder, **hub)
     return {"unet": unet, "scheduler": scheduler}
+
+
+def check_source(pretrained_model_name_or_path, hub: dict) -> dict:
+    """The Hub arguments to load `pretrained_model_name_or_path` with, once it is known to exist: a local
+    directory, or a Hub repo that answers. FileNotFoundError for a path that is neither a directory nor a repo id,
+    or a repo id that the Hub does not know (nor a local directory of that name); ConnectionError when the Hub does
+    not answer and the repo is not in the local cache (in the cache: it loads from there, local_files_only)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    source = str(pretrained_model_name_or_path)
+    if os.path.isdir(source):
+        return hub
+    if os.path.exists(source):
+        raise NotADirectoryError(
+            f"{source} is a file: load a pipeline directory (model_index.json, unet/, scheduler/) or a Hub repo id"
+        )
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{source}: no such directory (and not a Hub repo id, which is NAME or NAMESPACE/NAME). Pass a pipeline "
+            "directory (a training --output_dir, or one save_pretrained wrote) or a Hub repo id"
+        ) from None
+    if hub.get("local_files_only") or offline():
+        return hub
+    revision = hub.get("revision")
+    path = f"api/models/{source}" + (f"/revision/{revision}" if revision else "")
+    try:
+        status = hub_status(path, token=hub.get("token"))
+    except HubUnreachable as err:
+        cached = try_to_load_from_cache(source, "model_index.json", cache_dir=hub.get("cache_dir"), revision=revision)
+        if isinstance(cached, str):
+            warnings.warn(f"{err}: loading {source} from the local cache", UserWarning, stacklevel=4)
+            return {**hub, "local_files_only": True}
+        raise ConnectionError(
+            f"{source} is not a local directory, and {err} to look for a Hub repo of that name (none is in the "
+            "local cache). Check the path; or the network (HF_ENDPOINT, a proxy); for a repo downloaded before, "
+            "pass its cache_dir or set HF_HOME"
+        ) from None
+    if status in (401, 404):
+        what = f"repo {source} at revision {revision}" if revision else f"model repo named {source}"
+        raise FileNotFoundError(
+            f"{source} is not a local directory, and the Hub at {endpoint()} has no {what} (HTTP {status}; a "
+            "private or gated repo needs a token: `hf auth login` or token=). Pass a pipeline directory (a training "
+            "--output_dir, or one save_pretrained wrote) or a Hub repo id"
+        )
+    return hub
 
 
 def component_folders(pretrained_model_name_or_path, **hub) -> tuple[str | None, str | None]:

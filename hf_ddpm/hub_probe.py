@@ -1,0 +1,57 @@
+"""Reaching the Hub before a load: one request with a short timeout, so an unreachable Hub is named in seconds.
+
+huggingface_hub and datasets retry a failed connection with backoff (a minute or more for a model, several for a
+dataset) and then report a missing file, not the network. A loader that is about to read a Hub repo asks
+`hub_status` first: any HTTP answer means the Hub is reachable (its status says whether the repo exists), no
+answer raises HubUnreachable, a ConnectionError that names the endpoint and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+
+HUB_PROBE_TIMEOUT = 5.0  # seconds to connect and get an answer: the Hub answers in well under one
+
+
+class HubUnreachable(ConnectionError):
+    """No answer from the Hub: `endpoint` and `reason` say where and why."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"the Hugging Face Hub at {endpoint} cannot be reached ({reason})")
+        self.endpoint, self.reason = endpoint, reason
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE=1 (read now, as well as when huggingface_hub was imported): use the local cache only."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_status(path: str, token: str | bool | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> int:
+    """The HTTP status of one GET of `<endpoint>/<path>` (e.g. `api/models/google/ddpm-cifar10-32`), sent with the
+    token huggingface_hub would send (`token`: as in from_pretrained; None: the saved one, False: none).
+    HubUnreachable when there is no answer within `timeout` seconds."""
+    from huggingface_hub.utils import build_hf_headers
+
+    url = f"{endpoint()}/{path.lstrip('/')}"
+    given = token if isinstance(token, str) or token is False else None  # True: the saved one, as None
+    request = urllib.request.Request(url, headers=build_hf_headers(token=given))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code  # the Hub answered
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        raise HubUnreachable(endpoint(), str(reason)) from None

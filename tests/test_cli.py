@@ -1,0 +1,205 @@
+"""The `python -m hf_ddpm` command line at the door, run as a newcomer runs it: a mistyped flag, subcommand or choice
+answered with one line naming the nearest and a one-line usage; both spellings of every flag; a model argument
+that names a missing folder, a Hub that cannot be reached, or a repo the Hub does not have, each named in seconds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from hub_clients import finish, start_script
+
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.cli import build_parser, main
+from hf_ddpm.flags import canonical
+
+REPO = Path(__file__).resolve().parents[1]
+SECONDS = 30  # generous: each answer takes the interpreter's start-up and one request (a few seconds)
+
+
+def hf_ddpm(*argv, env: dict | None = None, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`python -m hf_ddpm ARGV`, and how long it took."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_ddpm", *map(str, argv)],
+        env=environment, cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return result, time.monotonic() - started
+
+
+@pytest.fixture
+def closed_port():
+    """A local port that nothing listens on: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port():
+    """A local port that accepts connections and never answers (a Hub behind a dead proxy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "pipeline"
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("test-tiny", sample_size=16, in_channels=1, out_channels=1))
+    HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=10)).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+
+def parse_error(argv: list[str], capsys) -> list[str]:
+    """The lines `python -m hf_ddpm ARGV` prints when its parser refuses ARGV (exit status 2)."""
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(argv)
+    assert exit.value.code == 2
+    return capsys.readouterr().err.splitlines()
+
+
+def test_an_unknown_flag_is_one_line_naming_the_nearest_then_a_one_line_usage(capsys):
+    result, _ = hf_ddpm("evaluate", "outputs/run", "--num_imgs", "8")  # the real command line
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "python -m hf_ddpm evaluate: error: unrecognized flag --num_imgs (did you mean --num_images?)",
+        "usage: python -m hf_ddpm evaluate [options] model   (--help describes every flag)",
+    ]
+    first, usage = parse_error(["push", "out", "--repo_id", "me/m", "--privte", "--tokn=x"], capsys)
+    assert first.endswith("unrecognized flags --privte (did you mean --private?), --tokn (did you mean --token?)")
+    assert usage.startswith("usage: python -m hf_ddpm push [options] --repo_id REPO_ID output_dir")
+    lines = parse_error(["evaluate", "m", "--zzzzzz"], capsys)  # nothing near: named, no guess
+    assert lines[0] == "python -m hf_ddpm evaluate: error: unrecognized flag --zzzzzz"
+
+
+def test_a_mistyped_subcommand_or_choice_and_a_missing_flag_name_what_is_wanted(capsys):
+    lines = parse_error(["evalute", "outputs/run"], capsys)
+    assert len(lines) == 2 and lines[0].endswith("did you mean 'evaluate'?")
+    lines = parse_error(["evaluate", "m", "--protocol", "pape"], capsys)
+    assert "invalid choice: 'pape'" in lines[0] and lines[0].endswith("did you mean 'paper'?")
+    assert parse_error(["push", "out"], capsys) == [
+        "python -m hf_ddpm push: error: the following arguments are required: --repo_id",
+        "usage: python -m hf_ddpm push [options] --repo_id REPO_ID output_dir   (--help describes every flag)",
+    ]
+
+
+def long_flags(parser) -> dict[str, list[str]]:
+    """{subcommand: its long flags as declared}."""
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    return {name: [s for a in sub._actions for s in a.option_strings if s.startswith("--")] for name, sub in commands.items()}  # fmt: skip
+
+
+def test_every_subcommand_spells_its_flags_with_underscores_and_reads_the_dash_spelling_too(pipeline_dir):
+    parser = build_parser()
+    for command, flags in long_flags(parser).items():
+        for flag in flags:
+            assert "-" not in flag[2:] or flag == "--help", f"{command} {flag}: one style, underscores"
+    required = {"push": ["out"], "export": ["out", "dest"], "evaluate": ["m"], "push-space": []}
+    for command, flags in long_flags(parser).items():
+        for flag in (f for f in flags if "_" in f):
+            action = next(a for a in parser._subparsers._group_actions[0].choices[command]._actions if flag in a.option_strings)  # fmt: skip
+            value = [] if action.nargs == 0 else [str(action.choices[0]) if action.choices else "1"]
+            given = {"--repo_id": ["me/m"], "--space_id": ["me/s"], "--model_id": ["me/m"]}
+            rest = [a for f, v in given.items() if f in flags and f != flag for a in (f, *v)]
+            underscored = parser.parse_args([command, *required[command], flag, *value, *rest])
+            dashed = parser.parse_args([command, *required[command], "--" + canonical(flag).replace("_", "-"), *value, *rest])  # fmt: skip
+            assert underscored == dashed, (command, flag)
+    # the old spelling through the real command line and the new one export the same folder
+    result, _ = hf_ddpm("export", pipeline_dir, pipeline_dir.parent / "--repo-id", "--repo-id", "me/digits")
+    assert result.returncode == 0, result.stderr
+    assert main(["export", str(pipeline_dir), str(pipeline_dir.parent / "--repo_id"), "--repo_id", "me/digits"]) == 0
+    old, new = (sorted((p.relative_to(d), p.read_bytes()) for p in d.rglob("*") if p.is_file())
+                for d in (pipeline_dir.parent / "--repo-id", pipeline_dir.parent / "--repo_id"))  # fmt: skip
+    assert old == new and any(str(name) == "README.md" for name, _ in new)
+
+
+# ------------------------------------------------------------------------------------------------ the model argument
+
+
+def test_a_missing_local_folder_is_named_at_once(tmp_path, closed_port, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")  # never asked: these are not repo ids
+    for path in ("./outputs/run", str(tmp_path / "outputs" / "run"), "outputs/run/"):
+        if path == "./outputs/run":  # the real command line, timed
+            result, seconds = hf_ddpm("evaluate", path)
+            code, err = result.returncode, result.stderr
+            assert seconds < SECONDS, (seconds, err)
+        else:
+            code, err = main(["evaluate", path]), capsys.readouterr().err
+        assert code == 1 and err.strip() == (
+            f"error: {path}: no such directory (and not a Hub repo id, which is NAME or NAMESPACE/NAME). Pass a "
+            "pipeline directory (a training --output_dir, or one save_pretrained wrote) or a Hub repo id"
+        ), err
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    assert main(["evaluate", str(tmp_path / "weights.safetensors")]) == 1
+    assert "weights.safetensors is a file: load a pipeline directory" in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_is_named_in_seconds(tmp_path, closed_port, silent_port, monkeypatch):
+    """`outputs/run` (a folder that does not exist here, and a valid repo id) with the Hub refusing connections;
+    then the library call with a Hub that accepts and never answers: one request, a 5 s timeout, no retries."""
+    result, seconds = hf_ddpm("evaluate", "outputs/run", env={"HF_ENDPOINT": f"http://127.0.0.1:{closed_port}"})
+    assert result.returncode == 1 and seconds < SECONDS, (seconds, result.stderr)
+    assert result.stderr.startswith(
+        f"error: outputs/run is not a local directory, and the Hugging Face Hub at http://127.0.0.1:{closed_port} "
+        "cannot be reached ("
+    ), result.stderr
+    assert "to look for a Hub repo of that name (none is in the local cache)" in result.stderr
+    assert len(result.stderr.splitlines()) == 1  # no retry messages
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_port}")  # read when the probe asks
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as error:
+        HFDDPMPipeline.from_pretrained("google/ddpm-cifar10-32", cache_dir=tmp_path)
+    assert time.monotonic() - started < SECONDS
+    assert str(error.value) == (
+        "google/ddpm-cifar10-32 is not a local directory, and the Hugging Face Hub at "
+        f"http://127.0.0.1:{silent_port} cannot be reached (no answer within 5 s) to look for a Hub repo of that name "
+        "(none is in the local cache). Check the path; or the network (HF_ENDPOINT, a proxy); for a repo downloaded "
+        "before, pass its cache_dir or set HF_HOME"
+    )
+
+
+def test_a_repo_the_hub_lacks_is_named_and_a_cached_one_loads_when_the_hub_is_gone(
+    tmp_path, pipeline_dir, hub, closed_port, monkeypatch, capsys
+):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert main(["evaluate", "test-user/no-such-model"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: test-user/no-such-model is not a local directory, and the Hub at {hub.url} has no model repo named "
+        "test-user/no-such-model (HTTP 404; a private or gated repo needs a token: `hf auth login` or token=). Pass "
+        "a pipeline directory (a training --output_dir, or one save_pretrained wrote) or a Hub repo id"
+    )
+    env = hub.env(tmp_path, "hf_x") | {"PYTHONPATH": str(REPO)}
+    script = f"""
+        import sys, warnings
+        from huggingface_hub import create_repo, upload_folder
+        from hf_ddpm import HFDDPMPipeline
+        if sys.argv[1] == "upload":
+            repo = create_repo("test-user/cached", token="hf_x").repo_id
+            upload_folder(repo_id=repo, folder_path={str(pipeline_dir)!r}, token="hf_x")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = HFDDPMPipeline.from_pretrained("test-user/cached")
+        print(pipe.scheduler.config.num_train_timesteps, [str(w.message) for w in caught if "cache" in str(w.message)])
+    """
+    assert finish(start_script(sys.executable, script, env, tmp_path, "upload")).startswith("10 []")
+    started = time.monotonic()
+    out = finish(start_script(sys.executable, script, env | {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port}"},
+                              tmp_path, "load"))  # fmt: skip
+    assert time.monotonic() - started < SECONDS
+    assert (
+        out.startswith("10 [") and "cannot be reached" in out and "loading test-user/cached from the local cache" in out
+    )
