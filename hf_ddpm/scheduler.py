@@ -12,14 +12,15 @@ config. Coefficients are computed once in float64. Where diffusers' `DDPMSchedul
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .chain import TIMESTEP_SPACINGS, Chain, ChainRows, TimestepSpacing, spaced_timesteps
@@ -39,15 +40,12 @@ def model_output_channels(data_channels: int, learned_variance: bool) -> int:
 
 
 @dataclass
-class HFDDPMSchedulerOutput(BaseOutput):
-    """Output of `HFDDPMScheduler.step`.
+class HFDDPMSchedulerOutput(DDPMSchedulerOutput):
+    """Output of `HFDDPMScheduler.step`: a diffusers `DDPMSchedulerOutput`, so code that checks for one accepts it.
 
     prev_sample: x_{t-1} (B, C, H, W), the input of the next step.
     pred_original_sample: the model's prediction of x_0 (B, C, H, W), for previews.
     """
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -131,13 +129,28 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.from_numpy(self.train_chain.alpha_bar)
         self.init_noise_sigma = 1.0
-        defaults = self.config.get("_use_default_values", [])
-        self.register_to_config(_use_default_values=[k for k in defaults if k not in PROCESS_KEYS])
+        self.register_to_config(_use_default_values=self._keys_at_default())
 
         # Runtime state (not config): the chain that `step` walks, set by `set_timesteps`.
         self.num_inference_steps = None
         self.custom_timesteps = False
         self._set_chain(np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64))
+
+    def _keys_at_default(self) -> list[str]:
+        """The config's `_use_default_values`: the keys that a scheduler swapped in with `from_config` takes at its
+        own default (diffusers' ConfigMixin drops them from the config it reads).
+
+        diffusers records the keys left out of the call, in the iteration order of a set of strings, which changes
+        with PYTHONHASHSEED, and forgets them on save. Here they are the keys whose value is this class's default, in
+        signature order: a function of the values alone, equal after save/load and in every interpreter. The DDPM
+        process keys (PROCESS_KEYS) are never listed, so every swapped-in scheduler keeps them (see there).
+        """
+        params = inspect.signature(type(self).__init__).parameters.values()
+        return [
+            p.name
+            for p in params
+            if p.default is not p.empty and p.name not in PROCESS_KEYS and self.config[p.name] == p.default
+        ]
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -181,18 +194,22 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
                 num_train, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset
             )
             self.custom_timesteps, self.num_inference_steps = False, num_inference_steps
-        self._set_chain(chosen)
+        self._set_chain(chosen, device)
 
-    def _set_chain(self, timesteps: np.ndarray) -> None:
-        self.timesteps = torch.from_numpy(timesteps.copy())  # kept on the CPU: reading one is not a device sync
-        self._timestep_list = timesteps.tolist()
+    def _set_chain(self, timesteps: np.ndarray, device: str | torch.device | None = None) -> None:
+        self.timesteps = torch.from_numpy(timesteps.copy()).to(device)  # int64 on `device`, as diffusers'
+        self._timestep_list = timesteps.tolist()  # steps look timesteps up here: no device sync
         self._step_index = {t: i for i, t in enumerate(self._timestep_list)}
         self.step_chain = Chain.of(self.train_chain.beta, timesteps)  # row i ↔ timesteps[i]
 
-    def previous_timestep(self, timestep: int) -> int:
-        """The timestep that follows `timestep` in the sampling chain; -1 after the last one."""
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
+        """The timestep that follows `timestep` in the sampling chain, -1 after the last one, typed as diffusers'
+        DDPMScheduler types it: after `set_timesteps`, a 0-d int64 tensor (an element of `timesteps`, or
+        `torch.tensor(-1)`); before, `timestep - 1` (an int for an int)."""
         i = self._index_of(timestep)
-        return self._timestep_list[i + 1] if i + 1 < len(self._timestep_list) else -1
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return timestep - 1  # the full chain T-1, ..., 0
+        return self.timesteps[i + 1] if i + 1 < len(self._timestep_list) else torch.tensor(-1)
 
     def _index_of(self, timestep) -> int:
         t = int(timestep)
