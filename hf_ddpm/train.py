@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from .training import main
+from .training.main import main
 
 __all__ = ["main"]
 

@@ -126,6 +126,6 @@ def _install(env) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(HOOKS.parents[1]))
     _install(os.environ)
-    from hf_ddpm.training import main
+    from hf_ddpm.training.main import main
 
     sys.exit(main(sys.argv[1:]))

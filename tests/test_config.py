@@ -1,7 +1,7 @@
-"""The run config (hf_ddpm/training/run_config.py) and its command line (hf_ddpm/training/config.py): the parser is
-built from the fields, the config is checked once without being changed, `--config FILE` with overrides."""
+"""The run config (hf_ddpm/training/config.py) and its command line (hf_ddpm/training/cli.py): the parser is built
+from the fields, a config is frozen and checked whenever it is built, `resolve` fills the run-dependent values into a
+new one, `--config FILE` with overrides."""
 
-import copy
 import dataclasses
 import json
 import types
@@ -9,11 +9,11 @@ import typing
 
 import pytest
 
-from hf_ddpm.training import build_parser, run_config
-from hf_ddpm.training.config import config_values, parse_args, read_config_file, serializable_args
-from hf_ddpm.training.run_config import GROUPS, TrainingConfig, check_args
+from hf_ddpm.training import build_parser
+from hf_ddpm.training.cli import config_values, parse_args, read_config_file
+from hf_ddpm.training.config import GROUPS, RunFacts, TrainingConfig, check_args, flag_of_key, resolve
 
-SESSION_3_FLAGS = set(
+EARLIER_FLAGS = set(
     "--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --allow_tf32 --beta_schedule --cache_dir "
     "--center_crop --channels_last --checkpointing_steps --checkpoints_total_limit --compile --dataset_config_name "
     "--dataset_name --ddpm_beta_schedule --ddpm_num_inference_steps --ddpm_num_steps --ema_inv_gamma --ema_max_decay "
@@ -40,7 +40,7 @@ def test_every_field_is_a_flag_of_its_group_and_nothing_else_is():
         (group,) = [g for g in parser._action_groups if g.title == title]
         assert {a.dest for a in group._group_actions} == {f.name for f in dataclasses.fields(options)}
     flags = {s for a in parser._actions for s in a.option_strings}
-    assert SESSION_3_FLAGS <= flags  # every flag of the hand-written argparse namespace it replaced, names unchanged
+    assert EARLIER_FLAGS <= flags  # every flag of the hand-written argparse namespace it replaced, names unchanged
 
 
 def test_choices_types_and_defaults_come_from_the_fields():
@@ -75,21 +75,80 @@ def test_the_defaults_are_a_config_built_without_arguments():
     )
 
 
-def test_check_args_reads_the_config_and_never_changes_it(monkeypatch):
-    config = TrainingConfig(loss="hybrid")  # the only implied value: hybrid's variance, set when the config is built
-    assert config.variance_type == "learned_range"
-    before = copy.deepcopy(config)
-    check_args(config)
-    assert config == before
-    later = TrainingConfig()
-    later.loss = "hybrid"  # changed after it was built: check_args accepts it and implies nothing
-    check_args(later)
-    assert later.variance_type is None
+def test_a_config_is_frozen_and_resolving_it_gives_a_new_one():
+    given = parse_args(["--loss", "hybrid"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        given.loss = "simple"
+    assert given.variance_type is None  # what was given: the run-dependent values are left to `resolve`
+    check_args(given)
+    resolved, notes = resolve(given, RunFacts())
+    assert resolved.variance_type == "learned_range" and given.variance_type is None  # hybrid's only variance
+    assert (resolved.ddpm_num_steps, resolved.ddpm_beta_schedule, resolved.prediction_type) == (
+        1000,
+        "linear",
+        "epsilon",
+    )
+    assert (resolved.ddpm_num_inference_steps, resolved.save_images_epochs, resolved.mixed_precision) == (250, 10, "no")
+    assert resolved.train_batch_size is None and resolved.lr_warmup_steps is None and notes == []  # no data facts yet
+    assert resolve(resolved, RunFacts())[0] == resolved  # a resolved config resolves to itself
+    with pytest.raises(ValueError, match="--loss hybrid needs variance_type learned_range"):
+        dataclasses.replace(resolved, variance_type="fixed_small")  # a config built from another is checked too
 
-    calls = []
-    monkeypatch.setattr(run_config, "check_args", lambda args: calls.append(args))
-    parse_args(["--train_batch_size", "3"])
-    assert len(calls) == 1  # once, when the config is built
+
+def test_resolve_fits_the_defaults_to_the_data_and_the_run():
+    given = parse_args(["--num_epochs", "6", "--ddpm_num_steps", "21"])
+    config, notes = resolve(given, RunFacts(num_processes=1, train_images=9))
+    assert (config.train_batch_size, config.lr_warmup_steps, config.ddpm_num_inference_steps) == (9, 0, 21)
+    assert notes == [
+        "--train_batch_size 9 (the default 64, capped: 9 training images over 1 processes)",
+        "--lr_warmup_steps 0 (the default 100 is longer than the run's 6 steps: a tenth of it)",
+    ]
+    config, notes = resolve(given, RunFacts(num_processes=2, train_images=20_000))
+    assert (config.train_batch_size, config.lr_warmup_steps, notes) == (64, 100, [])  # 156 steps per epoch
+    with pytest.raises(ValueError, match="--lr_warmup_steps 100 exceeds the run's 6 optimizer steps"):
+        resolve(parse_args(["--num_epochs", "6", "--lr_warmup_steps", "100"]), RunFacts(train_images=9))
+    with pytest.raises(ValueError, match="--ddpm_num_inference_steps 250 exceeds the 21 training timesteps"):
+        resolve(parse_args(["--ddpm_num_inference_steps", "250"]), RunFacts(pretrained_scheduler=PRETRAINED))
+
+
+PRETRAINED = {"num_train_timesteps": 21, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
+              "variance_type": "fixed_large"}  # fmt: skip
+
+
+def test_fine_tuning_resolves_to_the_pretrained_schedulers_objective():
+    given = parse_args(["--pretrained_model_name_or_path", "run", "--beta_schedule", "cosine"])
+    config, _ = resolve(given, RunFacts(pretrained_scheduler=PRETRAINED))
+    assert (config.ddpm_num_steps, config.prediction_type, config.variance_type) == (21, "v_prediction", "fixed_large")
+    assert config.ddpm_num_inference_steps == 21 and config.ddpm_beta_schedule == "cosine"  # the same schedule
+    with pytest.raises(ValueError, match=r"keeps the pretrained scheduler's prediction_type='v_prediction'; "
+                                         r"--prediction_type epsilon differs"):  # fmt: skip
+        resolve(dataclasses.replace(given, prediction_type="epsilon"), RunFacts(pretrained_scheduler=PRETRAINED))
+    with pytest.raises(ValueError, match="--loss hybrid needs variance_type learned_range; the pretrained scheduler"):
+        resolve(dataclasses.replace(given, loss="hybrid"), RunFacts(pretrained_scheduler=PRETRAINED))
+
+
+def test_a_resumed_run_takes_its_checkpoints_precision_and_refuses_another(monkeypatch):
+    facts = RunFacts(launch_precision="no", resume_path="out/checkpoint-4", resumed_precision="bf16")
+    config, notes = resolve(parse_args([]), facts)
+    assert config.mixed_precision == "bf16"
+    assert notes == ["--mixed_precision bf16 restored from out/checkpoint-4 (the launch said no)"]
+    with pytest.raises(ValueError, match=r"--mixed_precision no: the checkpoint out/checkpoint-4 was trained with "
+                                         r"--mixed_precision bf16; drop the flag"):  # fmt: skip
+        resolve(parse_args(["--mixed_precision", "no"]), facts)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"the checkpoint out/checkpoint-4 was trained with --mixed_precision fp16, "
+                                         r"which needs a CUDA GPU, and none is available"):  # fmt: skip
+        resolve(parse_args([]), dataclasses.replace(facts, resumed_precision="fp16"))
+
+
+def test_flags_of_scheduler_keys_come_from_the_fields():
+    assert flag_of_key("num_train_timesteps") == "--ddpm_num_steps"
+    assert flag_of_key("beta_schedule") == "--ddpm_beta_schedule"
+    assert flag_of_key("prediction_type") == "--prediction_type" and flag_of_key("loss") == "--loss"
+    assert flag_of_key("beta_start") is None  # set by the schedule, not by a flag
+    evaluate_names = parse_args(["--num_images", "8", "--num_timesteps", "4", "--output-dir", "x"])
+    assert (evaluate_names.eval_num_images, evaluate_names.eval_num_timesteps) == (8, 4)  # `evaluate`'s names
+    assert evaluate_names.output_dir == "x"  # the dash spelling of any flag
 
 
 def test_lower_bounds_are_field_metadata_and_name_the_flag():
@@ -103,7 +162,7 @@ def test_lower_bounds_are_field_metadata_and_name_the_flag():
 
 def test_training_args_json_keeps_its_format_and_reads_back_as_a_config(tmp_path):
     config = parse_args(["--loss", "hybrid", "--random_crop", "--eval_size", "5", "--push_to_hub", "--hub_token", "t"])
-    values = serializable_args(config)
+    values = config.to_json()
     assert list(values) == [f.name for f in dataclasses.fields(config) if f.name != "hub_token"]
     path = tmp_path / "training_args.json"
     path.write_text(json.dumps(values, indent=2))

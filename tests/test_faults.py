@@ -29,15 +29,21 @@ import hf_ddpm.training.loop as loop
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.training import checkpoints, parse_args, train
 from hf_ddpm.training.checkpoints import CheckpointWriteError
-from hf_ddpm.training.faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError
+from hf_ddpm.training.interruptions import MAX_CONSECUTIVE_SKIPS, NonFiniteError
 from hf_ddpm.training.output_dir import LOCK_NAME, MANIFEST_NAME
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 RUN = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--random_flip", "--learning_rate", "1e-3"]
 RECORDS = [MANIFEST_NAME, LOCK_NAME]  # what every run keeps in its output directory (sorted: dot-names first)
-CHECKPOINT_FILES = {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "model.safetensors", "optimizer.bin",
-                    "random_states_0.pkl", "scheduler.bin"}  # fmt: skip
+CHECKPOINT_FILES = {
+    "custom_checkpoint_0.pkl",
+    "model.safetensors",
+    "optimizer.bin",
+    "random_states_0.pkl",
+    "run_record.json",
+    "scheduler.bin",
+}  # fmt: skip (custom_checkpoint_0: the EMA)
 
 
 def reset_accelerate() -> None:
@@ -180,10 +186,10 @@ sh = lambda *command: subprocess.run(command, check=True, capture_output=True)
 sh("mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(base))  # in this process's own mount namespace
 save, action, results = checkpoints.save_checkpoint, [None], {}
 
-def hooked(accelerator, output_dir, step, total_limit=None):
-    if step == 4 and action[0]:
+def hooked(accelerator, output_dir, record, total_limit=None):
+    if record.step == 4 and action[0]:
         action[0](output_dir)
-    return save(accelerator, output_dir, step, total_limit)
+    return save(accelerator, output_dir, record, total_limit)
 
 def fill(output_dir):  # a real full disk: write until the kernel says ENOSPC
     fd = os.open(base / "filler", os.O_WRONLY | os.O_CREAT)
@@ -266,7 +272,7 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_no_nan_weights_are_written(tmp
         train(parse_args(tiny(out, "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e30")))
     assert sorted(p.name for p in out.iterdir()) == [*RECORDS, "checkpoint-1", "logs", "training_args.json"]
     weights = load_file(str(out / "checkpoint-1" / "model.safetensors"))
-    ema = torch.load(out / "checkpoint-1" / "custom_checkpoint_1.pkl", weights_only=False)["shadow_params"]
+    ema = torch.load(out / "checkpoint-1" / "custom_checkpoint_0.pkl", weights_only=False)["shadow_params"]
     assert all(torch.isfinite(t).all() for t in [*weights.values(), *ema])
 
 
@@ -305,7 +311,7 @@ def nan_at(monkeypatch, calls: set[int] | None) -> None:
 def test_on_nan_skip_drops_that_steps_update_and_goes_on(tmp_path, monkeypatch, caplog):
     nan_at(monkeypatch, {3})
     out = tmp_path / "out"
-    with caplog.at_level("WARNING", logger="hf_ddpm.training.faults"):
+    with caplog.at_level("WARNING", logger="hf_ddpm.training.interruptions"):
         summary = train(
             parse_args(tiny(out, "--max_train_steps", "5", "--checkpointing_steps", "5", "--on_nan", "skip"))
         )

@@ -1,6 +1,8 @@
 """The papers' recipes (training/recipes/*.yaml, shipped as hf_ddpm/recipes): each value against a table of the
 papers' settings written here independently of the files, the UNets' parameter counts, a citation on every line."""
 
+import dataclasses
+import json
 import shlex
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from PIL import Image
 from training_runs import tiny
 
 from hf_ddpm import unet_config
-from hf_ddpm.training import parse_args, run_config, train
-from hf_ddpm.training.config import RECIPES_DIR, recipe_names
+from hf_ddpm.training import parse_args, train
+from hf_ddpm.training.cli import RECIPES_DIR, recipe_names
+from hf_ddpm.training.config import RunFacts, resolve
 from hf_ddpm.training.model import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +111,7 @@ def test_each_recipe_value_cites_its_source(name):
 
 @pytest.mark.parametrize("name", sorted(PAPERS))
 def test_the_recipes_schedules_are_the_papers(name):
-    scheduler = build_scheduler(parse_args(["--config", name]))
+    scheduler = build_scheduler(resolve(parse_args(["--config", name]), RunFacts())[0])
     betas = scheduler.betas.double()
     assert scheduler.config.num_train_timesteps == PAPERS[name]["ddpm_num_steps"] == len(betas)
     if PAPERS[name]["ddpm_beta_schedule"] == "linear":  # DDPM section 4: beta_1 = 1e-4 ... beta_T = 0.02, linear
@@ -142,12 +145,17 @@ def test_the_command_line_overrides_a_recipe_and_the_improved_recipe_trains(tmp_
     datasets.Dataset.from_dict({"image": images}).save_to_disk(local)
     argv = ["--config", "improved-ddpm-cifar10", "--dataset_name", str(local), "--lr_warmup_steps", "0"]
     argv += ["--checkpointing_steps", "100", "--save_images_steps", "100", "--no-random_flip"]
-    checks = []
-    monkeypatch.setattr(run_config, "check_args", lambda args, check=run_config.check_args: checks.append(check(args)))
     config = parse_args(tiny(tmp_path / "out", *argv, "--ddpm_num_steps", "40", "--eval_size", "4"))
     assert (config.train_batch_size, config.ddpm_num_steps, config.loss, config.dropout) == (4, 40, "hybrid", 0.3)
+    given = dataclasses.replace(config)
     summary = train(config)
-    assert len(checks) == 1  # the options are checked once, when the config is built, not again by train()
+    assert config == given  # what was given is never changed: the run trains with its resolved copy
+    saved = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert (saved["variance_type"], saved["ddpm_beta_schedule"], saved["lr_warmup_steps"]) == (
+        "learned_range",
+        "cosine",
+        0,
+    )
     assert summary["optimizer_steps"] == 2 and np.isfinite(summary["eval"]["bits_per_dim"])
     pipeline_config = (tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text()
     assert '"variance_type": "learned_range"' in pipeline_config and '"squaredcos_cap_v2"' in pipeline_config

@@ -105,12 +105,12 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical_and_only_rank_0_writes(
     files = sorted(p.name for p in (out / "checkpoint-4").iterdir())
     # accelerate's save_state: each process saves its RNG state; everything else comes from rank 0 once.
     assert files == [
-        "custom_checkpoint_0.pkl",
-        "custom_checkpoint_1.pkl",
+        "custom_checkpoint_0.pkl",  # the EMA weights
         "model.safetensors",
         "optimizer.bin",
         "random_states_0.pkl",
         "random_states_1.pkl",
+        "run_record.json",  # what the run was, read by name on resume
         "scheduler.bin",
     ]
     # The LR counts optimizer steps with 2 processes and accumulation 2 (accelerate would step it twice per step).

@@ -13,6 +13,7 @@ from hub_clients import tree_hashes
 from training_runs import assert_same_weights, tiny
 
 from hf_ddpm.training import checkpoints, parse_args, train
+from hf_ddpm.training.checkpoints import RUN_RECORD
 from hf_ddpm.training.output_dir import LOCK_NAME, MANIFEST_NAME, OutputDirError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
@@ -95,7 +96,7 @@ def trained(tmp_path) -> Path:
 )  # fmt: skip
 def test_a_refused_resume_names_the_differences_and_changes_nothing(trained, extra, match, monkeypatch):
     before = tree_hashes(trained)
-    monkeypatch.setattr("hf_ddpm.training.setup.load_training_data", lambda *_: pytest.fail("data read before checks"))
+    monkeypatch.setattr("hf_ddpm.training.main.load_training_data", lambda *_: pytest.fail("data read before checks"))
     with pytest.raises(ValueError, match=match):
         train(parse_args(tiny(trained, *RUN, *extra)))
     assert tree_hashes(trained) == before
@@ -120,15 +121,14 @@ def test_the_manifest_records_the_foreign_files_and_the_lock_its_holder(tmp_path
     assert checkpoints.list_checkpoints(out) == []
 
 
-def test_a_resume_with_another_process_count_is_refused(trained, monkeypatch):
+def test_a_resume_with_another_process_count_is_refused(trained):
     """The data order and random streams follow from the process count: a checkpoint of 2 processes resumed by 1
     is refused before anything is read or written (the record is what checkpoint-6 holds, its count changed)."""
-    from hf_ddpm.training import preflight
-
-    record = preflight.checkpoint_record(str(trained / "checkpoint-6"))
-    assert record["run_shape"]["num_processes"] == 1 and record["mixed_precision"] == "no"
-    record["run_shape"]["num_processes"] = 2
-    monkeypatch.setattr(preflight, "checkpoint_record", lambda path: record)
+    path = trained / "checkpoint-6" / RUN_RECORD
+    record = json.loads(path.read_text())
+    assert record["launch"] == {"num_processes": 1, "mixed_precision": "no"} and record["step"] == 6
+    record["launch"]["num_processes"] = 2
+    path.write_text(json.dumps(record))
     before = tree_hashes(trained)
     match = (
         r"checkpoint-6 was written by 2 processes and this run has 1; resume with `accelerate launch --num_processes 2`"

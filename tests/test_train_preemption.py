@@ -23,9 +23,7 @@ from fault_hooks import HOOKS, start_training, wait_for_marker
 from training_runs import REPO, assert_same_weights, environment, free_port, launch_command, tiny
 
 from hf_ddpm.training import checkpoints, parse_args, train
-from hf_ddpm.training.preemption import Preempted, PreemptionHandler, exit_status, parse_signals, resume_command
-
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
+from hf_ddpm.training.interruptions import Preempted, PreemptionHandler, exit_status, parse_signals, resume_command
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
@@ -162,12 +160,9 @@ def test_signal_names_are_parsed_and_unknown_ones_refused():
 def test_a_second_ctrl_c_aborts_at_once_and_forked_children_ignore_the_signal(tmp_path):
     """In a child: the first SIGINT sets the flag (the handler returns), the second kills the process at once;
     a forked child (a DataLoader worker) that inherited the handler ignores the signal."""
-    script = f"""
-import importlib.util, os, signal, sys, time
-spec = importlib.util.spec_from_file_location("preemption", {str(REPO / "hf_ddpm" / "training" / "preemption.py")!r})
-preemption = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(preemption)  # the module alone (no torch): a quick child
-PreemptionHandler = preemption.PreemptionHandler
+    script = """
+import os, signal, sys, time
+from hf_ddpm.training.interruptions import PreemptionHandler
 handler = PreemptionHandler((signal.SIGINT, signal.SIGTERM))
 handler.install()
 child = os.fork()
@@ -182,7 +177,7 @@ os.kill(os.getpid(), signal.SIGINT)
 time.sleep(5)
 print("not reached", flush=True)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGINT, result.stderr
     assert result.stdout.split() == ["child", "7", "first", str(int(signal.SIGINT))]
     assert "received SIGINT: stopping after this optimizer step with a checkpoint (Ctrl-C again aborts" in result.stderr

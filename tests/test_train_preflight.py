@@ -15,7 +15,8 @@ import PIL.Image
 import pytest
 from training_runs import REPO, environment, launch_command
 
-from hf_ddpm.training import main, parse_args, train
+from hf_ddpm.training import parse_args, train
+from hf_ddpm.training.main import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 SHORT = ["--model_config", "test-tiny", "--resolution", "8", "--ddpm_num_steps", "50", "--eval_size", "2",
@@ -25,7 +26,7 @@ SHORT = ["--model_config", "test-tiny", "--resolution", "8", "--ddpm_num_steps",
 @pytest.fixture
 def no_data(monkeypatch):
     """Reading the data fails the test: every check below must come first."""
-    monkeypatch.setattr("hf_ddpm.training.setup.load_training_data", lambda *_: pytest.fail("data read before checks"))
+    monkeypatch.setattr("hf_ddpm.training.main.load_training_data", lambda *_: pytest.fail("data read before checks"))
 
 
 def refused(tmp_path, argv, match, error=ValueError):
@@ -77,12 +78,12 @@ def test_bad_hub_repo_ids_are_refused_before_training(tmp_path, no_data, monkeyp
 
 
 def test_the_push_target_is_said_at_start_up(tmp_path, no_data, monkeypatch, caplog):
-    from hf_ddpm.training import preflight
+    from hf_ddpm.training.publish import check_repo_id
 
     monkeypatch.setenv("HF_TOKEN", "hf_unused")
     args = parse_args(["--output_dir", str(tmp_path / "digits-ddpm"), "--push_to_hub"])
-    with caplog.at_level(logging.INFO, logger="hf_ddpm.training.preflight"):
-        assert preflight.check_repo_id(args) == "digits-ddpm"
+    with caplog.at_level(logging.INFO, logger="hf_ddpm.training.publish"):
+        assert check_repo_id(args) == "digits-ddpm"
     assert "--push_to_hub: will push the pipeline to " in caplog.text and "/<your namespace>/digits-ddpm" in caplog.text
 
 
@@ -124,7 +125,7 @@ def test_a_hub_that_answers_is_left_to_datasets(monkeypatch, hub):
     passes, and datasets reports what is wrong with the name."""
     from huggingface_hub import constants
 
-    from hf_ddpm.training.preflight import check_dataset_reachable
+    from hf_ddpm.training.batches import check_dataset_reachable
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

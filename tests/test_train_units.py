@@ -12,7 +12,9 @@ from diffusers.optimization import get_scheduler
 from hf_ddpm.images import make_grid
 from hf_ddpm.training import build_parser, checkpoints
 from hf_ddpm.training.batches import ShardedBatches, step_generator, to_model_input
-from hf_ddpm.training.config import effective_mixed_precision, parse_args, serializable_args
+from hf_ddpm.training.checkpoints import RunRecord
+from hf_ddpm.training.cli import parse_args
+from hf_ddpm.training.config import RunFacts, resolve
 
 # ---------------------------------------------------------------- options
 
@@ -54,7 +56,7 @@ def test_fp16_without_cuda_is_a_clear_error_that_suggests_bf16(monkeypatch, tmp_
     with pytest.raises(ValueError, match="bf16"):
         parse_args(["--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
-    assert effective_mixed_precision(parse_args(["--mixed_precision", "bf16"])) == "bf16"
+    assert resolve(parse_args(["--mixed_precision", "bf16"]), RunFacts())[0].mixed_precision == "bf16"
 
 
 @pytest.mark.parametrize(
@@ -77,9 +79,9 @@ def test_bad_option_combinations_are_rejected(argv, match):
 
 
 def test_hybrid_implies_learned_range_and_the_token_is_never_serialized():
-    assert parse_args(["--loss", "hybrid"]).variance_type == "learned_range"
+    assert resolve(parse_args(["--loss", "hybrid"]), RunFacts())[0].variance_type == "learned_range"
     args = parse_args(["--push_to_hub", "--hub_token", "secret", "--hub_model_id", "me/m"])
-    assert "hub_token" not in serializable_args(args) and serializable_args(args)["hub_model_id"] == "me/m"
+    assert "hub_token" not in args.to_json() and args.to_json()["hub_model_id"] == "me/m"
 
 
 # ---------------------------------------------------------------- batches
@@ -158,13 +160,26 @@ class _FakeAccelerator:
             f.write("weights")
 
 
+def record(step: int) -> RunRecord:
+    config = resolve(parse_args(["--train_batch_size", "4"]), RunFacts())[0]
+    return RunRecord.of_run(step, {"in_channels": 1, "_class_name": "UNet2DModel"}, OBJECTIVE, config, 1)
+
+
+OBJECTIVE = {"num_train_timesteps": 50, "beta_schedule": "linear", "beta_start": 0.002, "beta_end": 0.4,
+             "prediction_type": "epsilon", "variance_type": "fixed_small"}  # fmt: skip
+
+
 def test_save_checkpoint_renames_a_complete_directory_and_replaces_an_old_one(tmp_path):
     accelerator = _FakeAccelerator()
     (tmp_path / "checkpoint-3.tmp").mkdir()  # a leftover of a killed run
     for step in (1, 2, 3, 2):
-        checkpoints.save_checkpoint(accelerator, str(tmp_path), step, total_limit=2)
+        checkpoints.save_checkpoint(accelerator, str(tmp_path), record(step), total_limit=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
     assert (tmp_path / "checkpoint-2" / "model.safetensors").read_text() == "weights"
+    assert RunRecord.read(str(tmp_path / "checkpoint-3")) == record(3)  # by its name, whatever else the state holds
+    saved = RunRecord.read(str(tmp_path / "checkpoint-2"))
+    assert saved.step == 2 and saved.unet == {"in_channels": 1} and saved.launch.mixed_precision == "no"
+    assert saved.objective == {**OBJECTIVE, "loss": "simple"} and saved.batch["train_batch_size"] == 4
 
 
 # ---------------------------------------------------------------- LR curve

@@ -109,3 +109,20 @@ def scalars(output_dir, tag) -> dict:
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     return {e.step: e.value for e in accumulator.Scalars(tag)}
+
+
+def digit_shards(folder: Path, count: int = 96, shards: int = 2) -> list[str]:
+    """The first `count` bundled digits (8x8 grayscale) as parquet shards: data to --stream, or to read as files."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (load_digits().images[:count] * (255 / 16)).round().astype(np.uint8)
+    features = datasets.Features({"image": datasets.Image()})
+    per = count // shards
+    for s in range(shards):
+        images = [Image.fromarray(p, mode="L") for p in pixels[s * per : (s + 1) * per]]
+        datasets.Dataset.from_dict({"image": images}, features=features).to_parquet(str(folder / f"{s}.parquet"))
+    return sorted(str(p) for p in folder.glob("*.parquet"))

@@ -1,7 +1,7 @@
-"""Training DDPMs with accelerate: options (`config`), the loop (`loop`), checkpoints, batches and evaluation."""
+"""Training DDPMs with accelerate: the entry point (`main.main`), the command line (`cli`), the run config and its
+resolution (`config`), the loop (`loop`), checkpoints and their run record, interruptions, data batches, the model."""
 
-from .config import build_parser, parse_args
-from .errors import main
-from .loop import train
+from .cli import build_parser, parse_args
+from .main import train
 
-__all__ = ["build_parser", "main", "parse_args", "train"]
+__all__ = ["build_parser", "parse_args", "train"]

@@ -1,4 +1,5 @@
-"""Training batches from uint8 images held on the device, sharded over processes, addressed by micro-step.
+"""A run's data: the probe of a Hub dataset before anything is read, the images (hf_ddpm.data: in memory, memory-
+mapped or streamed), and the batches, sharded over processes and addressed by micro-step.
 
 Epoch e is a permutation of the images drawn from a generator seeded with (seed, e), cut into global batches of
 B·W images (W processes, the last partial batch dropped so every process steps alike); process r takes rows
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import glob
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +61,40 @@ def load_training_data(args, accelerator, resolution: int, channels: int | None)
         )
 
 
+HUB_PROBE_TIMEOUT = 5.0  # seconds: to connect to the Hub and get an answer; datasets would retry for minutes
+
+
+def check_dataset_reachable(args) -> None:
+    """A Hub --dataset_name (not a local path) with the Hub unreachable fails now, within HUB_PROBE_TIMEOUT,
+    naming the network, instead of after datasets' silent retries. Offline mode (HF_HUB_OFFLINE=1 or
+    HF_DATASETS_OFFLINE=1) reads the local cache and is not probed; an HTTP answer of any status counts as
+    reachable (datasets then says what is wrong with the name)."""
+    from huggingface_hub import constants
+
+    name = args.dataset_name
+    if name is None or os.path.exists(name):
+        return
+    if constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    url = f"{endpoint}/api/datasets/{name}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return  # the Hub answered
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {HUB_PROBE_TIMEOUT:g} s"
+        raise ConnectionError(
+            f"--dataset_name {name}: the Hugging Face Hub at {endpoint} cannot be reached ({reason}): a network "
+            "problem, not the dataset. If it is in the local cache, "
+            "run with HF_HUB_OFFLINE=1; or pass a local copy (--dataset_name DIR or --train_data_dir DIR)"
+        ) from None
+
+
 @dataclass
 class StreamingData:
     """What `load_training_data` gives for --streaming: the stream's maker and the held-out images, in memory."""
@@ -70,8 +107,6 @@ class StreamingData:
 
 
 def _streaming_data(args, resolution, channels) -> StreamingData:
-    if args.max_train_steps is None:
-        raise ValueError("--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead")
     opened = open_streaming(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir, train_data_files=data_files(args.train_data_files),
@@ -83,7 +118,7 @@ def _streaming_data(args, resolution, channels) -> StreamingData:
 
 def make_batches(data, args, accelerator):
     """The run's batches: from memory or the mapped cache (`ShardedBatches`), or from a stream (`StreamingBatches`,
-    registered for checkpointing: its position is saved with each checkpoint)."""
+    whose position the run checkpoints)."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if not isinstance(data, StreamingData):
         return ShardedBatches(data.train.to(device), args.train_batch_size, world, rank, args.seed)
@@ -93,7 +128,6 @@ def make_batches(data, args, accelerator):
         resolution=data.train.shape[2], channels=data.train.shape[1], skip_corrupt=args.on_corrupt_image == "skip",
         device=device, num_examples=data.train.num_examples,
     )  # fmt: skip
-    accelerator.register_for_checkpointing(batches)
     return batches
 
 

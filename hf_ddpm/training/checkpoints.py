@@ -1,21 +1,27 @@
-"""Atomic training checkpoints: write `checkpoint-<step>.tmp`, rename to `checkpoint-<step>`, prune old ones.
+"""Atomic training checkpoints with a named run record, and what a resume must agree on.
 
-A checkpoint is `accelerator.save_state` (model, optimizer, LR schedule, grad scaler, each process's RNG states)
-plus the objects registered with `accelerator.register_for_checkpointing`: the run's progress, the EMA weights and
-the importance sampler's history. Only complete checkpoints carry the final name, so a run killed while writing
-never leaves one that `latest` would pick. The output directory must be shared by all processes (one file system).
+A checkpoint is `accelerator.save_state` (model, optimizer, LR schedule, grad scaler, each process's RNG states),
+the objects registered with `accelerator.register_for_checkpointing` (the EMA weights, the importance sampler's
+history, a stream's position), and `run_record.json`: the step and what the run was (`RunRecord`), read by name
+before a resume starts. It is written into `checkpoint-<step>.tmp`, which is then renamed to `checkpoint-<step>`:
+only complete checkpoints carry the final name, so a run killed while writing never leaves one that `latest` would
+pick. The output directory must be shared by all processes (one file system).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
-from ..atomic import TMP_SUFFIX, is_staging, remove_dir, replace_dir, staging_name
+from ..atomic import TMP_SUFFIX, is_staging, remove_dir, replace_dir, staging_name, write_atomically
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
-from .faults import any_process_failed, describe
+from .config import flag_of_key
+from .interruptions import any_process_failed, describe
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +132,13 @@ def _write_error(error: Exception | None, step: int, final: str, previous: str |
     return CheckpointWriteError(errno, message) if errno else CheckpointWriteError(message)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None = None) -> str:
-    """Every process writes its part into `checkpoint-<step>.tmp`; the main process then renames it (atomic on one
-    file system) and prunes to `total_limit`. Call on all processes.
+def save_checkpoint(accelerator, output_dir: str, record: RunRecord, total_limit: int | None = None) -> str:
+    """Every process writes its part into `checkpoint-<step>.tmp`, the main process the run record; it then renames
+    the directory (atomic on one file system) and prunes to `total_limit`. Call on all processes.
 
     An error on any process (disk full, a read-only or unwritable directory, ...) removes the `.tmp` directory and raises
     CheckpointWriteError on every process, naming the path and the checkpoint that is kept."""
+    step = record.step
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = staging_name(final)
     previous = latest_checkpoint(output_dir)
@@ -140,6 +147,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     failed = any_process_failed(accelerator, error is not None)  # also the barrier: the directory exists
     if not failed:
         error = _attempt(accelerator.save_state, tmp)
+        if error is None and main:
+            error = _attempt(record.write, tmp)
         failed = any_process_failed(accelerator, error is not None)  # all parts are written
     if not failed and main:
         error = _attempt(replace_dir, tmp, final)  # an existing one: the same step from an earlier attempt
@@ -155,37 +164,121 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return final
 
 
-class TrainProgress:
-    """Where the run is: the optimizer step (the data position and random streams follow from it); the run's
-    shape, to warn when a checkpoint is resumed with another batch size; and what a resume must agree on, read
-    back before the run starts (hf_ddpm/training/preflight.py): the UNet config and objective (`run_config`) and
-    the mixed precision. Plain types only, so that `torch.load(weights_only=True)` reads it."""
+# ------------------------------------------------------------------------------------------------ the run record
 
-    def __init__(self, run_config: dict | None = None, mixed_precision: str | None = None, **run_shape):
-        self.global_step = 0
-        self.run_shape = dict(run_shape)
-        self.run_config, self.mixed_precision = run_config or {}, mixed_precision
-        self.loaded_shape: dict | None = None
+RUN_RECORD = "run_record.json"
+OBJECTIVE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type")
 
-    def state_dict(self) -> dict:
-        return {
-            "global_step": self.global_step,
-            "run_shape": self.run_shape,
-            "run_config": self.run_config,
-            "mixed_precision": self.mixed_precision,
-        }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.global_step = int(state["global_step"])
-        self.loaded_shape = dict(state.get("run_shape", {}))
-        changed = {k: (v, self.run_shape.get(k)) for k, v in self.loaded_shape.items() if self.run_shape.get(k) != v}
-        if changed:
-            logger.warning(
-                "resuming with a different run shape %s (checkpoint value, now): the data order and the "
-                "random streams after step %d differ from the original run",
-                changed,
-                self.global_step,
+@dataclass(frozen=True)
+class Launch:
+    """How the run was launched: its data order and random streams follow from the process count, its numerics
+    from the precision. A launch-shape fact the record should also hold goes here (a field with a default, so that
+    records written before it still read)."""
+
+    num_processes: int
+    mixed_precision: str
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """Which data the run trained on, as a resume must find it again (None: not recorded). Filled by the data
+    side; each field that both records hold is compared."""
+
+    source: str | None = None  # the data's key (e.g. the decoded cache's fingerprint, or the stream's source)
+    num_images: int | None = None  # images in the training split
+    held_out: str | None = None  # how the held-out split was chosen
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a checkpoint records about its run (`run_record.json`), read back before a resume starts: the step,
+    the UNet's config and the objective (they must match), the launch (the process count must match, the precision
+    is restored) and the batch shape and seed (a change is allowed, with a warning: the data order differs)."""
+
+    step: int
+    unet: dict
+    objective: dict  # the scheduler's OBJECTIVE_KEYS and the loss
+    launch: Launch
+    batch: dict  # train_batch_size, gradient_accumulation_steps, seed
+    data: DataIdentity = DataIdentity()
+
+    @classmethod
+    def of_run(cls, step: int, unet_config: dict, scheduler_config: dict, config, num_processes: int) -> RunRecord:
+        """The record of a run: its UNet and scheduler configs and its (resolved) config."""
+        return cls(
+            step=step,
+            unet={k: _plain(v) for k, v in unet_config.items() if not k.startswith("_")},
+            objective={**{k: _plain(scheduler_config[k]) for k in OBJECTIVE_KEYS}, "loss": config.loss},
+            launch=Launch(num_processes=num_processes, mixed_precision=config.mixed_precision),
+            batch={"train_batch_size": config.train_batch_size,
+                   "gradient_accumulation_steps": config.gradient_accumulation_steps, "seed": config.seed},
+        )  # fmt: skip
+
+    def write(self, checkpoint: str) -> None:
+        write_atomically(os.path.join(checkpoint, RUN_RECORD), lambda f: json.dump(dataclasses.asdict(self), f))
+
+    @classmethod
+    def read(cls, checkpoint: str) -> RunRecord:
+        """The record of a checkpoint, by name; a checkpoint without one is refused, saying why."""
+        path = os.path.join(checkpoint, RUN_RECORD)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint} holds no {RUN_RECORD}: it was written by an earlier version "
+                "of hf_ddpm, whose checkpoints this one cannot check or resume; resume it with that version, or start "
+                "a new run (--overwrite_output_dir)"
             )
+        with open(path) as f:
+            values = json.load(f)
+        return cls(**{**values, "launch": Launch(**values["launch"]), "data": DataIdentity(**values.get("data", {}))})
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def differences(saved: RunRecord, current: RunRecord, skip=()) -> list[str]:
+    """'name: checkpoint value -> this run's' for each difference of model, objective or data."""
+    found = []
+    parts = {"unet": (saved.unet, current.unet), "objective": (saved.objective, current.objective),
+             "data": (dataclasses.asdict(saved.data), dataclasses.asdict(current.data))}  # fmt: skip
+    for part, (old, new) in parts.items():
+        for key in sorted(set(old) | set(new)):
+            if key in skip or old.get(key) == new.get(key):
+                continue
+            if part == "data" and (old.get(key) is None or new.get(key) is None):
+                continue  # not recorded on one side
+            if key in ("beta_start", "beta_end") and old.get("beta_schedule") != new.get("beta_schedule"):
+                continue  # another schedule altogether: said once
+            label = {"unet": f"UNet {key}", "data": f"the data's {key}"}.get(part)
+            label = label or flag_of_key(key) or f"the schedule's {key}"
+            found.append(f"{label}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+    return found
+
+
+def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=()) -> None:
+    """Refuse a resume whose model, objective, data or process count differs from the checkpoint's, naming each
+    difference; warn when the batch shape or seed differs (allowed: the data order then differs)."""
+    found = differences(saved, current, skip)
+    if found:
+        raise ValueError(
+            f"--resume_from_checkpoint {path} was trained with another model or objective: "
+            + "; ".join(found)
+            + ". Resume with the options it was trained with (see training_args.json), or start a new run"
+        )
+    world = saved.launch.num_processes
+    if world != current.launch.num_processes:
+        raise ValueError(
+            f"the checkpoint {path} was written by {world} processes and this run has "
+            f"{current.launch.num_processes}; resume with `accelerate launch --num_processes {world}` (the data order "
+            "and random streams depend on it), or start a new run"
+        )
+    changed = {k: (v, current.batch.get(k)) for k, v in saved.batch.items() if current.batch.get(k) != v}
+    if changed and current.batch.get("train_batch_size") is not None:
+        logger.warning(
+            "resuming with a different run shape %s (checkpoint value, now): the data order and the random streams "
+            "after step %d differ from the original run", changed, saved.step,
+        )  # fmt: skip
 
 
 class EMAState:

@@ -1,204 +1,412 @@
-"""The command line of `training/train.py`: the parser built from the run config's fields, and `--config FILE`.
+"""The run config of `training/train.py`: typed options, one field per flag, checked whenever a config is built; and
+`resolve`, the one place where a value that depends on the run is filled in.
 
-`--config` takes a JSON or YAML file of `flag_name: value` pairs, or the name of a shipped recipe (the papers'
-settings, training/recipes/*.yaml: `--config ddpm-cifar10`); flags given on the command line win over the file.
-The fields, their defaults and the checks live in `run_config.py`.
+Each group of options is a frozen dataclass (its argparse group); `TrainingConfig` inherits them all, so every
+option is read as `config.flag_name`. A field's metadata holds its help text and, where it has them, its aliases, its
+lower bound, its parser and the scheduler config key it sets; `hf_ddpm.training.cli` builds the command line and
+reads `--config FILE` from the fields. Flag names are diffusers' (`examples/unconditional_image_generation/
+train_unconditional.py`) wherever it has one, the library's names are aliases. Defaults train the `digits-16-tiny`
+model on scikit-learn's bundled digits in a few minutes on two CPU cores (`make demo`); the papers' settings are the
+recipes in training/recipes/.
+
+A config is never changed once built. What was given (`parse_args`) leaves None where the value depends on the run;
+`resolve` returns a new config with every such value filled from the facts of the run (the pretrained scheduler, the
+checkpoint's record, the launch, the data), and that config is what trains and what training_args.json holds.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
-import json
+import math
 import os
-import types
-import typing
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Literal
 
-import yaml
+import torch
 
-from ..shipped import shipped_dir
-from .run_config import (  # noqa: F401 (DEFAULT_*, effective_mixed_precision, serializable_args: imported from here)
-    DEFAULT_MODEL,
-    DEFAULT_SAVE_IMAGES_EPOCHS,
-    GROUPS,
-    TrainingConfig,
-    effective_mixed_precision,
-    serializable_args,
+from ..losses import LossType, check_objective
+from ..scheduler import PredictionType, VarianceType
+from ..schedules import BETA_SCHEDULES, PAPER_NUM_TIMESTEPS, SCHEDULE_ALIASES
+from .interruptions import NAN_POLICIES, parse_signals
+
+DEFAULT_MODEL = "digits-16-tiny"
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+SECRET_ARGS = ("hub_token",)  # never written to disk
+DATA_SOURCES = ("dataset_name", "train_data_dir", "train_data_files")  # a run reads one (none: the bundled digits)
+
+# The defaults that depend on the run (None in the fields), filled by `resolve`:
+DEFAULT_BATCH_SIZE = 64  # capped when the training split holds fewer images
+DEFAULT_WARMUP_STEPS = 100  # a tenth of the default 1000-step digits run (diffusers: 500, DDPM: 5000)
+# 250 respaced steps: a quarter of T = 1000's cost per grid; benchmarks/results/RESULTS.md measured a learned_range
+# model's FID at 250 steps within 3.4% of its 1000 steps' (diffusers' default is 1000)
+DEFAULT_INFERENCE_STEPS = 250
+DEFAULT_SAVE_IMAGES_EPOCHS = 10  # diffusers' default, used when neither --save_images_steps nor _epochs is given
+
+# The allowed values of each choice are Literal hints (the library's own where it has one): the parser takes its
+# choices from them with typing.get_args.
+BetaScheduleName = Literal[BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)]  # diffusers' names and Improved DDPM's "cosine"
+LRScheduler = Literal[LR_SCHEDULERS]
+NanPolicy = Literal[NAN_POLICIES]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+def parse_eval_size(value: str) -> float | int:
+    """'0.1' -> a fraction of the images, '100' -> a count."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def option(default=None, help: str = "", *, aliases=(), min=None, parse=None, negation=None, key=None):  # noqa: A002
+    """A run-config field. aliases: more flag names; min: the smallest allowed value (None passes);
+    parse: str -> value for the command line; negation: (flag, help) of a flag that sets a bool field to False;
+    key: the scheduler config key the option sets (so that a message about that key names the flag)."""
+    meta = {"help": help, "aliases": tuple(aliases), "min": min, "parse": parse, "negation": negation, "key": key}
+    return field(default=default, metadata=meta)
+
+
+# fmt: off
+@dataclass(frozen=True)
+class DataOptions:
+    dataset_name: str | None = option(
+        help="a Hub dataset id or a local dataset directory (default: the bundled digits)")
+    dataset_config_name: str | None = option(help="the dataset's configuration, if it has several")
+    train_data_dir: str | None = option(help="an image folder (read with datasets' imagefolder)")
+    train_data_files: str | None = option(
+        help="data files, comma-separated, globs allowed: parquet, arrow, csv/json of image paths, or image files")
+    image_column: str | None = option(help="default: detected (the datasets.Image column, or image, img, ...)")
+    cache_dir: str | None = option(help="the datasets cache")
+    resolution: int | None = option(help="default: the model's sample_size", min=1)
+    center_crop: bool = option(True, "crop the centre square (the default)",
+                               negation=("--random_crop", "crop a random square, drawn once per image with --seed"))
+    random_flip: bool = option(False, "flip training images horizontally with probability 1/2")
+    eval_size: float | int = option(0.1, "held-out images for bits/dim: a fraction (float) or a count (int)",
+                                    parse=parse_eval_size)  # 0.1 of the 1797 digits: 180 held out, 1617 to train on
+    max_train_samples: int | None = option(help="train on a seeded subset of this many images", min=1)
+    on_corrupt_image: Literal["skip", "stop"] = option(
+        "skip", "an image that fails to decode: skip it (one warning with the count and names) or stop")
+    max_in_memory_gb: float | None = option(
+        help="hold the preprocessed images in RAM when they fit this many GB per process, else read batches from "
+             "the memory-mapped cache (default: a quarter of the machine's memory over its processes)", min=0)
+    preprocessing_num_workers: int | None = option(
+        help="processes that decode images into the cache on its first run (default: the CPUs, up to 8)", min=1)
+    streaming: bool = option(False, "stream the dataset (Hub or data files) instead of preprocessing it into the "
+                                    "cache; decoded in worker processes; resumes at the next batch")
+    shuffle_buffer_size: int = option(10_000, "--streaming: the shuffle buffer, in examples", min=1)
+    dataloader_num_workers: int = option(
+        0, "--streaming: processes that decode images, a batch ahead (0: the training process)", min=0)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model_config: str | None = option(
+        help=f"a UNet preset name or a UNet2DModel JSON config (default: {DEFAULT_MODEL})",
+        aliases=("--model_config_name_or_path",))
+    pretrained_model_name_or_path: str | None = option(
+        help="fine-tune: a pipeline directory (unet/ and scheduler/) to start from")
+    dropout: float | None = option(help="the new UNet's dropout probability (default: the preset's or JSON config's)",
+                                   min=0)  # DDPM: 0.1 on CIFAR-10, 0 at 256² (App. B); Improved DDPM CIFAR-10: 0.3
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    # None = the paper's value for a new model (epsilon, T = 1000, linear, fixed_small), or the pretrained scheduler's
+    prediction_type: PredictionType | None = option(
+        help="what the UNet predicts (default: epsilon, or the pretrained scheduler's)", key="prediction_type")
+    ddpm_num_steps: int | None = option(help="T (default: 1000, or the pretrained scheduler's)",
+                                        aliases=("--num_train_timesteps",), min=1, key="num_train_timesteps")
+    ddpm_beta_schedule: BetaScheduleName | None = option(
+        help="default: linear, with the paper's endpoints scaled by 1000/T; cosine: Improved DDPM",
+        aliases=("--beta_schedule",), key="beta_schedule")
+    variance_type: VarianceType | None = option(
+        help="default: fixed_small (learned_range with --loss hybrid), or the pretrained scheduler's",
+        key="variance_type")
+    loss: LossType = option("simple",  # DDPM section 3.4 and Table 2: L_simple gave the paper's best FID (3.17)
+                            "simple: DDPM eq. 14; vlb: the bound; hybrid: simple + 0.001 vlb (needs learned_range)",
+                            key="loss")
+    importance_sampling: bool = option(
+        False, "sample t by the loss's second moment (Improved DDPM section 3.3; meant for --loss vlb)")
+    ddpm_num_inference_steps: int | None = option(
+        help=f"sampling steps of the sample grids (default: {DEFAULT_INFERENCE_STEPS}, or T if smaller; a respaced "
+             "chain when fewer than T)", min=1)
+
+
+@dataclass(frozen=True)
+class OptimizationOptions:
+    # The digits defaults: 1617 training digits / 64 = 25 steps per epoch, so 40 epochs are 1000 optimizer steps,
+    # a few minutes on two CPU cores (`make demo`). The papers' batch 128 and lr 2e-4 are in training/recipes/.
+    train_batch_size: int | None = option(
+        help=f"images per process per micro-step (default: {DEFAULT_BATCH_SIZE}), capped to fit a smaller training "
+             "set", min=1)
+    num_epochs: int = option(40, "passes over the training images", min=1)
+    max_train_steps: int | None = option(help="optimizer steps; overrides --num_epochs", min=1)
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step", min=1)
+    # 2e-3 (diffusers: 1e-4) for the 0.81M-parameter digits-16-tiny: the 1000-step demo run reaches ~3.0 held-out
+    # bits/dim with it (README); no sweep is recorded. A 35.7M model wants the paper's 2e-4 (the recipes).
+    learning_rate: float = option(2e-3, "peak learning rate of AdamW", min=0)
+    lr_scheduler: LRScheduler = option("cosine", "decay after the warmup")  # diffusers' default
+    lr_warmup_steps: int | None = option(
+        help=f"linear warmup from 0 (default: {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)", min=0)
+    # AdamW's β1, β2, weight decay and ε are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9)
+    adam_beta1: float = option(0.95, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(1e-6, "AdamW weight decay", min=0)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 disables it", min=0)  # DDPM's official code clips at 1
+    use_ema: bool = option(True, "keep an EMA of the weights; the saved pipeline holds it")
+    # diffusers' EMA warmup (inv_gamma 1, power 3/4) up to DDPM's decay 0.9999 (appendix B)
+    ema_inv_gamma: float = option(1.0, "EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power", min=0)
+    ema_power: float = option(3 / 4, "EMA warmup power")
+    ema_max_decay: float = option(0.9999, "the EMA decay it warms up to")
+    seed: int = option(0, "weights, data order, noise: one seed for all")
+    on_nan: NanPolicy = option("stop", "a NaN/inf loss or gradient: stop, naming the step, before anything of it is "
+                                       "written; or skip that step's update with a warning")
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    mixed_precision: MixedPrecision | None = option(
+        help="default: as `accelerate launch` / accelerate config says, or the resumed checkpoint's; fp16 needs CUDA")
+    compile: bool = option(False, "torch.compile the UNet (accelerate's dynamo backend)")
+    channels_last: bool = option(False, "channels-last memory format (faster on GPUs)")
+    allow_tf32: bool = option(False, "TF32 matmuls and convolutions on Ampere+ GPUs")
+    # one thread per process: two OpenMP threads on two busy cores ran 20-60x slower (README, Training)
+    num_threads: int | None = option(
+        help="CPU threads per process (torch.set_num_threads; default: the CPUs this process may use divided by the "
+             "processes on this machine, at most 1 when other load is likely: see README)", min=1)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    output_dir: str = option("ddpm-model", "the pipeline, samples, checkpoints and logs")
+    overwrite_output_dir: bool = option(
+        False, "start over in --output_dir: delete what an earlier run wrote there (never other files)")
+    allow_nonempty_output_dir: bool = option(
+        False, "train in a non-empty --output_dir that holds no earlier run (its files are left untouched)")
+    # what SLURM (--signal), Kubernetes, spot instances and Ctrl-C send before a kill
+    preemption_signals: str = option(
+        "TERM,INT,USR1", "signals that stop the run at the next optimizer step with a checkpoint (exit status "
+        "128 + the signal number); 'none' keeps the default actions")
+    checkpointing_steps: int = option(500, "checkpoint every N steps", min=1)  # diffusers' default
+    checkpoints_total_limit: int | None = option(help="keep only the newest N checkpoints", min=1)
+    resume_from_checkpoint: str | None = option(
+        help="'latest' (starts fresh if there is none) or a checkpoint directory")
+    save_model_epochs: int | None = option(help="also write the pipeline every N epochs", min=1)
+    save_model_steps: int | None = option(help="also write the pipeline every N steps", min=1)
+
+
+@dataclass(frozen=True)
+class LoggingOptions:
+    logger: Literal["tensorboard", "wandb"] = option("tensorboard", "accelerate tracker")
+    logging_dir: str = option("logs", "relative to --output_dir")
+    debug: bool = option(False, "on an error, print the full traceback (by default: one 'error: ...' line)")
+    save_images_epochs: int | None = option(
+        help=f"a sample grid every N epochs (default: {DEFAULT_SAVE_IMAGES_EPOCHS})", min=1)
+    save_images_steps: int | None = option(help="a sample grid every N steps instead", min=1)
+    eval_batch_size: int = option(16, "images in each sample grid", min=1)  # diffusers' default: a 4 x 4 grid
+    eval_bits_per_dim_steps: int | None = option(
+        help="Monte Carlo bits/dim on the held-out split every N steps (always at the end)", min=1)
+    # the names of `python -m hf_ddpm evaluate`'s options for the same quantities are aliases
+    eval_num_images: int = option(256, "held-out images in the bits/dim estimate", min=1, aliases=("--num_images",))
+    # K = 16 stratified terms: a quarter of K = 64's cost, whose 16-image mean has a standard error of ~0.01 bits/dim
+    # in benchmarks/results/RESULTS.md (so ~0.02 at K = 16, the error going as 1/√K): enough for a training curve
+    eval_num_timesteps: int = option(16, "K sampled terms of the bound per image", min=1,
+                                     aliases=("--num_timesteps",))
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    push_to_hub: bool = option(False, "publish the pipeline and a model card at the end")
+    hub_model_id: str | None = option(help="the repo id (default: the output directory's name)")
+    hub_private_repo: bool = option(False, "create the repo private")
+    hub_token: str | None = option(help="default: the token saved by `hf auth login` (never written to disk)")
+# fmt: on
+
+# (argparse group title, its options), in the order of `--help` and of training_args.json.
+GROUPS = (
+    ("data", DataOptions),
+    ("model", ModelOptions),
+    ("objective", ObjectiveOptions),
+    ("optimization (steps are optimizer steps)", OptimizationOptions),
+    ("precision and speed", PrecisionOptions),
+    ("checkpoints and outputs", OutputOptions),
+    ("logging and evaluation", LoggingOptions),
+    ("hub", HubOptions),
 )
 
-RECIPES_DIR = shipped_dir("recipes", "training/recipes")  # hf_ddpm/recipes inside the wheel
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+@dataclass(frozen=True)
+class TrainingConfig(  # the bases in reverse: a dataclass lists the last base's fields first
+    HubOptions, LoggingOptions, OutputOptions, PrecisionOptions, OptimizationOptions, ObjectiveOptions, ModelOptions,
+    DataOptions,
+):  # fmt: skip
+    """Everything a training run is given, or (after `resolve`) runs with: `config.flag_name` for each flag."""
+
+    def __post_init__(self):
+        check_args(self)
+
+    def to_json(self) -> dict:
+        """The options as a JSON-ready dict (training_args.json, read by the model card), without the Hub token."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECRET_ARGS}
+
+    @property
+    def model_source(self) -> str:
+        """The preset name, the JSON file or the pretrained pipeline the UNet comes from (for messages)."""
+        return self.pretrained_model_name_or_path or self.model_config or DEFAULT_MODEL
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows a non-trivial default unless the help text already says what it is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        trivial = action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS
-        if trivial or "default" in text or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)".strip()
+def flag_of_key(key: str) -> str | None:
+    """The flag that sets a scheduler config key (`num_train_timesteps` -> `--ddpm_num_steps`), None if none does."""
+    flags = {f.metadata["key"]: f"--{f.name}" for f in dataclasses.fields(TrainingConfig) if f.metadata["key"]}
+    return flags.get(key)
 
 
-def _kind(hint) -> tuple[type, tuple | None, bool]:
-    """(type, choices, optional) of a field's type hint: `Literal[...] | None` -> (str, its values, True)."""
-    members = [hint]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        members = list(typing.get_args(hint))
-    optional = type(None) in members
-    members = [m for m in members if m is not type(None)]
-    if len(members) == 1 and typing.get_origin(members[0]) is typing.Literal:
-        return str, typing.get_args(members[0]), optional
-    return (members[0] if len(members) == 1 else object), None, optional
+def default_variance_type(loss: str) -> str:
+    """A new model's variance_type when --variance_type is not given: learned_range for --loss hybrid, the only
+    variance it can train (Improved DDPM section 3.1), else DDPM's fixed_small (β̃_t, DDPM section 3.2)."""
+    return "learned_range" if loss == "hybrid" else "fixed_small"
 
 
-def _fields() -> list[tuple[str, dataclasses.Field, tuple]]:
-    """(group title, field, _kind of its hint) of every option, in `--help` order."""
-    hints = typing.get_type_hints(TrainingConfig)
-    return [(title, f, _kind(hints[f.name])) for title, options in GROUPS for f in dataclasses.fields(options)]
+def launch_precision() -> str:
+    """What `accelerate launch --mixed_precision` (or accelerate's config file) put in the environment."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every run-config field: one group per options class, types and choices from the
-    type hints, help and aliases from the field metadata."""
-    p = argparse.ArgumentParser(
-        description="Train a DDPM (Ho et al. 2020) UNet2DModel with accelerate; with no flags, on the bundled digits.",
-        formatter_class=_HelpFormatter,
+def check_args(args: TrainingConfig) -> None:
+    """Raise ValueError for an option value or combination that cannot work (each config, given or resolved, is
+    checked when it is built)."""
+    for f in dataclasses.fields(args):
+        value, least = getattr(args, f.name), f.metadata.get("min")
+        if least is not None and value is not None and value < least:
+            raise ValueError(f"--{f.name} must be >= {least}, got {value}")
+    if not 0.0 <= args.ema_max_decay <= 1.0:
+        raise ValueError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}")
+
+    if (args.mixed_precision or launch_precision()) == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "--mixed_precision fp16 needs a CUDA GPU (it trains with a gradient scaler for fp16 on CUDA) and none is "
+            "available; on a CPU use --mixed_precision bf16 (or no)"
+        )
+    sources = {name: getattr(args, name) for name in DATA_SOURCES if getattr(args, name) is not None}
+    if len(sources) > 1:
+        shown = " or ".join(f"--{name} ({value})" for name, value in sources.items())
+        raise ValueError(f"pass {shown}, not both" if len(sources) == 2 else f"pass one of {shown}")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead")
+    if args.pretrained_model_name_or_path is not None and args.model_config is not None:
+        raise ValueError("--model_config and --pretrained_model_name_or_path both choose the model; pass one")
+    if args.dropout is not None and (args.dropout >= 1 or args.pretrained_model_name_or_path is not None):
+        raise ValueError(
+            f"--dropout {args.dropout}: a probability in [0, 1) for a new UNet (a pretrained one keeps its own)"
+        )
+    if args.save_images_epochs is not None and args.save_images_steps is not None:
+        raise ValueError("pass --save_images_epochs or --save_images_steps, not both")
+    if args.save_model_epochs is not None and args.save_model_steps is not None:
+        raise ValueError("pass --save_model_epochs or --save_model_steps, not both")
+    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
+        raise ValueError(
+            "--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir deletes it: pass one"
+        )
+    parse_signals(args.preemption_signals)  # raises ValueError naming an unknown signal
+    hub_flags = [f"--{n}" for n in ("hub_model_id", "hub_private_repo", "hub_token") if getattr(args, n)]
+    if hub_flags and not args.push_to_hub:
+        raise ValueError(f"{', '.join(hub_flags)} only apply with --push_to_hub, which was not given")
+    T, steps = args.ddpm_num_steps, args.ddpm_num_inference_steps
+    if T is not None and steps is not None and steps > T:  # checked now, not at the first sample grid
+        raise ValueError(f"--ddpm_num_inference_steps {steps} exceeds the {T} training timesteps (T); choose 1 to {T}")
+    # The objective; a pretrained scheduler's variance_type, when no flag overrides it, is checked once resolved.
+    if args.variance_type is not None or args.pretrained_model_name_or_path is None:
+        source = "--variance_type" if args.pretrained_model_name_or_path is None else "the pretrained scheduler"
+        check_objective(args.loss, args.variance_type or default_variance_type(args.loss), source)
+
+
+# ------------------------------------------------------------------------------------------------ resolving a run
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows besides its options: the pretrained scheduler's config (fine-tuning), the launch, the
+    checkpoint it resumes, and (once read) the number of training images."""
+
+    num_processes: int = 1
+    launch_precision: str = "no"  # `launch_precision()`
+    pretrained_scheduler: dict | None = None
+    resume_path: str | None = None
+    resumed_precision: str | None = None  # the mixed precision the resumed checkpoint was trained with
+    train_images: int | None = None  # None until the data is read: the batch and warmup defaults wait for it
+
+
+def optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
+    """The run's length in optimizer steps: --max_train_steps, else --num_epochs passes over the data."""
+    return config.max_train_steps or math.ceil(
+        config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps
     )
-    p.add_argument(
-        "--config",
-        help="a JSON or YAML file of option: value pairs, or a shipped recipe "
-        f"({', '.join(recipe_names())}); flags on the command line win",
-    )
-    groups = {}
-    for title, f, (kind, choices, _) in _fields():
-        group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
-        meta = f.metadata
-        names = (f"--{f.name}", *meta["aliases"])
-        common = {"dest": f.name, "default": f.default, "help": meta["help"]}
-        if kind is bool and meta["negation"]:
-            both = group.add_mutually_exclusive_group()
-            both.add_argument(*names, action="store_true", **common)
-            flag, text = meta["negation"]
-            both.add_argument(flag, dest=f.name, action="store_false", help=text)
-        elif kind is bool:  # --flag / --no-flag, so that the command line can undo a config file's value
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
-        else:
-            group.add_argument(*names, type=meta["parse"] or kind, choices=choices, **common)
-    return p
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, list[str]]:
+    """The config the run trains with: `given` with every run-dependent default filled in from `facts`, checked
+    as any config is; and a line for each default that the run changed (for the log). Pure: reads nothing else."""
+    values, notes = {}, []
 
+    # The objective: a pretrained scheduler's values (a flag must agree: fine-tuning keeps its process), else the
+    # paper's (DDPM section 4: T = 1000, linear β from 1e-4 to 0.02, ε-prediction; section 3.2: fixed β̃_t variance).
+    objective = {"ddpm_num_steps": PAPER_NUM_TIMESTEPS, "ddpm_beta_schedule": "linear", "prediction_type": "epsilon",
+                 "variance_type": default_variance_type(given.loss)}  # fmt: skip
+    for name, default in objective.items():
+        value = getattr(given, name)
+        if facts.pretrained_scheduler is not None:
+            key = TrainingConfig.__dataclass_fields__[name].metadata["key"]
+            kept = facts.pretrained_scheduler[key]
+            if value is not None and SCHEDULE_ALIASES.get(value, value) != kept:
+                raise ValueError(
+                    f"fine-tuning keeps the pretrained scheduler's {key}={kept!r}; "
+                    f"--{name} {value} differs (drop the flag, or train from scratch)"
+                )
+            default = kept
+        values[name] = default if value is None else value
+    T = values["ddpm_num_steps"]
+    values["ddpm_num_inference_steps"] = given.ddpm_num_inference_steps or min(DEFAULT_INFERENCE_STEPS, T)
+    if given.save_images_steps is None and given.save_images_epochs is None:
+        values["save_images_epochs"] = DEFAULT_SAVE_IMAGES_EPOCHS
 
-def find_config(source: str) -> Path:
-    """A config file's path: `source` itself, or the shipped recipe of that name."""
-    if os.path.isfile(source):
-        return Path(source)
-    recipe = RECIPES_DIR / f"{source}.yaml"
-    if os.sep not in source and recipe.is_file():
-        return recipe
-    raise ValueError(f"--config {source!r} is neither a file nor a recipe (recipes: {', '.join(recipe_names())})")
+    # Mixed precision: a resumed run keeps its checkpoint's (the numerics it trained with, and its gradient scaler's
+    # state with fp16); a flag that contradicts it is refused; else what the launcher says.
+    saved = facts.resumed_precision
+    if given.mixed_precision is not None and saved is not None and given.mixed_precision != saved:
+        raise ValueError(
+            f"--mixed_precision {given.mixed_precision}: the checkpoint {facts.resume_path} was trained with "
+            f"--mixed_precision {saved}; drop the flag to resume in {saved}, or start a new run"
+        )
+    values["mixed_precision"] = given.mixed_precision or saved or facts.launch_precision
+    if given.mixed_precision is None and saved is not None and saved != facts.launch_precision:
+        if saved == "fp16" and not torch.cuda.is_available():
+            raise ValueError(
+                f"the checkpoint {facts.resume_path} was trained with --mixed_precision fp16, which needs a CUDA GPU, "
+                "and none is available: resume it on a machine with one, or start a new run"
+            )
+        notes.append(f"--mixed_precision {saved} restored from {facts.resume_path} (the launch said "
+                     f"{facts.launch_precision})")  # fmt: skip
 
-
-def read_config_file(source: str) -> dict:
-    """The option values of a JSON or YAML config file (or shipped recipe), typed and checked like flags."""
-    path = find_config(source)
-    if path.suffix not in CONFIG_SUFFIXES:
-        raise ValueError(f"--config {path}: the file must end in one of {', '.join(CONFIG_SUFFIXES)}")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError is a ValueError
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise ValueError(f"--config {path} is not valid {kind}: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path} must hold a mapping of option: value, got {type(data).__name__}")
-    return config_values(data, str(path))
-
-
-def config_values(data: dict, source: str = "the config") -> dict:
-    """{flag name or alias: value} -> {field: value}; an unknown key, a wrong type or a bad choice is refused."""
-    specs = {f.name: (f, kind) for _, f, kind in _fields()}
-    aliases = {a.removeprefix("--"): name for name, (f, _) in specs.items() for a in f.metadata["aliases"]}
-    values = {}
-    for key, value in data.items():
-        name = aliases.get(key, key)
-        if name not in specs:
-            close = difflib.get_close_matches(key, [*specs, *aliases], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"{source}: unknown option {key!r}{hint}; allowed: {', '.join(specs)}")
-        f, (kind, choices, optional) = specs[name]
-        values[name] = _typed(key, value, kind, choices, optional, f.metadata["parse"], source)
-    return values
-
-
-def _typed(key, value, kind, choices, optional, parse, source):
-    """One config-file value as the command line would give it, or a ValueError naming it and what is allowed."""
-    allowed = kind.__name__ if parse is None else "a number"
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{source}: {key} cannot be null; allowed: {allowed}")
-    if isinstance(value, str) and kind is not str:
-        try:
-            value = (parse or kind)(value)  # e.g. YAML reads 2e-4 (no dot) as a string
-        except ValueError:
-            raise ValueError(f"{source}: {key} {value!r} is not {allowed}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    ok = isinstance(value, (int, float)) if parse else isinstance(value, kind)
-    if not ok or (isinstance(value, bool) and kind is not bool):
-        raise ValueError(f"{source}: {key} must be {allowed}, got {value!r}")
-    if choices and value not in choices:
-        raise ValueError(f"{source}: {key} {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-# A choice made on the command line replaces the config file's competing one: `--config ddpm-cifar10
-# --train_data_dir ./my_images` trains the recipe on an image folder instead of the recipe's dataset.
-DATA_SOURCES = ("dataset_name", "train_data_dir", "train_data_files")
-REPLACES = {
-    **{
-        s: (*(o for o in DATA_SOURCES if o != s), *(() if s == "dataset_name" else ("dataset_config_name",)))
-        for s in DATA_SOURCES
-    },
-    "model_config": ("pretrained_model_name_or_path",),
-    "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
-    "save_images_epochs": ("save_images_steps",),
-    "save_images_steps": ("save_images_epochs",),
-    "save_model_epochs": ("save_model_steps",),
-    "save_model_steps": ("save_model_epochs",),
-}
-
-
-def _given(argv: list[str] | None) -> set[str]:
-    """The fields that the command line itself sets."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
-def parse_args(argv: list[str] | None = None) -> TrainingConfig:
-    """The run config of a command line: the fields' defaults, then --config's values, then the flags given."""
-    parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    source = pre.parse_known_args(argv)[0].config
-    from_file = read_config_file(source) if source is not None else {}
-    parser.set_defaults(**from_file)
-    values = vars(parser.parse_args(argv))
-    del values["config"]
-    if from_file:
-        given = _given(argv)
-        for name in given & set(REPLACES):
-            for other in set(REPLACES[name]) - given:
-                values[other] = TrainingConfig.__dataclass_fields__[other].default
-    return TrainingConfig(**values)
+    # The batch and the warmup fit the data: a small folder, or a short run, trains without flags.
+    if facts.train_images is not None:
+        world = facts.num_processes
+        batch = given.train_batch_size
+        if batch is None:
+            batch = max(1, min(DEFAULT_BATCH_SIZE, facts.train_images // world))
+            if batch < DEFAULT_BATCH_SIZE:
+                notes.append(f"--train_batch_size {batch} (the default {DEFAULT_BATCH_SIZE}, capped: "
+                             f"{facts.train_images} training images over {world} processes)")  # fmt: skip
+        values["train_batch_size"] = batch
+        per_epoch = facts.train_images // (batch * world)
+        total = optimizer_steps(given, per_epoch) if per_epoch else None  # None: the batches refuse the data
+        warmup = given.lr_warmup_steps
+        if warmup is None and total is not None:
+            warmup = DEFAULT_WARMUP_STEPS if DEFAULT_WARMUP_STEPS <= total else total // 10
+            if warmup != DEFAULT_WARMUP_STEPS:
+                notes.append(f"--lr_warmup_steps {warmup} (the default {DEFAULT_WARMUP_STEPS} is longer than the "
+                             f"run's {total} steps: a tenth of it)")  # fmt: skip
+        elif warmup is not None and total is not None and warmup > total:
+            raise ValueError(f"--lr_warmup_steps {warmup} exceeds the run's {total} optimizer steps")
+        values["lr_warmup_steps"] = warmup
+    return dataclasses.replace(given, **values), notes

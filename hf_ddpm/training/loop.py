@@ -2,88 +2,124 @@
 
 One optimizer step = `gradient_accumulation_steps` micro-steps on every process. `max_train_steps`, the warmup,
 the LR schedule, checkpoints, logging and evaluation all count optimizer steps. The LR scheduler is stepped here
-once per optimizer step (accelerate's own stepping would advance it num_processes times per step).
+once per optimizer step (accelerate's own stepping would advance it num_processes times per step). Sample grids
+and held-out bits/dim use the EMA weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
+from ..evaluation.bits_per_dim import bits_per_dim
 from ..hub import save_hub_pipeline
+from ..images import make_grid
 from ..losses import training_losses
+from ..pipeline import HFDDPMPipeline
+from ..scheduler import HFDDPMScheduler
 from . import checkpoints
 from .batches import step_generator, to_model_input
-from .config import DEFAULT_SAVE_IMAGES_EPOCHS
-from .evaluation import ema_weights, held_out_bits_per_dim, parameter_hash, sample_grid
-from .faults import any_process_failed, require_finite_weights
-from .preemption import Preempted, PreemptionHandler, parse_signals, resume_command
+from .config import TrainingConfig
+from .interruptions import (
+    NanGuard,
+    Preempted,
+    PreemptionHandler,
+    any_process_failed,
+    require_finite_weights,
+    resume_command,
+)
+from .output_dir import RunLock
 from .publish import publish
-from .setup import Run, resume, setup
+from .timesteps import LossSecondMomentResampler, UniformSampler
 
 logger = get_logger(__name__)
 
 
-def train(args) -> dict:
-    """Run (or resume) training to `total_steps` optimizer steps; write the pipeline; return the run's summary."""
-    run = setup(args)  # the main process holds the output directory's lock from here ...
-    preemption = PreemptionHandler(parse_signals(args.preemption_signals))
-    try:
-        resume(run)
-        preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
-        return _train(run, preemption)
-    finally:
-        preemption.restore()
-        if run.lock is not None:
-            run.lock.release()  # ... to its end (or the process's, whichever comes first)
+@dataclass
+class Run:
+    """Everything the loop touches, built by `hf_ddpm.training.main.setup`."""
+
+    config: TrainingConfig  # resolved: read-only
+    accelerator: Accelerator
+    unet: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    scheduler: HFDDPMScheduler  # saved with the pipeline; the loss asks it for an unclipped x̂_0
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMAModel | None
+    sampler: UniformSampler | LossSecondMomentResampler
+    batches: object  # batches.ShardedBatches or hf_ddpm.data.streaming.StreamingBatches
+    eval_images: torch.Tensor
+    record: checkpoints.RunRecord  # what each checkpoint records, at its step
+    total_steps: int
+    data_source: str
+    nan_guard: NanGuard
+    resume_path: str | None = None  # the checkpoint this run continues
+    lock: RunLock | None = None  # the output directory's lock (main process), held until the run ends
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)  # eager for sampling and EMA
+
+    def pipeline(self) -> HFDDPMPipeline:
+        pipe = HFDDPMPipeline(unet=self.model, scheduler=self.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def epoch_of(self, step: int) -> int:
+        return step * self.config.gradient_accumulation_steps // self.batches.batches_per_epoch
+
+    @property
+    def images_per_step(self) -> int:
+        """Images in one optimizer step: the batch per process x processes x accumulated micro-steps."""
+        return self.config.train_batch_size * self.accelerator.num_processes * self.config.gradient_accumulation_steps
 
 
-def _train(run: Run, preemption: PreemptionHandler) -> dict:
-    args = run.args
-    accelerator, batches, progress = run.accelerator, run.batches, run.progress
-    accum, device, rank = args.gradient_accumulation_steps, accelerator.device, accelerator.process_index
-    images_per_step = run.images_per_step
+def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
+    """Train from the run's record step to `total_steps` optimizer steps; write the pipeline; return the summary."""
+    config, accelerator, batches = run.config, run.accelerator, run.batches
+    accum, device, rank = config.gradient_accumulation_steps, accelerator.device, accelerator.process_index
     logger.info(
         "%d training images (%s), %d processes x batch %d x accumulation %d = %d images per optimizer step; "
         "%d optimizer steps",
-        len(batches.images),
-        run.data_source,
-        accelerator.num_processes,
-        args.train_batch_size,
-        accum,
-        images_per_step,
-        run.total_steps,
-    )
-    bar = tqdm(
-        total=run.total_steps, initial=progress.global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
+        len(batches.images), run.data_source, accelerator.num_processes, config.train_batch_size, accum,
+        run.images_per_step, run.total_steps,
+    )  # fmt: skip
+    step = run.record.step
+    bar = tqdm(total=run.total_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     loss_sum = torch.zeros((), device=device)
-    last_time, started = time.perf_counter(), time.perf_counter()
-    for micro_step in range(progress.global_step * accum, run.total_steps * accum):
-        generator = step_generator(args.seed, rank, micro_step, device)
-        x_start = to_model_input(batches.batch(micro_step), generator, args.random_flip)  # (B, C, H, W) in [-1, 1]
-        if args.channels_last:
+    last_time = started = time.perf_counter()
+    for micro_step in range(step * accum, run.total_steps * accum):
+        # Accumulate gradients: DDPM Algorithm 1 on this micro-step's batch, its draws from its own generator.
+        generator = step_generator(config.seed, rank, micro_step, device)
+        x_start = to_model_input(batches.batch(micro_step), generator, config.random_flip)  # (B, C, H, W) in [-1, 1]
+        if config.channels_last:
             x_start = x_start.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(run.unet):
             timesteps, weights = run.sampler.sample(len(x_start), generator, device)
             noise = torch.randn(x_start.shape, generator=generator, device=device)
-            terms = training_losses(
-                lambda x, t: run.unet(x, t).sample, run.scheduler, x_start, noise, timesteps, args.loss
-            )
+            model = lambda x, t: run.unet(x, t).sample  # noqa: E731
+            terms = training_losses(model, run.scheduler, x_start, noise, timesteps, config.loss)
             loss = (terms["loss"] * weights).mean()
             accelerator.backward(loss)
             loss_sum += loss.detach()
+            # Update weights, once per optimizer step (the last micro-step of the window).
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm or math.inf)
+                grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm or math.inf)
                 # the same on every process; the preemption flag rides in the same all-reduce
                 mean_loss = preemption.reduce_with_loss(accelerator, loss_sum / accum)
                 updated = run.nan_guard.apply_update(mean_loss, grad_norm)  # --on_nan skip: False for NaN/inf
@@ -91,22 +127,21 @@ def _train(run: Run, preemption: PreemptionHandler) -> dict:
                     run.optimizer.step()
                 run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
-        if args.importance_sampling:  # every process records every process's losses: identical samplers
+        if config.importance_sampling:  # every process records every process's losses: identical samplers
             run.sampler.update(*accelerator.gather((timesteps, terms["loss"].detach())))
         if not accelerator.sync_gradients:
             continue
+        step += 1
+
+        # Update EMA.
         if run.ema is not None and updated:
             run.ema.step(run.model.parameters())
-        progress.global_step += 1
-        step, now = progress.global_step, time.perf_counter()
-        loss_value, stop = preemption.read(accelerator.num_processes)  # the host read the logs need anyway
-        logs = {
-            "loss": loss_value,
-            "lr": run.lr_scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm.item(),
-            "images_per_sec": images_per_step / (now - last_time),
-            "epoch": run.epoch_of(step),
-        }
+
+        # Log the step (the host read of the loss also reads the preemption flag).
+        loss_value, stop = preemption.read(accelerator.num_processes)
+        now = time.perf_counter()
+        logs = {"loss": loss_value, "lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                "images_per_sec": run.images_per_step / (now - last_time), "epoch": run.epoch_of(step)}  # fmt: skip
         if run.ema is not None:
             logs["ema_decay"] = run.ema.cur_decay_value
         accelerator.log(logs, step=step)
@@ -114,83 +149,26 @@ def _train(run: Run, preemption: PreemptionHandler) -> dict:
         bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
         loss_sum.zero_()
         run.nan_guard.after_step(step, logs["loss"], logs["grad_norm"])  # --on_nan stop: raises before any write
+
+        # Save checkpoint; sample grids, bits/dim and pipeline snapshots when due.
         _periodic(run, step)
+
+        # Check for preemption: every process agreed on it in the loss's all-reduce.
         if stop:
             bar.close()
             _preempt(run, step, preemption.agreed)
         last_time = time.perf_counter()
     bar.close()
-    return _finish(run, time.perf_counter() - started)
+    return _finish(run, step, time.perf_counter() - started)
 
 
-def _finish(run: Run, seconds: float) -> dict:
-    """Log each replica's fingerprint, then (main process) evaluate, sample and save the pipeline, and publish."""
-    args, accelerator = run.args, run.accelerator
-    accelerator.wait_for_everyone()
-    step = run.progress.global_step
-    fingerprint = parameter_hash(run.model)
-    with ema_weights(run.ema, run.model):
-        ema_fingerprint = parameter_hash(run.model) if run.ema is not None else None
-    logger.info(
-        "process %d/%d: parameter sha256 %s ema sha256 %s",
-        accelerator.process_index,
-        accelerator.num_processes,
-        fingerprint,
-        ema_fingerprint,
-        main_process_only=False,
+def _save_checkpoint(run: Run, step: int) -> str:
+    """A checkpoint of `step` (all processes), never of weights that are not finite."""
+    require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}")
+    record = dataclasses.replace(run.record, step=step)
+    return checkpoints.save_checkpoint(
+        run.accelerator, run.config.output_dir, record, run.config.checkpoints_total_limit
     )
-    summary = {
-        "world_size": accelerator.num_processes,
-        "optimizer_steps": step,
-        "train_seconds": round(seconds, 2),
-        "images_per_optimizer_step": run.images_per_step,
-        "mixed_precision": accelerator.mixed_precision,
-        "ema": run.ema is not None,
-        "data_source": run.data_source,
-        "parameter_sha256": fingerprint,
-    }
-    if args.on_nan == "skip":
-        summary["skipped_steps"] = run.nan_guard.skipped
-    require_finite_weights(run.model, run.ema, step, "the pipeline")  # every process: all stop together
-    error = None
-    if accelerator.is_main_process:
-        try:
-            if len(run.eval_images):
-                summary["eval"] = _log_bits_per_dim(run, step)
-            _log_samples(run, step, os.path.join(args.output_dir, "samples.png"))
-            _save_pipeline(run)
-            write_atomically(
-                os.path.join(args.output_dir, "training_summary.json"), lambda f: json.dump(summary, f, indent=2)
-            )
-        except Exception as err:  # shared below, so that the other processes stop too instead of waiting
-            error = err
-        else:
-            weights = "EMA weights" if run.ema is not None else "final weights"
-            logger.info("saved the pipeline (%s) and samples.png to %s", weights, args.output_dir)
-    if any_process_failed(accelerator, error is not None):
-        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if args.push_to_hub and accelerator.is_main_process:
-        summary["hub_commit_url"] = publish(args.output_dir, args)
-        logger.info("pushed to the Hub: %s", summary["hub_commit_url"])
-    return summary
-
-
-def _preempt(run: Run, step: int, signum: int) -> None:
-    """All processes agreed to stop after `step`: checkpoint it (unless `_periodic` just did), say how to resume,
-    and raise Preempted (exit status 128 + the signal number)."""
-    args, accelerator = run.args, run.accelerator
-    path = os.path.join(args.output_dir, f"checkpoint-{step}")
-    if step % args.checkpointing_steps != 0:
-        require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}")
-        path = checkpoints.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
-    command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
-    if accelerator.is_main_process:
-        name = signal.Signals(signum).name
-        print(f"preempted ({name}) at step {step}: saved {path}; resume with: {command}", flush=True)
-    accelerator.end_training()
-    raise Preempted(signum, path, command)
 
 
 def _due(run: Run, step: int, every_steps: int | None, every_epochs: int | None) -> bool:
@@ -202,57 +180,152 @@ def _due(run: Run, step: int, every_steps: int | None, every_epochs: int | None)
     return False
 
 
-def _save_pipeline(run: Run) -> None:
-    """The pipeline with the EMA weights, as safetensors, into --output_dir (main process), with the modules that let
-    diffusers alone load it (`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`)."""
-    with ema_weights(run.ema, run.model):
-        save_hub_pipeline(run.pipeline(), run.args.output_dir)  # atomic: never a half-written pipeline
-
-
 def _periodic(run: Run, step: int) -> None:
     """Checkpoint (all processes), then sample grids, bits/dim and pipeline snapshots (main process)."""
-    args, accelerator = run.args, run.accelerator
-    checkpoint = step % args.checkpointing_steps == 0
-    snapshot = step != run.total_steps and _due(run, step, args.save_model_steps, args.save_model_epochs)
-    if checkpoint or snapshot:  # on every process (replicated weights): all stop together, nothing written
-        require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}" if checkpoint else "the pipeline")
-    if checkpoint:
-        checkpoints.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+    config, accelerator = run.config, run.accelerator
+    snapshot = step != run.total_steps and _due(run, step, config.save_model_steps, config.save_model_epochs)
+    if step % config.checkpointing_steps == 0:
+        _save_checkpoint(run, step)
+    elif snapshot:  # on every process (replicated weights): all stop together, nothing written
+        require_finite_weights(run.model, run.ema, step, "the pipeline")
     if not accelerator.is_main_process or step == run.total_steps:  # `_finish` samples and evaluates the last step
         return
-    image_epochs = args.save_images_epochs or (None if args.save_images_steps else DEFAULT_SAVE_IMAGES_EPOCHS)
-    if _due(run, step, args.save_images_steps, image_epochs):
-        _log_samples(run, step, os.path.join(args.output_dir, "samples", f"step-{step:07d}.png"))
-    if args.eval_bits_per_dim_steps and step % args.eval_bits_per_dim_steps == 0 and len(run.eval_images):
+    if _due(run, step, config.save_images_steps, config.save_images_epochs):
+        _log_samples(run, step, os.path.join(config.output_dir, "samples", f"step-{step:07d}.png"))
+    if config.eval_bits_per_dim_steps and step % config.eval_bits_per_dim_steps == 0 and len(run.eval_images):
         _log_bits_per_dim(run, step)
     if snapshot:
         _save_pipeline(run)
 
 
-def _log_samples(run: Run, step: int, path: str) -> None:
+def _preempt(run: Run, step: int, signum: int) -> None:
+    """All processes agreed to stop after `step`: checkpoint it (unless `_periodic` just did), say how to resume,
+    and raise Preempted (exit status 128 + the signal number)."""
+    config, accelerator = run.config, run.accelerator
+    path = os.path.join(config.output_dir, f"checkpoint-{step}")
+    if step % config.checkpointing_steps != 0:
+        path = _save_checkpoint(run, step)
+    command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
+    if accelerator.is_main_process:
+        name = signal.Signals(signum).name
+        print(f"preempted ({name}) at step {step}: saved {path}; resume with: {command}", flush=True)
+    accelerator.end_training()
+    raise Preempted(signum, path, command)
+
+
+def _finish(run: Run, step: int, seconds: float) -> dict:
+    """Log each replica's fingerprint, then (main process) evaluate, sample and save the pipeline, and publish."""
+    config, accelerator = run.config, run.accelerator
+    accelerator.wait_for_everyone()
+    fingerprint = parameter_hash(run.model)
     with ema_weights(run.ema, run.model):
-        grid, images = sample_grid(
-            run.pipeline(), run.args.eval_batch_size, run.args.ddpm_num_inference_steps, run.args.seed
-        )
+        ema_fingerprint = parameter_hash(run.model) if run.ema is not None else None
+    logger.info(
+        "process %d/%d: parameter sha256 %s ema sha256 %s",
+        accelerator.process_index, accelerator.num_processes, fingerprint, ema_fingerprint, main_process_only=False,
+    )  # fmt: skip
+    summary = {
+        "world_size": accelerator.num_processes,
+        "optimizer_steps": step,
+        "train_seconds": round(seconds, 2),
+        "images_per_optimizer_step": run.images_per_step,
+        "mixed_precision": accelerator.mixed_precision,
+        "ema": run.ema is not None,
+        "data_source": run.data_source,
+        "parameter_sha256": fingerprint,
+    }
+    if config.on_nan == "skip":
+        summary["skipped_steps"] = run.nan_guard.skipped
+    require_finite_weights(run.model, run.ema, step, "the pipeline")  # every process: all stop together
+    error = None
+    if accelerator.is_main_process:
+        try:
+            if len(run.eval_images):
+                summary["eval"] = _log_bits_per_dim(run, step)
+            _log_samples(run, step, os.path.join(config.output_dir, "samples.png"))
+            _save_pipeline(run)
+            write_atomically(
+                os.path.join(config.output_dir, "training_summary.json"), lambda f: json.dump(summary, f, indent=2)
+            )
+        except Exception as err:  # shared below, so that the other processes stop too instead of waiting
+            error = err
+        else:
+            weights = "EMA weights" if run.ema is not None else "final weights"
+            logger.info("saved the pipeline (%s) and samples.png to %s", weights, config.output_dir)
+    if any_process_failed(accelerator, error is not None):
+        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if config.push_to_hub and accelerator.is_main_process:
+        summary["hub_commit_url"] = publish(config.output_dir, config)
+        logger.info("pushed to the Hub: %s", summary["hub_commit_url"])
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ what it writes
+
+
+@contextlib.contextmanager
+def ema_weights(ema, module: torch.nn.Module):
+    """Within the block `module` holds the EMA weights; its own weights are restored afterwards (no-op without EMA)."""
+    if ema is None:
+        yield module
+        return
+    ema.store(module.parameters())
+    ema.copy_to(module.parameters())
+    try:
+        yield module
+    finally:
+        ema.restore(module.parameters())
+
+
+def _save_pipeline(run: Run) -> None:
+    """The pipeline with the EMA weights, as safetensors, into --output_dir (main process), with the modules that let
+    diffusers alone load it (`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`)."""
+    with ema_weights(run.ema, run.model):
+        save_hub_pipeline(run.pipeline(), run.config.output_dir)  # atomic: never a half-written pipeline
+
+
+def _log_samples(run: Run, step: int, path: str) -> None:
+    """A grid of --eval_batch_size samples, always from the same seed, so that grids of successive steps compare."""
+    config = run.config
+    with ema_weights(run.ema, run.model):
+        pipeline = run.pipeline()
+        generator = torch.Generator(device=pipeline.device).manual_seed(config.seed)
+        images = pipeline(batch_size=config.eval_batch_size, generator=generator,
+                          num_inference_steps=config.ddpm_num_inference_steps, output_type="np").images  # fmt: skip
+    grid = make_grid(images)  # images: (N, H, W, C) in [0, 1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomically(path, lambda f: grid.save(f, format="PNG"), "wb")  # never half-written
-    tracker = run.accelerator.get_tracker("tensorboard") if run.args.logger == "tensorboard" else None
+    tracker = run.accelerator.get_tracker("tensorboard") if config.logger == "tensorboard" else None
     if tracker is not None:
         tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
 
 
 def _log_bits_per_dim(run: Run, step: int) -> dict:
+    """Monte Carlo estimate of the bound (DDPM eq. 5) on the first --eval_num_images held-out images, in bits/dim,
+    by hf_ddpm.evaluation (this process alone: it runs on the main process): its Metric fields, and the
+    `bits_per_dim` / `bits_per_dim_stderr` names that training_summary.json and TensorBoard use."""
+    config = run.config
     with ema_weights(run.ema, run.model):
-        result = held_out_bits_per_dim(
-            run.pipeline(), run.eval_images, run.args.eval_num_images, run.args.eval_num_timesteps, run.args.seed
-        )
+        metric = bits_per_dim(run.pipeline(), run.eval_images[: config.eval_num_images],
+                              num_timesteps=config.eval_num_timesteps, block_size=256, seed=config.seed)  # fmt: skip
+    stderr = metric.stderr if metric.stderr is not None else float("nan")
+    result = {**metric.to_dict(), "bits_per_dim": metric.value, "bits_per_dim_stderr": stderr}
     run.accelerator.log({k: result[k] for k in ("bits_per_dim", "bits_per_dim_stderr")}, step=step)
     logger.info(
         "step %d: held-out bits/dim %.4f ± %.4f (%d images, K=%d)",
-        step,
-        result["bits_per_dim"],
-        result["bits_per_dim_stderr"],
-        result["num_images"],
-        result["num_timesteps"],
-    )
+        step, result["bits_per_dim"], result["bits_per_dim_stderr"], result["num_images"], result["num_timesteps"],
+    )  # fmt: skip
     return result
+
+
+def parameter_hash(module: torch.nn.Module) -> str:
+    """sha256 over the module's state (names, dtypes, bytes): equal on replicas that hold identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        flat = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)  # any memory format
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

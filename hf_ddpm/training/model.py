@@ -1,26 +1,22 @@
 """The network and noise schedule a run trains: a UNet preset or JSON config with a fresh HFDDPMScheduler, or a
-pretrained pipeline (`unet/` + `scheduler/`) to fine-tune."""
+pretrained pipeline (`unet/` + `scheduler/`) to fine-tune; and the checks that a UNet can be built from its config
+and takes the training resolution, made before any data is read.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
+import torch
 from diffusers import UNet2DModel
 
 from ..loading import check_pipeline_index, load_unet
-from ..losses import check_objective
-from ..scheduler import SCHEDULE_ALIASES, HFDDPMScheduler, model_output_channels
-from ..schedules import PAPER_NUM_TIMESTEPS, paper_linear_endpoints
+from ..scheduler import HFDDPMScheduler, model_output_channels
+from ..schedules import paper_linear_endpoints
 from ..unet import UNET_PRESETS, unet_config
-from .config import DEFAULT_MODEL
-from .preflight import build_checked
-from .run_config import default_variance_type
-
-
-def model_source(args) -> str:
-    """The preset name, the JSON file or the pretrained pipeline the UNet comes from (for messages)."""
-    return args.pretrained_model_name_or_path or args.model_config or DEFAULT_MODEL
+from .config import TrainingConfig
 
 
 def _load_json_config(path: str) -> dict:
@@ -38,13 +34,13 @@ def _load_json_config(path: str) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}  # drop _class_name, _diffusers_version
 
 
-def data_shape(args) -> tuple[int | None, int]:
+def data_shape(args: TrainingConfig) -> tuple[int | None, int]:
     """(channels, resolution) the data must have: channels None lets the data decide (presets adapt to it)."""
     if args.pretrained_model_name_or_path is not None:
         check_pipeline_index(args.pretrained_model_name_or_path)  # a complete pipeline, not a half-written one
         config = UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
         return config["in_channels"], args.resolution or _side(config["sample_size"])
-    source = model_source(args)
+    source = args.model_source
     if source in UNET_PRESETS:
         return None, args.resolution or unet_config(source)["sample_size"]
     config = _load_json_config(source)
@@ -55,25 +51,25 @@ def _side(sample_size) -> int:
     return sample_size if isinstance(sample_size, int) else int(sample_size[0])
 
 
-def build_unet(args, channels: int | None, resolution: int, learned_variance: bool) -> UNet2DModel:
+def build_unet(args: TrainingConfig, channels: int | None, resolution: int, learned_variance: bool) -> UNet2DModel:
     """A fresh UNet2DModel for `channels`-channel images of `resolution` (None: the preset's own channels), or
-    the pretrained one. Bad config values are refused naming the file and key (preflight.build_checked)."""
+    the pretrained one. Bad config values are refused naming the file and key (`build_checked`)."""
     if channels is None:
-        channels = unet_config(model_source(args))["in_channels"]
+        channels = unet_config(args.model_source)["in_channels"]
     out_channels = model_output_channels(channels, learned_variance)
     if args.pretrained_model_name_or_path is not None:
         unet = load_unet(args.pretrained_model_name_or_path)  # safetensors only: a pickle is refused
         if unet.config.sample_size != resolution:
             unet.register_to_config(sample_size=resolution)  # convolutional: trains at the new size
     else:
-        source = model_source(args)
+        source = args.model_source
         if source in UNET_PRESETS:
             config = unet_config(
                 source, learned_variance, in_channels=channels, out_channels=channels, sample_size=resolution
             )
         else:
             config = {**_load_json_config(source), "sample_size": resolution}
-        if args.dropout is not None:  # (CONFIG) --dropout: the recipes' per-dataset dropout
+        if args.dropout is not None:  # the recipes' per-dataset dropout
             config = {**config, "dropout": args.dropout}
         unet = build_checked(config, source)
     if unet.config.out_channels != out_channels:
@@ -85,42 +81,107 @@ def build_unet(args, channels: int | None, resolution: int, learned_variance: bo
     return unet
 
 
-def build_scheduler(args) -> HFDDPMScheduler:
-    """The noise schedule: the pretrained pipeline's (flags must agree with it), or a new one from the flags."""
-    if args.pretrained_model_name_or_path is not None:
-        scheduler = HFDDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-        given = {
-            "prediction_type": ("--prediction_type", args.prediction_type),
-            "variance_type": ("--variance_type", args.variance_type),
-            "num_train_timesteps": ("--ddpm_num_steps", args.ddpm_num_steps),
-            "beta_schedule": (
-                "--ddpm_beta_schedule",
-                SCHEDULE_ALIASES.get(args.ddpm_beta_schedule, args.ddpm_beta_schedule),
-            ),
-        }
-        for key, (flag, value) in given.items():
-            if value is not None and value != scheduler.config[key]:
-                raise ValueError(
-                    f"fine-tuning keeps the pretrained scheduler's {key}={scheduler.config[key]!r}; "
-                    f"{flag} {value} differs (drop the flag, or train from scratch)"
-                )
-    else:
-        num_steps = args.ddpm_num_steps or PAPER_NUM_TIMESTEPS  # T = 1000 (DDPM section 4)
-        schedule = args.ddpm_beta_schedule or "linear"
-        endpoints = {}
-        if schedule == "linear":  # the paper's endpoints scaled by 1000/T (Improved DDPM), written into the config
-            endpoints = dict(zip(("beta_start", "beta_end"), paper_linear_endpoints(num_steps)))
-            if endpoints["beta_end"] >= 1.0:
-                raise ValueError(
-                    f"the paper's linear schedule scaled to T={num_steps} ends at beta="
-                    f"{endpoints['beta_end']:g} >= 1; use --ddpm_num_steps > 20 or another schedule"
-                )
-        scheduler = HFDDPMScheduler(
-            num_train_timesteps=num_steps,
-            beta_schedule=schedule,
-            variance_type=args.variance_type or default_variance_type(args.loss),
-            prediction_type=args.prediction_type or "epsilon",
-            **endpoints,
-        )
-    check_objective(args.loss, scheduler.config.variance_type)  # (CONFIG) the rule's one home: losses.py
-    return scheduler
+def pretrained_scheduler_config(args: TrainingConfig) -> dict | None:
+    """The scheduler config of the pipeline to fine-tune (None for a new model): fine-tuning keeps its process."""
+    if args.pretrained_model_name_or_path is None:
+        return None
+    check_pipeline_index(args.pretrained_model_name_or_path)  # a complete pipeline, not a half-written one
+    return dict(HFDDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler").config)
+
+
+def build_scheduler(config: TrainingConfig) -> HFDDPMScheduler:
+    """The noise schedule of a resolved config: the pretrained pipeline's (the config agrees with it), or a new one."""
+    if config.pretrained_model_name_or_path is not None:
+        return HFDDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler")
+    num_steps, schedule = config.ddpm_num_steps, config.ddpm_beta_schedule
+    endpoints = {}
+    if schedule == "linear":  # the paper's endpoints scaled by 1000/T (Improved DDPM), written into the config
+        endpoints = dict(zip(("beta_start", "beta_end"), paper_linear_endpoints(num_steps)))
+        if endpoints["beta_end"] >= 1.0:
+            raise ValueError(
+                f"the paper's linear schedule scaled to T={num_steps} ends at beta="
+                f"{endpoints['beta_end']:g} >= 1; use --ddpm_num_steps > 20 or another schedule"
+            )
+    return HFDDPMScheduler(
+        num_train_timesteps=num_steps,
+        beta_schedule=schedule,
+        variance_type=config.variance_type,
+        prediction_type=config.prediction_type,
+        **endpoints,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_unet_config(config: dict, source: str) -> None:
+    """Refuse values that UNet2DModel would fail on with a raw torch error, naming `source` (the flag or the JSON
+    file) and the key."""
+    where = f"--model_config {source}"
+    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; UNet2DModel takes {', '.join(sorted(known))}")
+    per_block = config.get("layers_per_block", 2)
+    for value in per_block if isinstance(per_block, (list, tuple)) else [per_block]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: layers_per_block must be an integer >= 1, got {per_block!r}")
+    channels = config.get("block_out_channels", (64, 128, 256, 512))
+    if not isinstance(channels, (list, tuple)) or not all(isinstance(c, int) and c > 0 for c in channels):
+        raise ValueError(f"{where}: block_out_channels must be a list of positive integers, got {channels!r}")
+    for key in ("in_channels", "out_channels", "norm_num_groups"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key in ("down_block_types", "up_block_types"):
+        blocks = config.get(key)
+        if blocks is not None and len(blocks) != len(channels):
+            raise ValueError(
+                f"{where}: {key} has {len(blocks)} entries and block_out_channels {len(channels)}; they must match"
+            )
+
+
+def _key_in_error(config: dict, error: Exception) -> str:
+    """The config key whose value the error message names (diffusers: 'FooBlock2D does not exist.')."""
+    text = str(error)
+    for key, value in config.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item and item in text:
+                return f" (key {key})"
+    if "num_groups" in text:
+        return " (key norm_num_groups)"
+    return ""
+
+
+def build_checked(config: dict, source: str) -> UNet2DModel:
+    """UNet2DModel(**config), its errors naming `source` and the key."""
+    check_unet_config(config, source)
+    try:
+        return UNet2DModel.from_config(config)
+    except Exception as err:
+        raise ValueError(f"--model_config {source}{_key_in_error(config, err)}: {err}") from err
+
+
+def downsampling_factor(unet: UNet2DModel) -> int:
+    """2 per down block but the last (UNet2DModel adds no downsampler to its final block)."""
+    return 2 ** (len(unet.config.down_block_types) - 1)
+
+
+def check_forward(unet: UNet2DModel, resolution: int, source: str, resolution_given: bool) -> None:
+    """One forward pass on a dummy batch (1, C, resolution, resolution) at t = 0; a failure names the flag and the
+    resolutions this UNet accepts."""
+    factor = downsampling_factor(unet)
+    x = torch.zeros(1, unet.config.in_channels, resolution, resolution)
+    try:
+        with torch.no_grad():
+            out = unet(x, torch.zeros(1, dtype=torch.long)).sample
+        if out.shape[-2:] != x.shape[-2:]:
+            raise RuntimeError(f"it returns {tuple(out.shape[-2:])} from {tuple(x.shape[-2:])}")
+    except Exception as err:
+        flag = f"--resolution {resolution}" if resolution_given else f"the resolution {resolution} (sample_size)"
+        accepted = ", ".join(str(factor * k) for k in range(1, 5))
+        raise ValueError(
+            f"{flag}: the UNet of --model_config {source} cannot take {resolution}x{resolution} images "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). It halves the resolution "
+            f"{len(unet.config.down_block_types) - 1} times, so it accepts multiples of {factor}: {accepted}, ..."
+        ) from err

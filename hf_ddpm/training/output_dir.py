@@ -95,7 +95,7 @@ def check_output_dir(args) -> OutputDir:
         )
     if manifest is None and foreign:
         shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 5 else "")
-        if not getattr(args, "allow_nonempty_output_dir", False):
+        if not args.allow_nonempty_output_dir:
             raise OutputDirError(
                 f"--output_dir {path} is not empty and holds no earlier training run ({shown}); choose a new or "
                 "empty directory, or pass --allow_nonempty_output_dir to train beside these files (they are left "

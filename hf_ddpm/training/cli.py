@@ -1,0 +1,199 @@
+"""The command line of `training/train.py`: the parser built from the run config's fields, and `--config FILE`.
+
+`--config` takes a JSON or YAML file of `flag_name: value` pairs, or the name of a shipped recipe (the papers'
+settings, training/recipes/*.yaml: `--config ddpm-cifar10`); flags given on the command line win over the file.
+The fields, their defaults and the checks live in `config.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from ..flags import FlagParser
+from ..shipped import shipped_dir
+from .config import DATA_SOURCES, GROUPS, TrainingConfig
+
+RECIPES_DIR = shipped_dir("recipes", "training/recipes")  # hf_ddpm/recipes inside the wheel
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a non-trivial default unless the help text already says what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        trivial = action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS
+        if trivial or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _kind(hint) -> tuple[type, tuple | None, bool]:
+    """(type, choices, optional) of a field's type hint: `Literal[...] | None` -> (str, its values, True)."""
+    members = [hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = list(typing.get_args(hint))
+    optional = type(None) in members
+    members = [m for m in members if m is not type(None)]
+    if len(members) == 1 and typing.get_origin(members[0]) is typing.Literal:
+        return str, typing.get_args(members[0]), optional
+    return (members[0] if len(members) == 1 else object), None, optional
+
+
+def _fields() -> list[tuple[str, dataclasses.Field, tuple]]:
+    """(group title, field, _kind of its hint) of every option, in `--help` order."""
+    hints = typing.get_type_hints(TrainingConfig)
+    return [(title, f, _kind(hints[f.name])) for title, options in GROUPS for f in dataclasses.fields(options)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every run-config field: one group per options class, types and choices from the type hints,
+    help and aliases from the field metadata. Flags read in either spelling (`--output-dir`: hf_ddpm.flags)."""
+    p = FlagParser(
+        prog="training/train.py",
+        description="Train a DDPM (Ho et al. 2020) UNet2DModel with accelerate; with no flags, on the bundled digits.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="a JSON or YAML file of option: value pairs, or a shipped recipe "
+        f"({', '.join(recipe_names())}); flags on the command line win",
+    )
+    groups = {}
+    for title, f, (kind, choices, _) in _fields():
+        group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        meta = f.metadata
+        names = (f"--{f.name}", *meta["aliases"])
+        common = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if kind is bool and meta["negation"]:
+            both = group.add_mutually_exclusive_group()
+            both.add_argument(*names, action="store_true", **common)
+            flag, text = meta["negation"]
+            both.add_argument(flag, dest=f.name, action="store_false", help=text)
+        elif kind is bool:  # --flag / --no-flag, so that the command line can undo a config file's value
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+        else:
+            group.add_argument(*names, type=meta["parse"] or kind, choices=choices, **common)
+    return p
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def find_config(source: str) -> Path:
+    """A config file's path: `source` itself, or the shipped recipe of that name."""
+    if os.path.isfile(source):
+        return Path(source)
+    recipe = RECIPES_DIR / f"{source}.yaml"
+    if os.sep not in source and recipe.is_file():
+        return recipe
+    raise ValueError(f"--config {source!r} is neither a file nor a recipe (recipes: {', '.join(recipe_names())})")
+
+
+def read_config_file(source: str) -> dict:
+    """The option values of a JSON or YAML config file (or shipped recipe), typed and checked like flags."""
+    path = find_config(source)
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise ValueError(f"--config {path}: the file must end in one of {', '.join(CONFIG_SUFFIXES)}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError is a ValueError
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"--config {path} is not valid {kind}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option: value, got {type(data).__name__}")
+    return config_values(data, str(path))
+
+
+def config_values(data: dict, source: str = "the config") -> dict:
+    """{flag name or alias: value} -> {field: value}; an unknown key, a wrong type or a bad choice is refused."""
+    specs = {f.name: (f, kind) for _, f, kind in _fields()}
+    aliases = {a.removeprefix("--"): name for name, (f, _) in specs.items() for a in f.metadata["aliases"]}
+    values = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name not in specs:
+            close = difflib.get_close_matches(key, [*specs, *aliases], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{source}: unknown option {key!r}{hint}; allowed: {', '.join(specs)}")
+        f, (kind, choices, optional) = specs[name]
+        values[name] = _typed(key, value, kind, choices, optional, f.metadata["parse"], source)
+    return values
+
+
+def _typed(key, value, kind, choices, optional, parse, source):
+    """One config-file value as the command line would give it, or a ValueError naming it and what is allowed."""
+    allowed = kind.__name__ if parse is None else "a number"
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{source}: {key} cannot be null; allowed: {allowed}")
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = (parse or kind)(value)  # e.g. YAML reads 2e-4 (no dot) as a string
+        except ValueError:
+            raise ValueError(f"{source}: {key} {value!r} is not {allowed}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, (int, float)) if parse else isinstance(value, kind)
+    if not ok or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"{source}: {key} must be {allowed}, got {value!r}")
+    if choices and value not in choices:
+        raise ValueError(f"{source}: {key} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+# A choice made on the command line replaces the config file's competing one: `--config ddpm-cifar10
+# --train_data_dir ./my_images` trains the recipe on an image folder instead of the recipe's dataset.
+REPLACES = {
+    **{
+        s: (*(o for o in DATA_SOURCES if o != s), *(() if s == "dataset_name" else ("dataset_config_name",)))
+        for s in DATA_SOURCES
+    },
+    "model_config": ("pretrained_model_name_or_path",),
+    "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
+    "save_images_epochs": ("save_images_steps",),
+    "save_images_steps": ("save_images_epochs",),
+    "save_model_epochs": ("save_model_steps",),
+    "save_model_steps": ("save_model_epochs",),
+}
+
+
+def _given(parser: FlagParser, argv: list[str] | None) -> set[str]:
+    """The fields that the command line itself sets."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def parse_args(argv: list[str] | None = None) -> TrainingConfig:
+    """The config a command line gives: the fields' defaults, then --config's values, then the flags given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    source = pre.parse_known_args(parser.respell(argv))[0].config
+    from_file = read_config_file(source) if source is not None else {}
+    parser.set_defaults(**from_file)
+    values = vars(parser.parse_args(argv))
+    del values["config"]
+    if from_file:
+        given = _given(build_parser(), argv)
+        for name in given & set(REPLACES):
+            for other in set(REPLACES[name]) - given:
+                values[other] = TrainingConfig.__dataclass_fields__[other].default
+    return TrainingConfig(**values)

@@ -1,0 +1,260 @@
+"""What interrupts a run, and how it ends: a signal (preemption), a non-finite loss, gradient or weight, and an error
+on one process that the other processes must hear about.
+
+Preemption. SIGTERM, SIGINT or SIGUSR1 (what SLURM, Kubernetes, spot instances and Ctrl-C send) ends the run at the
+next optimizer-step boundary with a checkpoint of that step, instead of losing every step since the last one. The
+handler only sets a flag (in the process that installed it; a forked worker that inherited the handler ignores the
+signal). The loop already all-reduces each optimizer step's loss and reads it on the host for its logs; the flag
+rides in the same all-reduce as a second element (`reduce_with_loss`), so agreeing costs no extra collective and no
+extra host sync. Every process therefore sees the same sum at the same step: a signal to one rank, to all of them or
+to the launcher stops all processes at the same step, and they write one checkpoint together. After the checkpoint
+the run prints one line naming it and the command that resumes it, and exits with status 128 + the signal number
+(143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1), as a shell reports a process killed by that signal, so that SLURM
+and other schedulers see an interrupted, requeueable job. A second SIGINT while the checkpoint is being written
+aborts at once (the default action of SIGINT): the previous checkpoint stays intact.
+
+Faults. Every decision is taken from values that all processes share (the all-reduced loss, the gradient norm of
+the all-reduced gradients, replicated weights), so in DDP all processes stop, or skip, at the same step together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import signal
+import sys
+
+import torch
+from accelerate.logging import get_logger
+
+logger = get_logger(__name__)
+
+NAN_POLICIES = ("stop", "skip")
+MAX_CONSECUTIVE_SKIPS = 10  # --on_nan skip: a run whose steps keep failing stops instead of idling on
+
+# ------------------------------------------------------------------------------------------------ preemption
+
+
+def parse_signals(value: str) -> tuple[signal.Signals, ...]:
+    """'TERM,INT,USR1' (names with or without SIG, case-insensitive) -> signals; 'none' -> ()."""
+    if value.strip().lower() in ("", "none"):
+        return ()
+    found = []
+    for name in value.split(","):
+        key = name.strip().upper()
+        key = key if key.startswith("SIG") else "SIG" + key
+        if key in ("SIGKILL", "SIGSTOP") or not hasattr(signal.Signals, key):
+            raise ValueError(
+                f"--preemption_signals {value!r}: {name.strip()!r} is not a signal a process can catch; "
+                "use names such as TERM,INT,USR1,USR2,HUP, or none"
+            )
+        found.append(signal.Signals[key])
+    return tuple(dict.fromkeys(found))
+
+
+def exit_status(signum: int) -> int:
+    """The documented exit status of a preempted run: 128 + the signal number."""
+    return 128 + int(signum)
+
+
+class Preempted(SystemExit):
+    """Raised by the loop after the preemption checkpoint is written; its `code` is the exit status."""
+
+    def __init__(self, signum: int, checkpoint: str, command: str):
+        super().__init__(exit_status(signum))
+        self.signum, self.checkpoint, self.command = signum, checkpoint, command
+
+
+class PreemptionHandler:
+    """Installs the handlers (`install`), carries the flag into the loss all-reduce, restores them (`restore`)."""
+
+    def __init__(self, signals=()):
+        self.signals = tuple(signals)
+        self.received: int | None = None  # the first signal caught in this process
+        self.agreed: int | None = None  # the signal all processes agreed to stop on (0: on another process)
+        self._owner = os.getpid()
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._owner:  # a forked worker inherited the handler: the main process decides
+            return
+        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: abort now
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        if self.received is None:
+            self.received = signum
+            name = signal.Signals(signum).name
+            print(
+                f"received {name}: stopping after this optimizer step with a checkpoint"
+                + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def reduce_with_loss(self, accelerator, loss):
+        """All-reduce (mean) `loss` together with this process's signal number (0 if none): one collective.
+        Returns the mean loss, a tensor (nothing is read on the host here)."""
+        flag = torch.tensor(float(self.received or 0), device=loss.device, dtype=loss.dtype)
+        self._reduced = accelerator.reduce(torch.stack([loss, flag]), "sum")
+        return self._reduced[0] / accelerator.num_processes
+
+    def read(self, num_processes: int) -> tuple[float, bool]:
+        """(the mean loss, whether any process caught a signal) in one host read, where the loop reads the loss for
+        its logs anyway. The same answer on every process."""
+        loss, signals = (self._reduced / num_processes).tolist()  # the loss exactly as the tensor mean
+        if signals > 0 and self.agreed is None:
+            total = round(signals * num_processes)  # one signalled process: its signal; several: SIGTERM
+            elsewhere = total if total in signal.valid_signals() else int(signal.SIGTERM)
+            self.agreed = self.received or elsewhere
+        return loss, self.agreed is not None
+
+
+LAUNCH_FLAGS = ("--resume_from_checkpoint", "--overwrite_output_dir")
+
+
+def resume_command(argv: list[str], num_processes: int, mixed_precision: str) -> str:
+    """The command that resumes this run: the same options with `--resume_from_checkpoint latest`, under
+    `accelerate launch` with the same process count and precision when the run was launched by it."""
+    options, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in LAUNCH_FLAGS:
+            skip = arg == "--resume_from_checkpoint"
+            continue
+        if arg.startswith("--resume_from_checkpoint="):
+            continue
+        options.append(arg)
+    script = [sys.argv[0] if sys.argv and sys.argv[0] else "training/train.py"]
+    module = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+    if os.path.abspath(script[0]) == module:  # started as `-m hf_ddpm.train` (an installed wheel)
+        script = ["-m", "hf_ddpm.train"]
+    if "ACCELERATE_MIXED_PRECISION" in os.environ or num_processes > 1:  # started by `accelerate launch`
+        processes = ["--multi_gpu"] if num_processes > 1 else []
+        prefix = ["accelerate", "launch", *processes, "--num_processes", str(num_processes)]
+        prefix += ["--mixed_precision", mixed_precision]
+    else:
+        prefix = ["python"]
+    return shlex.join([*prefix, *script, *options, "--resume_from_checkpoint", "latest"])
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped at a non-finite loss, gradient or weight; nothing from that step was written."""
+
+
+_DONE_WORK: list = []  # any_process_failed's finished all-reduces: freed at exit by the main thread, see there
+
+
+def any_process_failed(accelerator, failed: bool) -> bool:
+    """Whether `failed` holds on any process. Every process must call it (a collective in DDP): an error on one
+    process then stops them all, instead of leaving the others waiting at the next barrier until it times out.
+
+    The finished all-reduce is kept here. Freed by gloo's worker thread instead, it would release its Python
+    tensor there, which needs the GIL; a main thread that is by then destroying the process group (the end of a
+    run, or an error raised right after this call) holds the GIL while it joins that thread: a deadlock, seen as a
+    2-process CPU run that never exits."""
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return accelerator.reduce(flag, "sum").item() > 0  # other backends (XLA)
+    work = torch.distributed.all_reduce(flag, async_op=True)  # SUM
+    work.wait()
+    _DONE_WORK.append(work)
+    return flag.item() > 0
+
+
+def describe(error: BaseException) -> str:
+    """An error in a few words for a message: an OSError's reason and path, else its type and text (a full disk
+    makes torch.save raise RuntimeError and safetensors SafetensorError, not OSError)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    return f"{type(error).__name__}: {error}"
+
+
+def nonfinite_names(named_tensors) -> list[str]:
+    """Names of the tensors holding NaN or ±inf (one host sync for all of them)."""
+    named = list(named_tensors)
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def require_finite_weights(model, ema, step: int, target: str) -> None:
+    """Raise NonFiniteError, before anything is written, when the weights (or their EMA) that `target` would hold
+    are not finite: a checkpoint or pipeline with NaN weights is never written."""
+    bad = nonfinite_names(model.named_parameters())
+    if ema is not None:
+        names = [name for name, _ in model.named_parameters()]
+        bad += [f"ema:{name}" for name in nonfinite_names(zip(names, ema.shadow_params))]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f", ... ({len(bad)} tensors)" if len(bad) > 4 else "")
+        raise NonFiniteError(
+            f"step {step}: the weights hold NaN or inf ({shown}); not writing {target}. "
+            "Lower --learning_rate (or lengthen --lr_warmup_steps) and resume from the last checkpoint"
+        )
+
+
+class NanGuard:
+    """--on_nan: `stop` (the default) raises NonFiniteError at the first optimizer step whose loss or gradient norm
+    is NaN or inf, before that step writes a checkpoint or pipeline; `skip` drops the update of such a step (the
+    optimizer and the EMA keep their state; the data position and the LR schedule move on) and warns, and still
+    stops after MAX_CONSECUTIVE_SKIPS such steps in a row.
+
+    `stop` costs nothing: it reads the loss and gradient norm that the loop logs anyway, after the step (the
+    weights it updated are then never written). `skip` must decide before the optimizer step: one more host sync.
+    With an fp16 gradient scaler an inf gradient norm is the scaler's business (it skips the step and lowers its
+    scale), so only the loss is checked then.
+    """
+
+    def __init__(self, policy: str, last_checkpoint, grad_scaler: bool = False):
+        """last_checkpoint: () -> the newest checkpoint's path or None, for the message."""
+        self.policy, self.last_checkpoint, self.grad_scaler = policy, last_checkpoint, grad_scaler
+        self.skipped: list[int] = []
+        self.consecutive = 0
+
+    def finite(self, loss, grad_norm) -> bool:
+        values = (loss,) if self.grad_scaler else (loss, grad_norm)
+        return all(math.isfinite(float(v)) for v in values)
+
+    def apply_update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Before `optimizer.step()`: whether to take it (always under `stop`, without looking)."""
+        return self.policy != "skip" or self.finite(loss, grad_norm)
+
+    def after_step(self, step: int, loss: float, grad_norm: float) -> None:
+        """After the step's logs, before its checkpoint: stop (raise) or count a skipped step."""
+        if self.finite(loss, grad_norm):
+            self.consecutive = 0
+            return
+        what = f"step {step}: the loss is {loss} and the gradient norm {grad_norm}"
+        latest = self.last_checkpoint()
+        kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint had been written yet"
+        advice = "lower --learning_rate (or lengthen --lr_warmup_steps) or check the data"
+        if self.policy == "stop":
+            raise NonFiniteError(
+                f"{what}; training stopped (--on_nan stop) and wrote nothing of this step: {kept}. "
+                f"To go on, {advice} and resume, or pass --on_nan skip to skip such steps"
+            )
+        self.skipped.append(step)
+        self.consecutive += 1
+        logger.warning("%s: skipped its update (--on_nan skip; %d skipped so far)", what, len(self.skipped))
+        if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteError(
+                f"{what}, the {self.consecutive}th non-finite step in a row; training stopped: {kept}. {advice}"
+            )

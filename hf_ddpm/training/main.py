@@ -1,0 +1,273 @@
+"""`training/train.py`'s entry point, and how a run is built: checked, resolved, then set up for the loop.
+
+A run is a transaction. `check_run` refuses whatever cannot work (the Hub target, the model and the objective, one
+UNet forward pass at the training resolution, the checkpoint to resume and its compatibility, the output directory)
+before any data is read or anything is written, on every process alike so that all refuse together. The config is
+resolved (`config.resolve`) from the flags and the facts of the run: before the data is read, for those checks and
+the Accelerator; once the data is read, into the value the run trains with and training_args.json records.
+
+A training error ends the output with `error: <message>` on one line, status 1. The traceback is printed above it
+only with --debug (it is the same for every bad option or input, and pushes the message out of sight). A signal
+that stopped the run (hf_ddpm/training/interruptions.py) exits with 128 + its number after its own line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from ..cpu import tune_process
+from ..data.streaming import StreamingBatches
+from ..scheduler import HFDDPMScheduler
+from . import checkpoints, output_dir
+from .batches import check_dataset_reachable, load_training_data, make_batches
+from .checkpoints import RunRecord
+from .cli import parse_args
+from .config import RunFacts, TrainingConfig, launch_precision, optimizer_steps, resolve
+from .interruptions import NanGuard, PreemptionHandler, any_process_failed, describe, parse_signals
+from .loop import Run, train_loop
+from .model import build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
+from .publish import check_publish
+from .timesteps import LossSecondMomentResampler, UniformSampler
+
+logger = get_logger(__name__)
+ERROR_STATUS = 1
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined), else its type."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options and train; returns the exit status (0, 1 for an error, 128 + N after signal N)."""
+    argv = sys.argv[1:] if argv is None else argv
+    given = None
+    try:
+        given = parse_args(argv)
+        train(given)
+    except SystemExit as stop:  # --help, argparse's usage errors (already printed), a preemption
+        code = stop.code
+        return code if isinstance(code, int) else (0 if code is None else ERROR_STATUS)
+    except Exception as err:
+        if given.debug if given is not None else "--debug" in argv:  # (also from a --config file once parsed)
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        return ERROR_STATUS
+    return 0
+
+
+def train(given: TrainingConfig) -> dict:
+    """Run (or resume) the training `given` asks for; write the pipeline; return the run's summary."""
+    run = setup(given)  # the main process holds the output directory's lock from here ...
+    preemption = PreemptionHandler(parse_signals(run.config.preemption_signals))
+    try:
+        resume(run)
+        preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
+        return train_loop(run, preemption)
+    finally:
+        preemption.restore()
+        if run.lock is not None:
+            run.lock.release()  # ... to its end (or the process's, whichever comes first)
+
+
+@dataclass
+class Plan:
+    """What `check_run` found before any data is read or anything written."""
+
+    config: TrainingConfig  # resolved but for the data's defaults (the batch size and the warmup)
+    facts: RunFacts
+    channels: int | None  # None: the preset adapts to the data's channels
+    resolution: int
+    scheduler: HFDDPMScheduler
+    record: RunRecord | None  # the resumed checkpoint's
+    output: output_dir.OutputDir
+
+
+def check_run(given: TrainingConfig) -> Plan:
+    """Every check that needs no data and writes nothing (see the module docstring)."""
+    check_publish(given)
+    check_dataset_reachable(given)
+    path = checkpoints.resolve_resume(given.resume_from_checkpoint, given.output_dir)
+    record = RunRecord.read(path) if path else None
+    facts = RunFacts(
+        num_processes=int(os.environ.get("WORLD_SIZE", "1")),  # set by `accelerate launch` (torchrun) before setup
+        launch_precision=launch_precision(),
+        pretrained_scheduler=pretrained_scheduler_config(given),
+        resume_path=path,
+        resumed_precision=record.launch.mixed_precision if record else None,
+    )
+    config, _ = resolve(given, facts)
+    channels, resolution = data_shape(config)
+    scheduler = build_scheduler(config)
+    unet = build_unet(config, channels, resolution, scheduler.config.variance_type == "learned_range")
+    check_forward(unet, resolution, config.model_source, given.resolution is not None)
+    if record is not None:
+        current = RunRecord.of_run(0, unet.config, scheduler.config, config, facts.num_processes)
+        checkpoints.check_resume(
+            path, record, current, skip=("in_channels", "out_channels") if channels is None else ()
+        )
+    found = output_dir.check_output_dir(config)
+    return Plan(config, facts, channels, resolution, scheduler, record, found)
+
+
+def _refuse_unwritable(accelerator, error: Exception | None, directory: str, what: str) -> None:
+    """Every process hears whether the main process could write; a failure stops them all, naming the directory."""
+    if any_process_failed(accelerator, error is not None):
+        if isinstance(error, output_dir.OutputDirError):
+            raise error
+        reason = describe(error) if error else f"the main process could not {what}"
+        raise OSError(f"--output_dir {directory} is not writable ({reason}); choose a writable directory")
+
+
+def lock_output_dir(config: TrainingConfig, accelerator) -> output_dir.RunLock | None:
+    """The main process takes the output directory's lock; every process hears whether it could."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = output_dir.acquire_lock(config.output_dir)
+        except (OSError, ValueError) as err:
+            error = err
+    _refuse_unwritable(accelerator, error, config.output_dir, "lock it")
+    return lock
+
+
+def prepare_output_dir(config: TrainingConfig, accelerator, plan: Plan) -> None:
+    """Clean up after a killed run; record the resolved options (main process). Called once the data and the model
+    are known to be good, so that a bad option or input leaves the output directory as it was."""
+    accelerator.wait_for_everyone()  # every process has looked before the main one changes anything
+    error = None
+    if accelerator.is_main_process:
+        try:
+            output_dir.prepare_output_dir(plan.output, config)
+            checkpoints.remove_incomplete(config.output_dir)
+            with open(os.path.join(config.output_dir, "training_args.json"), "w") as f:
+                json.dump(config.to_json(), f, indent=2)
+        except OSError as err:
+            error = err
+    _refuse_unwritable(accelerator, error, config.output_dir, "write it")  # also the barrier after the writes
+
+
+def setup(given: TrainingConfig) -> Run:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    tune_process(given.num_threads)
+    plan = check_run(given)  # before the Accelerator: it takes the resolved mixed precision
+    config = plan.config
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=config.logger,
+        project_config=ProjectConfiguration(config.output_dir, os.path.join(config.output_dir, config.logging_dir)),
+        step_scheduler_with_optimizer=False,  # stepped by the loop, once per optimizer step
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if config.compile else None,
+    )
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line per file saved: our own suffices
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logger.info(accelerator.state, main_process_only=False)
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    lock = lock_output_dir(config, accelerator)
+    try:
+        run = _build(given, accelerator, plan)
+    except BaseException:
+        if lock is not None:  # nothing else written yet when the output directory was new: leave no trace
+            lock.release(remove=not os.path.exists(os.path.join(config.output_dir, output_dir.MANIFEST_NAME)))
+        raise
+    run.lock = lock
+    return run
+
+
+def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
+    set_seed(given.seed)  # the same initial weights on every process
+    scheduler, resolution = plan.scheduler, plan.resolution
+    data = load_training_data(plan.config, accelerator, resolution, plan.channels)  # the cache: once per machine
+    config, notes = resolve(given, dataclasses.replace(plan.facts, train_images=len(data.train)))
+    for note in notes:
+        logger.info(note)
+    if config.eval_bits_per_dim_steps and not len(data.eval):
+        raise ValueError("--eval_bits_per_dim_steps needs held-out images, and --eval_size leaves none")
+    learned = scheduler.config.variance_type == "learned_range"
+    unet = build_unet(config, data.train.shape[1], resolution, learned)
+    record = RunRecord.of_run(0, unet.config, scheduler.config, config, accelerator.num_processes)
+    if plan.record is not None:  # the data decided the channels: compare them too, before anything is written
+        checkpoints.check_resume(plan.facts.resume_path, plan.record, record)
+    if config.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    batches = make_batches(data, config, accelerator)
+    total_steps = optimizer_steps(config, batches.batches_per_epoch)
+    prepare_output_dir(config, accelerator, plan)
+
+    device = accelerator.device
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+        # one fused kernel over all parameters (CUDA, and CPUs since torch 2.4): on the CPU a step of the default
+        # per-tensor loop costs ~4x the fused one, ~4% of a digits-16-tiny training step (benchmarks/training.py)
+        fused=True if device.type in ("cuda", "cpu") else None,
+    )
+    # Both counts in optimizer steps, whatever the accumulation or the number of processes.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    set_seed(config.seed, device_specific=True)  # dropout differs across processes
+    ema = None
+    if config.use_ema:  # created after `prepare`: from the weights DDP broadcast, on the device
+        ema = EMAModel(
+            accelerator.unwrap_model(unet).parameters(),
+            decay=config.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=config.ema_inv_gamma,
+            power=config.ema_power,
+            foreach=True,
+        )
+    num_steps = scheduler.config.num_train_timesteps
+    sampler = LossSecondMomentResampler(num_steps) if config.importance_sampling else UniformSampler(num_steps)
+    # Checkpointed besides accelerate's own state, in this order (the record is a file of its own, by name).
+    if ema is not None:
+        accelerator.register_for_checkpointing(checkpoints.EMAState(ema, device))
+    if config.importance_sampling:
+        accelerator.register_for_checkpointing(sampler)
+    if isinstance(batches, StreamingBatches):
+        accelerator.register_for_checkpointing(batches)  # the stream's position
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train")
+    start = plan.record.step if plan.record is not None else 0
+    last_checkpoint = lambda: checkpoints.latest_checkpoint(config.output_dir)  # noqa: E731
+    return Run(
+        config=config, accelerator=accelerator, unet=unet, scheduler=scheduler, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, ema=ema, sampler=sampler, batches=batches, eval_images=data.eval,
+        record=dataclasses.replace(record, step=start), total_steps=total_steps, data_source=data.source,
+        nan_guard=NanGuard(config.on_nan, last_checkpoint, grad_scaler=accelerator.scaler is not None),
+        resume_path=plan.facts.resume_path,
+    )  # fmt: skip
+
+
+def resume(run: Run) -> None:
+    """Load the checkpoint that `check_run` found for --resume_from_checkpoint, if any (all processes)."""
+    if run.resume_path is None:
+        if run.config.resume_from_checkpoint is not None:
+            logger.info("no checkpoint in %s yet: starting a new run", run.config.output_dir)
+        return
+    run.accelerator.load_state(run.resume_path)
+    # accelerate restores its micro-step counter; set it from the step so accumulation windows line up regardless.
+    run.accelerator.step = run.record.step * run.config.gradient_accumulation_steps
+    logger.info("resumed from %s at optimizer step %d", run.resume_path, run.record.step)
