@@ -19,7 +19,7 @@ from hf_ddpm.unet import unet_config
 
 from .common import log
 from .sampling import compare, make_unet
-from .training import reset_accelerate
+from .training import train_run
 
 PAPER_STEPS_PER_SECOND = 21.0  # DDPM (Ho et al. 2020), Appendix B: CIFAR-10, batch 128, TPU v3-8
 PROFILES = {
@@ -34,24 +34,12 @@ NOT_MEASURED = "not measured: no GPU lent"
 
 
 def train_seconds(settings: dict, workdir: str, steps: int, precision: str) -> float:
-    from hf_ddpm.training import parse_args, train
-
     config = os.path.join(workdir, "unet.json")  # a JSON config (not the preset name) keeps in_channels = 3
     with open(config, "w") as f:
         json.dump(unet_config(settings["model"]), f)
-    argv = [
-        "--output_dir", os.path.join(workdir, "out"), "--overwrite_output_dir", "--model_config", config,
-        "--resolution", str(settings["resolution"]), "--ddpm_num_steps", str(settings["T"]),
-        "--train_batch_size", str(settings["batch"]), "--max_train_steps", str(steps),
-        "--lr_warmup_steps", "0", "--mixed_precision", precision, "--eval_size", "0",
-        "--checkpointing_steps", "1000000", "--save_images_steps", "1000000",
-        "--eval_batch_size", "1", "--ddpm_num_inference_steps", "1", "--learning_rate", "2e-4",
-    ]  # fmt: skip
-    reset_accelerate()
-    try:
-        return train(parse_args(argv))["train_seconds"]
-    finally:
-        reset_accelerate()
+    flags = ["--lr_warmup_steps", "0", "--mixed_precision", precision, "--eval_size", "0", "--eval_batch_size", "1",
+             "--ddpm_num_inference_steps", "1", "--learning_rate", "2e-4"]  # fmt: skip
+    return train_run(settings | {"model": config}, steps, os.path.join(workdir, "out"), *flags)["train_seconds"]
 
 
 def measure(profile: str = "full", device: str = "cuda") -> dict:

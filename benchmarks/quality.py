@@ -30,7 +30,7 @@ from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, p
 from hf_ddpm.evaluation.samples import generate_shards, load_shards
 
 from .common import log
-from .training import reset_accelerate
+from .training import train_run
 
 PROFILES = {
     "smoke": {"model": "test-tiny", "resolution": 8, "T": 50, "batch": 8, "train_steps": 3, "exact_images": 2,
@@ -54,26 +54,12 @@ DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_co
 
 def train_model(settings: dict, loss: str, output_dir: str, data: dict) -> dict:
     """Train one model with `hf_ddpm.training.train` (our defaults, `train_steps` optimizer steps)."""
-    from hf_ddpm.training import parse_args, train
-
     steps = settings["train_steps"]
-    argv = [
-        "--output_dir", output_dir, "--overwrite_output_dir", "--model_config", settings["model"],
-        "--resolution", str(settings["resolution"]), "--ddpm_num_steps", str(settings["T"]),
-        "--train_batch_size", str(settings["batch"]), "--max_train_steps", str(steps),
-        "--lr_warmup_steps", str(min(100, steps // 2)), "--loss", loss, "--mixed_precision", "no",
-        "--checkpointing_steps", "1000000", "--save_images_steps", "1000000",
-        "--eval_num_images", "16", "--eval_num_timesteps", "4", "--eval_batch_size", "4",
-        "--ddpm_num_inference_steps", "10",
-    ]  # fmt: skip
-    for flag, value in data.items():
-        if value is not None:
-            argv += [f"--{flag}", str(value)]
-    reset_accelerate()
-    try:
-        summary = train(parse_args(argv))
-    finally:
-        reset_accelerate()
+    flags = ["--lr_warmup_steps", str(min(100, steps // 2)), "--loss", loss, "--mixed_precision", "no",
+             "--eval_num_images", "16", "--eval_num_timesteps", "4", "--eval_batch_size", "4",
+             "--ddpm_num_inference_steps", "10"]  # fmt: skip
+    flags += [arg for flag, value in data.items() if value is not None for arg in (f"--{flag}", str(value))]
+    summary = train_run(settings, steps, output_dir, *flags)
     return {"loss": loss, "optimizer_steps": summary["optimizer_steps"], "train_seconds": summary["train_seconds"]}
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hf_ddpm.data import digits_dataset
 from hf_ddpm.training import loop, parse_args, train
+from hf_ddpm.training.config import RunFacts, resolve
 from hf_ddpm.training.model import build_scheduler
 from hf_ddpm.unet import unet_config
 
@@ -69,27 +70,29 @@ class LoopClock(tqdm):
         super().close()
 
 
-def ours(settings: dict, steps: int, workdir: str, *options: str) -> tuple[float, float]:
-    """(wall, CPU) seconds per image over `steps` optimizer steps of hf_ddpm's own loop: its defaults + `options`."""
-    argv = [
-        "--output_dir", os.path.join(workdir, "ours"), "--overwrite_output_dir",
-        "--model_config", settings["model"], "--resolution", str(settings["resolution"]),
-        "--ddpm_num_steps", str(settings["T"]), "--train_batch_size", str(settings["batch"]),
-        "--max_train_steps", str(steps), "--lr_warmup_steps", str(min(100, steps)),
-        # no held-out split (the data is the same 1797 digits as theirs), no checkpoint or sample grid inside the
-        # timed loop, and a one-image, one-step grid at the end (not timed either)
-        "--eval_size", "0", "--checkpointing_steps", "1000000", "--save_images_steps", "1000000",
-        "--eval_batch_size", "1", "--ddpm_num_inference_steps", "1",
-        "--mixed_precision", "bf16" if "bf16" in options else "no",
-    ]  # fmt: skip
-    argv += [f"--{o}" for o in options if o != "bf16"]
+def train_run(settings: dict, steps: int, output_dir: str, *flags: str) -> dict:
+    """One run of hf_ddpm's training loop (`hf_ddpm.training.train`, with its own Accelerator) of `settings`' model,
+    resolution, T and batch for `steps` optimizer steps, no checkpoint or sample grid inside the loop, and `flags`;
+    returns the run's summary. The one place the benchmarks start our training."""
+    argv = ["--output_dir", output_dir, "--overwrite_output_dir", "--model_config", settings["model"],
+            "--resolution", str(settings["resolution"]), "--ddpm_num_steps", str(settings["T"]),
+            "--train_batch_size", str(settings["batch"]), "--max_train_steps", str(steps),
+            "--checkpointing_steps", "1000000", "--save_images_steps", "1000000", *flags]  # fmt: skip
     reset_accelerate()
-    LoopClock.cpu_seconds = None
     try:
-        with mock.patch.object(loop, "tqdm", LoopClock):
-            wall = train(parse_args(argv))["train_seconds"]
+        return train(parse_args(argv))
     finally:
         reset_accelerate()
+
+
+def ours(settings: dict, steps: int, workdir: str, *options: str) -> tuple[float, float]:
+    """(wall, CPU) seconds per image over `steps` optimizer steps of hf_ddpm's own loop: its defaults + `options`."""
+    # no held-out split (the data is the same 1797 digits as theirs), and a one-image, one-step grid at the end
+    flags = ["--lr_warmup_steps", str(min(100, steps)), "--eval_size", "0", "--eval_batch_size", "1",
+             "--ddpm_num_inference_steps", "1", "--mixed_precision", "bf16" if "bf16" in options else "no"]  # fmt: skip
+    LoopClock.cpu_seconds = None
+    with mock.patch.object(loop, "tqdm", LoopClock):
+        wall = train_run(settings, steps, os.path.join(workdir, "ours"), *flags, *(f"--{o}" for o in options if o != "bf16"))["train_seconds"]  # fmt: skip
     images = steps * settings["batch"]
     return wall / images, LoopClock.cpu_seconds / images
 
@@ -127,7 +130,7 @@ def theirs(settings: dict, steps: int, workdir: str, mixed_precision: str = "no"
     # DDPMScheduler(num_train_timesteps=T, beta_schedule="linear") with our β endpoints (the paper's scaled by
     # 1000/T, which at T = 1000 are diffusers' defaults)
     noise_scheduler = DDPMScheduler.from_config(
-        build_scheduler(parse_args(["--ddpm_num_steps", str(settings["T"])])).config
+        build_scheduler(resolve(parse_args(["--ddpm_num_steps", str(settings["T"])]), RunFacts())[0]).config
     )
     optimizer = _adamw(model, args)  # the example's default per-tensor AdamW
     dataset = digits_dataset(resolution)
