@@ -381,14 +381,15 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    # One CPU thread by default: beside other load, two OpenMP threads on two cores sampled 4-20x slower (README)
-    parser.add_argument("--num_threads", type=int, default=int(os.environ.get("HF_DDPM_NUM_THREADS", "1")),
-                        help="CPU threads for sampling (default: $HF_DDPM_NUM_THREADS, else 1)")  # fmt: skip
+    # One CPU thread on small machines: beside other load, two OpenMP threads on two cores sampled 4-20x slower
+    parser.add_argument("--num_threads", type=int, default=os.environ.get("HF_DDPM_NUM_THREADS"),
+                        help="CPU threads for sampling (default: $HF_DDPM_NUM_THREADS, else hf_ddpm.cpu's policy: "
+                             "1 on a machine of <= 4 CPUs; 1 without hf_ddpm)")  # fmt: skip
     args = parser.parse_args(argv)
     try:  # this app owns the process: threads and glibc's allocator for UNet work (hf_ddpm/cpu.py)
         from hf_ddpm.cpu import tune_process
     except ImportError:  # a Space without hf_ddpm: threads only
-        torch.set_num_threads(args.num_threads)
+        torch.set_num_threads(args.num_threads or 1)
     else:
         tune_process(args.num_threads)
     demo = build_demo(default_model(args.model))
