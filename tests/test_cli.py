@@ -5,6 +5,7 @@ that names a missing folder, a Hub that cannot be reached, or a repo the Hub doe
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -203,3 +204,21 @@ def test_a_repo_the_hub_lacks_is_named_and_a_cached_one_loads_when_the_hub_is_go
     assert (
         out.startswith("10 [") and "cannot be reached" in out and "loading test-user/cached from the local cache" in out
     )
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+@pytest.mark.slow  # the real Inception-v3 (about 10 s to load and run on 14 images here)
+def test_evaluate_shows_count_and_eta_of_every_phase(pipeline_dir, tmp_path):
+    result, _ = hf_ddpm(
+        "evaluate", pipeline_dir, "--num_images", 2, "--num_samples", 6, "--reference_count", 8, "--batch_size", 3,
+        "--reference_cache_dir", tmp_path / "reference", "--sample_dir", tmp_path / "samples",
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # tqdm's closing state of each bar: "<phase>: 100%|████| done/total [elapsed<remaining, rate]"
+    bars = dict(re.findall(r"([a-z/ ]+): 100%\|[^|]*\| (\d+/\d+) \[\d+:\d+<\d+:\d+", result.stderr))
+    phases = {"bits/dim": "2/2", "reference statistics": "8/8", "sampling": "2/2", "sample features": "6/6"}
+    assert {k.strip(): v for k, v in bars.items() if k.strip() in phases} == phases, result.stderr[-3000:]
+    assert re.search(r"\| \d+/10 \[", result.stderr)  # within a shard: its 10 sampling steps (a bar that closes)

@@ -80,6 +80,10 @@ def test_one_and_two_processes_give_the_same_numbers(pipeline_dir, tmp_path):
         # the reference's 24 images and the 7 samples went through the extractor once, shared among processes
         seen = [int(n) for n in re.findall(r"stand-in feature extractor: (\d+) images", result.stdout)]
         assert len(seen) == processes and sum(seen) == 24 + 7
+        # progress bars from the main process only, counting its own share: the 24 reference images are one block;
+        # of the 7 samples in shards of 2, it takes shards 0 and 2 (4 images) of two processes
+        done = {what: set(re.findall(rf"{what}: 100%.*?\| (\d+/\d+)", result.stderr)) for what in ("reference statistics", "sample features")}  # fmt: skip
+        assert done == {"reference statistics": {"24/24"}, "sample features": {"7/7" if processes == 1 else "4/4"}}
     one, two = outputs[1], outputs[2]
     assert sorted(one) == ["bits_per_dim", "fid", "kid", "precision", "recall"]
     assert one["bits_per_dim"]["count"] == two["bits_per_dim"]["count"] == 7

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from .processes import Processes
@@ -55,10 +56,25 @@ def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
 
 
 def features_in_blocks(
-    extractor, images_of_block: Callable[[int], object], num_blocks: int, processes: Processes
+    extractor,
+    images_of_block: Callable[[int], object],
+    num_blocks: int,
+    processes: Processes,
+    *,
+    sizes: list[int] | None = None,
+    desc: str = "features",
 ) -> np.ndarray:
-    """The extractor's features of every block (divided among processes), gathered in block order."""
-    mine = [(b, extractor(images_of_block(b))) for b in processes.mine(list(range(num_blocks)))]
+    """The extractor's features of every block (divided among processes), gathered in block order. The main
+    process shows a progress bar (count and ETA) of its blocks: in images where `sizes` (images per block) is given.
+    Inception runs at a few images/s on a CPU, so a few thousand images take minutes."""
+    blocks = processes.mine(list(range(num_blocks)))
+    total = sum(sizes[b] for b in blocks) if sizes is not None else len(blocks)
+    mine = []
+    unit = "image" if sizes is not None else "block"
+    with tqdm(total=total, desc=desc, unit=unit, disable=not processes.is_main) as bar:
+        for b in blocks:
+            mine.append((b, extractor(images_of_block(b))))
+            bar.update(sizes[b] if sizes is not None else 1)
     gathered = sorted(processes.gather(mine), key=lambda r: r[0])
     return np.concatenate([f for _, f in gathered])
 
@@ -70,7 +86,7 @@ def cached_reference(
     description: str,
     *,
     cache_dir: str | os.PathLike | None = None,
-    block_size: int = 250,
+    block_size: int = 50,  # the Inception batch: the progress bar moves every batch, the features are the same
     processes: Processes | None = None,
 ) -> Reference:
     """The reference for `key` (what identifies the images: data, split, resolution, channels, count) and the
@@ -84,7 +100,9 @@ def cached_reference(
         return reference
     pixels = images()
     blocks = -(-len(pixels) // block_size)
-    features = features_in_blocks(extractor, lambda b: pixels[b * block_size : (b + 1) * block_size], blocks, processes)
+    sizes = [min(block_size, len(pixels) - b * block_size) for b in range(blocks)]
+    features = features_in_blocks(extractor, lambda b: pixels[b * block_size : (b + 1) * block_size], blocks,
+                                  processes, sizes=sizes, desc="reference statistics")  # fmt: skip
     stats = statistics(features)
     if processes.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)

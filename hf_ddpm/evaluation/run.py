@@ -102,7 +102,8 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     processes = current_processes()
     device = args.device or accelerate_state().device
     pipe = HFDDPMPipeline.from_pretrained(args.model).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    # each sampling shard's and bits/dim block's own steps, on the main process, under the outer bars
+    pipe.set_progress_bar_config(disable=not processes.is_main, leave=False)
     channels, height, width = pipe._image_shape
     options = data_options(args)
     resolution, from_run = options.pop("resolution"), options.pop("from_run")

@@ -54,7 +54,9 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
     if processes.is_main:
         print(f"samples: {shards['generated']} of {shards['shards']} shards drawn now, the rest found in {sample_dir}")
     sampling_seconds = time.perf_counter() - started
-    features = features_in_blocks(extractor, lambda j: load_shards(sample_dir, [j]), shards["shards"], processes)
+    sizes = [min(args.batch_size, args.num_samples - j * args.batch_size) for j in range(shards["shards"])]
+    features = features_in_blocks(extractor, lambda j: load_shards(sample_dir, [j]), shards["shards"], processes,
+                                  sizes=sizes, desc="sample features")  # fmt: skip
     feature_seconds = time.perf_counter() - started - sampling_seconds
 
     details = {"num_samples": len(features), "num_inference_steps": steps, "feature_extractor": extractor.name,
