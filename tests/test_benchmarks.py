@@ -73,6 +73,13 @@ def test_every_benchmark_runs_in_its_smoke_profile_and_writes_its_results(tmp_pa
     report = (out / "RESULTS.md").read_text()
     for heading in ("## Summary", "## Sampling", "## Training", "## Quality at equal compute", "## GPU"):
         assert heading in report
+    allocators = json.loads((out / "allocator.json").read_text())
+    assert allocators["allocators"] == ["glibc default", "glibc mallopt (hf_ddpm.cpu)"]  # the smoke profile's two
+    rows = [row for case in allocators["workloads"].values() for row in case.values()]
+    assert len(rows) == 4 and all(row["cpu"] > 0 and row["peak_rss_mb"] > 50 for row in rows)
+    assert json.loads((out / "schedulers.json").read_text())["rows"]  # `make bench` runs the schedulers too
+    for heading in ("## Schedulers: FID against model evaluations", "## Allocator: the CPU floor"):
+        assert heading in report
     gpu = json.loads((out / "gpu.json").read_text())
     assert gpu["measured"] == torch.cuda.is_available()
     assert gpu["measured"] or "not measured: no GPU lent" in report
@@ -162,3 +169,24 @@ def test_quality_also_evaluates_an_image_folder_given_on_the_command_line(tmp_pa
     assert mine["held_out_images"] == 4  # 10% of the 40 images
     assert all(0 < b["exact"] < 20 for b in mine["bits_per_dim"])
     assert str(folder) in (out / "RESULTS.md").read_text()
+
+
+def test_allocator_medians_pair_wall_ratios_within_rounds_and_the_report_shows_every_row():
+    from benchmarks import allocator
+
+    def run(wall, faults):
+        return {"wall": wall, "cpu": wall, "system": wall / 10, "faults": faults, "peak_rss_mb": 400.0}
+
+    default, tuned = allocator.ALLOCATORS[:2]
+    # round 2 ran on a loaded machine for both: the paired ratio (2.0 both rounds) is not the ratio of medians
+    runs = {default: {"sampling-64": [run(1.0, 9000), run(4.0, 9200)]},
+            tuned: {"sampling-64": [run(0.5, 20), run(2.0, 30)]}}  # fmt: skip
+    table = allocator.medians(runs)["sampling-64"]
+    assert table[tuned]["wall_ratio"] == 2.0 and table[default]["wall_ratio"] == 1.0
+    assert table[tuned]["faults"] == 25 and table[default]["wall"] == 2.5
+    result = {**_training_result(1, 1, 1), "benchmark": "allocator", "work": {"sampling-64": (64, 10)}, "reps": 3,
+              "rounds": 2, "missing": ["tcmalloc"], "workloads": allocator.medians(runs)}  # fmt: skip
+    section = report.allocator_section(result)
+    assert f"| sampling-64 | {tuned} | 1.25 | 1.25 | 0.125 (10%) | 25 | 400 | 2.00x |" in section
+    assert f"| sampling-64 | {default} | 2.50 | 2.50 | 0.250 (10%) | 9,100 | 400 | 1.00x |" in section
+    assert "Not installed here, not measured: tcmalloc." in section
