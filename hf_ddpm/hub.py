@@ -1,6 +1,8 @@
 """Publishing a pipeline on the Hugging Face Hub: a repo that loads three ways, its model card, and nothing else.
 
-    save_hub_pipeline(pipe, directory)   save_pretrained (safetensors) + the remote-code modules (remote_code.py)
+    save_hub_pipeline(pipe, directory)   the one save route: diffusers' save (safetensors) + the remote-code modules
+                                         (remote_code.py), with no local path, swapped in atomically
+    save_pipeline, push_pipeline         what HFDDPMPipeline.save_pretrained / push_to_hub do (thin delegates)
     export_hub_folder(output_dir, dest)  the exact folder a push uploads, built from a training output directory
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
     python -m hf_ddpm push OUTPUT_DIR --repo-id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
@@ -26,6 +28,7 @@ from . import __version__
 from .atomic import replace_dir, staging_name, swap_in
 from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
 from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
+from .standalone import drop_local_paths
 
 # What a pushed repo may hold (upload_folder's allow_patterns, on top of staging only these files).
 PUSHED_PATTERNS = [
@@ -55,26 +58,58 @@ PIPELINE_STAGING = staging_name("pipeline", hidden=True)  # .pipeline.tmp: the n
 PIPELINE_REPLACED = staging_name("pipeline-old", hidden=True)  # the previous pipeline's files, until then
 
 
-def save_hub_pipeline(pipeline, directory: str | Path) -> list[str]:
+def save_hub_pipeline(
+    pipeline, directory: str | Path, *, safe_serialization: bool = True, variant=None, max_shard_size=None
+) -> list[str]:
     """Save `pipeline` (an HFDDPMPipeline) so that the folder, or a repo holding it, loads all three ways.
 
-    `save_pretrained(safe_serialization=True)`, then `pipeline_hf_ddpm_*.py` and `scheduler/scheduling_hf_ddpm_*.py`
-    generated from this package's source, named in model_index.json. Returns the written remote-code files.
+    diffusers' `save_pretrained` (safetensors unless `safe_serialization=False`; `variant`, `max_shard_size` as
+    there), then `pipeline_hf_ddpm_*.py` and `scheduler/scheduling_hf_ddpm_*.py` generated once from this package's
+    source and named in model_index.json, and no path of this machine in any config (`drop_local_paths`: after
+    `from_pretrained(<absolute path>)` diffusers would write it). Returns the written remote-code files.
 
     Atomic for a process killed at any moment: the pipeline is written into `directory/.pipeline.tmp`; then
     model_index.json, which every loader reads first, is removed, the components are swapped in by renames, and
     the new model_index.json is renamed into place last. A kill leaves the previous pipeline, the new one, or a
     directory without model_index.json that no loader accepts: never a mix that loads.
     """
+    from diffusers import DiffusionPipeline
+
     directory = Path(directory)
     stage, replaced = directory / PIPELINE_STAGING, directory / PIPELINE_REPLACED
     for leftover in (stage, replaced):
         shutil.rmtree(leftover, ignore_errors=True)
-    pipeline.save_pretrained(stage, safe_serialization=True)
+    DiffusionPipeline.save_pretrained(
+        pipeline, stage, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+    )
     written = add_remote_code(stage)
+    drop_local_paths(stage)
     old_code = [p.name for p in directory.glob(f"{PIPELINE_PREFIX}_*.py")]  # an older version's modules go too
     swap_in(stage, directory, "model_index.json", parked=replaced, also_replaces=old_code)
     return written
+
+
+def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
+    """`HFDDPMPipeline.save_pretrained`: `save_hub_pipeline`, then with push_to_hub=True the folder pushed as
+    `push_to_hub` does (kwargs: repo_id, default the folder's name; token, private, commit_message)."""
+    hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message") if k in kwargs}
+    save_hub_pipeline(pipeline, save_directory, safe_serialization=safe_serialization, **kwargs)
+    if not push_to_hub:
+        return None
+    repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+    private = bool(hub_kwargs.pop("private", None))
+    return push_to_hub(save_directory, repo_id, private=private, **hub_kwargs)
+
+
+def push_pipeline(pipeline, repo_id: str, *, commit_message=None, private=None, token=None, **kwargs) -> str:
+    """`HFDDPMPipeline.push_to_hub`: the pipeline saved by `save_hub_pipeline` into a temporary folder and pushed
+    with `push_to_hub` (its model card, its checks); returns the commit URL. kwargs: `variant`, `max_shard_size`;
+    diffusers' `create_pr` is refused."""
+    if kwargs.pop("create_pr", False):
+        raise ValueError("create_pr=True is not supported by HFDDPMPipeline.push_to_hub; push to a branch you own")
+    with tempfile.TemporaryDirectory(prefix="hf_ddpm_save_") as folder:
+        save_hub_pipeline(pipeline, folder, **kwargs)
+        return push_to_hub(folder, repo_id, private=bool(private), token=token, commit_message=commit_message)
 
 
 def check_pipeline_dir(output_dir: str | Path) -> None:
@@ -128,6 +163,7 @@ def export_hub_folder(
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(output_dir / name, stage / name)
         add_remote_code(stage)
+        drop_local_paths(stage)  # a run fine-tuned from a local folder recorded it in unet/config.json
         card = render_model_card(stage, repo_id, training_dir=output_dir, metrics=metrics, license=license)
         card.save(stage / "README.md")
         replace_dir(stage, dest)

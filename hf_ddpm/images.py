@@ -1,4 +1,15 @@
-"""Image helpers shared by training, examples and model cards: tiling samples into one grid image."""
+"""Images as the model sees them and as people do: the one home of the pixel conversions, and sample grids.
+
+    pixels_to_model(uint8)     k in 0..255 -> k / 127.5 - 1 in [-1, 1]: what the UNet is trained and evaluated on
+    model_to_unit(x)           [-1, 1] -> [0, 1], clamped: the pipeline's "np" and "pt" outputs
+    model_to_pixels(x)         [-1, 1] -> uint8 0..255, rounded: PNGs, previews of x_t and x̂_0 (the Space)
+    images_to_model_range      uint8 arrays or PIL images -> the model range, checked against the UNet's shape
+    make_grid                  samples tiled into one image (training, examples, model cards)
+
+The pipeline, training batches, evaluation and the Space convert with these functions, so that bits/dim, samples and
+previews agree on one pixel grid: pixel k sits at the centre of eq. 13's bin [k - 0.5, k + 0.5] / 127.5 - 1.
+This module is bundled into a Hub repo's remote code (hf_ddpm/remote_code.py), so it imports no hf_ddpm module.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,57 @@ import math
 import numpy as np
 import PIL.Image
 import torch
+
+
+def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 k in 0..255 → k / 127.5 - 1 in [-1, 1] (DDPM section 3.3), the scale of eq. 13's bins."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def model_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """x in the model range [-1, 1] → [0, 1], clamped (a sample's tail may leave the range)."""
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def model_to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """x in the model range [-1, 1] → uint8 0..255, each value rounded to its nearest pixel (the inverse of
+    `pixels_to_model` on the pixel grid)."""
+    return (model_to_unit(x.float()) * 255).round().to(torch.uint8)
+
+
+def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 images (N, C, H, W) or PIL images → float32 tensor in [-1, 1] (`pixels_to_model`), shape checked.
+
+    PIL images are converted to the expected channel count (L, RGB or RGBA); arrays must already have it. Errors
+    name the dtype or shape given and the one expected, before any conversion.
+    """
+    channels, height, width = expected_shape
+    if isinstance(images, PIL.Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if not images or not all(isinstance(im, PIL.Image.Image) for im in images):
+            raise ValueError("images given as a list must be a non-empty list of PIL images")
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
+        if mode is None:
+            raise ValueError(f"PIL images cannot be converted to {channels} channels; pass a uint8 array instead")
+        arrays = [np.asarray(im.convert(mode), dtype=np.uint8).reshape(im.height, im.width, channels) for im in images]
+        sizes = {a.shape[:2] for a in arrays}
+        if sizes != {(height, width)}:
+            raise ValueError(f"images must be {height}x{width} (the UNet's sample_size), got sizes {sorted(sizes)}")
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        raise ValueError(
+            f"images must be uint8 pixel values 0..255, got dtype {images.dtype}; "
+            "scale float images in [0, 1] by 255 and round them first"
+        )
+    if images.dim() == 4 and images.shape[0] == 0:
+        raise ValueError(f"images holds no image: shape {tuple(images.shape)}; pass at least one (N >= 1)")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, height, width):
+        raise ValueError(
+            f"images must have shape (N, {channels}, {height}, {width}) to match the UNet, got {tuple(images.shape)}"
+        )
+    return pixels_to_model(images)
 
 
 def make_grid(images, num_rows: int | None = None, padding: int = 2, pad_value: int = 255) -> PIL.Image.Image:

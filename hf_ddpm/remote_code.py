@@ -6,7 +6,7 @@ because it carries the code itself and `model_index.json` names it (H, h: 8 hex 
     model_index.json                    "_class_name": ["pipeline_hf_ddpm_H", "HFDDPMPipeline"],
                                         "scheduler": ["scheduling_hf_ddpm_h", "HFDDPMScheduler"], "unet": ["diffusers", ...]
     scheduler/scheduling_hf_ddpm_h.py   schedules + chain + gaussians + scheduler_configs + scheduler
-    pipeline_hf_ddpm_H.py               bound + pipeline, importing the rest with
+    pipeline_hf_ddpm_H.py               images + bound + standalone + pipeline, importing the rest with
                                         `from .scheduler.scheduling_hf_ddpm_h import ...` (diffusers fetches that file)
 
 diffusers 0.42 copies every remote module into one flat folder (HF_MODULES_CACHE/diffusers_modules/local; a
@@ -14,7 +14,10 @@ diffusers 0.42 copies every remote module into one flat folder (HF_MODULES_CACHE
 the names are distinctive and carry a hash of the code: two repos saved by different versions of hf_ddpm load side
 by side in one process instead of swapping code under each other. Each file is the package's own modules
 concatenated in dependency order with their relative imports removed (`from .x import a` needs nothing once x's
-text precedes it) or, in the pipeline module, pointed at the scheduler module. Docstrings keep their first paragraph
+text precedes it) or, in the pipeline module, pointed at the scheduler module. The package's publishing and loading
+modules (hub.py, loading.py: model cards, push checks, the atomic writer) are not bundled: a relative import of one
+of them is read as an import of its stand-in (`STAND_INS`: standalone.py, which answers to the same names), so the
+bundled pipeline class is the package's, line for line, and never imports hf_ddpm. Docstrings keep their first paragraph
 (the full text is in the package). The bundler's rules, which the bundled modules keep (each says so at its top):
 top-level names unique across the bundled modules, relative imports named (`from .x import a`, never `from . import
 x`) and only at the top level. `bundle_source` refuses what breaks them, and any import of a package outside
@@ -36,7 +39,12 @@ PIPELINE_PREFIX = "pipeline_hf_ddpm"  # at the repo root (diffusers looks for `<
 SCHEDULER_PREFIX = "scheduling_hf_ddpm"  # in scheduler/ (diffusers looks in the component's folder)
 PIPELINE_CLASS, SCHEDULER_CLASS = "HFDDPMPipeline", "HFDDPMScheduler"
 SCHEDULER_SOURCES = ("schedules", "chain", "gaussians", "scheduler_configs", "scheduler")
-PIPELINE_SOURCES = ("bound", "pipeline")  # + an import of the scheduler module's names (loading.py: the package's)
+PIPELINE_SOURCES = ("images", "bound", "standalone", "pipeline")  # + an import of the scheduler module's names
+STAND_INS = {"hub": "standalone", "loading": "standalone"}  # package module -> the bundled module in its place
+# The budget of a repo's remote code, both modules: diffusers imports them on every load (and a Space at every
+# start), so they hold the algorithm and no more. Measured with docstrings cut to their first paragraph by the
+# bundler, never by trimming the package's documentation: a module that outgrows it asks what else it holds.
+BUNDLE_BUDGET_BYTES = 50_000
 RULES = (
     "# Bundled by hf_ddpm/remote_code.py into a Hub repo's remote code: keep top-level names unique across the\n"
     "# bundled modules, and relative imports named (from .x import a) and at the top level."
@@ -55,11 +63,13 @@ def bundle_source(
     package_dir: Path = PACKAGE_DIR,
     version: str = "",
     imports_from: tuple[str, tuple[str, ...], str] | None = None,
+    stand_ins: dict[str, str] | None = None,
 ) -> str:
     """One Python module made of `package_dir/<m>.py` for m in `modules` (dependency order), self-contained but for
     `imports_from` = (relative module, the package modules it holds, its source): relative imports of those
-    modules become named imports from it (the pipeline module imports the scheduler module so)."""
-    bundle = _Bundle(modules, imports_from)
+    modules become named imports from it (the pipeline module imports the scheduler module so). `stand_ins` maps
+    a package module that is not bundled to the bundled module that answers in its place (see `STAND_INS`)."""
+    bundle = _Bundle(modules, imports_from, stand_ins)
     sections, digests = [], []
     for name in modules:
         path = package_dir / f"{name}.py"
@@ -107,8 +117,14 @@ def first_paragraphs(source: str) -> str:
 class _Bundle:
     """The names bound so far while concatenating modules, to inline relative imports and refuse collisions."""
 
-    def __init__(self, modules: tuple[str, ...], imports_from: tuple[str, tuple[str, ...], str] | None = None):
+    def __init__(
+        self,
+        modules: tuple[str, ...],
+        imports_from: tuple[str, tuple[str, ...], str] | None = None,
+        stand_ins: dict[str, str] | None = None,
+    ):
         self.modules = modules
+        self.stand_ins = stand_ins or {}
         self.external, self.external_modules, external_source = imports_from or ("", (), "")
         self.external_names = set(_top_level_names(ast.parse(external_source))) if imports_from else set()
         self.imported: set[str] = set()  # names imported from the external module
@@ -188,10 +204,11 @@ class _Bundle:
                 self._bind(alias.name, f"{self.external}.{alias.name}", name)
                 self.imported.add(alias.name)
             return lines
-        self._require_bundled(node.module, name)
+        target = self.stand_ins.get(node.module, node.module)
+        self._require_bundled(target, name)
         for alias in node.names:
-            if self.defined.get(alias.name) != f"{node.module}.py":
-                raise BundleError(f"{name}.py imports {alias.name!r} from .{node.module}, which does not define it")
+            if self.defined.get(alias.name) != f"{target}.py":
+                raise BundleError(f"{name}.py imports {alias.name!r} from .{target}, which does not define it")
             if alias.asname and alias.asname != alias.name:
                 self._define(alias.asname, name)
                 lines.append(
@@ -256,14 +273,15 @@ def scheduler_module_source() -> str:
     return bundle_source(SCHEDULER_SOURCES, title, version=__version__)
 
 
-def pipeline_module_source() -> str:
+def pipeline_module_source(scheduler_source: str | None = None) -> str:
+    """The pipeline module, importing from the scheduler module `scheduler_source` (generated when not given)."""
     from . import __version__
 
-    scheduler_source = scheduler_module_source()
+    scheduler_source = scheduler_source or scheduler_module_source()
     scheduler_module = f".scheduler.{module_name(SCHEDULER_PREFIX, scheduler_source)}"
     title = f"{PIPELINE_CLASS} (hf_ddpm) as one module, for diffusers' trust_remote_code loading."
     imports_from = (scheduler_module, SCHEDULER_SOURCES, scheduler_source)
-    return bundle_source(PIPELINE_SOURCES, title, version=__version__, imports_from=imports_from)
+    return bundle_source(PIPELINE_SOURCES, title, version=__version__, imports_from=imports_from, stand_ins=STAND_INS)
 
 
 def module_name(prefix: str, source: str) -> str:
@@ -271,12 +289,20 @@ def module_name(prefix: str, source: str) -> str:
     return f"{prefix}_{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
 
+def remote_modules() -> dict[str, tuple[str, str]]:
+    """{"pipeline": (path, source), "scheduler": (path, source)} of this package's source, each generated once; paths
+    relative to a pipeline folder: "pipeline_hf_ddpm_H.py", "scheduler/scheduling_hf_ddpm_h.py"."""
+    scheduler_source = scheduler_module_source()
+    pipeline_source = pipeline_module_source(scheduler_source)
+    return {
+        "pipeline": (f"{module_name(PIPELINE_PREFIX, pipeline_source)}.py", pipeline_source),
+        "scheduler": (f"scheduler/{module_name(SCHEDULER_PREFIX, scheduler_source)}.py", scheduler_source),
+    }
+
+
 def remote_files() -> dict[str, str]:
     """{"pipeline": "pipeline_hf_ddpm_H.py", "scheduler": "scheduler/scheduling_hf_ddpm_h.py"} for this source."""
-    return {
-        "pipeline": f"{module_name(PIPELINE_PREFIX, pipeline_module_source())}.py",
-        "scheduler": f"scheduler/{module_name(SCHEDULER_PREFIX, scheduler_module_source())}.py",
-    }
+    return {key: path for key, (path, _) in remote_modules().items()}
 
 
 def add_remote_code(directory: str | Path) -> list[str]:
@@ -299,17 +325,15 @@ def add_remote_code(directory: str | Path) -> list[str]:
     written = []
     scheduler = index.get("scheduler")
     ours = isinstance(scheduler, list) and scheduler[1] == SCHEDULER_CLASS
-    modules = [("_class_name", PIPELINE_PREFIX, PIPELINE_CLASS, pipeline_module_source, "")]
-    modules.append(
-        ("scheduler" if ours else None, SCHEDULER_PREFIX, SCHEDULER_CLASS, scheduler_module_source, "scheduler/")
-    )
-    for key, prefix, class_name, make_source, folder in modules:
-        source = make_source()
-        name = module_name(prefix, source)
-        (directory / folder).mkdir(exist_ok=True)
-        (directory / f"{folder}{name}.py").write_text(source, encoding="utf-8")
+    modules = remote_modules()  # the scheduler module is always written: the pipeline module imports it
+    for key, class_name, (path, source) in (
+        ("_class_name", PIPELINE_CLASS, modules["pipeline"]),
+        ("scheduler" if ours else None, SCHEDULER_CLASS, modules["scheduler"]),
+    ):
+        (directory / path).parent.mkdir(exist_ok=True)
+        (directory / path).write_text(source, encoding="utf-8")
         if key is not None:
-            index[key] = [name, class_name]
-        written.append(f"{folder}{name}.py")
+            index[key] = [Path(path).stem, class_name]
+        written.append(path)
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return written

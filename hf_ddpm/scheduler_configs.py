@@ -2,10 +2,15 @@
 
 `HFDDPMScheduler.from_config` reads a config of itself, of diffusers' `DDPMScheduler` or of any scheduler of a
 β-schedule process (`CONFIG_SOURCES`), including the early google/ddpm-* keys; it refuses the rest with a message
-that names the class and the allowed ones. The pipeline samples with the `PIPELINE_SCHEDULERS`.
+that names the class and the allowed ones. The pipeline samples with the `PIPELINE_SCHEDULERS`; what it needs to
+know of a swapped-in scheduler lives here too: whether its step reads a learned variance
+(`uses_learned_variance`), which arguments its step takes (`step_kwargs`), and the DDPM process its config defines,
+for the bound (`ddpm_scheduler_from_config`).
 """
 
 from __future__ import annotations
+
+import inspect
 
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
@@ -71,3 +76,47 @@ def check_foreign_config(cls, config) -> None:
             f"a {name} config cannot configure {cls.__name__}: it holds no β schedule for DDPM. Load a config of one "
             f"of {allowed} (with beta_schedule), or build {cls.__name__}(num_train_timesteps=..., beta_schedule=...)"
         )
+
+
+LEARNED_VARIANCES = ("learned", "learned_range")  # diffusers' variance types that read the extra output channels
+VARIANCE_READERS = ("HFDDPMScheduler", "DDPMScheduler")  # the schedulers whose step uses a learned variance
+
+
+def uses_learned_variance(scheduler) -> bool:
+    """Whether `scheduler.step` takes a learned-range model's 2C output channels (mean and variance)."""
+    variance = scheduler.config.get("variance_type")
+    return type(scheduler).__name__ in VARIANCE_READERS and variance in LEARNED_VARIANCES
+
+
+def step_kwargs(scheduler, generator) -> dict:
+    """`generator=` for the schedulers whose step draws noise (DDPM, DDIM, Euler ancestral, SDE solvers)."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def ddpm_scheduler_from_config(cls, config, learned_variance: bool = False, name: str | None = None):
+    """A `cls` (HFDDPMScheduler) for the DDPM process a scheduler config defines (any diffusers scheduler with a β
+    schedule).
+
+    The keys `cls` shares are taken as they are; a key the config lacks or leaves None keeps `cls`'s default, except
+    `variance_type`: `learned_range` when `learned_variance` (a UNet with 2C output channels), since schedulers
+    without the key (Euler, Heun, ...) still sample that model's mean. A config without a β schedule (e.g.
+    EDMEulerScheduler's) raises ValueError naming its class and keys.
+    """
+    config = dict(config)
+    name = name or config.get("_class_name", "this")
+    init_keys = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in config.items() if k in init_keys and v is not None}
+    if learned_variance and kwargs.get("variance_type") not in LEARNED_VARIANCES:
+        kwargs["variance_type"] = "learned_range"
+    if "beta_schedule" not in config and "trained_betas" not in kwargs:
+        raise ValueError(
+            f"bits_per_dim evaluates the DDPM process that the pipeline's scheduler config defines, but the {name} "
+            f"config defines none (it has no beta_schedule or trained_betas; keys: {sorted(config)}). Swap in a "
+            "scheduler with a β schedule (HFDDPMScheduler, DDPMScheduler, DDIMScheduler, ...) to evaluate the bound"
+        )
+    try:
+        return cls.from_config({"_class_name": config.get("_class_name", cls.__name__), **kwargs})
+    except ValueError as err:
+        raise ValueError(
+            f"bits_per_dim: the {name} config defines no DDPM process that can be evaluated: {err}"
+        ) from err

@@ -8,6 +8,9 @@ stall `timeout` seconds at most, and a failure says how to push again: the guard
 
 The Space's app reads its model from the first `models:` entry of its README front matter (unless the Space sets
 HF_DDPM_MODEL), so that entry is the one place the model id is written; it also links the Space to the model page.
+Beside it, `model_revision:` pins the model repo's commit the Space loads: the model's remote code runs inside the
+Space (trust_remote_code=True), so a later commit to the model repo runs there only once someone pushes the Space
+again (which pins the model's commit of that moment, or `model_revision=`) or edits that line after reviewing it.
 """
 
 from __future__ import annotations
@@ -19,20 +22,22 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, metadata_load, metadata_save
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from .hub import DEFAULT_TIMEOUT, check_can_push, push_failed, request_timeout
 from .shipped import shipped_dir
 
-__all__ = ["DEFAULT_APP_DIR", "prepare_space", "push_space"]
+__all__ = ["DEFAULT_APP_DIR", "REVISION_KEY", "prepare_space", "push_space"]
 
 DEFAULT_APP_DIR = shipped_dir("gradio_space", "examples/gradio_space")
 SPACE_IGNORE = ("__pycache__", "*.pyc", ".gradio", "flagged", ".DS_Store")  # never uploaded
+REVISION_KEY = "model_revision"  # front matter: the model commit the Space loads (app.py reads the same key)
 
 
-def prepare_space(app_dir: str | Path, model_id: str, out_dir: str | Path) -> Path:
-    """Copy the Space folder `app_dir` to `out_dir` with `models: [model_id]` in its README front matter.
+def prepare_space(app_dir: str | Path, model_id: str, out_dir: str | Path, revision: str | None = None) -> Path:
+    """Copy the Space folder `app_dir` to `out_dir` with `models: [model_id]` in its README front matter, and
+    `model_revision: <revision>` (a commit of the model repo) when one is given.
 
     app_dir must hold README.md with Space front matter (`sdk: gradio`) and the `app_file` it names.
     """
@@ -48,7 +53,10 @@ def prepare_space(app_dir: str | Path, model_id: str, out_dir: str | Path) -> Pa
     if not (app_dir / app_file).is_file():
         raise FileNotFoundError(f"{app_dir} has no {app_file} (the README's app_file)")
     shutil.copytree(app_dir, out_dir, ignore=shutil.ignore_patterns(*SPACE_IGNORE), dirs_exist_ok=True)
-    metadata_save(out_dir / "README.md", {**metadata, "models": [model_id]})
+    metadata = {k: v for k, v in metadata.items() if k != REVISION_KEY}  # the app folder's own pin is not this model's
+    metadata_save(
+        out_dir / "README.md", {**metadata, "models": [model_id], **({REVISION_KEY: revision} if revision else {})}
+    )
     return out_dir
 
 
@@ -60,16 +68,20 @@ def space_retry_command(space_id: str, model_id: str, app_dir, private: bool = F
     return command + (" --private" if private else "")
 
 
-def _model_exists(api: HfApi, model_id: str, timeout: float) -> bool:
-    """repo_exists with a timeout: huggingface_hub's info requests pass their own (none by default), which
+def _model_commit(api: HfApi, model_id: str, revision: str | None, timeout: float) -> str:
+    """The commit hash of `revision` (default: the latest) of the model repo; ValueError when the repo or revision
+    is not there. A timeout is passed: huggingface_hub's info requests pass their own (none by default), which
     overrides the shared client's that request_timeout sets."""
     try:
-        api.model_info(model_id, timeout=timeout)
-    except GatedRepoError:
-        return True  # it exists; the Space needs access to it
-    except RepositoryNotFoundError:
-        return False
-    return True
+        return api.model_info(model_id, revision=revision, timeout=timeout).sha
+    except GatedRepoError as err:
+        raise ValueError(f"model repo {model_id!r} is gated: its commit cannot be read to pin it; {err}") from err
+    except RevisionNotFoundError as err:
+        raise ValueError(f"model repo {model_id!r} has no revision {revision!r} on {api.endpoint}") from err
+    except RepositoryNotFoundError as err:
+        raise ValueError(
+            f"model repo {model_id!r} not found on {api.endpoint}: push the model before its Space"
+        ) from err
 
 
 def push_space(
@@ -80,8 +92,10 @@ def push_space(
     private: bool = False,
     commit_message: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    model_revision: str | None = None,
 ) -> str:
-    """Create (or reuse) the Gradio Space `space_id` and upload `app_dir` to it, set to load `model_id`.
+    """Create (or reuse) the Gradio Space `space_id` and upload `app_dir` to it, set to load `model_id` at one commit:
+    `model_revision` (a branch, tag or commit of the model repo) resolved to its commit hash, default the latest.
 
     The model repo must already exist (push it first); a private model needs the Space to have an HF_TOKEN secret.
     Refused before any request in offline mode or without a token (HF_TOKEN or the saved login); `timeout`: seconds
@@ -93,12 +107,9 @@ def push_space(
     validate_repo_id(space_id)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="hf_ddpm_space_") as tmp, request_timeout(timeout):
-        folder = prepare_space(app_dir, model_id, tmp)  # bad input fails here, before any request
+        prepare_space(app_dir, model_id, tmp)  # bad input fails here, before any request
         try:
-            if not _model_exists(api, model_id, timeout):
-                raise ValueError(
-                    f"model repo {model_id!r} not found on {api.endpoint}: push the model before its Space"
-                )
+            folder = prepare_space(app_dir, model_id, tmp, _model_commit(api, model_id, model_revision, timeout))
             url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
             api.upload_folder(
                 repo_id=url.repo_id,

@@ -4,6 +4,7 @@ without hf_ddpm; the push carries hf_ddpm's model card."""
 
 import inspect
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ from hf_ddpm.remote_code import remote_files
 
 TOKEN = "hf_TestTokenSavePush0123456789"
 REPO_ID = "test-user/saved-ddpm"
+PLAIN_REPO_ID = "test-user/saved-by-diffusers"
 T, SEED, BATCH = 20, 11, 2
 
 
@@ -47,13 +49,20 @@ def shared(hub, tmp_path_factory):
     pipe.save_pretrained(tmp / "saved")
     push = f"""
         import torch
-        from diffusers import UNet2DModel
+        from diffusers import DiffusionPipeline, UNet2DModel
         from hf_ddpm import HFDDPMPipeline
-        pipe = HFDDPMPipeline.from_pretrained({str(tmp / "saved")!r})
+        from hf_ddpm.remote_code import add_remote_code
+        pipe = HFDDPMPipeline.from_pretrained({str(tmp / "saved")!r})  # an absolute path, which diffusers records
+        pipe.save_pretrained({str(tmp / "saved_again")!r})
+        DiffusionPipeline.save_pretrained(pipe, {str(tmp / "plain")!r})  # as diffusers alone would save it
+        add_remote_code({str(tmp / "plain")!r})
         print(pipe.push_to_hub({REPO_ID!r}))
     """
     env = hub.env(tmp, TOKEN)
     url = finish(start_script(sys.executable, push, env | {"PYTHONPATH": str(REPO)}, tmp)).strip()
+    cli_push = [sys.executable, "-m", "hf_ddpm", "push", str(tmp / "plain"), "--repo_id", PLAIN_REPO_ID]
+    pushed = subprocess.run(cli_push, env=env | {"PYTHONPATH": str(REPO)}, cwd=tmp, capture_output=True, text=True)
+    assert pushed.returncode == 0, pushed.stderr
     load = f"""
         import importlib.util, json, sys, numpy as np, torch
         from diffusers import DiffusionPipeline
@@ -111,6 +120,28 @@ def test_remote_code_resaves_a_folder_that_names_its_own_modules(shared):
     again = HFDDPMPipeline.from_pretrained(resaved)
     again.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(images(again), images(shared["pipe"]))
+
+
+def files_naming(path: str, files: dict[str, bytes]) -> list[str]:
+    return sorted(name for name, data in files.items() if path.encode() in data)
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_nothing_saved_or_pushed_names_a_local_path(shared, hub):
+    """After from_pretrained(<absolute path>), diffusers records that path (`_name_or_path`) and its own
+    save_pretrained writes it into model_index.json and unet/config.json; hf_ddpm's save_pretrained (in the package
+    and as remote code), push_to_hub and `python -m hf_ddpm push` write it nowhere."""
+    tmp = str(shared["tmp"])
+    plain = folder_files(shared["tmp"] / "plain")
+    assert files_naming(tmp, plain) == ["model_index.json", "unet/config.json"]  # what a save would leak
+    assert files_naming(tmp, folder_files(shared["tmp"] / "saved_again")) == []
+    assert files_naming(tmp, folder_files(shared["tmp"] / "resaved")) == []  # the remote code's own save
+    assert files_naming(tmp, hub.files(REPO_ID)) == []
+    assert files_naming(tmp, hub.files(PLAIN_REPO_ID)) == []
+    assert set(plain) <= set(hub.files(PLAIN_REPO_ID))  # the push carried every file, without the path
 
 
 def test_push_to_hub_uploads_a_repo_that_loads_without_hf_ddpm_with_the_card(shared, hub):

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EDMEulerSchedu
 from diffusers.utils.torch_utils import randn_tensor
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
-from hf_ddpm.pipeline import ddpm_scheduler_from_config
+from hf_ddpm.scheduler_configs import ddpm_scheduler_from_config
 
 T = 40
 STEPS = 8
@@ -218,7 +218,9 @@ def test_bits_per_dim_refuses_a_scheduler_that_defines_no_ddpm_process(digits):
     with pytest.raises(ValueError, match="EDMEulerScheduler config defines none .* no beta_schedule"):
         pipe.bits_per_dim(digits)
     with pytest.raises(ValueError, match="defines no DDPM process that can be evaluated: rescale_betas_zero_snr"):
-        ddpm_scheduler_from_config(DDIMScheduler(num_train_timesteps=T, rescale_betas_zero_snr=True).config)
+        ddpm_scheduler_from_config(
+            HFDDPMScheduler, DDIMScheduler(num_train_timesteps=T, rescale_betas_zero_snr=True).config
+        )
 
 
 def test_bits_per_dim_refuses_an_empty_batch():

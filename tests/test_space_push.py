@@ -7,6 +7,8 @@ huggingface_hub reads HF_ENDPOINT when it is imported, so every Hub client here 
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 import sys
@@ -25,11 +27,13 @@ from PIL import Image
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.hub import save_hub_pipeline
+from hf_ddpm.remote_code import remote_files
 from hf_ddpm.space import prepare_space
 
 APP_DIR = REPO / "examples" / "gradio_space"
 TOKEN = "hf_SpaceTestTokenNeverPushed0123"
 MODEL_ID, SPACE_ID = "test-user/tiny-ddpm-for-space", "test-user/ddpm-demo"
+MODULES = remote_files()
 T, STEPS, SEED, COUNT = 20, 5, 3, 2
 
 
@@ -84,7 +88,26 @@ def pushed(hub, pipe, tmp_path_factory):
     )
     assert code == 0, err
     files, repo = hub.files(SPACE_ID, "space"), hub.repo(SPACE_ID, "space")
-    return {"tmp": tmp, "stdout": out, "files": files, "repo": repo, "orphan": result(orphan)}
+    pushed_commit = model_commit(hub)
+    # A later commit to the model repo replaces its pipeline code (same file name) with code that must never run in
+    # the Space: the Space runs (test_the_pushed_space_runs_...) at the commit it was pushed with.
+    code, _, err = result(start(hub, tmp, "-c", TAMPER.format(repo_id=MODEL_ID, path=MODULES["pipeline"])))
+    assert code == 0, err
+    assert model_commit(hub) != pushed_commit
+    return {"tmp": tmp, "stdout": out, "files": files, "repo": repo, "orphan": result(orphan), "commit": pushed_commit}
+
+
+TAMPER = """
+from huggingface_hub import upload_file
+upload_file(path_or_fileobj=b"raise RuntimeError('tampered model code ran')\\n", path_in_repo={path!r},
+            repo_id={repo_id!r}, commit_message="a later, unreviewed commit")
+"""
+
+
+def model_commit(hub: HubServer) -> str:
+    """The commit hash of the model repo's main branch on the test Hub."""
+    with urllib.request.urlopen(f"{hub.url}/api/models/{MODEL_ID}", timeout=30) as response:
+        return json.loads(response.read())["sha"]
 
 
 def test_the_space_repo_holds_the_app_with_its_model_in_the_front_matter(pushed, tmp_path):
@@ -95,6 +118,9 @@ def test_the_space_repo_holds_the_app_with_its_model_in_the_front_matter(pushed,
     (tmp_path / "README.md").write_bytes(files["README.md"])
     metadata = metadata_load(tmp_path / "README.md")
     assert metadata["models"] == [MODEL_ID]
+    assert metadata["model_revision"] == pushed["commit"] and re.fullmatch(r"[0-9a-f]{40}", pushed["commit"])
+    local = [name for name, data in files.items() if str(pushed["tmp"]).encode() in data or str(REPO).encode() in data]
+    assert not local, local  # no path of the pushing machine in any file
     assert {k: metadata[k] for k in ("sdk", "app_file", "license")} == {
         "sdk": "gradio",
         "app_file": "app.py",
@@ -127,6 +153,18 @@ def test_the_pushed_space_runs_without_hf_ddpm_and_samples_what_hf_ddpm_samples(
         env,
         space_dir,
     )
+    latest = start_script(  # the model's latest commit, in a cache of its own: it runs the tampered code
+        python,
+        f"""
+        from diffusers import DiffusionPipeline
+        try:
+            DiffusionPipeline.from_pretrained({MODEL_ID!r}, trust_remote_code=True)
+        except RuntimeError as err:
+            print(err)
+        """,
+        hub.env(tmp_path / "latest", None),
+        space_dir,
+    )
     port = free_port()
     command = [python, "app.py", "--port", str(port)]
     process = subprocess.Popen(command, env=env, cwd=space_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -153,6 +191,8 @@ def test_the_pushed_space_runs_without_hf_ddpm_and_samples_what_hf_ddpm_samples(
     assert np.abs(served.astype(int) - local.astype(int)).max() <= 1  # same model, same seed: same images
     assert "bits/dim" in summary
     assert "no repo 'test-user/no-such-model' on the Hub" in finish(missing)
+    assert "tampered model code ran" in finish(latest)  # what the Space would have run without its pin
+    assert "tampered" not in log
 
 
 def test_pushing_a_space_for_a_missing_model_says_to_push_the_model_first(hub, pushed):

@@ -1,7 +1,8 @@
 """Gradio Space for a DDPM pipeline: sample images while watching x_t and x̂_0, and get an uploaded image's bits/dim.
 
 Run locally:  python app.py --model <Hub repo id or local pipeline directory>   (or set HF_DDPM_MODEL)
-On a Space the model comes from HF_DDPM_MODEL, else from the first `models:` entry of this folder's README.md.
+On a Space the model comes from HF_DDPM_MODEL, else from the first `models:` entry of this folder's README.md, at
+the commit its `model_revision:` pins (the model's remote code runs here: a later commit runs only once pinned).
 The pipeline loads with hf_ddpm when it is installed, else through diffusers' remote code (`trust_remote_code=True`):
 a Space installs requirements.txt only, and a pushed hf_ddpm repo carries its own pipeline and scheduler modules.
 """
@@ -50,19 +51,30 @@ class ModelLoadError(RuntimeError):
     """The repo id or path does not give a loadable DDPM pipeline; the message says why."""
 
 
+def readme_metadata() -> dict:
+    """The front matter of the README.md beside this file ({} without one)."""
+    readme = Path(__file__).with_name("README.md")
+    if not readme.is_file():
+        return {}
+    from huggingface_hub import metadata_load
+
+    return metadata_load(readme) or {}
+
+
 def default_model(argument: str | None = None) -> str | None:
     """--model, else $HF_DDPM_MODEL, else the first `models:` entry of the README.md beside this file."""
     if argument:
         return argument
     if os.environ.get(MODEL_ENV):
         return os.environ[MODEL_ENV]
-    readme = Path(__file__).with_name("README.md")
-    if readme.is_file():
-        from huggingface_hub import metadata_load
+    models = readme_metadata().get("models") or []
+    return models[0] if models else None
 
-        models = (metadata_load(readme) or {}).get("models") or []
-        return models[0] if models else None
-    return None
+
+def pinned_revision(model_id: str) -> str | None:
+    """The README's `model_revision:` (the model commit this Space was pushed for) when `model_id` is its model."""
+    metadata = readme_metadata()
+    return metadata.get("model_revision") if (metadata.get("models") or [None])[0] == model_id else None
 
 
 def load_pipeline(source: str | os.PathLike):
@@ -73,7 +85,7 @@ def load_pipeline(source: str | os.PathLike):
     source = str(source).strip()
     if not source:
         raise ModelLoadError(f"no model given: pass --model <Hub repo id or local directory> or set {MODEL_ENV}")
-    path = Path(source).expanduser()
+    path, revision = Path(source).expanduser(), None  # a Hub model at the README's pinned commit, if it is that one
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
@@ -88,6 +100,7 @@ def load_pipeline(source: str | os.PathLike):
             raise ModelLoadError(
                 f"{source!r} is neither an existing directory nor a valid Hub repo id ('name' or 'namespace/name')"
             ) from None
+        revision = pinned_revision(source)
     try:
         from hf_ddpm import HFDDPMPipeline as pipeline_class
 
@@ -97,7 +110,7 @@ def load_pipeline(source: str | os.PathLike):
 
         kwargs = {"trust_remote_code": True}
     try:
-        pipe = pipeline_class.from_pretrained(source, **kwargs)
+        pipe = pipeline_class.from_pretrained(source, **kwargs, **({"revision": revision} if revision else {}))
     except Exception as err:
         raise ModelLoadError(_explain(source, err)) from err
     if not (hasattr(pipe, "bits_per_dim") and hasattr(pipe, "unet") and hasattr(pipe, "scheduler")):

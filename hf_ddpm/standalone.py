@@ -1,0 +1,87 @@
+"""Loading, saving and pushing where the pipeline runs as a Hub repo's remote code, without hf_ddpm installed.
+
+In the package, `HFDDPMPipeline.from_pretrained` loads through hf_ddpm/loading.py and `save_pretrained` /
+`push_to_hub` go through hf_ddpm/hub.py. A repo's remote code (hf_ddpm/remote_code.py) carries neither module (they
+need the model card, the atomic writer, the push checks): the bundler puts this module in their place, so the
+bundled class is the package's own, line for line, and these functions answer to the same names and arguments:
+
+    load_components(path, **kwargs)        unet/ (safetensors only) and scheduler/, each from its subfolder
+    save_pipeline(pipeline, directory)     diffusers' save_pretrained, plus the remote-code modules the pipeline was
+                                           loaded from, named in model_index.json: the folder loads as the repo did
+    push_pipeline(pipeline, repo_id)       refused: publishing needs hf_ddpm (its model card and push checks)
+
+`drop_local_paths`, the rule that a saved folder names no path of the machine that saved it, is used by both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+
+from diffusers import DiffusionPipeline, UNet2DModel
+
+from .scheduler import HFDDPMScheduler
+
+STANDALONE_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+PUSH_KWARGS = ("repo_id", "token", "private", "commit_message")
+# diffusers records where a component was loaded from (`_name_or_path`) and writes it into the saved configs: an
+# absolute path of this machine (its user name, its directory layout) that would be published with the folder.
+LOCAL_ONLY_KEYS = ("_name_or_path",)
+
+
+def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
+    """{"unet": UNet2DModel, "scheduler": HFDDPMScheduler} from `<path or repo>/unet` and `/scheduler`; weights
+    safetensors only. kwargs: diffusers' Hub arguments (revision, token, ...) for both, model arguments (dtype, ...)
+    for the UNet, `unet=` / `scheduler=` instances that replace the loaded ones."""
+    kwargs.pop("trust_remote_code", None)
+    hub = {k: kwargs[k] for k in STANDALONE_HUB_KWARGS if k in kwargs}
+    scheduler = kwargs.pop("scheduler", None) or HFDDPMScheduler.from_pretrained(
+        pretrained_model_name_or_path, subfolder="scheduler", **hub
+    )
+    unet = kwargs.pop("unet", None) or UNet2DModel.from_pretrained(
+        pretrained_model_name_or_path, subfolder="unet", **{"use_safetensors": True, **kwargs}
+    )
+    return {"unet": unet, "scheduler": scheduler}
+
+
+def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
+    """diffusers' `save_pretrained`, then the files of the pipeline's module and of the scheduler module it imports
+    copied beside it and named in model_index.json, and no local path (`drop_local_paths`). push_to_hub is refused."""
+    if push_to_hub:
+        return push_pipeline(pipeline, kwargs.get("repo_id", ""))
+    saving = {k: v for k, v in kwargs.items() if k not in PUSH_KWARGS}
+    DiffusionPipeline.save_pretrained(pipeline, save_directory, safe_serialization=safe_serialization, **saving)
+    modules = {}
+    for key, cls, folder in (("_class_name", type(pipeline), ""), ("scheduler", HFDDPMScheduler, "scheduler")):
+        source = inspect.getsourcefile(cls)
+        shutil.copyfile(source, os.path.join(save_directory, folder, os.path.basename(source)))
+        modules[key] = [os.path.splitext(os.path.basename(source))[0], cls.__name__]
+    if type(pipeline.scheduler).__name__ != "HFDDPMScheduler":  # a diffusers scheduler loads without code
+        del modules["scheduler"]
+    drop_local_paths(save_directory, modules)
+    return None
+
+
+def push_pipeline(pipeline, repo_id: str, **kwargs):
+    """Refused where hf_ddpm is not installed: a push renders hf_ddpm's model card and runs its checks."""
+    raise RuntimeError(
+        f"pushing an HFDDPMPipeline (to {repo_id!r}) needs hf_ddpm installed (pip install hf_ddpm); "
+        "save_pretrained works without it"
+    )
+
+
+def drop_local_paths(directory, index_entries: dict | None = None) -> None:
+    """Remove `LOCAL_ONLY_KEYS` from the configs of the saved pipeline folder `directory` (and set `index_entries`
+    in its model_index.json). A saved folder is its own source: loading it records its new location again."""
+    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        config = {k: v for k, v in config.items() if k not in LOCAL_ONLY_KEYS}
+        config.update(index_entries if name == "model_index.json" and index_entries else {})
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
