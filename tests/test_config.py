@@ -123,7 +123,7 @@ def test_fine_tuning_resolves_to_the_pretrained_schedulers_objective():
     with pytest.raises(ValueError, match=r"keeps the pretrained scheduler's prediction_type='v_prediction'; "
                                          r"--prediction_type epsilon differs"):  # fmt: skip
         resolve(dataclasses.replace(given, prediction_type="epsilon"), RunFacts(pretrained_scheduler=PRETRAINED))
-    with pytest.raises(ValueError, match="--loss hybrid needs variance_type learned_range; the pretrained scheduler"):
+    with pytest.raises(ValueError, match="--loss hybrid needs variance_type learned_range; the scheduler has .fixed_large."):
         resolve(dataclasses.replace(given, loss="hybrid"), RunFacts(pretrained_scheduler=PRETRAINED))
 
 

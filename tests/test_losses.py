@@ -1,4 +1,4 @@
-"""Training objectives (hf_ddpm.losses) and the importance sampler of t (hf_ddpm.training.timesteps)."""
+"""Training objectives and the importance sampler of t (hf_ddpm.losses)."""
 
 import math
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from hf_ddpm import HFDDPMScheduler
-from hf_ddpm.losses import HYBRID_VLB_WEIGHT, training_losses
-from hf_ddpm.training.timesteps import LossSecondMomentResampler, UniformSampler
+from hf_ddpm.losses import HYBRID_VLB_WEIGHT, LossSecondMomentResampler, UniformSampler, training_losses
 
 T = 50
 SHAPE = (4, 1, 8, 8)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -317,7 +317,7 @@ def check_args(args: TrainingConfig) -> None:
         raise ValueError(f"--ddpm_num_inference_steps {steps} exceeds the {T} training timesteps (T); choose 1 to {T}")
     # The objective; a pretrained scheduler's variance_type, when no flag overrides it, is checked once resolved.
     if args.variance_type is not None or args.pretrained_model_name_or_path is None:
-        source = "--variance_type" if args.pretrained_model_name_or_path is None else "the pretrained scheduler"
+        source = "--variance_type" if args.pretrained_model_name_or_path is None else "the scheduler"
         check_objective(args.loss, args.variance_type or default_variance_type(args.loss), source)
 
 
@@ -409,4 +409,4 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
         elif warmup is not None and total is not None and warmup > total:
             raise ValueError(f"--lr_warmup_steps {warmup} exceeds the run's {total} optimizer steps")
         values["lr_warmup_steps"] = warmup
-    return dataclasses.replace(given, **values), notes
+    return replace(given, **values), notes

@@ -9,7 +9,6 @@ and held-out bits/dim use the EMA weights.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -17,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +28,7 @@ from ..atomic import write_atomically
 from ..evaluation.bits_per_dim import bits_per_dim
 from ..hub import save_hub_pipeline
 from ..images import make_grid
-from ..losses import training_losses
+from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
 from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
 from . import checkpoints
@@ -45,7 +44,6 @@ from .interruptions import (
 )
 from .output_dir import RunLock
 from .publish import publish
-from .timesteps import LossSecondMomentResampler, UniformSampler
 
 logger = get_logger(__name__)
 
@@ -165,7 +163,7 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
 def _save_checkpoint(run: Run, step: int) -> str:
     """A checkpoint of `step` (all processes), never of weights that are not finite."""
     require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}")
-    record = dataclasses.replace(run.record, step=step)
+    record = replace(run.record, step=step)
     return checkpoints.save_checkpoint(
         run.accelerator, run.config.output_dir, record, run.config.checkpoints_total_limit
     )

@@ -13,13 +13,12 @@ that stopped the run (hf_ddpm/training/interruptions.py) exits with 128 + its nu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -30,6 +29,7 @@ from diffusers.training_utils import EMAModel
 
 from ..cpu import tune_process
 from ..data.streaming import StreamingBatches
+from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from . import checkpoints, output_dir
 from .batches import check_dataset_reachable, load_training_data, make_batches
@@ -40,7 +40,6 @@ from .interruptions import NanGuard, PreemptionHandler, any_process_failed, desc
 from .loop import Run, train_loop
 from .model import build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
 from .publish import check_publish
-from .timesteps import LossSecondMomentResampler, UniformSampler
 
 logger = get_logger(__name__)
 ERROR_STATUS = 1
@@ -196,7 +195,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     set_seed(given.seed)  # the same initial weights on every process
     scheduler, resolution = plan.scheduler, plan.resolution
     data = load_training_data(plan.config, accelerator, resolution, plan.channels)  # the cache: once per machine
-    config, notes = resolve(given, dataclasses.replace(plan.facts, train_images=len(data.train)))
+    config, notes = resolve(given, replace(plan.facts, train_images=len(data.train)))
     for note in notes:
         logger.info(note)
     if config.eval_bits_per_dim_steps and not len(data.eval):
@@ -255,7 +254,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     return Run(
         config=config, accelerator=accelerator, unet=unet, scheduler=scheduler, optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, sampler=sampler, batches=batches, eval_images=data.eval,
-        record=dataclasses.replace(record, step=start), total_steps=total_steps, data_source=data.source,
+        record=replace(record, step=start), total_steps=total_steps, data_source=data.source,
         nan_guard=NanGuard(config.on_nan, last_checkpoint, grad_scaler=accelerator.scaler is not None),
         resume_path=plan.facts.resume_path,
     )  # fmt: skip
