@@ -54,3 +54,18 @@ def test_improved_ddpm_timesteps_round_ties_as_improved_diffusion_does():
     assert describe_spacing(1000, 21, "linspace") == (
         "timestep_spacing='linspace' (1 of its 21 steps 1 off Improved DDPM's: rounded ties)"
     )
+
+
+def test_evaluate_samples_few_step_fids_at_improved_ddpms_steps_and_says_so():
+    from diffusers import DDIMScheduler
+
+    from hf_ddpm.evaluation.sample_run import few_step_scheduler
+
+    saved = HFDDPMScheduler()  # diffusers' default spacing, leading
+    scheduler, named = few_step_scheduler(saved, 50)
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == improved_ddpm_timesteps(1000, 50).tolist()
+    assert named == "Improved DDPM's steps (timestep_spacing='linspace')" and saved.config.timestep_spacing == "leading"
+    assert few_step_scheduler(saved, 1000) == (saved, "all 1000 timesteps")
+    ddim = DDIMScheduler.from_config(saved.config)
+    assert few_step_scheduler(ddim, 50) == (ddim, "DDIMScheduler's own (timestep_spacing='leading')")
