@@ -150,3 +150,47 @@ def test_a_killed_sampling_run_started_again_draws_only_the_missing_shards(pipel
     assert sorted(whole) == sorted(resumed_metrics) == ["fid", "kid", "precision", "recall"]
     for name, value in whole.items():
         assert resumed_metrics[name]["value"] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_likelihood_beyond_the_bound_is_the_same_on_one_and_two_processes(pipeline_dir, tmp_path):
+    """Each process integrates its own images' probability-flow ODEs with its own adaptive steps (no collective
+    inside), so the ODE and importance-weighted numbers do not depend on the process count."""
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"likelihood-{processes}.json"
+        run(processes, pipeline_dir, "--num_images", 5, "--batch_size", 2, "--likelihood", "ode,iw", "--iw_samples", 2,
+            "--rtol", "1e-3", "--atol", "1e-3", "--likelihood_dir", tmp_path / f"blocks-{processes}",
+            "--metrics_out", out)  # fmt: skip
+        outputs[processes] = json.loads(out.read_text())
+    for name in ("bits_per_dim_ode", "bits_per_dim_iw"):
+        one, two = outputs[1][name], outputs[2][name]
+        assert one["count"] == two["count"] == 5
+        assert two["value"] == pytest.approx(one["value"], rel=1e-9) and two["stderr"] == pytest.approx(one["stderr"], rel=1e-9)
+    assert outputs[1]["bits_per_dim_ode"]["nfe_per_image"] == outputs[2]["bits_per_dim_ode"]["nfe_per_image"]
+
+
+@pytest.mark.slow  # three runs of six ODE integrations: about two minutes here
+def test_a_killed_ode_likelihood_run_started_again_integrates_only_the_missing_blocks(pipeline_dir, tmp_path):
+    argv = [pipeline_dir, "--num_images", 6, "--batch_size", 1, "--likelihood", "ode", "--rtol", "1e-3", "--atol",
+            "1e-3", "--likelihood_dir", tmp_path / "blocks"]  # fmt: skip
+    blocks = tmp_path / "blocks" / "ode"
+    process = subprocess.Popen(command(1, *argv), env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(blocks.glob("block-*.npz"))) < 1 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        for pid in reversed([process.pid, *descendants(process.pid)]):
+            os.kill(pid, signal.SIGKILL)
+        process.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in sorted(blocks.glob("block-*.npz"))}
+    assert 1 <= len(before) < 6, f"the run was not stopped midway: {len(before)} of 6 blocks"
+    out = tmp_path / "resumed.json"
+    run(2, *argv, "--metrics_out", out)
+    after = {p.name: p.stat().st_mtime_ns for p in sorted(blocks.glob("block-*.npz"))}
+    assert len(after) == 6 and {k: after[k] for k in before} == before  # the finished blocks were not redone
+    args = build_parser().parse_args(["evaluate", *map(str, argv[:-1]), str(tmp_path / "whole")])
+    whole = evaluate(args)[0]
+    resumed = json.loads(out.read_text())["bits_per_dim_ode"]
+    assert resumed["value"] == pytest.approx(whole.value, rel=1e-9) and resumed["count"] == 6
