@@ -5,7 +5,7 @@
     save_pipeline, push_pipeline         what HFDDPMPipeline.save_pretrained / push_to_hub do (thin delegates)
     export_hub_folder(output_dir, dest)  the exact folder a push uploads, built from a training output directory
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
-    python -m hf_ddpm push OUTPUT_DIR --repo-id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
+    python -m hf_ddpm push OUTPUT_DIR --repo_id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
     check_can_push, request_timeout, push_failed   the guards and the error of every push (also the Space's)
 The training script's --push_to_hub hooks live in hf_ddpm/training/publish.py.
 
@@ -174,7 +174,7 @@ def export_hub_folder(
 
 def retry_command(output_dir, repo_id: str, private: bool = False, extra: str = "") -> str:
     """The command that pushes `output_dir` again (never with a token in it)."""
-    command = f"python -m hf_ddpm push {shlex.quote(str(output_dir))} --repo-id {shlex.quote(repo_id)}"
+    command = f"python -m hf_ddpm push {shlex.quote(str(output_dir))} --repo_id {shlex.quote(repo_id)}"
     return command + (" --private" if private else "") + extra
 
 

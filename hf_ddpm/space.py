@@ -1,6 +1,6 @@
 """Publishing the Gradio demo as a Hugging Face Space: copy the app folder, point it at a model repo, upload it.
 
-    python -m hf_ddpm push-space --space-id you/ddpm-demo --model-id you/ddpm-digits [--app-dir DIR] [--private]
+    python -m hf_ddpm push-space --space_id you/ddpm-demo --model_id you/ddpm-digits [--app_dir DIR] [--private]
         [--token TOKEN] [--timeout SECONDS]   (hf_ddpm/cli.py; `python -m hf_ddpm.space` takes the same flags)
 
 A push is refused before any request in offline mode (HF_HUB_OFFLINE=1) or without a token, each HTTP request may
@@ -62,9 +62,9 @@ def prepare_space(app_dir: str | Path, model_id: str, out_dir: str | Path, revis
 
 def space_retry_command(space_id: str, model_id: str, app_dir, private: bool = False) -> str:
     """The command that pushes the Space again (never with a token in it)."""
-    command = f"python -m hf_ddpm push-space --space-id {shlex.quote(space_id)} --model-id {shlex.quote(model_id)}"
+    command = f"python -m hf_ddpm push-space --space_id {shlex.quote(space_id)} --model_id {shlex.quote(model_id)}"
     if Path(app_dir) != DEFAULT_APP_DIR:
-        command += f" --app-dir {shlex.quote(str(app_dir))}"
+        command += f" --app_dir {shlex.quote(str(app_dir))}"
     return command + (" --private" if private else "")
 
 

@@ -91,6 +91,6 @@ def assert_failed_cleanly(run: dict, reason: str, retry_flags: str = "") -> None
     """Exit 1 with the reason, the output untouched, the command that pushes again; never the token."""
     assert run["returncode"] == 1 and reason in run["stderr"], run["stderr"]
     assert f"Nothing in {run['out']} was changed. To push it again, run:\n" in run["stderr"]
-    assert f"    python -m hf_ddpm push {run['out']} --repo-id {run['repo_id']}{retry_flags}\n" in run["stderr"]
+    assert f"    python -m hf_ddpm push {run['out']} --repo_id {run['repo_id']}{retry_flags}\n" in run["stderr"]
     assert TOKEN not in run["stdout"] + run["stderr"]
     assert tree_hashes(run["out"]) == run["before"]

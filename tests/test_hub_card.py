@@ -130,7 +130,7 @@ def test_refusals_come_before_any_request(output_dir, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(HubPushError, match="no Hugging Face token: pass --token") as error:
         push_to_hub(output_dir, "me/cifar-ddpm", private=True)
-    assert error.value.retry_command == f"python -m hf_ddpm push {output_dir} --repo-id me/cifar-ddpm --private"
+    assert error.value.retry_command == f"python -m hf_ddpm push {output_dir} --repo_id me/cifar-ddpm --private"
     with pytest.raises(HubPushError, match="not pushing .*Repo id must"):
         push_to_hub(output_dir, "me/too/deep", token=TOKEN)
     with pytest.raises(HubPushError, match="refusing to push: README.md contains the Hub token"):

@@ -240,7 +240,7 @@ def test_failed_push_leaves_the_output_intact_and_says_how_to_push_again(failure
 def test_the_printed_command_pushes_once_the_hub_recovers(hub, failures):
     run, retry = failures["500"], failures["retry"]
     assert run["files_after_failure"] is None  # the repo was never created
-    assert retry["printed"] == f"python -m hf_ddpm push {run['out']} --repo-id test-user/retry-ddpm --private"
+    assert retry["printed"] == f"python -m hf_ddpm push {run['out']} --repo_id test-user/retry-ddpm --private"
     assert retry["returncode"] == 0, retry["stderr"]
     assert set(hub.files(run["repo_id"])) == PUSHED and hub.repo(run["repo_id"])["private"]
     assert tree_hashes(run["out"]) == run["before"]
@@ -265,7 +265,7 @@ def test_offline_mode_refuses_before_any_request(failures):
     run = failures["offline"]
     assert run["returncode"] == 1 and not run["connected"]
     assert "HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent" in run["stderr"]
-    assert f"unset HF_HUB_OFFLINE and run:\n    python -m hf_ddpm push {run['out']} --repo-id" in run["stderr"]
+    assert f"unset HF_HUB_OFFLINE and run:\n    python -m hf_ddpm push {run['out']} --repo_id" in run["stderr"]
     assert tree_hashes(run["out"]) == run["before"]
 
 

@@ -249,7 +249,7 @@ def test_push_space_has_the_push_guards_before_any_request(hub, tmp_path, env, m
     )
     code, _, err = result(process)
     assert code == 1 and match in err, err
-    assert "python -m hf_ddpm push-space --space-id test-user/guarded --model-id " + MODEL_ID in err
+    assert "python -m hf_ddpm push-space --space_id test-user/guarded --model_id " + MODEL_ID in err
     assert hub.requests() == []  # refused before any request
 
 
