@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import DiffusionPipeline
 from fault_hooks import HOOKS, start_training, stop, wait_for_marker
 from hub_clients import tree_hashes
 from hub_server import HubServer
 from push_runs import PUSHED, assert_failed_cleanly, start_cli, start_pushes, wait
 from safetensors.torch import load_file
-from training_runs import REPO, assert_same_weights, environment, launch_command, tiny
+from training_runs import REPO, assert_same_weights, environment, launch_command, reset_accelerate, tiny
 
 import hf_ddpm.training.loop as loop
 from hf_ddpm import HFDDPMPipeline
@@ -44,12 +43,6 @@ CHECKPOINT_FILES = {
     "run_record.json",
     "scheduler.bin",
 }  # fmt: skip (custom_checkpoint_0: the EMA)
-
-
-def reset_accelerate() -> None:
-    """Between two runs in one test (the autouse fixture resets after each test)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def resume(out: Path, *extra) -> dict:
@@ -176,7 +169,6 @@ NAMESPACE_SCRIPT = """
 import json, os, subprocess, sys
 from pathlib import Path
 import torch
-from accelerate.state import AcceleratorState, GradientState
 import hf_ddpm.training.checkpoints as checkpoints
 from hf_ddpm.training import parse_args, train
 

@@ -8,8 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from training_runs import scalars, tiny
+from training_runs import reset_accelerate, scalars, tiny
 
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.hub import HubPushError
@@ -106,7 +105,7 @@ def test_fine_tuning_starts_from_a_pipeline_and_keeps_its_scheduler(tmp_path):
     pretrained = ("--pretrained_model_name_or_path", str(base))
     with pytest.raises(ValueError, match="keeps the pretrained scheduler's prediction_type='v_prediction'"):
         train(parse_args(tiny(tmp_path / "bad", "--prediction_type", "epsilon", model=pretrained)))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     tuned = tmp_path / "tuned"
     train(parse_args(tiny(tuned, "--learning_rate", "0", "--no-use_ema", model=pretrained)))
     before, after = (HFDDPMPipeline.from_pretrained(p) for p in (base, tuned))
@@ -118,10 +117,10 @@ def test_fine_tuning_starts_from_a_pipeline_and_keeps_its_scheduler(tmp_path):
 def test_an_earlier_run_is_not_overwritten_by_accident(tmp_path):
     out = tmp_path / "out"
     train(parse_args(tiny(out, "--checkpointing_steps", "1")))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(ValueError, match="holds an earlier run.*--resume_from_checkpoint latest"):
         train(parse_args(tiny(out)))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     train(parse_args(tiny(out, "--overwrite_output_dir", "--checkpointing_steps", "100")))
     assert not list(out.glob("checkpoint-*"))
 

@@ -94,9 +94,8 @@ def trained(tmp_path) -> Path:
          r"--mixed_precision bf16: the checkpoint .*checkpoint-6 was trained with --mixed_precision no"),
     ],
 )  # fmt: skip
-def test_a_refused_resume_names_the_differences_and_changes_nothing(trained, extra, match, monkeypatch):
+def test_a_refused_resume_names_the_differences_and_changes_nothing(trained, extra, match, no_data):
     before = tree_hashes(trained)
-    monkeypatch.setattr("hf_ddpm.training.main.load_training_data", lambda *_: pytest.fail("data read before checks"))
     with pytest.raises(ValueError, match=match):
         train(parse_args(tiny(trained, *RUN, *extra)))
     assert tree_hashes(trained) == before

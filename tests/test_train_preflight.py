@@ -23,12 +23,6 @@ SHORT = ["--model_config", "test-tiny", "--resolution", "8", "--ddpm_num_steps",
          "--eval_num_images", "2", "--eval_num_timesteps", "2", "--eval_batch_size", "2"]  # fmt: skip
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    """Reading the data fails the test: every check below must come first."""
-    monkeypatch.setattr("hf_ddpm.training.main.load_training_data", lambda *_: pytest.fail("data read before checks"))
-
-
 def refused(tmp_path, argv, match, error=ValueError):
     out = tmp_path / "out"
     started = time.monotonic()

@@ -91,6 +91,14 @@ def tiny(output_dir, *extra, model=("--model_config", "test-tiny")):
     ]  # fmt: skip
 
 
+def reset_accelerate() -> None:
+    """accelerate's process-wide state, reset between two in-process runs (each builds its own Accelerator)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def weights(path):
     return load_file(str(path))
 
