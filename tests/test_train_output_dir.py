@@ -101,6 +101,15 @@ def test_a_refused_resume_names_the_differences_and_changes_nothing(trained, ext
     assert tree_hashes(trained) == before
 
 
+def test_a_checkpoint_without_a_run_record_is_refused_saying_why(trained, no_data):
+    (trained / "checkpoint-6" / RUN_RECORD).unlink()
+    before = tree_hashes(trained)
+    with pytest.raises(ValueError, match=r"checkpoint-6 holds no run_record.json: it was written by an earlier "
+                                         r"version of hf_ddpm.*start a new run \(--overwrite_output_dir\)"):  # fmt: skip
+        train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
+    assert tree_hashes(trained) == before
+
+
 def test_a_resume_restores_the_checkpoints_mixed_precision(tmp_path):
     out = tmp_path / "out"
     train(parse_args(tiny(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--mixed_precision", "bf16")))

@@ -346,7 +346,8 @@ def optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
 
 def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, list[str]]:
     """The config the run trains with: `given` with every run-dependent default filled in from `facts`, checked
-    as any config is; and a line for each default that the run changed (for the log). Pure: reads nothing else."""
+    as any config is; and a line for each default that the run changed (for the log). Reads nothing but `facts`
+    (and, for fp16, whether CUDA is available)."""
     values, notes = {}, []
 
     # The objective: a pretrained scheduler's values (a flag must agree: fine-tuning keeps its process), else the
