@@ -13,7 +13,8 @@ from it when the Hub cannot be reached.
 
 What is refused, with a message that says so: a directory or repo without model_index.json (not a saved pipeline,
 or one whose save was interrupted: the pipeline writer puts model_index.json back last), an index without a
-UNet2DModel `unet` and a `scheduler`, and pickled .bin weights. Weights are safetensors only unless the caller opts
+UNet2DModel `unet` and a `scheduler`, a truncated or corrupt safetensors file (named, with the advice to download
+or save it again), and pickled .bin weights. Weights are safetensors only unless the caller opts
 in with `use_safetensors=False` (diffusers' meaning: the .bin file), which warns: unpickling a file can run code
 chosen by whoever wrote it (diffusers reads it with torch.load(weights_only=True), which narrows but does not
 remove that risk).
@@ -27,7 +28,7 @@ import warnings
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .hub_probe import HubUnreachable, endpoint, hub_status, offline
 from .scheduler import HFDDPMScheduler
@@ -200,8 +201,9 @@ def load_unet(
 
 def check_weights_fit_config(source: str, subfolder: str | None, **hub) -> None:
     """ValueError naming the first tensor (in name order) whose shape in the safetensors weights differs from the
-    UNet its config.json describes, before diffusers loads anything. Reads only the file's header; a sharded or
-    missing file is left to diffusers."""
+    UNet its config.json describes, before diffusers loads anything. Reads only the file's header; OSError naming
+    the file for one that is incomplete or corrupt (a download or save cut short); a sharded or missing file is left
+    to diffusers."""
     folder = os.path.join(source, subfolder) if subfolder else source
     name = "diffusion_pytorch_model.safetensors"
     if os.path.isdir(source):
@@ -215,7 +217,15 @@ def check_weights_fit_config(source: str, subfolder: str | None, **hub) -> None:
             return
     with torch.device("meta"):
         expected = UNet2DModel.from_config(UNet2DModel.load_config(source, subfolder=subfolder, **hub)).state_dict()
-    with safe_open(path, framework="pt") as weights:
+    try:
+        weights = safe_open(path, framework="pt")
+    except SafetensorError as err:  # a download or save cut short: the header promises more than the file holds
+        raise OSError(
+            f"the UNet weights {path} ({os.path.getsize(path)} bytes) are incomplete or corrupt ({err}): the file "
+            "was not completely downloaded or saved. Download it again (force_download=True, or delete it from the "
+            "Hugging Face cache) or save the pipeline again with save_pretrained"
+        ) from None
+    with weights:
         for key in sorted(set(weights.keys()) & set(expected)):
             shape = torch.Size(weights.get_slice(key).get_shape())
             if shape != expected[key].shape:
