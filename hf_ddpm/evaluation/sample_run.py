@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-from ..chain import IMPROVED_DDPM_SPACING, describe_spacing
 from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
 from .sample_metrics import frechet_distance, kernel_inception_distance, precision_recall
 from .samples import generate_shards, load_shards
@@ -16,21 +15,33 @@ from .schema import PROTOCOLS, Metric
 K_NEAREST = 3  # Kynkäänniemi et al. 2019 use k = 3
 
 
-def few_step_scheduler(scheduler, steps: int):
-    """The scheduler that draws the FID samples at `steps` steps, and how the output names its steps.
+def check_sample_count(num_samples: int, fid_reference) -> None:
+    """Refuse, before anything is drawn, a sample count the metrics cannot use: FID needs 2 samples (a covariance);
+    precision/recall (k-NN radii within the samples) more than K_NEAREST, unless --fid_reference asks for FID only."""
+    if not num_samples:
+        return
+    if num_samples < 2:
+        raise ValueError(f"--num_samples {num_samples}: FID needs at least 2 samples (their covariance)")
+    if fid_reference is None and num_samples <= K_NEAREST:
+        raise ValueError(
+            f"--num_samples {num_samples}: precision/recall measure each sample's distance to its k = {K_NEAREST}-th "
+            f"nearest other sample, so they need more than {K_NEAREST} samples; pass --num_samples "
+            f"{K_NEAREST + 1} or more (or --fid_reference STATS.npz for FID alone)"
+        )
 
-    Few-step FIDs are read against Improved DDPM's, so DDPM's ancestral sampler (HFDDPMScheduler or diffusers'
-    DDPMScheduler) takes Improved DDPM's steps (timestep_spacing="linspace": 999, 979, 958, ..., 0 for 50 of 1000)
-    whatever spacing the saved config holds; diffusers' default "leading" would start at 980, from x_980 drawn as if
-    it were x_T. Another scheduler swapped in keeps its own spacing, as diffusers users expect.
-    """
-    num_train = scheduler.config.num_train_timesteps
-    spacing = scheduler.config.get("timestep_spacing")
-    if type(scheduler).__name__ not in ("HFDDPMScheduler", "DDPMScheduler"):
-        return scheduler, f"{type(scheduler).__name__}'s own (timestep_spacing={spacing!r})"
-    if steps < num_train and spacing != IMPROVED_DDPM_SPACING:
-        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=IMPROVED_DDPM_SPACING)
-    return scheduler, describe_spacing(num_train, steps, scheduler.config.timestep_spacing)
+
+def reference_pool(args, data, where: dict):
+    """The reference images of the protocol (uint8 (N, C, H, W)); ValueError when they are too few for FID (2) or
+    for the k-NN radii of precision/recall (more than K_NEAREST)."""
+    split = PROTOCOLS[args.protocol]
+    pool = (data.train if split == "train" else data.eval)[: args.reference_count]
+    if len(pool) <= K_NEAREST:
+        raise ValueError(
+            f"the {where[split]} has {len(pool)} image(s): the reference needs at least 2 (FID) and more than "
+            f"{K_NEAREST} (precision/recall's k-NN radii); hold out more images (--eval_size), raise "
+            "--reference_count, or pass --fid_reference STATS.npz"
+        )
+    return pool
 
 
 def check_reference(args, data, where: dict, extractor=None) -> None:
@@ -47,18 +58,15 @@ def check_reference(args, data, where: dict, extractor=None) -> None:
 def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extractor, device) -> list[Metric]:
     from .features import InceptionFeatures
 
-    extractor = extractor or InceptionFeatures(device=device)
     cache_dir = Path(args.reference_cache_dir) if args.reference_cache_dir else default_cache_dir()
     # the reference first: a bad --fid_reference is refused before any sample is drawn
     if args.fid_reference is not None:
-        reference = external_reference(args.fid_reference, extractor.dim)
+        reference = external_reference(args.fid_reference, (extractor or InceptionFeatures).dim)
         protocol = f"vs {reference.description} (--fid_reference)"
-    else:
+    extractor = extractor or InceptionFeatures(device=device)
+    if args.fid_reference is None:
         split = PROTOCOLS[args.protocol]
-        pool = data.train if split == "train" else data.eval
-        pool = pool[: args.reference_count]
-        if len(pool) < 2:
-            raise ValueError(f"the {where[split]} has {len(pool)} image(s): the reference needs at least 2")
+        pool = reference_pool(args, data, where)
         about = f"{len(pool)} images of the {where[split]}"
         key = {"data": {k: v for k, v in options.items() if k != "cache_dir"}, "source": data.source, "split": split,
                "shape": list(pool.shape[1:]), "count": len(pool)}  # fmt: skip
@@ -74,17 +82,12 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
 
     steps = args.num_inference_steps or pipe.scheduler.config.num_train_timesteps
     args.num_inference_steps = steps
-    saved_scheduler = pipe.scheduler
-    pipe.scheduler, steps_named = few_step_scheduler(saved_scheduler, steps)
     sample_dir = Path(args.sample_dir) if args.sample_dir else default_sample_dir(args, cache_dir)
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     started = time.perf_counter()
-    try:
-        shards = generate_shards(pipe, sample_dir, args.num_samples, num_inference_steps=steps, seed=options["seed"],
-                                 shard_size=args.batch_size, png=args.png, model=model, processes=processes,
-                                 progress=True)  # fmt: skip
-    finally:
-        pipe.scheduler = saved_scheduler
+    shards = generate_shards(pipe, sample_dir, args.num_samples, num_inference_steps=steps, seed=options["seed"],
+                             shard_size=args.batch_size, png=args.png, model=model, processes=processes,
+                             progress=True)  # fmt: skip
     if processes.is_main:
         print(f"samples: {shards['generated']} of {shards['shards']} shards drawn now, the rest found in {sample_dir}")
     sampling_seconds = time.perf_counter() - started
@@ -93,12 +96,11 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
                                   sizes=sizes, desc="sample features")  # fmt: skip
     feature_seconds = time.perf_counter() - started - sampling_seconds
 
-    details = {"num_samples": len(features), "num_inference_steps": steps, "timesteps": steps_named,
-               "feature_extractor": extractor.name,
+    details = {"num_samples": len(features), "num_inference_steps": steps, "feature_extractor": extractor.name,
                "reference": reference.description, "sample_dir": str(sample_dir), "seed": options["seed"],
                "shards_drawn": shards["generated"], "sampling_seconds": sampling_seconds,  # this run's shards
                "feature_seconds": feature_seconds}  # fmt: skip
-    what = f"{len(features)} samples at {steps} steps {protocol}; {extractor.name}; steps: {steps_named}"
+    what = f"{len(features)} samples at {steps} steps {protocol}; {extractor.name}"
     metrics = [Metric("fid", frechet_distance(reference.stats, features), None, len(features), what, details)]
     if reference.features is not None:
         precision, recall = precision_recall(reference.features, features, K_NEAREST)
