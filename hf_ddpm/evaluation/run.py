@@ -25,6 +25,7 @@ from .schema import PROTOCOLS
 logger = logging.getLogger(__name__)
 DATA_OPTIONS = {"dataset_name": None, "dataset_config_name": None, "train_data_dir": None, "image_column": None,
                 "center_crop": True, "eval_size": 0.1, "seed": 0, "cache_dir": None}  # fmt: skip
+SOURCE_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")  # where the images are
 
 
 def _count_or_fraction(value: str) -> float | int:
@@ -64,14 +65,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def data_options(args: argparse.Namespace) -> dict:
-    """The data options: given here, else the run's training_args.json, else the defaults."""
+    """The data options: given here, else the run's training_args.json, else the defaults. A source typed here
+    (--dataset_name or --train_data_dir) replaces the run's whole source (its dataset, folder, config and column);
+    `from_run` says whether the images are the run's own (then converted to the model's channels as training did)."""
     run_args = {}
     path = Path(args.model) / "training_args.json"
     if path.is_file():
         run_args = json.loads(path.read_text())
+    if getattr(args, "dataset_name", None) is not None or getattr(args, "train_data_dir", None) is not None:
+        run_args = {k: v for k, v in run_args.items() if k not in SOURCE_OPTIONS}
+        from_run = False
+    else:
+        from_run = bool(run_args)
     return {k: getattr(args, k, None) if getattr(args, k, None) is not None else run_args.get(k, d)
             for k, d in DATA_OPTIONS.items()} | {"resolution": args.resolution or run_args.get("resolution"),
-                                                 "from_run": bool(run_args)}  # fmt: skip
+                                                 "from_run": from_run}  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -86,6 +94,9 @@ def check_args(args: argparse.Namespace) -> None:
     likelihood_options.check_arguments(args)
     if args.num_images == 0 and args.num_samples == 0:
         raise ValueError("nothing to evaluate: --num_images 0 skips bits/dim and --num_samples is 0")
+    from .sample_run import check_sample_count
+
+    check_sample_count(args.num_samples, args.fid_reference)  # before any sampling (and any bits/dim)
 
 
 def evaluate(args: argparse.Namespace, extractor=None) -> list:
@@ -129,6 +140,10 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
         )
     where = {"eval": f"held-out split of {data.source} (eval_size {options['eval_size']}, seed {options['seed']})",
              "train": f"training split of {data.source}"}  # fmt: skip
+    if args.num_samples:  # a bad --fid_reference or too few reference images: refused before bits/dim and sampling
+        from .sample_run import check_reference
+
+        check_reference(args, data, where, extractor)
     metrics = []
     if args.num_images != 0:
         images = (data.eval if args.split == "eval" else data.train)[: args.num_images]
