@@ -1,6 +1,10 @@
 """Reference statistics for the sample metrics: computed once per (data, split, resolution, count, extractor),
 saved as `.npz` (mu, sigma, features) with a small `.json` manifest, and reused by every later run; or read from a
 mu/sigma `.npz` made elsewhere (the layout pytorch-fid and guided-diffusion's reference batches use).
+
+A cached `.npz` that does not read (truncated, damaged, of other features) is computed again, with a warning that
+names it; a `--fid_reference` that does not read is refused naming the file and how to make a good one. Neither is
+ever loaded with pickles allowed: a `.npz` of arrays needs none, and unpickling runs code.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +99,13 @@ def cached_reference(
     processes = processes or Processes()
     key = {**key, "feature_extractor": extractor.name}
     path = cache_path(cache_dir or default_cache_dir(), key)
-    if all(processes.gather([path.is_file()])):  # every process can read it (no one waits in a collective alone)
-        reference = _read(path, extractor.dim, description)
+    reference = None
+    if path.is_file():
+        try:
+            reference = _read(path, extractor.dim, description, "the cached reference statistics")
+        except ReferenceFileError as err:
+            logger.warning("%s: computing them again", err)
+    if all(processes.gather([reference is not None])):  # every process read it (no one waits in a collective alone)
         logger.info("reference statistics of %s read from %s (no feature extraction)", description, path)
         return reference
     pixels = images()
@@ -117,15 +127,38 @@ def cached_reference(
     return Reference(stats["mu"], stats["sigma"], features, len(features), description, str(path), computed=True)
 
 
-def _read(path: Path, dim: int, description: str) -> Reference:
-    with np.load(path) as f:
-        if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{path} is not a statistics file: it has {sorted(f.files)}, expected 'mu' and 'sigma'")
-        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-        features = f["features"].astype(np.float64) if "features" in f.files else None
+class ReferenceFileError(ValueError):
+    """A statistics `.npz` that cannot be used: truncated, not an archive of arrays, or of other features."""
+
+
+def _arrays(path: Path, what: str) -> dict:
+    """The arrays of an `.npz`, read without pickles; ReferenceFileError naming the file and why it does not read."""
+    try:
+        loaded = np.load(path)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ReferenceFileError(f"{what} {path} holds a single array, not an .npz archive of mu and sigma")
+        with loaded as f:
+            return {name: f[name] for name in f.files}
+    except (zipfile.BadZipFile, EOFError) as err:
+        why = f"it is truncated or damaged ({type(err).__name__})"
+    except ValueError as err:  # numpy refuses pickled objects; its message would advise allowing them: do not
+        if isinstance(err, ReferenceFileError):
+            raise
+        why = "it holds pickled Python objects, which are never loaded" if "pickle" in str(err) else str(err)
+    except OSError as err:
+        why = f"{type(err).__name__}: {err.strerror or err}"
+    raise ReferenceFileError(f"{what} {path} cannot be read as an .npz of arrays: {why}")
+
+
+def _read(path: Path, dim: int, description: str, what: str) -> Reference:
+    f = _arrays(path, what)
+    if "mu" not in f or "sigma" not in f:
+        raise ReferenceFileError(f"{what} {path} is not a statistics file: it has {sorted(f)}, expected 'mu' and 'sigma'")  # fmt: skip
+    mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    features = f["features"].astype(np.float64) if "features" in f else None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise ValueError(
-            f"{path} holds statistics of {mu.shape[-1] if mu.ndim else '?'}-d features (mu {mu.shape}, sigma "
+        raise ReferenceFileError(
+            f"{what} {path} holds statistics of {mu.shape[-1] if mu.ndim else '?'}-d features (mu {mu.shape}, sigma "
             f"{sigma.shape}); the feature extractor gives {dim}-d features: mu must be ({dim},) and sigma ({dim}, {dim})"
         )
     count = len(features) if features is not None else -1
@@ -139,5 +172,12 @@ def external_reference(path: str | os.PathLike, dim: int) -> Reference:
     if not path.is_file():
         raise FileNotFoundError(f"--fid_reference {path}: no such file")
     manifest = path.with_suffix(".json")
-    about = json.loads(manifest.read_text()).get("description") if manifest.is_file() else None
-    return _read(path, dim, about or f"the statistics in {path.name}")
+    try:
+        about = json.loads(manifest.read_text()).get("description") if manifest.is_file() else None
+    except (OSError, ValueError):  # a damaged manifest beside it only loses the description
+        about = None
+    try:
+        return _read(path, dim, about or f"the statistics in {path.name}", "--fid_reference")
+    except ReferenceFileError as err:
+        raise ReferenceFileError(f"{err}. Make one with np.savez(path, mu=mu, sigma=sigma) from float arrays: mu "
+                                 f"({dim},), sigma ({dim}, {dim})") from None  # fmt: skip
