@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from ..chain import IMPROVED_DDPM_SPACING, describe_spacing
 from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
 from .sample_metrics import frechet_distance, kernel_inception_distance, precision_recall
 from .samples import generate_shards, load_shards
@@ -42,6 +43,23 @@ def reference_pool(args, data, where: dict):
             "--reference_count, or pass --fid_reference STATS.npz"
         )
     return pool
+
+
+def few_step_scheduler(scheduler, steps: int):
+    """The scheduler that draws the FID samples at `steps` steps, and how the output names its steps.
+
+    Few-step FIDs are read against Improved DDPM's, so DDPM's ancestral sampler (HFDDPMScheduler or diffusers'
+    DDPMScheduler) takes Improved DDPM's steps (timestep_spacing="linspace": 999, 979, 958, ..., 0 for 50 of 1000)
+    whatever spacing the saved config holds; diffusers' default "leading" would start at 980, from x_980 drawn as if
+    it were x_T. Another scheduler swapped in keeps its own spacing, as diffusers users expect.
+    """
+    num_train = scheduler.config.num_train_timesteps
+    spacing = scheduler.config.get("timestep_spacing")
+    if type(scheduler).__name__ not in ("HFDDPMScheduler", "DDPMScheduler"):
+        return scheduler, f"{type(scheduler).__name__}'s own (timestep_spacing={spacing!r})"
+    if steps < num_train and spacing != IMPROVED_DDPM_SPACING:
+        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=IMPROVED_DDPM_SPACING)
+    return scheduler, describe_spacing(num_train, steps, scheduler.config.timestep_spacing)
 
 
 def check_reference(args, data, where: dict, extractor=None) -> None:
@@ -82,12 +100,17 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
 
     steps = args.num_inference_steps or pipe.scheduler.config.num_train_timesteps
     args.num_inference_steps = steps
+    saved_scheduler = pipe.scheduler
+    pipe.scheduler, steps_named = few_step_scheduler(saved_scheduler, steps)
     sample_dir = Path(args.sample_dir) if args.sample_dir else default_sample_dir(args, cache_dir)
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     started = time.perf_counter()
-    shards = generate_shards(pipe, sample_dir, args.num_samples, num_inference_steps=steps, seed=options["seed"],
-                             shard_size=args.batch_size, png=args.png, model=model, processes=processes,
-                             progress=True)  # fmt: skip
+    try:
+        shards = generate_shards(pipe, sample_dir, args.num_samples, num_inference_steps=steps, seed=options["seed"],
+                                 shard_size=args.batch_size, png=args.png, model=model, processes=processes,
+                                 progress=True)  # fmt: skip
+    finally:
+        pipe.scheduler = saved_scheduler
     if processes.is_main:
         print(f"samples: {shards['generated']} of {shards['shards']} shards drawn now, the rest found in {sample_dir}")
     sampling_seconds = time.perf_counter() - started
@@ -96,11 +119,12 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
                                   sizes=sizes, desc="sample features")  # fmt: skip
     feature_seconds = time.perf_counter() - started - sampling_seconds
 
-    details = {"num_samples": len(features), "num_inference_steps": steps, "feature_extractor": extractor.name,
+    details = {"num_samples": len(features), "num_inference_steps": steps, "timesteps": steps_named,
+               "feature_extractor": extractor.name,
                "reference": reference.description, "sample_dir": str(sample_dir), "seed": options["seed"],
                "shards_drawn": shards["generated"], "sampling_seconds": sampling_seconds,  # this run's shards
                "feature_seconds": feature_seconds}  # fmt: skip
-    what = f"{len(features)} samples at {steps} steps {protocol}; {extractor.name}"
+    what = f"{len(features)} samples at {steps} steps {protocol}; {extractor.name}; steps: {steps_named}"
     metrics = [Metric("fid", frechet_distance(reference.stats, features), None, len(features), what, details)]
     if reference.features is not None:
         precision, recall = precision_recall(reference.features, features, K_NEAREST)
