@@ -28,6 +28,7 @@ from hf_ddpm.evaluation.features import InceptionFeatures
 from hf_ddpm.evaluation.reference import cached_reference
 from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, precision_recall
 from hf_ddpm.evaluation.samples import generate_shards, load_shards
+from hf_ddpm.evaluation.steps import IMPROVED_DDPM_SPACING, describe_spacing
 
 from .common import log
 from .training import train_run
@@ -64,7 +65,11 @@ def train_model(settings: dict, loss: str, output_dir: str, data: dict) -> dict:
 
 
 def with_variance(pipe: HFDDPMPipeline, variance_type: str) -> HFDDPMPipeline:
-    scheduler = HFDDPMScheduler.from_config(pipe.scheduler.config, variance_type=variance_type)
+    """The pipeline with another reverse variance; respaced chains at Improved DDPM's steps, whose few-step FIDs
+    these rows are compared with."""
+    scheduler = HFDDPMScheduler.from_config(
+        pipe.scheduler.config, variance_type=variance_type, timestep_spacing=IMPROVED_DDPM_SPACING
+    )
     out = HFDDPMPipeline(unet=pipe.unet, scheduler=scheduler)
     out.set_progress_bar_config(disable=True)
     return out
@@ -179,6 +184,7 @@ def fid_scores(pipes: dict, data, settings: dict, features: InceptionFeatures, w
                 "model": model,
                 "variance_type": variance,
                 "steps": steps,
+                "timesteps": describe_spacing(settings["T"], steps, IMPROVED_DDPM_SPACING),
                 "fid": frechet_distance(reference, feats),
                 "bootstrap_std": bootstrap_fid(reference, feats, cfg["bootstrap"], seed),
                 "precision": precision,

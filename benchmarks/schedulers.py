@@ -28,10 +28,10 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistep
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.atomic import write_atomically
-from hf_ddpm.chain import IMPROVED_DDPM_SPACING
 from hf_ddpm.data import load_data
 from hf_ddpm.evaluation.features import InceptionFeatures
 from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, statistics
+from hf_ddpm.evaluation.steps import IMPROVED_DDPM_SPACING
 
 from .common import FAST_EVALUATIONS, FAST_FID_RATIO, RESULTS_DIR, log, machine, read_json, write_json
 from .quality import PROFILES as QUALITY_PROFILES

@@ -21,7 +21,6 @@ from .schedules import alphas_cumprod_from_betas, betas_from_alphas_cumprod
 
 TimestepSpacing = Literal["linspace", "leading", "trailing"]
 TIMESTEP_SPACINGS = get_args(TimestepSpacing)
-IMPROVED_DDPM_SPACING = "linspace"  # the spacing that gives Improved DDPM's steps (`improved_ddpm_timesteps`)
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,41 +119,12 @@ class ChainRows:
         return value
 
 
-def improved_ddpm_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray:
-    """The S timesteps Improved DDPM samples with (improved-diffusion's `space_timesteps(T, "S")`, section 4),
-    descending: evenly spaced, rounded, T-1 and 0 included, t_k = round(k (T-1) / (S-1)).
-
-    The stride is accumulated by float addition and rounded half to even, as there, so ties come out as they do
-    there. `timestep_spacing="linspace"` gives these same steps at the counts the paper samples with (25, 50, 100, 250
-    of T = 1000 or 4000); at some other counts (21 of 1000) the two round one tie differently.
-    """
-    stride = (num_train_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1
-    taken, position = [], 0.0
-    for _ in range(num_steps):
-        taken.append(round(position))
-        position += stride
-    return np.asarray(taken[::-1], dtype=np.int64)
-
-
-def describe_spacing(num_train_timesteps: int, num_steps: int, spacing: str) -> str:
-    """How results name the steps of a respaced chain: whether they are Improved DDPM's."""
-    if num_steps >= num_train_timesteps:
-        return f"all {num_train_timesteps} timesteps"
-    if spacing == IMPROVED_DDPM_SPACING:
-        ours = spaced_timesteps(num_train_timesteps, num_steps, spacing)
-        off = int((ours != improved_ddpm_timesteps(num_train_timesteps, num_steps)).sum())  # ties rounded otherwise
-        if off == 0:
-            return f"Improved DDPM's steps (timestep_spacing={spacing!r})"
-        return f"timestep_spacing={spacing!r} ({off} of its {num_steps} steps 1 off Improved DDPM's: rounded ties)"
-    return f"timestep_spacing={spacing!r} (diffusers' choice, not Improved DDPM's steps)"
-
-
 def spaced_timesteps(
     num_train_timesteps: int, num_inference_steps, spacing: TimestepSpacing, steps_offset: int = 0
 ) -> np.ndarray:
     """S distinct timesteps in [0, T-1], descending, chosen as diffusers' `timestep_spacing` names them
     (Lin et al. 2023, Table 2). Unlike diffusers, `trailing` never yields timestep -1. `linspace` is Improved DDPM's
-    respacing (`improved_ddpm_timesteps`, equal at its paper's counts); `leading`, diffusers' default, starts below
+    respacing (at its paper's counts; hf_ddpm.evaluation.steps); `leading`, diffusers' default, starts below
     T-1 (980 for 50 of 1000), so its chain starts from x_980 drawn as if it were x_T.
 
     Worked example, T = 10, S = 3: linspace → [9, 4, 0]; leading → [6, 3, 0]; trailing → [9, 6, 2].

@@ -7,7 +7,13 @@ import pytest
 from diffusers import DDPMScheduler
 
 from hf_ddpm import HFDDPMScheduler
-from hf_ddpm.chain import IMPROVED_DDPM_SPACING, describe_spacing, improved_ddpm_timesteps, spaced_timesteps
+from hf_ddpm.chain import spaced_timesteps
+from hf_ddpm.evaluation.steps import (
+    IMPROVED_DDPM_SPACING,
+    describe_spacing,
+    few_step_scheduler,
+    improved_ddpm_timesteps,
+)
 
 
 def space_timesteps_closed_form(num_train_timesteps: int, num_steps: int) -> list[int]:
@@ -58,8 +64,6 @@ def test_improved_ddpm_timesteps_round_ties_as_improved_diffusion_does():
 
 def test_evaluate_samples_few_step_fids_at_improved_ddpms_steps_and_says_so():
     from diffusers import DDIMScheduler
-
-    from hf_ddpm.evaluation.sample_run import few_step_scheduler
 
     saved = HFDDPMScheduler()  # diffusers' default spacing, leading
     scheduler, named = few_step_scheduler(saved, 50)

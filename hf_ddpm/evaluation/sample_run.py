@@ -7,11 +7,11 @@ import os
 import time
 from pathlib import Path
 
-from ..chain import IMPROVED_DDPM_SPACING, describe_spacing
 from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
 from .sample_metrics import frechet_distance, kernel_inception_distance, precision_recall
 from .samples import generate_shards, load_shards
 from .schema import PROTOCOLS, Metric
+from .steps import few_step_scheduler
 
 K_NEAREST = 3  # Kynkäänniemi et al. 2019 use k = 3
 
@@ -43,23 +43,6 @@ def reference_pool(args, data, where: dict):
             "--reference_count, or pass --fid_reference STATS.npz"
         )
     return pool
-
-
-def few_step_scheduler(scheduler, steps: int):
-    """The scheduler that draws the FID samples at `steps` steps, and how the output names its steps.
-
-    Few-step FIDs are read against Improved DDPM's, so DDPM's ancestral sampler (HFDDPMScheduler or diffusers'
-    DDPMScheduler) takes Improved DDPM's steps (timestep_spacing="linspace": 999, 979, 958, ..., 0 for 50 of 1000)
-    whatever spacing the saved config holds; diffusers' default "leading" would start at 980, from x_980 drawn as if
-    it were x_T. Another scheduler swapped in keeps its own spacing, as diffusers users expect.
-    """
-    num_train = scheduler.config.num_train_timesteps
-    spacing = scheduler.config.get("timestep_spacing")
-    if type(scheduler).__name__ not in ("HFDDPMScheduler", "DDPMScheduler"):
-        return scheduler, f"{type(scheduler).__name__}'s own (timestep_spacing={spacing!r})"
-    if steps < num_train and spacing != IMPROVED_DDPM_SPACING:
-        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=IMPROVED_DDPM_SPACING)
-    return scheduler, describe_spacing(num_train, steps, scheduler.config.timestep_spacing)
 
 
 def check_reference(args, data, where: dict, extractor=None) -> None:
