@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluation.schema import METRICS, SAMPLE_METRICS, TITLES
+from .evaluation.schema import LIKELIHOOD_METRICS, METRICS, SAMPLE_METRICS, TITLES
 from .shipped import shipped_dir
 
 TEMPLATE_PATH = shipped_dir("model_cards", "model_cards") / "model_card.md"
@@ -168,6 +168,20 @@ def collect_metrics(summary: dict | None, metrics: dict | None) -> list[dict]:
                     "number": round(float(entry["value"]), 4),
                     "details": entry.get("protocol", ""),
                     "args": {k: entry.get(k) for k in ("feature_extractor", "num_samples", "reference")},
+                }
+            )
+    for name in LIKELIHOOD_METRICS:  # beyond eq. 5 (evaluation/likelihood.py): whichever were measured
+        entry = metrics.get(name)
+        if entry:
+            spread = f" ± {entry['stderr']:.4f}" if entry.get("stderr") is not None else ""
+            rows.append(
+                {
+                    "type": name,
+                    "name": TITLES[name],
+                    "value": f"{entry['value']:.4f}{spread}",
+                    "number": round(float(entry["value"]), 4),
+                    "details": "; ".join(x for x in (entry.get("protocol"), entry.get("bounds")) if x),
+                    "args": {"num_images": entry.get("count"), "stderr": entry.get("stderr")},
                 }
             )
     return rows

@@ -167,3 +167,19 @@ def test_evaluate_command_writes_one_entry_per_method(tmp_path):
                        (["--iw_samples", "0"], "--iw_samples must be >= 1, got 0")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             evaluate(build_parser().parse_args(["evaluate", str(path), *bad]))
+
+
+def test_the_model_card_lists_whichever_likelihoods_were_run(tmp_path):
+    from hf_ddpm.evaluation.schema import read_metrics, write_metrics
+    from hf_ddpm.model_card import collect_metrics
+
+    pipe, images = make_pipe(), digits(2)
+    metrics = [likelihood_over_split(pipe, images, m, options=FAST_ODE if m == "ode" else {}, block_size=2)
+               for m in ("ode", "trajectory")]  # fmt: skip
+    write_metrics(tmp_path / "m.json", metrics)
+    entries = {m.name: m.to_dict() for m in read_metrics(tmp_path / "m.json")}
+    rows = {row["type"]: row for row in collect_metrics(None, entries)}
+    assert sorted(rows) == ["bits_per_dim_ode", "bits_per_dim_trajectory"]  # only what was run
+    ode = rows["bits_per_dim_ode"]
+    assert ode["number"] == round(metrics[0].value, 4) and "probability-flow ODE" in ode["name"]
+    assert "dequantization" in ode["details"] and "2 images" in ode["details"]
