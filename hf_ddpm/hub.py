@@ -27,8 +27,8 @@ from pathlib import Path
 from . import __version__
 from .atomic import replace_dir, staging_name, swap_in
 from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
+from .pipeline_folder import drop_local_paths
 from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
-from .standalone import drop_local_paths
 
 # What a pushed repo may hold (upload_folder's allow_patterns, on top of staging only these files).
 PUSHED_PATTERNS = [

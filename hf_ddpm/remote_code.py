@@ -6,7 +6,7 @@ because it carries the code itself and `model_index.json` names it (H, h: 8 hex 
     model_index.json                    "_class_name": ["pipeline_hf_ddpm_H", "HFDDPMPipeline"],
                                         "scheduler": ["scheduling_hf_ddpm_h", "HFDDPMScheduler"], "unet": ["diffusers", ...]
     scheduler/scheduling_hf_ddpm_h.py   schedules + chain + gaussians + scheduler_configs + scheduler
-    pipeline_hf_ddpm_H.py               images + bound + standalone + pipeline, importing the rest with
+    pipeline_hf_ddpm_H.py               images + bound + pipeline_folder + standalone + pipeline, importing the rest with
                                         `from .scheduler.scheduling_hf_ddpm_h import ...` (diffusers fetches that file)
 
 diffusers 0.42 copies every remote module into one flat folder (HF_MODULES_CACHE/diffusers_modules/local; a
@@ -39,7 +39,13 @@ PIPELINE_PREFIX = "pipeline_hf_ddpm"  # at the repo root (diffusers looks for `<
 SCHEDULER_PREFIX = "scheduling_hf_ddpm"  # in scheduler/ (diffusers looks in the component's folder)
 PIPELINE_CLASS, SCHEDULER_CLASS = "HFDDPMPipeline", "HFDDPMScheduler"
 SCHEDULER_SOURCES = ("schedules", "chain", "gaussians", "scheduler_configs", "scheduler")
-PIPELINE_SOURCES = ("images", "bound", "standalone", "pipeline")  # + an import of the scheduler module's names
+PIPELINE_SOURCES = (
+    "images",
+    "bound",
+    "pipeline_folder",
+    "standalone",
+    "pipeline",
+)  # + an import of the scheduler module's names
 STAND_INS = {"hub": "standalone", "loading": "standalone"}  # package module -> the bundled module in its place
 # The budget of a repo's remote code, both modules: diffusers imports them on every load (and a Space at every
 # start), so they hold the algorithm and no more. Measured with docstrings cut to their first paragraph by the

@@ -10,7 +10,7 @@ bundled class is the package's own, line for line, and these functions answer to
                                            loaded from, named in model_index.json: the folder loads as the repo did
     push_pipeline(pipeline, repo_id)       refused: publishing needs hf_ddpm (its model card and push checks)
 
-`drop_local_paths`, the rule that a saved folder names no path of the machine that saved it, is used by both.
+Both save routes end with pipeline_folder.drop_local_paths: a saved folder names no path of the machine that saved it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import shutil
 
 from diffusers import DiffusionPipeline, UNet2DModel
 
+from .pipeline_folder import drop_local_paths
 from .scheduler import HFDDPMScheduler
 
 STANDALONE_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 PUSH_KWARGS = ("repo_id", "token", "private", "commit_message")
-# diffusers records where a component was loaded from (`_name_or_path`) and writes it into the saved configs: an
-# absolute path of this machine (its user name, its directory layout) that would be published with the folder.
-LOCAL_ONLY_KEYS = ("_name_or_path",)
 
 
 def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
@@ -60,7 +58,12 @@ def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, 
         modules[key] = [os.path.splitext(os.path.basename(source))[0], cls.__name__]
     if type(pipeline.scheduler).__name__ != "HFDDPMScheduler":  # a diffusers scheduler loads without code
         del modules["scheduler"]
-    drop_local_paths(save_directory, modules)
+    drop_local_paths(save_directory)
+    index_path = os.path.join(save_directory, "model_index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f) | modules
+    with open(index_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return None
 
 
@@ -70,18 +73,3 @@ def push_pipeline(pipeline, repo_id: str, **kwargs):
         f"pushing an HFDDPMPipeline (to {repo_id!r}) needs hf_ddpm installed (pip install hf_ddpm); "
         "save_pretrained works without it"
     )
-
-
-def drop_local_paths(directory, index_entries: dict | None = None) -> None:
-    """Remove `LOCAL_ONLY_KEYS` from the configs of the saved pipeline folder `directory` (and set `index_entries`
-    in its model_index.json). A saved folder is its own source: loading it records its new location again."""
-    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        config = {k: v for k, v in config.items() if k not in LOCAL_ONLY_KEYS}
-        config.update(index_entries if name == "model_index.json" and index_entries else {})
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.images import model_to_pixels, model_to_unit, pixels_to_model
 
 T = 50
 
@@ -170,3 +171,17 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.scheduler.config.variance_type == "fixed_large"
     assert loaded.scheduler.config.timestep_spacing == "trailing"
     assert torch.equal(sample(loaded, 4, steps=6).images, sample(pipe, 4, steps=6).images)
+
+
+def test_pixel_conversions_are_inverse_on_every_pixel_value_and_clamp_outside():
+    """images.py, the one home of uint8 <-> model range: pixel k is k / 127.5 - 1 (the centre of its eq. 13 bin),
+    any x within half a bin maps back to k, and values past [-1, 1] clamp to 0 and 255."""
+    k = torch.arange(256, dtype=torch.uint8)
+    x = pixels_to_model(k)
+    assert x.dtype == torch.float32 and x[0].item() == -1.0 and x[255].item() == 1.0
+    assert x[128].item() == pytest.approx(128 / 127.5 - 1, abs=1e-7)
+    assert torch.equal(model_to_pixels(x), k)
+    assert torch.equal(model_to_pixels(x + 0.49 / 127.5), k) and torch.equal(model_to_pixels(x - 0.49 / 127.5), k)
+    assert model_to_pixels(torch.tensor([-3.0, -1.0, 1.0, 3.0])).tolist() == [0, 0, 255, 255]
+    torch.testing.assert_close(model_to_unit(x), k.float() / 255, rtol=0, atol=1e-7)
+    assert HFDDPMPipeline.model_to_pixels is model_to_pixels  # what the Space previews with

@@ -363,7 +363,8 @@ def test_default_model_comes_from_the_argument_the_environment_or_the_readme(app
 
 
 def test_preview_grid_tiles_and_upscales(app):
-    grid = app.preview_grid(torch.linspace(-2, 2, 5 * 16 * 16).reshape(5, 1, 16, 16))
+    x = torch.linspace(-2, 2, 5 * 16 * 16).reshape(5, 1, 16, 16)  # beyond the model range [-1, 1] at both ends
+    grid = app.preview_grid(HFDDPMPipeline.model_to_pixels(x))  # as the app converts it (hf_ddpm/images.py)
     assert grid.mode == "L" and grid.size == (4 * (3 * 18 + 2), 4 * (2 * 18 + 2))  # 2 rows x 3 columns, x4
     assert np.asarray(grid).min() == 0 and np.asarray(grid).max() == 255  # clamped to [-1, 1]
 

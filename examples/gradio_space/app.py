@@ -115,6 +115,8 @@ def load_pipeline(source: str | os.PathLike):
         raise ModelLoadError(_explain(source, err)) from err
     if not (hasattr(pipe, "bits_per_dim") and hasattr(pipe, "unet") and hasattr(pipe, "scheduler")):
         raise ModelLoadError(f"{source!r} holds a {type(pipe).__name__}, not a DDPM pipeline with bits_per_dim")
+    if not hasattr(pipe, "model_to_pixels"):  # the pixel conversion the previews use comes with the pipeline's code
+        raise ModelLoadError(f"{source!r} was saved by an hf_ddpm older than this app: save or push it again with it")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cuda") if torch.cuda.is_available() else pipe
 
@@ -129,12 +131,13 @@ def _explain(source: str, err: Exception) -> str:
     return f"could not load a pipeline from {source!r}: {type(err).__name__}: {err}"
 
 
-def preview_grid(x: torch.Tensor, padding: int = 2) -> PIL.Image.Image:
-    """A near-square grid of a batch (B, C, H, W) in [-1, 1], upscaled (nearest) for display.
+def preview_grid(pixels: torch.Tensor, padding: int = 2) -> PIL.Image.Image:
+    """A near-square grid of a uint8 batch (B, C, H, W), upscaled (nearest) for display; the pipeline converts the
+    model's [-1, 1] to pixels (`pipe.model_to_pixels`, hf_ddpm/images.py, carried by the repo's code).
 
     (hf_ddpm.images.make_grid does this for the package; a Space has only this file and requirements.txt.)
     """
-    images = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    images = pixels.permute(0, 2, 3, 1).cpu().numpy()
     count, height, width, channels = images.shape
     rows = max(1, math.isqrt(count))
     cols = math.ceil(count / rows)
@@ -200,6 +203,10 @@ class DemoModel:
             self.channels = pipe.unet.config.in_channels
             self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
 
+    def preview(self, x: torch.Tensor) -> str:
+        """A PNG of the grid of x_t or x̂_0 (model range), for the progress view."""
+        return self.png(preview_grid(self.pipe.model_to_pixels(x)))
+
     def _check_loaded(self):
         if self.pipe is None:
             raise gr.Error(f"No model loaded: {self.error}")
@@ -219,7 +226,7 @@ class DemoModel:
             total = len(pipe.scheduler.timesteps)  # Heun, PNDM, ... take more model calls than `steps`
             if (i + 1) % every == 0 or i + 1 == total:
                 # x̂_0 only where the scheduler's step gives it (UniPC, DPM-Solver, PNDM do not): else x_t alone
-                x_t, x_0 = (self.png(preview_grid(tensors[k])) if k in tensors else None for k in PREVIEWS)
+                x_t, x_0 = (self.preview(tensors[k]) if k in tensors else None for k in PREVIEWS)
                 updates.put(("step", (i + 1, total, float(t), x_t, x_0)))
             return {}
 
