@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import datasets
 import psutil
 import pytest
 import torch
@@ -23,6 +24,8 @@ from training_runs import REPO, environment, launch_command, launch_flags
 
 import hf_ddpm.data.streaming as streaming
 from hf_ddpm.data.streaming import StreamingBatches, StreamSourceError, open_streaming
+
+FEATURES = datasets.Features({"image": datasets.Image()})
 
 
 def write_folder(folder, n, corrupt=()):
@@ -65,6 +68,26 @@ def test_a_vanished_folder_raises_naming_it_and_keeps_the_position_of_the_last_o
     reference = batches(folder, accumulation=2)
     expected = [reference.batch(step) for step in range(8)]
     assert all(torch.equal(resumed.batch(step), expected[step]) for step in range(4, 8))
+
+
+def test_data_files_that_vanish_mid_stream_raise_naming_the_stream_and_the_reader_error(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s in range(2):  # two parquet shards of 20 images
+        images = [Image.new("RGB", (10, 10), (i, 255 - i, 9)) for i in range(20 * s, 20 * s + 20)]
+        datasets.Dataset.from_dict({"image": images}, features=FEATURES).to_parquet(str(folder / f"{s}.parquet"))
+    files = sorted(str(p) for p in folder.glob("*.parquet"))
+    make_stream, column, _, _, source = open_streaming(train_data_files=files, resolution=4, eval_size=0)
+    b = StreamingBatches(
+        make_stream, column, batch_size=4, num_processes=1, process_index=0, seed=0, buffer_size=4, num_workers=0,
+        resolution=4, channels=3, skip_corrupt=True, device="cpu", source=source,
+    )  # fmt: skip
+    b.batch(0)
+    folder.rename(tmp_path / "gone")
+    with pytest.raises(StreamSourceError, match=r"the stream 2 files \(.*0\.parquet, \.\.\.\) failed while it was "
+                                                r"read \(FileNotFoundError: .*\): the source vanished"):  # fmt: skip
+        for step in range(1, 40):  # within the next pass at the latest
+            b.batch(step)
 
 
 def test_corrupt_images_are_skipped_with_a_few_named_warnings_then_a_count(tmp_path, caplog, monkeypatch):
