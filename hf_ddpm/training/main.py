@@ -37,9 +37,8 @@ from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import RunFacts, TrainingConfig, launch_precision, optimizer_steps, resolve
 from .interruptions import NanGuard, PreemptionHandler, any_process_failed, describe, parse_signals
-from .loop import Run, train_loop
+from .loop import Run, check_publish, train_loop
 from .model import build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
-from .publish import check_publish
 
 logger = get_logger(__name__)
 ERROR_STATUS = 1
