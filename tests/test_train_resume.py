@@ -37,7 +37,7 @@ def refused(argv) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
-def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_difference(streamed, tmp_path):
+def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_difference(streamed):
     out, stream = streamed
     checkpoint = out / "checkpoint-4"
     names = sorted(p.name for p in checkpoint.iterdir())
@@ -55,7 +55,12 @@ def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_d
     )
     assert tree_hashes(out) == before  # nothing read into it, nothing written
 
-    # The same options resume: from step 2, to the weights the uninterrupted run had at step 4.
+
+@pytest.mark.slow  # one more launch; the 2-process streaming resume is tests/test_data_streaming.py's (slow too)
+def test_the_streaming_run_resumed_with_its_own_options_ends_with_the_same_weights(streamed, tmp_path):
+    """From step 2, the stream's position and the record read back: the weights the uninterrupted run had at 4."""
+    out, stream = streamed
+    checkpoint = out / "checkpoint-4"
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
