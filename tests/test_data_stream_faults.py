@@ -124,6 +124,9 @@ def test_a_stream_where_nothing_decodes_stops_after_a_pass_or_a_run_of_failures(
         for step in range(1000):
             b.batch(step)
     assert time.monotonic() - started < 10
+    with pytest.raises(ValueError, match=r"the first image of the stream .*/f \(.*/f/0000\.png\) does not decode "
+                                         r"\(UnidentifiedImageError: .*\): its channel count cannot be learned"):  # fmt: skip
+        open_streaming(train_data_dir=str(folder), resolution=4, eval_size=0)  # channels not given: learned from it
     monkeypatch.setattr(streaming, "MAX_CONSECUTIVE_FAILURES", 5)
     with pytest.raises(StreamSourceError, match=r"5 examples failed in a row \(5 in a row"):
         batches(str(folder)).batch(0)

@@ -377,9 +377,20 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
     if train.column_names is None:  # a stream that states no features: look at its first example
         train = train._resolve_features()
     column = detect_image_column(train, image_column)
-    first = next(iter(prepare_stream(train, column)))[column]
+    try:
+        first = next(iter(prepare_stream(train, column)))[column]
+    except StopIteration:
+        raise ValueError(f"the stream {src.description} holds no example") from None
     if channels is None:  # 1 for a grayscale first image, else 3
-        channels = decode_image(first, resolution, None, None)[0].shape[0]
+        try:
+            value = first if first.get("bytes") is not None else {**first, "bytes": _read_bytes(first["path"])}
+            channels = decode_image(value, resolution, None, None)[0].shape[0]
+        except Exception as err:  # the reader's or Pillow's error, named with the file
+            raise ValueError(
+                f"the first image of the stream {src.description} ({first.get('path') or 'its first example'}) does "
+                f"not decode ({type(err).__name__}: {err}): its channel count cannot be learned from it; check the "
+                "source and --image_column"
+            ) from None
     count = eval_size if isinstance(eval_size, int) else (DEFAULT_EVAL_IMAGES if eval_size > 0 else 0)
     if eval_split is not None and count:
         held_out = first_images(src.splits[eval_split], column, count, resolution, channels)
