@@ -84,7 +84,9 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if choice:
-            near = self.nearest(choice[1], re.findall(r"'([^']*)'", choice[2]))
+            # Python 3.11 quotes the choices, later versions do not
+            choices = re.findall(r"'([^']*)'", choice[2]) or [c.strip() for c in choice[2].split(",")]
+            near = self.nearest(choice[1], choices)
             message += f"; did you mean {near!r}?" if near else ""
         self.exit(2, f"{self.prog}: error: {message}\n{self.short_usage()}\n")
 
