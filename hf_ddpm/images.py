@@ -3,6 +3,7 @@
     pixels_to_model(uint8)     k in 0..255 -> k / 127.5 - 1 in [-1, 1]: what the UNet is trained and evaluated on
     model_to_unit(x)           [-1, 1] -> [0, 1], clamped: the pipeline's "np" and "pt" outputs
     model_to_pixels(x)         [-1, 1] -> uint8 0..255, rounded: PNGs, previews of x_t and x̂_0 (the Space)
+    unit_to_pixels(x)          [0, 1] (the pipeline's "pt" / "np" output) -> uint8 0..255: saved samples (evaluation)
     images_to_model_range      uint8 arrays or PIL images -> the model range, checked against the UNet's shape
     make_grid                  samples tiled into one image (training, examples, model cards)
 
@@ -33,7 +34,12 @@ def model_to_unit(x: torch.Tensor) -> torch.Tensor:
 def model_to_pixels(x: torch.Tensor) -> torch.Tensor:
     """x in the model range [-1, 1] → uint8 0..255, each value rounded to its nearest pixel (the inverse of
     `pixels_to_model` on the pixel grid)."""
-    return (model_to_unit(x.float()) * 255).round().to(torch.uint8)
+    return unit_to_pixels(model_to_unit(x.float()))
+
+
+def unit_to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """x in [0, 1] → uint8 0..255, rounded (half to even) and clamped."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -90,7 +96,7 @@ def make_grid(images, num_rows: int | None = None, padding: int = 2, pad_value: 
         if arrays.dtype == np.uint8 and arrays.ndim == 4 and arrays.shape[1] in (1, 3, 4):
             arrays = arrays.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
         elif arrays.dtype != np.uint8:
-            arrays = np.clip(np.rint(arrays * 255.0), 0, 255).astype(np.uint8)
+            arrays = unit_to_pixels(torch.from_numpy(np.ascontiguousarray(arrays))).numpy()
     if arrays.ndim != 4 or arrays.shape[-1] not in (1, 3, 4):
         raise ValueError(f"images must be (N, H, W, C) with C in 1, 3, 4 (or PIL images); got shape {arrays.shape}")
     count, height, width, channels = arrays.shape

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
-from hf_ddpm.images import model_to_pixels, model_to_unit, pixels_to_model
+from hf_ddpm.images import model_to_pixels, model_to_unit, pixels_to_model, unit_to_pixels
 
 T = 50
 
@@ -184,4 +184,8 @@ def test_pixel_conversions_are_inverse_on_every_pixel_value_and_clamp_outside():
     assert torch.equal(model_to_pixels(x + 0.49 / 127.5), k) and torch.equal(model_to_pixels(x - 0.49 / 127.5), k)
     assert model_to_pixels(torch.tensor([-3.0, -1.0, 1.0, 3.0])).tolist() == [0, 0, 255, 255]
     torch.testing.assert_close(model_to_unit(x), k.float() / 255, rtol=0, atol=1e-7)
+    assert torch.equal(unit_to_pixels(model_to_unit(x)), k) and unit_to_pixels(torch.tensor([-0.5, 1.5])).tolist() == [
+        0,
+        255,
+    ]
     assert HFDDPMPipeline.model_to_pixels is model_to_pixels  # what the Space previews with
