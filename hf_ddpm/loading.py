@@ -61,7 +61,7 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     hub = check_source(pretrained_model_name_or_path, hub)
     unet_folder, scheduler_folder = component_folders(pretrained_model_name_or_path, **hub)
     if unet_folder is not None and (kwargs.get("unet") is None or kwargs.get("scheduler") is None):
-        check_pipeline_index(pretrained_model_name_or_path, **hub)
+        pipeline_index(pretrained_model_name_or_path, **hub)
     unet = kwargs.get("unet")
     if unet is None:
         safe = use_safetensors is not False
@@ -151,6 +151,12 @@ def component_folders(pretrained_model_name_or_path, **hub) -> tuple[str | None,
 
 
 def check_pipeline_index(pretrained_model_name_or_path, **hub) -> dict:
+    """The pipeline's model_index.json (`pipeline_index`), once `check_source` has found the directory or repo:
+    the check a caller makes at its door, before it reads anything else."""
+    return pipeline_index(pretrained_model_name_or_path, **check_source(pretrained_model_name_or_path, hub))
+
+
+def pipeline_index(pretrained_model_name_or_path, **hub) -> dict:
     """The pipeline's model_index.json, which must name a UNet2DModel `unet` and a `scheduler`; ValueError when
     the directory or repo has none (OSError from diffusers for a repo without it)."""
     source = str(pretrained_model_name_or_path)

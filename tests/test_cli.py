@@ -18,6 +18,7 @@ from hub_clients import finish, start_script
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.cli import build_parser, main
 from hf_ddpm.flags import FlagParser, canonical
+from hf_ddpm.loading import check_pipeline_index
 
 REPO = Path(__file__).resolve().parents[1]
 # Generous bounds: the retries these answers replace took 70-80 s. In this process an answer takes one request
@@ -173,6 +174,15 @@ def test_an_unreachable_hub_is_named_in_seconds(tmp_path, closed_port, silent_po
         "(none is in the local cache). Check the path; or the network (HF_ENDPOINT, a proxy); for a repo downloaded "
         "before, pass its cache_dir or set HF_HOME"
     )
+
+
+def test_the_check_at_trainings_door_finds_the_missing_model_too(closed_port, monkeypatch):
+    """training's --pretrained_model_name_or_path is checked with check_pipeline_index before anything is read."""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(FileNotFoundError, match=r"^\./outputs/missing: no such directory"):
+        check_pipeline_index("./outputs/missing")
+    with pytest.raises(ConnectionError, match=r"^me/missing is not a local directory, and the Hugging Face Hub at "):
+        check_pipeline_index("me/missing")
 
 
 def test_a_repo_the_hub_lacks_is_named_and_a_cached_one_loads_when_the_hub_is_gone(
