@@ -30,6 +30,12 @@ class FlagParser(argparse.ArgumentParser):
     an unknown flag, a missing one or a bad choice with one error line (with the nearest flag or choice) and a
     one-line usage. Subcommands made with `add_subparsers` are FlagParsers too."""
 
+    SPELLING = "Flags are spelled with underscores; each is also read with dashes in their place."
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", self.SPELLING)
+        super().__init__(*args, **kwargs)
+
     def long_flags(self) -> dict[str, str]:
         """{canonical name: the flag as declared} for this parser's long flags."""
         return {canonical(s): s for a in self._actions for s in a.option_strings if s.startswith("--")}

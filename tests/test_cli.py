@@ -110,6 +110,8 @@ def test_every_subcommand_spells_its_flags_with_underscores_and_reads_the_dash_s
     for command, flags in long_flags(parser).items():
         for flag in flags:
             assert "-" not in flag[2:] or flag == "--help", f"{command} {flag}: one style, underscores"
+    for sub in parser._subparsers._group_actions[0].choices.values():  # and each --help says so
+        assert FlagParser.SPELLING in " ".join(sub.format_help().split())
     required = {"push": ["out"], "export": ["out", "dest"], "evaluate": ["m"], "push-space": []}
     for command, flags in long_flags(parser).items():
         for flag in (f for f in flags if "_" in f):
