@@ -21,7 +21,8 @@ import torch
 
 from ..data import default_memory_budget, load_data, random_hflip
 from ..data.streaming import StreamedImages, StreamingBatches, open_streaming
-from ..gaussians import pixels_to_model
+from ..images import pixels_to_model
+from .config import TrainingConfig
 
 DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "eval_size",
                 "seed", "max_train_samples", "cache_dir", "preprocessing_num_workers")  # fmt: skip
@@ -40,7 +41,7 @@ def data_files(value: str | None) -> list[str] | None:
     return files
 
 
-def load_training_data(args, accelerator, resolution: int, channels: int | None):
+def load_training_data(args: TrainingConfig, accelerator, resolution: int, channels: int | None):
     """The run's images (hf_ddpm.data.load_data). One process per machine preprocesses them into the cache while
     the others wait; then all open the same cache files. With --streaming: a `StreamingData` (nothing is cached)."""
     if args.streaming:
@@ -64,7 +65,7 @@ def load_training_data(args, accelerator, resolution: int, channels: int | None)
 HUB_PROBE_TIMEOUT = 5.0  # seconds: to connect to the Hub and get an answer; datasets would retry for minutes
 
 
-def check_dataset_reachable(args) -> None:
+def check_dataset_reachable(args: TrainingConfig) -> None:
     """A Hub --dataset_name (not a local path) with the Hub unreachable fails now, within HUB_PROBE_TIMEOUT,
     naming the network, instead of after datasets' silent retries. Offline mode (HF_HUB_OFFLINE=1 or
     HF_DATASETS_OFFLINE=1) reads the local cache and is not probed; an HTTP answer of any status counts as
@@ -106,7 +107,7 @@ class StreamingData:
     source: str
 
 
-def _streaming_data(args, resolution, channels) -> StreamingData:
+def _streaming_data(args: TrainingConfig, resolution: int, channels: int | None) -> StreamingData:
     opened = open_streaming(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir, train_data_files=data_files(args.train_data_files),
@@ -116,7 +117,7 @@ def _streaming_data(args, resolution, channels) -> StreamingData:
     return StreamingData(*opened)
 
 
-def make_batches(data, args, accelerator):
+def make_batches(data, args: TrainingConfig, accelerator):
     """The run's batches: from memory or the mapped cache (`ShardedBatches`), or from a stream (`StreamingBatches`,
     whose position the run checkpoints)."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from ..atomic import staging_name, write_atomically
 from ..remote_code import PIPELINE_PREFIX
 from .checkpoints import INCOMPLETE_NAMES  # the staging names a killed run leaves
+from .config import TrainingConfig
 
 LOCK_NAME = ".hf_ddpm.lock"
 MANIFEST_NAME = ".hf_ddpm-manifest.json"
@@ -73,7 +74,7 @@ def _manifest(path: str) -> dict | None:
         return None
 
 
-def check_output_dir(args) -> OutputDir:
+def check_output_dir(args: TrainingConfig) -> OutputDir:
     """Refuse a directory that this run must not use (see the module docstring). Reads only."""
     path = args.output_dir
     if os.path.exists(path) and not os.path.isdir(path):
@@ -110,7 +111,7 @@ def check_output_dir(args) -> OutputDir:
     return OutputDir(path, earlier, foreign)
 
 
-def prepare_output_dir(found: OutputDir, args) -> None:
+def prepare_output_dir(found: OutputDir, args: TrainingConfig) -> None:
     """Main process, after every check passed: remove an earlier run's files for --overwrite_output_dir (only
     those a run of ours writes) and write the manifest naming the files that are not ours."""
     os.makedirs(found.path, exist_ok=True)
