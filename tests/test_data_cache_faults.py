@@ -124,24 +124,30 @@ def test_a_disk_that_fills_while_building_says_so_and_leaves_no_partial_cache(tm
 
 
 BUILD_SCRIPT = """
-import logging, sys
+import logging, pathlib, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from hf_ddpm.data import load_data
+barrier = pathlib.Path(sys.argv[3])  # both start building together, whatever their start-up times
+(barrier / sys.argv[4]).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.01)
 data = load_data(train_data_dir=sys.argv[1], resolution=16, eval_size=0, cache_dir=sys.argv[2])
 print("ids", int(data.train[:, 0].long().sum()), len(data.train), flush=True)
 """
 
 
-def _builder(folder, cache):
+def _builder(folder, cache, barrier, name):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, folder, cache], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, folder, cache, barrier, name], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 @pytest.mark.slow  # two processes preprocess 3000 images at once: about 20 s
 def test_two_real_processes_building_one_key_at_once_coordinate(tmp_path):
     folder, cache = write_images(tmp_path / "imgs", 3000, size=(48, 40)), str(tmp_path / "c")
-    first, second = _builder(folder, cache), _builder(folder, cache)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    first, second = _builder(folder, cache, barrier, "a"), _builder(folder, cache, barrier, "b")
     logs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, logs
     results = [line for log in logs for line in log.splitlines() if line.startswith("ids ")]
@@ -149,7 +155,7 @@ def test_two_real_processes_building_one_key_at_once_coordinate(tmp_path):
     built = [log for log in logs if "preprocessing 3000 images" in log]
     assert len(built) == 1, logs  # one decoded, the other waited and read its cache
     (waited,) = [log for log in logs if log not in built]
-    assert "built by another process meanwhile" in waited
+    assert "which is building the preprocessed cache" in waited and "built by another process meanwhile" in waited
     assert not list(Path(cache_root(cache)).glob("*/tmp*"))
 
 
