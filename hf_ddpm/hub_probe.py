@@ -59,3 +59,19 @@ def hub_status(path: str, token: str | bool | None = None, timeout: float = HUB_
         if isinstance(reason, TimeoutError):
             reason = f"no answer within {timeout:g} s"
         raise HubUnreachable(endpoint(), str(reason)) from None
+
+
+def check_dataset_reachable(name: str | None, flag: str = "--dataset_name") -> None:
+    """A Hub dataset id (not a local path) with the Hub unreachable fails now, within HUB_PROBE_TIMEOUT, naming the
+    network, instead of after datasets' silent retries. Offline mode (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1)
+    reads the local cache and is not probed; an HTTP answer of any status counts as reachable (datasets then says
+    what is wrong with the name)."""
+    if name is None or os.path.exists(name) or offline(datasets=True):
+        return
+    try:
+        hub_status(f"api/datasets/{name}")
+    except HubUnreachable as err:
+        raise ConnectionError(
+            f"{flag} {name}: {err}: a network problem, not the dataset. If it is in the local cache, run with "
+            "HF_HUB_OFFLINE=1; or pass a local copy (--dataset_name DIR or --train_data_dir DIR)"
+        ) from None

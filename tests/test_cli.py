@@ -154,7 +154,7 @@ def test_a_missing_local_folder_is_named_at_once(tmp_path, closed_port, monkeypa
     assert "weights.safetensors is a file: load a pipeline directory" in capsys.readouterr().err
 
 
-def test_an_unreachable_hub_is_named_in_seconds(tmp_path, closed_port, silent_port, monkeypatch):
+def test_an_unreachable_hub_is_named_in_seconds(tmp_path, pipeline_dir, closed_port, silent_port, monkeypatch, capsys):
     """`outputs/run` (a folder that does not exist here, and a valid repo id) with the Hub refusing connections;
     then the library call with a Hub that accepts and never answers: one request, a 5 s timeout, no retries."""
     result, seconds = hf_ddpm("evaluate", "outputs/run", env={"HF_ENDPOINT": f"http://127.0.0.1:{closed_port}"})
@@ -165,7 +165,15 @@ def test_an_unreachable_hub_is_named_in_seconds(tmp_path, closed_port, silent_po
     ), result.stderr
     assert "to look for a Hub repo of that name (none is in the local cache)" in result.stderr
     assert len(result.stderr.splitlines()) == 1  # no retry messages
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_port}")  # read when the probe asks
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")  # read when the probe asks
+    started = time.monotonic()  # a local model with a Hub dataset: the data is probed as training probes it
+    assert main(["evaluate", str(pipeline_dir), "--dataset_name", "someone/images"]) == 1
+    assert time.monotonic() - started < SECONDS
+    assert capsys.readouterr().err.startswith(
+        f"error: --dataset_name someone/images: the Hugging Face Hub at http://127.0.0.1:{closed_port} cannot be "
+        "reached ("
+    )
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_port}")
     started = time.monotonic()
     with pytest.raises(ConnectionError) as error:
         HFDDPMPipeline.from_pretrained("google/ddpm-cifar10-32", cache_dir=tmp_path)

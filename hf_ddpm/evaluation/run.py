@@ -105,6 +105,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     import torch
 
     from ..data import load_data
+    from ..hub_probe import check_dataset_reachable
     from ..pipeline import HFDDPMPipeline
     from .likelihood import split_metrics as split_likelihood_metrics
     from .processes import accelerate_state, current_processes
@@ -118,6 +119,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     channels, height, width = pipe._image_shape
     options = data_options(args)
     resolution, from_run = options.pop("resolution"), options.pop("from_run")
+    check_dataset_reachable(options["dataset_name"])  # in seconds, not after datasets' retries
     if resolution is not None and resolution != height:
         raise ValueError(f"the data's resolution {resolution} does not match the model's sample_size {height}x{width}")
     num_train = pipe.scheduler.config.num_train_timesteps
