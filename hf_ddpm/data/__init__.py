@@ -5,14 +5,17 @@ cache (cache.py), held in memory when small and memory-mapped when not (load.py)
     data = load_data(train_data_dir="my_images", resolution=64)   # data.train: uint8 (N, C, 64, 64)
 """
 
-from .cache import MappedImages
+from .cache import CacheSpaceError, MappedImages
 from .images import IMAGE_COLUMN_CANDIDATES, detect_image_column, digits_dataset, random_hflip
 from .load import ImageData, default_memory_budget, load_data
+from .streaming import StreamSourceError
 
 __all__ = [
     "IMAGE_COLUMN_CANDIDATES",
+    "CacheSpaceError",
     "ImageData",
     "MappedImages",
+    "StreamSourceError",
     "default_memory_budget",
     "detect_image_column",
     "digits_dataset",
