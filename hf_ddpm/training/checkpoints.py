@@ -11,6 +11,7 @@ pick. The output directory must be shared by all processes (one file system).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 
 from ..atomic import TMP_SUFFIX, is_staging, remove_dir, replace_dir, staging_name, write_atomically
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
-from .config import flag_of_key
-from .interruptions import any_process_failed, describe
+from .config import SCHEDULE_OPTIONS, flag_of_key
+from .interruptions import any_process_failed, cpu_requested, describe, launched_by_accelerate
 
 logger = logging.getLogger(__name__)
 
@@ -173,28 +174,67 @@ OBJECTIVE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_en
 @dataclass(frozen=True)
 class Launch:
     """How the run was launched: its data order and random streams follow from the process count, its numerics
-    from the precision. A launch-shape fact the record should also hold goes here (a field with a default, so that
-    records written before it still read)."""
+    from the precision; the launcher and the CPU choice make the printed resume command reproduce the launch. A
+    launch-shape fact the record should also hold goes here (a field with a default, so that records written before
+    it still read)."""
 
     num_processes: int
     mixed_precision: str
+    accelerate: bool = False  # started by `accelerate launch` (else by `python`)
+    cpu: bool = False  # the CPU asked for (`accelerate launch --cpu`, ACCELERATE_USE_CPU=1)
+
+
+def launch_processes() -> int:
+    """The run's process count as accelerate makes it (its PartialState, which the Accelerator then shares), never
+    an environment variable. Workers started as one run (WORLD_SIZE > 1) that accelerate turns into separate
+    1-process runs (`--multi_gpu` on a machine without GPUs, the CPU not asked for) are refused at once, with the fix:
+    each would otherwise train alone, and all but one would find the output directory in use."""
+    from accelerate import PartialState
+
+    workers = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher started, read before accelerate sets it
+    processes = PartialState(cpu=cpu_requested()).num_processes
+    if workers > 1 and processes == 1:
+        raise ValueError(
+            f"{workers} workers were started (WORLD_SIZE={workers}) but accelerate made each a separate 1-process run: "
+            f"no GPU is used and the CPU was not asked for. On a CPU, launch with `ACCELERATE_USE_CPU=1 accelerate "
+            f"launch --multi_gpu --num_processes {workers} ...`"
+        )
+    return processes
 
 
 @dataclass(frozen=True)
 class DataIdentity:
-    """Which data the run trained on, as a resume must find it again (None: not recorded). Filled by the data
-    side; each field that both records hold is compared."""
+    """Which data the run trained on, as a resume must find it again (None: not recorded; `description` names it
+    in messages and is not compared). Built by `data_identity`."""
 
-    source: str | None = None  # the data's key (e.g. the decoded cache's fingerprint, or the stream's source)
+    source: str | None = None  # the data's key (the preprocessed cache's, or the stream's or digits' description)
     num_images: int | None = None  # images in the training split
-    held_out: str | None = None  # how the held-out split was chosen
+    num_held_out: int | None = None
+    held_out: str | None = None  # sha256 of the held-out images' pixels: which images the held-out split holds
+    description: str | None = None
+
+
+def data_identity(data) -> DataIdentity:
+    """The identity of the data `load_training_data` gave. The key of a preprocessed source is its cache folder's
+    name: a hash of the files' resolved paths, sizes and modification times (not their contents) and of the
+    preprocessing options; a stream or the bundled digits are keyed by their description."""
+    cache = getattr(data, "cache_dir", None)
+    train, held_out = data.train, data.eval
+    count = getattr(train, "num_examples", len(train))  # a stream's stated size (None: unknown)
+    pixels = held_out[:].cpu().contiguous().numpy() if len(held_out) else b""
+    return DataIdentity(
+        source=os.path.basename(cache) if cache else data.source, num_images=count, num_held_out=len(held_out),
+        held_out=hashlib.sha256(pixels).hexdigest()[:16], description=data.source,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class RunRecord:
     """What a checkpoint records about its run (`run_record.json`), read back before a resume starts: the step,
     the UNet's config and the objective (they must match), the launch (the process count must match, the precision
-    is restored) and the batch shape and seed (a change is allowed, with a warning: the data order differs)."""
+    is restored), the batch shape and seed (a change is allowed, with a warning: the data order differs), the data
+    (a change is refused unless --allow_data_change) and the run's length and LR schedule (kept by a resume:
+    `config.resolve`)."""
 
     step: int
     unet: dict
@@ -202,17 +242,22 @@ class RunRecord:
     launch: Launch
     batch: dict  # train_batch_size, gradient_accumulation_steps, seed
     data: DataIdentity = DataIdentity()
+    schedule: dict = dataclasses.field(default_factory=dict)  # SCHEDULE_OPTIONS and total_steps (the run's length)
 
     @classmethod
-    def of_run(cls, step: int, unet_config: dict, scheduler_config: dict, config, num_processes: int) -> RunRecord:
-        """The record of a run: its UNet and scheduler configs and its (resolved) config."""
+    def of_run(cls, step: int, unet_config: dict, scheduler_config: dict, config, num_processes: int,
+               data=None, total_steps: int | None = None) -> RunRecord:  # fmt: skip
+        """The record of a run: its UNet and scheduler configs, its (resolved) config, its launch (this process's),
+        and once they are known its data (`load_training_data`'s) and length in optimizer steps."""
         return cls(
             step=step,
             unet={k: _plain(v) for k, v in unet_config.items() if not k.startswith("_")},
             objective={**{k: _plain(scheduler_config[k]) for k in OBJECTIVE_KEYS}, "loss": config.loss},
-            launch=Launch(num_processes=num_processes, mixed_precision=config.mixed_precision),
+            launch=Launch(num_processes, config.mixed_precision, launched_by_accelerate(), cpu_requested()),
             batch={"train_batch_size": config.train_batch_size,
                    "gradient_accumulation_steps": config.gradient_accumulation_steps, "seed": config.seed},
+            data=data_identity(data) if data is not None else DataIdentity(),
+            schedule={**{k: getattr(config, k) for k in SCHEDULE_OPTIONS}, "total_steps": total_steps},
         )  # fmt: skip
 
     def write(self, checkpoint: str) -> None:
@@ -238,27 +283,70 @@ def _plain(value):
 
 
 def differences(saved: RunRecord, current: RunRecord, skip=()) -> list[str]:
-    """'name: checkpoint value -> this run's' for each difference of model, objective or data."""
+    """'name: checkpoint value -> this run's' for each difference of model or objective."""
     found = []
-    parts = {"unet": (saved.unet, current.unet), "objective": (saved.objective, current.objective),
-             "data": (dataclasses.asdict(saved.data), dataclasses.asdict(current.data))}  # fmt: skip
-    for part, (old, new) in parts.items():
+    for part, old, new in (("unet", saved.unet, current.unet), ("objective", saved.objective, current.objective)):
         for key in sorted(set(old) | set(new)):
             if key in skip or old.get(key) == new.get(key):
                 continue
-            if part == "data" and (old.get(key) is None or new.get(key) is None):
-                continue  # not recorded on one side
             if key in ("beta_start", "beta_end") and old.get("beta_schedule") != new.get("beta_schedule"):
                 continue  # another schedule altogether: said once
-            label = {"unet": f"UNet {key}", "data": f"the data's {key}"}.get(part)
-            label = label or flag_of_key(key) or f"the schedule's {key}"
+            label = f"UNet {key}" if part == "unet" else flag_of_key(key) or f"the schedule's {key}"
             found.append(f"{label}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     return found
 
 
-def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=()) -> None:
-    """Refuse a resume whose model, objective, data or process count differs from the checkpoint's, naming each
-    difference; warn when the batch shape or seed differs (allowed: the data order then differs)."""
+def data_change(path: str, saved: DataIdentity, current: DataIdentity) -> str | None:
+    """What changed in the data since the checkpoint at `path` and what it means for the held-out split, in one
+    sentence; None when nothing recorded on both sides differs."""
+
+    def known(name):
+        old, new = getattr(saved, name), getattr(current, name)
+        return old is not None and new is not None and old != new
+
+    if not any(known(n) for n in ("source", "num_images", "num_held_out", "held_out")):
+        return None
+    what, since = current.description or saved.description or "the data", os.path.basename(path)
+    old_total, new_total = (
+        None if d.num_images is None or d.num_held_out is None else d.num_images + d.num_held_out
+        for d in (saved, current)
+    )
+    if old_total is not None and new_total is not None and old_total != new_total:
+        moved = new_total - old_total
+        change = f"{abs(moved)} images {'added to' if moved > 0 else 'removed from'} {what} since {since}"
+    else:
+        change = f"{what} changed since {since}"
+    if known("source"):
+        change += (
+            f" (its key {saved.source} is now {current.source}: a file's path, size or modification time, or a "
+            "preprocessing option, differs)"
+        )
+    if known("held_out") or known("num_held_out"):
+        return f"{change}: the held-out split would change ({saved.num_held_out} -> {current.num_held_out} images)"
+    return f"{change}: the held-out split is the same, the training images are not"
+
+
+def fitting_checkpoint(output_dir: str, current: RunRecord, skip=()) -> str | None:
+    """The newest checkpoint in `output_dir` that this run could resume: its process count, model and objective."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            saved = RunRecord.read(path)
+        except (ValueError, OSError, TypeError, KeyError):
+            continue
+        if saved.launch.num_processes == current.launch.num_processes and not differences(saved, current, skip):
+            return path
+    return None
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow_data_change: bool = False) -> None:
+    """Refuse a resume whose model, objective, process count or data differs from the checkpoint's, naming each
+    difference (a refused process count names the newest checkpoint that fits, if any; a data change goes on with
+    `allow_data_change`, with a warning saying what it means); warn when the batch shape or seed differs (allowed:
+    the data order then differs)."""
     found = differences(saved, current, skip)
     if found:
         raise ValueError(
@@ -266,13 +354,32 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=()) -> No
             + "; ".join(found)
             + ". Resume with the options it was trained with (see training_args.json), or start a new run"
         )
-    world = saved.launch.num_processes
-    if world != current.launch.num_processes:
-        raise ValueError(
-            f"the checkpoint {path} was written by {world} processes and this run has "
-            f"{current.launch.num_processes}; resume with `accelerate launch --num_processes {world}` (the data order "
-            "and random streams depend on it), or start a new run"
+    world, now = saved.launch.num_processes, current.launch.num_processes
+    if world != now:
+        fits = fitting_checkpoint(os.path.dirname(path) or ".", current, skip)
+        way_out = (
+            f"{os.path.basename(fits)} fits this {now}-process run: --resume_from_checkpoint {fits}; or resume "
+            if fits
+            else "resume it "
         )
+        raise ValueError(
+            f"{os.path.basename(path)} was written by {_processes(world)} and this run has {now} (the data order "
+            f"and random streams depend on it): {way_out}with `accelerate launch --num_processes {world}`, or start "
+            "a new run"
+        )
+    change = data_change(path, saved.data, current.data)
+    if change and not allow_data_change:
+        raise ValueError(
+            f"{change}. Restore the data to resume this run, or pass --allow_data_change to go on with the data as "
+            f"it is now (the held-out split is then drawn again from it: it may hold images the model trained on, "
+            f"and held-out bits/dim before and after step {saved.step} do not compare)"
+        )
+    if change:
+        logger.warning(
+            "--allow_data_change: %s; resuming with the data as it is now: the held-out split is drawn again from "
+            "it (it may hold images the model trained on; held-out bits/dim before and after step %d do not "
+            "compare)", change, saved.step,
+        )  # fmt: skip
     changed = {k: (v, current.batch.get(k)) for k, v in saved.batch.items() if current.batch.get(k) != v}
     if changed and current.batch.get("train_batch_size") is not None:
         logger.warning(

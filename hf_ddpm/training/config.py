@@ -33,6 +33,9 @@ DEFAULT_MODEL = "digits-16-tiny"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 SECRET_ARGS = ("hub_token",)  # never written to disk
 DATA_SOURCES = ("dataset_name", "train_data_dir", "train_data_files")  # a run reads one (none: the bundled digits)
+# The options of the run's length and LR schedule that a checkpoint records and a resume keeps (`resolve`).
+SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_steps")
+STREAMING_LENGTH = "--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead"
 
 # The defaults that depend on the run (None in the fields), filled by `resolve`:
 DEFAULT_BATCH_SIZE = 64  # capped when the training split holds fewer images
@@ -191,7 +194,18 @@ class OutputOptions:
     checkpointing_steps: int = option(500, "checkpoint every N steps", min=1)  # diffusers' default
     checkpoints_total_limit: int | None = option(help="keep only the newest N checkpoints", min=1)
     resume_from_checkpoint: str | None = option(
-        help="'latest' (starts fresh if there is none) or a checkpoint directory")
+        help="'latest' (starts fresh if there is none) or a checkpoint directory. The resume keeps the run's length "
+             "and LR schedule, and checks its model, objective, process count and data against the checkpoint's "
+             "record: the data's key (for files: their resolved paths, sizes and modification times, not their "
+             "contents: a file replaced by one of the same size with its mtime kept is not seen), its image count "
+             "and its held-out images")
+    allow_data_change: bool = option(
+        False, "resume although the data changed since the checkpoint (refused otherwise): the held-out split is "
+               "drawn again from the data as it is now, and may hold images the model trained on")
+    allow_schedule_change: bool = option(
+        False, "resume with another length (--max_train_steps, --num_epochs) or LR schedule (--lr_scheduler, "
+               "--lr_warmup_steps) than the checkpoint's run (refused otherwise): the schedule is recomputed over the "
+               "new length")
     save_model_epochs: int | None = option(help="also write the pipeline every N epochs", min=1)
     save_model_steps: int | None = option(help="also write the pipeline every N steps", min=1)
 
@@ -292,8 +306,8 @@ def check_args(args: TrainingConfig) -> None:
     if len(sources) > 1:
         shown = " or ".join(f"--{name} ({value})" for name, value in sources.items())
         raise ValueError(f"pass {shown}, not both" if len(sources) == 2 else f"pass one of {shown}")
-    if args.streaming and args.max_train_steps is None:
-        raise ValueError("--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead")
+    if args.streaming and args.max_train_steps is None and args.resume_from_checkpoint is None:
+        raise ValueError(STREAMING_LENGTH)  # a resume takes the checkpoint's (`resolve`)
     if args.pretrained_model_name_or_path is not None and args.model_config is not None:
         raise ValueError("--model_config and --pretrained_model_name_or_path both choose the model; pass one")
     if args.dropout is not None and (args.dropout >= 1 or args.pretrained_model_name_or_path is not None):
@@ -334,6 +348,7 @@ class RunFacts:
     pretrained_scheduler: dict | None = None
     resume_path: str | None = None
     resumed_precision: str | None = None  # the mixed precision the resumed checkpoint was trained with
+    resumed_schedule: dict | None = None  # the resumed run's SCHEDULE_OPTIONS and total_steps (its record's)
     train_images: int | None = None  # None until the data is read: the batch and warmup defaults wait for it
 
 
@@ -349,6 +364,7 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
     as any config is; and a line for each default that the run changed (for the log). Reads nothing but `facts`
     (and, for fp16, whether CUDA is available)."""
     values, notes = {}, []
+    given = _keep_schedule(given, facts, notes)
 
     # The objective: a pretrained scheduler's values (a flag must agree: fine-tuning keeps its process), else the
     # paper's (DDPM section 4: T = 1000, linear β from 1e-4 to 0.02, ε-prediction; section 3.2: fixed β̃_t variance).
@@ -411,3 +427,40 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
             raise ValueError(f"--lr_warmup_steps {warmup} exceeds the run's {total} optimizer steps")
         values["lr_warmup_steps"] = warmup
     return replace(given, **values), notes
+
+
+def _keep_schedule(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> TrainingConfig:
+    """`given` with the resumed run's length and LR schedule where it gives none: a resume finishes the run it
+    continues (without --max_train_steps, an 80-step run would otherwise become --num_epochs' length on a new LR
+    schedule). A flag that changes them is refused, naming it, unless --allow_schedule_change."""
+    saved = facts.resumed_schedule
+    if not saved or saved.get("total_steps") is None:  # a fresh run (or a record without its length)
+        if given.streaming and given.max_train_steps is None:
+            raise ValueError(STREAMING_LENGTH)
+        return given
+    total, path = saved["total_steps"], facts.resume_path
+    changed = []
+    if given.max_train_steps is not None and given.max_train_steps != total:
+        changed.append(f"--max_train_steps {given.max_train_steps} (the run's length: {total} optimizer steps)")
+    elif given.max_train_steps is None and saved["max_train_steps"] is None and given.num_epochs != saved["num_epochs"]:
+        changed.append(f"--num_epochs {given.num_epochs} (the run's: {saved['num_epochs']}, {total} optimizer steps)")
+    for name in ("lr_scheduler", "lr_warmup_steps"):
+        value = getattr(given, name)
+        if value is not None and value != saved[name]:
+            changed.append(f"--{name} {value} (the run's: {saved[name]})")
+    if changed and not given.allow_schedule_change:
+        raise ValueError(
+            f"the run of {path} is {total} optimizer steps long on its LR schedule, and a resume keeps both: "
+            f"{'; '.join(changed)}. Drop the flag to finish the run as it began, or pass --allow_schedule_change to "
+            "train on with it (the LR schedule is then recomputed over the new length)"
+        )
+    kept = {}
+    if given.max_train_steps is None and not any(c.startswith("--num_epochs") for c in changed):
+        kept["max_train_steps"] = total
+    if given.lr_warmup_steps is None:
+        kept["lr_warmup_steps"] = saved["lr_warmup_steps"]
+    notes += [f"--{k} {v}: the resumed run's (from {path})" for k, v in kept.items()]
+    if changed:
+        notes.append(f"--allow_schedule_change: {'; '.join(changed)}: the LR schedule is recomputed over the new "
+                     "length, so from the resumed step on its learning rate differs from the original run's")  # fmt: skip
+    return replace(given, **kept)

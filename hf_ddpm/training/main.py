@@ -103,11 +103,12 @@ def check_run(given: TrainingConfig) -> Plan:
     path = checkpoints.resolve_resume(given.resume_from_checkpoint, given.output_dir)
     record = RunRecord.read(path) if path else None
     facts = RunFacts(
-        num_processes=int(os.environ.get("WORLD_SIZE", "1")),  # set by `accelerate launch` (torchrun) before setup
+        num_processes=checkpoints.launch_processes(),  # accelerate's count (refuses workers that are not one run)
         launch_precision=launch_precision(),
         pretrained_scheduler=pretrained_scheduler_config(given),
         resume_path=path,
         resumed_precision=record.launch.mixed_precision if record else None,
+        resumed_schedule=record.schedule if record else None,
     )
     config, _ = resolve(given, facts)
     channels, resolution = data_shape(config)
@@ -201,9 +202,11 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         raise ValueError("--eval_bits_per_dim_steps needs held-out images, and --eval_size leaves none")
     learned = scheduler.config.variance_type == "learned_range"
     unet = build_unet(config, data.train.shape[1], resolution, learned)
-    record = RunRecord.of_run(0, unet.config, scheduler.config, config, accelerator.num_processes)
+    record = RunRecord.of_run(0, unet.config, scheduler.config, config, accelerator.num_processes, data)
     if plan.record is not None:  # the data decided the channels: compare them too, before anything is written
-        checkpoints.check_resume(plan.facts.resume_path, plan.record, record)
+        checkpoints.check_resume(
+            plan.facts.resume_path, plan.record, record, allow_data_change=config.allow_data_change
+        )
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     batches = make_batches(data, config, accelerator)
@@ -253,7 +256,8 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     return Run(
         config=config, accelerator=accelerator, unet=unet, scheduler=scheduler, optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, sampler=sampler, batches=batches, eval_images=data.eval,
-        record=replace(record, step=start), total_steps=total_steps, data_source=data.source,
+        record=replace(record, step=start, schedule={**record.schedule, "total_steps": total_steps}),
+        total_steps=total_steps, data_source=data.source,
         nan_guard=NanGuard(config.on_nan, last_checkpoint, grad_scaler=accelerator.scaler is not None),
         resume_path=plan.facts.resume_path,
     )  # fmt: skip
