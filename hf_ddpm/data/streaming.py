@@ -18,8 +18,8 @@ moved away, an unmounted share, revoked access), a stream that raises while it i
 MAX_CONSECUTIVE_FAILURES undecodable examples in a row, or as many in a row as a whole pass holds, raise
 `StreamSourceError` naming the source: the training loop stops on it as on a preemption, with a checkpoint of its last
 optimizer step (`state_dict()` then holds the position of that step's end, so the resume reads the same batches).
-Decoding workers die with the process that started them (a parent-death signal, else a watchdog thread), so a
-trainer killed alone (the kernel's OOM killer) leaves no orphans holding the launcher's output pipes.
+Decoding workers (stream_decode.py) die with the process that started them (a parent-death signal, else a watchdog
+thread), so a trainer killed alone (the kernel's OOM killer) leaves no orphans holding the launcher's output pipes.
 
 The held-out images are the first `eval_count` examples of the dataset's own test/validation split (the train
 stream has no held-out part: its examples could not be kept out of training without reading it all first).
@@ -29,20 +29,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import ctypes
 import logging
 import multiprocessing
 import os
-import signal
-import sys
-import threading
 import time
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .images import decode_image
+from .stream_decode import Failure, decode_example, init_worker, read_bytes
 
 logger = logging.getLogger(__name__)
 RESUME_HINT = "Restore the source, then continue from the last checkpoint with --resume_from_checkpoint latest"
@@ -53,7 +49,6 @@ DEFAULT_EVAL_IMAGES = 1000  # held out from the test split when --eval_size is a
 MAX_CONSECUTIVE_FAILURES = 100
 FIRST_WARNINGS = 3  # corrupt images named one by one; after them, one line with the count ...
 WARNING_INTERVAL = 60.0  # ... at most every this many seconds
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class StreamSourceError(RuntimeError):
@@ -64,65 +59,6 @@ class StreamSourceError(RuntimeError):
     def __init__(self, message: str, source: str | None = None, path: str | None = None):
         super().__init__(message)
         self.source, self.path = source, path
-
-
-class Failure(NamedTuple):
-    """Why an example gave no image: `unreadable` (its file could not be read: the source, not the image) or not
-    (the bytes are not a decodable image); `message` says what the reader raised."""
-
-    unreadable: bool
-    message: str
-
-
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(1)  # the parent died: nothing of ours is left to decode for
-
-
-def _init_worker(parent_pid: int) -> None:
-    """A decoding worker ignores the signals the training process checkpoints on (a Ctrl-C reaches the whole
-    process group: a worker killed by one would break the pool before the trainer's checkpoint), and dies with the
-    process that started it: a SIGKILLed trainer (the kernel's OOM killer) would otherwise leave the workers, and the
-    resource tracker they keep alive, holding the launcher's stdout/stderr pipes open, so `accelerate launch` never
-    exits. Linux: the kernel's parent-death signal; elsewhere a thread that polls the parent's pid."""
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-    if not armed:
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-
-
-def _read_bytes(path: str) -> bytes:
-    if "://" in path:  # a remote file of a Hub stream (hf://, https://): datasets' reader
-        from datasets.utils.file_utils import xopen
-
-        with xopen(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def decode_example(value, resolution: int, channels: int) -> np.ndarray | Failure:
-    """(C, R, R) uint8 for one encoded image, or the Failure that says why there is none: the file could not be
-    read (missing, no permission, I/O error), or its bytes do not decode."""
-    if value.get("bytes") is None and value.get("path"):
-        try:
-            value = {"bytes": _read_bytes(value["path"]), "path": value["path"]}
-        except OSError as err:
-            return Failure(True, f"{type(err).__name__}: {err.strerror or err}")
-    try:
-        arr, _ = decode_image(value, resolution, channels, None)
-    except Exception as err:  # Pillow's plugins raise OSError, ValueError, SyntaxError, struct.error, ...
-        return Failure(False, f"{type(err).__name__}: {err}")
-    return np.broadcast_to(arr, (channels, resolution, resolution))
 
 
 class _SkipLog:
@@ -193,7 +129,7 @@ class StreamingBatches:
         self._pool, self._workers = None, num_workers
         if num_workers:  # the workers leave the signals of preemption (SIGINT, SIGTERM, SIGUSR1) to the trainer
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                num_workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+                num_workers, mp_context=ctx, initializer=init_worker, initargs=(os.getpid(),)
             )
         self._restore({"epoch": 0, "stream": None, "buffer": [], "rng": None, "exhausted": False, "micro_step": 0})
 
@@ -383,7 +319,7 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
         raise ValueError(f"the stream {src.description} holds no example") from None
     if channels is None:  # 1 for a grayscale first image, else 3
         try:
-            value = first if first.get("bytes") is not None else {**first, "bytes": _read_bytes(first["path"])}
+            value = first if first.get("bytes") is not None else {**first, "bytes": read_bytes(first["path"])}
             channels = decode_image(value, resolution, None, None)[0].shape[0]
         except Exception as err:  # the reader's or Pillow's error, named with the file
             raise ValueError(
