@@ -9,13 +9,13 @@ benchmarks/schedulers.py), e.g. `--scheduler sde-dpm++2m --steps 20` (the fast o
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.cpu import tune_process
+from hf_ddpm.flags import FlagParser
 from hf_ddpm.images import make_grid
 
 SCHEDULERS = {  # --scheduler -> (diffusers class name, from_config overrides); "ddpm": the pipeline's own
@@ -28,7 +28,7 @@ SCHEDULERS = {  # --scheduler -> (diffusers class name, from_config overrides); 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])  # one error line, the nearest flag named
     parser.add_argument("model", help="Hub repo id or local pipeline directory (save_pretrained's output)")
     parser.add_argument("--out", default="samples.png", help="PNG file to write")
     parser.add_argument("--num_images", type=int, default=16)
