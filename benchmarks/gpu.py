@@ -81,4 +81,10 @@ def run(profile: str = "full") -> dict:
         return {"measured": False, "reason": NOT_MEASURED, "paper_steps_per_second": PAPER_STEPS_PER_SECOND}
     result = measure(profile, "cuda")
     result["gpu"] = torch.cuda.get_device_name(0)
+    from .likelihood import cifar10
+
+    try:  # google/ddpm-cifar10-32 and the CIFAR-10 test set from the Hub: eq. 5 and the ODE against the papers
+        result["likelihood"] = cifar10(profile)
+    except OSError as err:  # no network and nothing cached
+        result["likelihood"] = {"measured": False, "reason": f"{type(err).__name__}: {err}"}
     return result

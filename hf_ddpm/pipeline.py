@@ -1,8 +1,9 @@
 """HFDDPMPipeline: ancestral sampling (DDPM Algorithm 2) and the variational bound in bits/dim (DDPM eq. 5).
 
 The algorithm lives here; what surrounds it lives by subject: loading in loading.py, saving and pushing in hub.py,
-swapped-in schedulers in scheduler_configs.py, pixel conversions in images.py. This module is bundled into a Hub
-repo's remote code (hf_ddpm/remote_code.py), where standalone.py answers for hub.py and loading.py.
+swapped-in schedulers in scheduler_configs.py, pixel conversions in images.py, the estimators beyond the bound in
+evaluation/likelihood.py. This module is bundled into a Hub repo's remote code (hf_ddpm/remote_code.py), where
+standalone.py answers for hub.py, loading.py and evaluation/likelihood.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from .bound import BoundOutput, variational_bound
+from .evaluation.likelihood import log_likelihood as estimate_log_likelihood
 from .hub import push_pipeline, save_pipeline
 from .images import images_to_model_range, model_to_pixels, model_to_unit
 from .loading import load_components
@@ -238,5 +240,12 @@ class HFDDPMPipeline(DiffusionPipeline):
         scheduler = self.bound_scheduler()
         x_start = images_to_model_range(images, self._image_shape).to(self._execution_device)
         return variational_bound(
-            self._denoise, scheduler, x_start, num_timesteps=num_timesteps, batch_size=batch_size, generator=generator
-        )
+            self._denoise, scheduler, x_start, num_timesteps=num_timesteps, batch_size=batch_size, generator=generator,
+            progress_bar=self.progress_bar,  # a count and an ETA; set_progress_bar_config(disable=True) silences it
+        )  # fmt: skip
+
+    def log_likelihood(self, images, method: str = "bound", **kwargs):
+        """Bits/dim of each image by `method`: "bound" (eq. 5), "trajectory" (eq. 3), "iw" (importance-weighted),
+        "ode" (probability-flow ODE) or "rate_distortion"; a result naming the method, its standard error, its cost
+        in model evaluations and what it bounds (hf_ddpm.evaluation.likelihood, which needs hf_ddpm installed)."""
+        return estimate_log_likelihood(self, images, method, **kwargs)

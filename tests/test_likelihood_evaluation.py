@@ -103,13 +103,22 @@ def test_progress_follows_set_progress_bar_config(pipe, capsys):
     pipe.set_progress_bar_config(disable=False)
     try:
         log_likelihood(pipe, images, "ode", generator=torch.manual_seed(0), **FAST_ODE)
-        log_likelihood(pipe, images, "bound")
-        shown = capsys.readouterr().err
+        ode = capsys.readouterr().err
+        pipe.bits_per_dim(images)
+        bound = capsys.readouterr().err
     finally:
         pipe.set_progress_bar_config(disable=True)
-    assert "1/1" in shown and f"{T}/{T}" in shown and "<" in shown  # a count and an ETA ([elapsed<remaining])
-    log_likelihood(pipe, images, "bound")
+    assert "1/1" in ode and f"{T}/{T}" in bound and "<" in ode and "<" in bound  # a count and an ETA (elapsed<left)
+    pipe.bits_per_dim(images)
+    log_likelihood(pipe, images, "trajectory", num_trajectories=2)
     assert capsys.readouterr().err == ""
+
+
+def test_the_pipeline_method_is_the_one_api(pipe):
+    images = digits(2)
+    ours = pipe.log_likelihood(images, "iw", num_samples=2, num_trajectories=4, generator=torch.manual_seed(3))
+    direct = log_likelihood(pipe, images, "iw", num_samples=2, num_trajectories=4, generator=torch.manual_seed(3))
+    assert ours.method == "iw" and torch.equal(ours.bits_per_dim, direct.bits_per_dim)
 
 
 def test_bad_input_is_refused_naming_the_value(pipe):
@@ -183,3 +192,11 @@ def test_the_model_card_lists_whichever_likelihoods_were_run(tmp_path):
     ode = rows["bits_per_dim_ode"]
     assert ode["number"] == round(metrics[0].value, 4) and "probability-flow ODE" in ode["name"]
     assert "dequantization" in ode["details"] and "2 images" in ode["details"]
+
+
+def test_the_gpu_likelihood_section_runs_on_a_stand_in(pipe):
+    from benchmarks.likelihood import cifar10
+
+    result = cifar10("smoke", device="cpu", pipe=pipe, images=digits(2))
+    assert result["bound"]["count"] == 2 and result["bound"]["paper"] == 3.75 and np.isfinite(result["bound"]["value"])
+    assert result["ode"]["count"] == 1 and result["ode"]["paper"] == 3.28 and result["ode"]["nfe_per_image"]["max"] > 0
