@@ -14,11 +14,11 @@ diffusers 0.42 copies every remote module into one flat folder (HF_MODULES_CACHE
 the names are distinctive and carry a hash of the code: two repos saved by different versions of hf_ddpm load side
 by side in one process instead of swapping code under each other. Each file is the package's own modules
 concatenated in dependency order with their relative imports removed (`from .x import a` needs nothing once x's
-text precedes it) or, in the pipeline module, pointed at the scheduler module. The package's publishing and loading
-modules (hub.py, loading.py: model cards, push checks, the atomic writer) are not bundled: a relative import of one
-of them is read as an import of its stand-in (`STAND_INS`: standalone.py, which answers to the same names), so the
-bundled pipeline class is the package's, line for line, and never imports hf_ddpm. Docstrings keep their first paragraph
-(the full text is in the package). The bundler's rules, which the bundled modules keep (each says so at its top):
+text precedes it) or, in the pipeline module, pointed at the scheduler module. What the pipeline reaches beyond the
+algorithm (hub.py, loading.py, evaluation/likelihood.py: model cards, push checks, the atomic writer, scipy) is not
+bundled: a relative import of one of them is read as an import of its stand-in (`STAND_INS`: standalone.py, which
+answers to the same names), so the bundled pipeline class is the package's, line for line, and never imports
+hf_ddpm. Docstrings keep their first paragraph (the full text is in the package). The bundler's rules, which the bundled modules keep (each says so at its top):
 top-level names unique across the bundled modules, relative imports named (`from .x import a`, never `from . import
 x`) and only at the top level. `bundle_source` refuses what breaks them, and any import of a package outside
 `ALLOWED_IMPORTS`. The files are regenerated at every save, never kept by hand.
@@ -46,7 +46,8 @@ PIPELINE_SOURCES = (
     "standalone",
     "pipeline",
 )  # + an import of the scheduler module's names
-STAND_INS = {"hub": "standalone", "loading": "standalone"}  # package module -> the bundled module in its place
+# package module -> the bundled module in its place (publishing, loading, likelihood estimators needing scipy)
+STAND_INS = {"hub": "standalone", "loading": "standalone", "evaluation.likelihood": "standalone"}
 # The budget of a repo's remote code, both modules: diffusers imports them on every load (and a Space at every
 # start), so they hold the algorithm and no more. Measured with docstrings cut to their first paragraph by the
 # bundler, never by trimming the package's documentation: a module that outgrows it asks what else it holds.

@@ -1,14 +1,17 @@
 """Loading, saving and pushing where the pipeline runs as a Hub repo's remote code, without hf_ddpm installed.
 
-In the package, `HFDDPMPipeline.from_pretrained` loads through hf_ddpm/loading.py and `save_pretrained` /
-`push_to_hub` go through hf_ddpm/hub.py. A repo's remote code (hf_ddpm/remote_code.py) carries neither module (they
-need the model card, the atomic writer, the push checks): the bundler puts this module in their place, so the
+In the package, `HFDDPMPipeline.from_pretrained` loads through hf_ddpm/loading.py, `save_pretrained` / `push_to_hub`
+go through hf_ddpm/hub.py and `log_likelihood` through hf_ddpm/evaluation/likelihood.py. A repo's remote code
+(hf_ddpm/remote_code.py) carries none of them (they need the model card, the atomic writer, the push checks, scipy):
+the bundler puts this module in their place, so the
 bundled class is the package's own, line for line, and these functions answer to the same names and arguments:
 
     load_components(path, **kwargs)        unet/ (safetensors only) and scheduler/, each from its subfolder
     save_pipeline(pipeline, directory)     diffusers' save_pretrained, plus the remote-code modules the pipeline was
                                            loaded from, named in model_index.json: the folder loads as the repo did
     push_pipeline(pipeline, repo_id)       refused: publishing needs hf_ddpm (its model card and push checks)
+    log_likelihood(pipeline, images, ...)  refused: the estimators beyond the bound live in hf_ddpm.evaluation
+                                           (the ODE solver's scipy among them); bits_per_dim works
 
 Both save routes end with pipeline_folder.drop_local_paths: a saved folder names no path of the machine that saved it.
 """
@@ -72,4 +75,11 @@ def push_pipeline(pipeline, repo_id: str, **kwargs):
     raise RuntimeError(
         f"pushing an HFDDPMPipeline (to {repo_id!r}) needs hf_ddpm installed (pip install hf_ddpm); "
         "save_pretrained works without it"
+    )
+
+
+def log_likelihood(pipeline, images, method: str = "bound", **kwargs):
+    """Refused where hf_ddpm is not installed: the likelihood estimators live in hf_ddpm.evaluation."""
+    raise RuntimeError(
+        f"log_likelihood(method={method!r}) needs hf_ddpm installed (pip install hf_ddpm); bits_per_dim works here"
     )

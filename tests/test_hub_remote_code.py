@@ -275,14 +275,18 @@ def test_bundler_reads_an_import_of_a_module_left_out_as_one_of_its_stand_in(tmp
 
 
 def test_the_bundled_pipeline_answers_publishing_with_the_stand_ins_and_never_imports_hf_ddpm(saved):
-    """pipeline.py imports save_pipeline/push_pipeline from hub.py and load_components from loading.py; its bundled
-    copy gets standalone.py's, which take the same names, and no line of the bundle names hf_ddpm's modules."""
+    """pipeline.py imports save_pipeline/push_pipeline from hub.py, load_components from loading.py and the likelihood
+    estimators from evaluation/likelihood.py; its bundled copy gets standalone.py's, which take the same names (the
+    publishing and the estimators refused), and no line of the bundle names hf_ddpm's modules."""
     directory, _ = saved
     bundled = import_file(directory / remote_files()["pipeline"], "bundled_pipeline_stand_ins")
-    for name in ("save_pipeline", "push_pipeline", "load_components"):
+    for name in ("save_pipeline", "push_pipeline", "load_components", "log_likelihood"):
         assert getattr(bundled, name).__module__ == bundled.__name__
+    loaded = bundled.HFDDPMPipeline.from_pretrained(directory)
     with pytest.raises(RuntimeError, match="needs hf_ddpm installed"):
-        bundled.HFDDPMPipeline.from_pretrained(directory).push_to_hub("test-user/x")
+        loaded.push_to_hub("test-user/x")
+    with pytest.raises(RuntimeError, match=r"log_likelihood\(method='ode'\) needs hf_ddpm installed"):
+        loaded.log_likelihood(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "ode")
     assert "importlib" not in pipeline_module_source() and "import hf_ddpm" not in pipeline_module_source()
 
 
