@@ -93,15 +93,20 @@ def check_source(pretrained_model_name_or_path, hub: dict) -> dict:
             f"{source}: no such directory (and not a Hub repo id, which is NAME or NAMESPACE/NAME). Pass a pipeline "
             "directory (a training --output_dir, or one save_pretrained wrote) or a Hub repo id"
         ) from None
-    if hub.get("local_files_only") or offline():
-        return hub
     revision = hub.get("revision")
+    if hub.get("local_files_only") or offline():
+        if not in_local_cache(source, hub):
+            why = "local_files_only=True" if hub.get("local_files_only") else "offline mode (HF_HUB_OFFLINE=1)"
+            raise FileNotFoundError(
+                f"{source} is not a local directory, and no Hub repo of that name is in the local cache, the only "
+                f"place {why} looks. Check the path, or download the repo once with the network on"
+            )
+        return hub
     path = f"api/models/{source}" + (f"/revision/{revision}" if revision else "")
     try:
         status = hub_status(path, token=hub.get("token"))
     except HubUnreachable as err:
-        cached = try_to_load_from_cache(source, "model_index.json", cache_dir=hub.get("cache_dir"), revision=revision)
-        if isinstance(cached, str):
+        if in_local_cache(source, hub):
             warnings.warn(f"{err}: loading {source} from the local cache", UserWarning, stacklevel=4)
             return {**hub, "local_files_only": True}
         raise ConnectionError(
@@ -117,6 +122,16 @@ def check_source(pretrained_model_name_or_path, hub: dict) -> dict:
             "--output_dir, or one save_pretrained wrote) or a Hub repo id"
         )
     return hub
+
+
+def in_local_cache(repo_id: str, hub: dict) -> bool:
+    """Whether huggingface_hub's cache holds the repo's model_index.json, or the config.json of the flat layout."""
+    return any(
+        isinstance(
+            try_to_load_from_cache(repo_id, name, cache_dir=hub.get("cache_dir"), revision=hub.get("revision")), str
+        )
+        for name in ("model_index.json", "config.json")
+    )
 
 
 def component_folders(pretrained_model_name_or_path, **hub) -> tuple[str | None, str | None]:

@@ -228,6 +228,20 @@ def test_a_repo_the_hub_lacks_is_named_and_a_cached_one_loads_when_the_hub_is_go
     assert (
         out.startswith("10 [") and "cannot be reached" in out and "loading test-user/cached from the local cache" in out
     )
+    offline = env | {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port}", "HF_HUB_OFFLINE": "1"}  # nothing asked
+    assert finish(start_script(sys.executable, script, offline, tmp_path, "load")).startswith("10 []")
+
+
+def test_offline_mode_names_a_repo_that_is_not_in_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["evaluate", "outputs/run"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: outputs/run is not a local directory, and no Hub repo of that name is in the local cache, the only "
+        "place offline mode (HF_HUB_OFFLINE=1) looks. Check the path, or download the repo once with the network on"
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(FileNotFoundError, match="the only place local_files_only=True looks"):
+        HFDDPMPipeline.from_pretrained("google/ddpm-cifar10-32", local_files_only=True, cache_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ progress
