@@ -18,7 +18,7 @@ from .common import RESULTS_DIR, US, heading, other, pct, read_json, sampling_ca
 from .common import TRAINING_FLOOR as FLOOR
 from .plots import plots
 
-SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data", "schedulers", "allocator")
+SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data", "schedulers", "allocator", "likelihood")
 
 # ---------------------------------------------------------------------------------------------------- sampling
 
@@ -430,6 +430,12 @@ def summary_section(results: dict) -> str:
                       f"{m['diffusers']}.", "", table(["measure", "target", "measured", "verdict"], rows)])  # fmt: skip
 
 
+def likelihood_section(result: dict) -> str:
+    from .likelihood import section  # its own run (python -m benchmarks.likelihood), as the schedulers'
+
+    return section(result)
+
+
 def write(results_dir: str = RESULTS_DIR) -> str:
     """Write RESULTS.md and the plots into `results_dir` (and nothing else)."""
     results = {name: read_json(name, results_dir) for name in SECTIONS}
@@ -437,7 +443,8 @@ def write(results_dir: str = RESULTS_DIR) -> str:
     parts.append(summary_section(results))
     render = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
               "gpu": gpu_section, "evaluation": evaluation_section, "data": data_section,
-              "schedulers": schedulers_section, "allocator": allocator_section}  # fmt: skip
+              "schedulers": schedulers_section, "allocator": allocator_section,
+              "likelihood": likelihood_section}  # fmt: skip
     parts += [part for name in SECTIONS if results[name] for part in ("", render[name](results[name]))]
     written = plots(results, results_dir)
     if written:
