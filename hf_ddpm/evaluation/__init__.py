@@ -5,7 +5,9 @@
 - `schema`: the result of every metric (value, standard error, count, protocol) and the JSON a card reads;
   no torch, so that the model card can import it.
 - `processes`: work items divided among the processes of an `accelerate launch`, results gathered in order.
-- `bits_per_dim`: the bound (DDPM eq. 5) over a split, exact or Monte Carlo, in seeded blocks.
+- `bits_per_dim`: the bound (DDPM eq. 5) over a split, exact or Monte Carlo, in seeded blocks that resume.
+- `likelihood`: every likelihood estimator behind one call (eq. 5, eq. 3 trajectories, importance-weighted, the
+  probability-flow ODE, rate-distortion) and over a split; `likelihood_options`: its command-line flags (no torch).
 - `features`: the feature extractor (Inception-v3 pool3, TF FID weights) and its one name.
 - `sample_metrics`: FID, precision/recall (Kynkäänniemi et al. 2019) and KID from features.
 - `samples`: samples in resumable shards, sample i from seed base + i.
