@@ -40,14 +40,20 @@ def preempted_line(log: str) -> tuple[str, int, str, list[str]]:
 
 
 def run_printed(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run the printed resume command as a user would, with this interpreter and (for accelerate) a free port."""
+    """Run the printed resume command as a user would: with its own `VAR=value` prefix as the only ACCELERATE_USE_CPU
+    (the tests' is removed), this interpreter and (for accelerate) a free port."""
+    env = environment()
+    del env["ACCELERATE_USE_CPU"]
+    while "=" in command[0]:
+        name, value = command.pop(0).split("=", 1)
+        env[name] = value
     if command[:2] == ["accelerate", "launch"]:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
                    "--num_cpu_threads_per_process", "1", *command[2:]]  # fmt: skip
     else:
         assert command[0] == "python"
         command = [sys.executable, *command[1:]]
-    return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=400)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +140,8 @@ def test_ddp_processes_agree_on_a_signal_and_resume_to_the_uninterrupted_weights
         assert returncode == 128 + sig, log[-3000:]
     else:  # each rank exits 128 + the signal; torchrun reports a failed child and accelerate exits 1
         assert returncode == 1 and re.search(rf"exitcode\s*: {exit_status(sig)}\b", log), log[-3000:]
-    assert command[:5] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"], command
+    # the launch that ran: without ACCELERATE_USE_CPU=1 the two workers would each be a 1-process run
+    assert command[:6] == ["ACCELERATE_USE_CPU=1", "accelerate", "launch", "--multi_gpu", "--num_processes", "2"]
     if not resume:
         return
     reference = ddp_reference(tmp_path, argv)

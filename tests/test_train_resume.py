@@ -2,16 +2,33 @@
 the resumed run's before anything is read or written. Through the real command line (`accelerate launch
 training/train.py`): a --streaming run, whose stream position is checkpointed beside the record, resumed with another
 T, schedule or prediction type is refused naming each difference; an fp16 checkpoint resumed on a CPU is refused with
-one error line; the unchanged resume continues to the weights of the uninterrupted run."""
+one error line; the unchanged resume continues to the weights of the uninterrupted run. The data is part of the
+record: images added to a folder since the checkpoint are refused naming the change (the held-out split would move),
+and go on only with --allow_data_change. A resume keeps the run's length and LR schedule (without --max_train_steps an
+80-step run stays 80 steps); two workers that accelerate makes separate 1-process runs are refused at once; a refused
+process count names the newest checkpoint that fits."""
 
+import contextlib
 import json
 import shutil
 import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 from hub_clients import tree_hashes
+from image_files import write_folder
+from PIL import Image
 from training_runs import REPO, TIMEOUT, digit_shards, environment, launch, launch_command, launch_flags, weights
+
+from hf_ddpm.training import checkpoints, parse_args
+from hf_ddpm.training.checkpoints import Launch, RunRecord
+from hf_ddpm.training.cli import build_parser
+from hf_ddpm.training.config import RunFacts, resolve
+from hf_ddpm.training.interruptions import resume_command
+from hf_ddpm.training.output_dir import LOCK_NAME
 
 STEPS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--save_images_steps", "1000", "--eval_size", "8"]
 
@@ -89,3 +106,201 @@ def test_an_fp16_checkpoint_resumed_on_a_cpu_is_refused_with_one_line(streamed, 
         "GPU, and none is available: resume it on a machine with one, or start a new run"
     )
     assert tree_hashes(copy) == before
+
+
+# ------------------------------------------------------------------------------------------------ the data's identity
+
+
+def write_digits(folder, start: int, count: int) -> None:
+    """Bundled digits start..start+count-1 as 8x8 grayscale PNGs named by their index."""
+    from sklearn.datasets import load_digits
+
+    pixels = (load_digits().images[start : start + count] * (255 / 16)).round().astype(np.uint8)
+    write_folder(folder, {f"{start + i:04d}.png": Image.fromarray(p, mode="L") for i, p in enumerate(pixels)})
+
+
+@contextlib.contextmanager
+def added_images(folder, count: int = 20):
+    """`count` more digits in `folder` for the block; removed after it (the other files are never touched, so the
+    folder's key is the checkpoint's again)."""
+    write_digits(folder, 1000, count)
+    try:
+        yield
+    finally:
+        for i in range(count):
+            (folder / f"{1000 + i:04d}.png").unlink()
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A finished 4-step run on a folder of 60 digits (16 held out; checkpoints at steps 2 and 4); the folder and the
+    run's options without its length."""
+    tmp = tmp_path_factory.mktemp("folder")
+    write_digits(tmp / "images", 0, 60)
+    data = ["--train_data_dir", str(tmp / "images"), "--cache_dir", str(tmp / "cache"), "--checkpointing_steps", "2",
+            "--save_images_steps", "1000"]  # fmt: skip
+    out = tmp / "out"
+    launch(launch_flags(out, *data, "--max_train_steps", "4"))
+    return tmp / "images", out, data
+
+
+def test_images_added_to_the_folder_since_the_checkpoint_are_refused_naming_the_change(folder_run):
+    images, out, data = folder_run
+    record = json.loads((out / "checkpoint-4" / "run_record.json").read_text())
+    assert record["data"]["num_images"] == 44 and record["data"]["num_held_out"] == 16
+    assert len(record["data"]["source"]) == 24  # the preprocessed cache's key
+    assert record["launch"] == {"num_processes": 1, "mixed_precision": "no", "accelerate": True, "cpu": True}
+    assert record["schedule"]["total_steps"] == 4 and record["schedule"]["max_train_steps"] == 4
+    before = tree_hashes(out)
+    with added_images(images):
+        line = refused(launch_flags(out, *data, "--resume_from_checkpoint", "latest"))
+    assert line.startswith(
+        f"error: 20 images added to {images} since checkpoint-4 (its key {record['data']['source']} "
+    )
+    assert line.endswith(
+        "differs): the held-out split would change (other images). Restore the data to resume this run, or pass "
+        "--allow_data_change to go on with the data as it is now (the held-out split is then drawn again from it: "
+        "it may hold images the model trained on, and held-out bits/dim before and after step 4 do not compare)"
+    )
+    # nothing written but the lock's holder: the data is read (and so compared) by a run that holds the lock
+    assert drop_lock(tree_hashes(out)) == drop_lock(before)
+
+
+def drop_lock(hashes: dict) -> dict:
+    return {name: digest for name, digest in hashes.items() if name != LOCK_NAME}
+
+
+@pytest.mark.slow  # one more launch
+def test_allow_data_change_resumes_on_the_data_as_it_is_now_and_says_so(folder_run, tmp_path):
+    images, out, data = folder_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    with added_images(images):
+        log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest", "--allow_data_change"))
+    assert "--allow_data_change: 20 images added to" in log and "the held-out split is drawn again" in log
+    assert f"resumed from {copy / 'checkpoint-2'} at optimizer step 2" in log
+    record = json.loads((copy / "checkpoint-4" / "run_record.json").read_text())
+    assert record["data"]["num_images"] == 64 and record["step"] == 4  # 80 images, 16 held out; the length kept
+
+
+@pytest.mark.slow  # one more launch; test_a_resume_keeps_the_recorded_length_... checks the same rule in process
+def test_a_resume_without_max_train_steps_keeps_the_runs_length_and_ends_as_the_run_would(folder_run, tmp_path):
+    """The launched run was 4 steps long; its options without --max_train_steps would train --num_epochs 40 (440
+    steps) on a new LR schedule. Resumed from step 2, it ends at step 4 with the uninterrupted run's weights."""
+    _, out, data = folder_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest"))
+    assert f"--max_train_steps 4: the resumed run's (from {copy / 'checkpoint-2'})" in log
+    assert [step for step, _ in checkpoints.list_checkpoints(copy)] == [2, 4]
+    assert json.loads((copy / "training_summary.json").read_text())["optimizer_steps"] == 4
+    assert json.loads((copy / "training_args.json").read_text())["max_train_steps"] == 4
+    a, b = weights(out / "checkpoint-4" / "model.safetensors"), weights(copy / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_help_says_what_the_datas_key_sees():
+    text = " ".join(build_parser().format_help().split())
+    assert "sizes and modification times, not their contents" in text and "--allow_data_change" in text
+
+
+# ------------------------------------------------------------------------------------------------ the launch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs: --multi_gpu needs the CPU asked for")
+def test_two_workers_that_accelerate_makes_separate_runs_are_refused_at_once(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU without ACCELERATE_USE_CPU=1: torchrun starts two
+    workers (WORLD_SIZE=2) that accelerate would each make a 1-process run. Refused before anything is written."""
+    out = tmp_path / "out"
+    env = environment()
+    del env["ACCELERATE_USE_CPU"]
+    started = time.monotonic()
+    result = subprocess.run(launch_command(launch_flags(out, "--max_train_steps", "2"), num_processes=2), cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (
+        "error: 2 workers were started (WORLD_SIZE=2) but accelerate made each a separate 1-process run: no GPU is "
+        "used and the CPU was not asked for. On a CPU, launch with `ACCELERATE_USE_CPU=1 accelerate launch "
+        "--multi_gpu --num_processes 2 ...`"
+    ) in result.stderr
+    assert "in use by another training run" not in result.stderr and not out.exists()
+    assert time.monotonic() - started < 120  # two interpreters' start-up on a loaded machine; no training
+
+
+def record(step: int, num_processes: int) -> RunRecord:
+    return RunRecord(step, {"sample_size": 8}, {"loss": "simple"}, Launch(num_processes, "no"), {})
+
+
+def test_a_refused_process_count_names_the_newest_checkpoint_that_fits(tmp_path):
+    out = tmp_path / "out"
+    for step, processes in ((90, 2), (96, 2), (99, 1)):  # a 2-process run, then a 1-process resume of it
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        record(step, processes).write(str(out / f"checkpoint-{step}"))
+    latest = checkpoints.resolve_resume("latest", str(out))
+    with pytest.raises(ValueError) as refusal:
+        checkpoints.check_resume(latest, RunRecord.read(latest), record(0, 2))
+    assert str(refusal.value) == (
+        "checkpoint-99 was written by 1 process and this run has 2 (the data order and random streams depend on it): "
+        f"checkpoint-96 fits this 2-process run: --resume_from_checkpoint {out / 'checkpoint-96'}; or resume "
+        "checkpoint-99 with `accelerate launch --num_processes 1`, or start a new run"
+    )
+    with pytest.raises(
+        ValueError, match=r"^checkpoint-96 was written by 2 processes and this run has 3 .*: resume it "
+    ):
+        checkpoints.check_resume(str(out / "checkpoint-96"), record(96, 2), record(0, 3))  # none fits
+
+
+def test_the_resume_command_reproduces_the_launch(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["training/train.py"])
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    argv = ["--seed", "3", "--allow_data_change", "--allow-schedule-change", "--resume-from-checkpoint=checkpoint-4"]
+    assert resume_command(argv, 2, "bf16", cpu=True) == (
+        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --mixed_precision bf16 "
+        "training/train.py --seed 3 --resume_from_checkpoint latest"
+    )
+    assert resume_command(argv, 1, "no", cpu=True) == (
+        "ACCELERATE_USE_CPU=1 python training/train.py --seed 3 --resume_from_checkpoint latest"
+    )
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # started by `accelerate launch`
+    assert resume_command(argv, 1, "no", cpu=True) == (
+        "accelerate launch --cpu --num_processes 1 --mixed_precision no training/train.py --seed 3 "
+        "--resume_from_checkpoint latest"
+    )
+    assert resume_command(argv, 2, "no", cpu=False).startswith("accelerate launch --multi_gpu --num_processes 2 ")
+
+
+# ------------------------------------------------------------------------------------------------ length and schedule
+
+SCHEDULE = {"max_train_steps": 80, "num_epochs": 40, "lr_scheduler": "cosine", "lr_warmup_steps": 8, "total_steps": 80}
+
+
+def resolved(*flags, schedule=SCHEDULE):
+    facts = RunFacts(resume_path="out/checkpoint-40", resumed_schedule=schedule, train_images=1600)
+    return resolve(parse_args(["--resume_from_checkpoint", "latest", *flags]), facts)
+
+
+def test_a_resume_keeps_the_recorded_length_and_warmup_and_refuses_a_change_naming_it():
+    config, notes = resolved()
+    assert (config.max_train_steps, config.lr_warmup_steps) == (80, 8)
+    assert "--max_train_steps 80: the resumed run's (from out/checkpoint-40)" in notes
+    epochs = {**SCHEDULE, "max_train_steps": None}  # an --num_epochs run: 80 steps recorded, kept alike
+    assert resolved(schedule=epochs)[0].max_train_steps == 80
+    with pytest.raises(ValueError) as refusal:
+        resolved("--max_train_steps", "480", "--lr_scheduler", "linear")
+    assert str(refusal.value) == (
+        "the run of out/checkpoint-40 is 80 optimizer steps long on its LR schedule, and a resume keeps both: "
+        "--max_train_steps 480 (the run's length: 80 optimizer steps); --lr_scheduler linear (the run's: cosine). "
+        "Drop the flag to finish the run as it began, or pass --allow_schedule_change to train on with it (the LR "
+        "schedule is then recomputed over the new length)"
+    )
+    with pytest.raises(ValueError, match=r"--num_epochs 80 \(the run's: 40, 80 optimizer steps\)"):
+        resolved("--num_epochs", "80", schedule=epochs)
+    longer, notes = resolved("--max_train_steps", "480", "--allow_schedule_change")
+    assert longer.max_train_steps == 480 and any(
+        "the LR schedule is recomputed over the new length" in n for n in notes
+    )
+    by_epochs, _ = resolved("--num_epochs", "80", "--allow_schedule_change", schedule=epochs)
+    assert by_epochs.max_train_steps is None and by_epochs.num_epochs == 80  # the length from the epochs again
+    assert resolve(parse_args(["--resume_from_checkpoint", "latest"]), RunFacts())[0].max_train_steps is None  # fresh

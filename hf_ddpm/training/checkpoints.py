@@ -321,8 +321,10 @@ def data_change(path: str, saved: DataIdentity, current: DataIdentity) -> str | 
             f" (its key {saved.source} is now {current.source}: a file's path, size or modification time, or a "
             "preprocessing option, differs)"
         )
-    if known("held_out") or known("num_held_out"):
+    if known("num_held_out"):
         return f"{change}: the held-out split would change ({saved.num_held_out} -> {current.num_held_out} images)"
+    if known("held_out"):
+        return f"{change}: the held-out split would change (other images)"
     return f"{change}: the held-out split is the same, the training images are not"
 
 
@@ -359,6 +361,7 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
         fits = fitting_checkpoint(os.path.dirname(path) or ".", current, skip)
         way_out = (
             f"{os.path.basename(fits)} fits this {now}-process run: --resume_from_checkpoint {fits}; or resume "
+            f"{os.path.basename(path)} "
             if fits
             else "resume it "
         )
