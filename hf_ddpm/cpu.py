@@ -17,12 +17,16 @@ to the processes of this machine, and uses ONE thread per process where there ar
 --num_cpu_threads_per_process`, takes precedence.
 
 Allocator. glibc serves each large buffer (a UNet activation) with a fresh `mmap` and unmaps it on free, and trims
-the heap's free top back to the kernel, so every no-grad UNet call faults its activations in again: up to a fifth
-of its CPU time goes to the kernel (benchmarks/RESULTS.md, "Allocator"). `mallopt` at start-up raises the mmap
-threshold to glibc's maximum and the trim threshold above it, so freed activations stay mapped and are reused; the
-cost is that freed memory up to the trim threshold stays resident until reused or the process ends. A user's own
-choice wins: any MALLOC_* variable, glibc.malloc tunables in GLIBC_TUNABLES, or an LD_PRELOAD (jemalloc, tcmalloc)
-leaves the allocator alone, and so does any C library other than glibc.
+the heap's free top back to the kernel, so every no-grad UNet call faults its activations in again: at batch 64 a
+fifth of the CPU time of sampling went to the kernel (benchmarks/results/RESULTS.md, "Allocator: the CPU floor").
+`mallopt` at start-up raises the mmap threshold to glibc's maximum (32 MiB; larger buffers, such as Inception's at
+299x299, are still mapped afresh) and the trim threshold above it, so freed activations stay mapped and are reused:
+no faults, the same numbers bit for bit. The cost: freed memory up to the trim threshold stays resident until it is
+reused or the process ends (peak RSS measured within 2% of glibc's defaults). Of glibc's defaults, this, and
+jemalloc or tcmalloc preloaded (the way `torch.backends.xeon.run_cpu` tunes CPU inference), it used the least CPU
+time on every no-grad workload measured, and it needs no library. A user's own choice wins: any MALLOC_* variable,
+glibc.malloc tunables in GLIBC_TUNABLES, or an LD_PRELOAD (jemalloc, tcmalloc) leaves the allocator alone, and so
+does any C library other than glibc.
 """
 
 from __future__ import annotations

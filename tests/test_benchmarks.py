@@ -187,6 +187,6 @@ def test_allocator_medians_pair_wall_ratios_within_rounds_and_the_report_shows_e
     result = {**_training_result(1, 1, 1), "benchmark": "allocator", "work": {"sampling-64": (64, 10)}, "reps": 3,
               "rounds": 2, "missing": ["tcmalloc"], "workloads": allocator.medians(runs)}  # fmt: skip
     section = report.allocator_section(result)
-    assert f"| sampling-64 | {tuned} | 1.25 | 1.25 | 0.125 (10%) | 25 | 400 | 2.00x |" in section
-    assert f"| sampling-64 | {default} | 2.50 | 2.50 | 0.250 (10%) | 9,100 | 400 | 1.00x |" in section
+    assert f"| sampling-64 | {tuned} | 1.25 | -50.0% | 0.125 (10%) | 25 | 400 | 1.25 | 2.00x |" in section
+    assert f"| sampling-64 | {default} | 2.50 | +0.0% | 0.250 (10%) | 9,100 | 400 | 2.50 | 1.00x |" in section
     assert "Not installed here, not measured: tcmalloc." in section
