@@ -101,7 +101,7 @@ def check_source(pretrained_model_name_or_path, hub: dict) -> dict:
                 f"{source} is not a local directory, and no Hub repo of that name is in the local cache, the only "
                 f"place {why} looks. Check the path, or download the repo once with the network on"
             )
-        return hub
+        return {**hub, "local_files_only": True}  # also where HF_HUB_OFFLINE was set after huggingface_hub read it
     path = f"api/models/{source}" + (f"/revision/{revision}" if revision else "")
     try:
         status = hub_status(path, token=hub.get("token"))
