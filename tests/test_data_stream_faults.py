@@ -7,6 +7,7 @@ when the trainer alone is SIGKILLed (the kernel's OOM killer) and leaves no proc
 signals, a real folder moved away; time bounds are generous (these machines are loaded)."""
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -203,11 +204,20 @@ def test_a_folder_moved_away_mid_stream_ends_the_run_in_seconds_naming_it(tmp_pa
     took = time.monotonic() - moved
     log = (stdout + stderr).decode(errors="replace")
     assert proc.returncode != 0 and took < 60, (took, log[-3000:])
-    assert re.search(rf"error: cannot read {folder}/\d{{4}}\.png of the stream.* \(FileNotFoundError: .*not a corrupt "
+    stop = re.search(rf"error: cannot read {folder}/\d{{4}}\.png of the stream.* \(FileNotFoundError: .*not a corrupt "
                      "image. Restore the source, then continue from the last checkpoint with --resume_from_checkpoint "
-                     "latest", log), log[-3000:]  # fmt: skip
+                     r"latest \(saved (\S+) at step (\d+); resume with: (.*)\)$", log, re.MULTILINE)  # fmt: skip
+    assert stop, log[-3000:]
+    errors = re.findall("^error: .*", log, re.MULTILINE)
+    assert len(set(errors)) == 1, "\n".join(errors)  # one line (accelerate launch repeats the trainer's stderr)
     assert log.count("skipped corrupt image") == 0 and len(log) < 200_000  # no flood of "corrupt" images
     assert (tmp_path / "out" / "checkpoint-4").is_dir()  # what was written before stays
+    # what was trained is kept: the checkpoint of the last optimizer step, named in the line with its resume command
+    saved, step, command = stop[1], int(stop[2]), stop[3]
+    assert step >= 4 and saved == str(tmp_path / "out" / f"checkpoint-{step}") and os.path.isdir(saved), stop[0]
+    assert json.loads((tmp_path / "out" / f"checkpoint-{step}" / "run_record.json").read_text())["step"] == step
+    assert command.endswith("--resume_from_checkpoint latest") and "--streaming" in command, command
+    assert not list((tmp_path / "out").glob(f"checkpoint-{step + 1}*")), "a checkpoint of a step not trained"
 
 
 @pytest.mark.slow  # a launched streaming run: about 30 s

@@ -261,6 +261,11 @@ class StreamingBatches:
             self._failed, self._pending = err, None
         return torch.from_numpy(np.stack(arrays)).to(self.device)
 
+    def rewind_to_last_step(self) -> None:
+        """Make the position a checkpoint holds the end of the last whole optimizer step: a run that stops inside
+        one (another process's source failed) drops that step, and its resume reads the step's batches again."""
+        self._handed_out = self._at_boundary
+
     def state_dict(self) -> dict:
         """Every process's position after its last batch handed out (a collective call under DDP)."""
         import torch.distributed as dist

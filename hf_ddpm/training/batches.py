@@ -127,7 +127,8 @@ def make_batches(data, args: TrainingConfig, accelerator):
         data.make_stream, data.column, batch_size=args.train_batch_size, num_processes=world, process_index=rank,
         seed=args.seed, buffer_size=args.shuffle_buffer_size, num_workers=args.dataloader_num_workers,
         resolution=data.train.shape[2], channels=data.train.shape[1], skip_corrupt=args.on_corrupt_image == "skip",
-        device=device, num_examples=data.train.num_examples,
+        device=device, num_examples=data.train.num_examples, source=data.source,
+        accumulation_steps=args.gradient_accumulation_steps,
     )  # fmt: skip
     return batches
 

@@ -13,12 +13,21 @@ the run prints one line naming it and the command that resumes it, and exits wit
 and other schedulers see an interrupted, requeueable job. A second SIGINT while the checkpoint is being written
 aborts at once (the default action of SIGINT): the previous checkpoint stays intact.
 
+A signal during the final evaluation (bits/dim, sample grid) stops it: the main process, which alone runs it, is
+interrupted at once (`interrupting`), and all processes write the checkpoint of the last step, whose resume only
+evaluates and saves. A signal while the pipeline is saved lets the save finish (seconds, atomic) and says so.
+
+A streaming source that vanishes (hf_ddpm.data.StreamSourceError, raised on the process whose part failed) stops
+the run the same way: the flag rides in the same all-reduce, every process drops the unfinished optimizer step
+and they checkpoint the last one together; the run exits with SOURCE_LOST_STATUS.
+
 Faults. Every decision is taken from values that all processes share (the all-reduced loss, the gradient norm of
 the all-reduced gradients, replicated weights), so in DDP all processes stop, or skip, at the same step together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
@@ -66,6 +75,24 @@ class Preempted(SystemExit):
         self.signum, self.checkpoint, self.command = signum, checkpoint, command
 
 
+# sysexits.h's EX_TEMPFAIL ("a temporary failure; the user is invited to retry"): the run stopped because its
+# streaming source vanished, with a checkpoint; restored, it resumes. Distinct from an error (1) and a signal (128+N).
+SOURCE_LOST_STATUS = 75
+
+
+class SourceLost(SystemExit):
+    """Raised by the loop after the checkpoint of the last step, when a streaming source vanished."""
+
+    def __init__(self, checkpoint: str | None, command: str):
+        super().__init__(SOURCE_LOST_STATUS)
+        self.checkpoint, self.command = checkpoint, command
+
+
+class Interrupted(BaseException):
+    """Raised in the main process by a signal during the final evaluation (`PreemptionHandler.interrupting`).
+    A BaseException: no `except Exception` on the way swallows it."""
+
+
 class PreemptionHandler:
     """Installs the handlers (`install`), carries the flag into the loss all-reduce, restores them (`restore`)."""
 
@@ -73,6 +100,9 @@ class PreemptionHandler:
         self.signals = tuple(signals)
         self.received: int | None = None  # the first signal caught in this process
         self.agreed: int | None = None  # the signal all processes agreed to stop on (0: on another process)
+        self.source_error = None  # this process's StreamSourceError, if its part of the stream failed
+        self.phase = "train"  # or "evaluate", "save", "push" (the end of the run): what a signal does, and says
+        self._interrupt = False  # within `interrupting`: a signal raises Interrupted
         self._owner = os.getpid()
         self._previous: dict = {}
 
@@ -95,24 +125,49 @@ class PreemptionHandler:
         if self.received is None:
             self.received = signum
             name = signal.Signals(signum).name
+            doing = {
+                "train": "stopping after this optimizer step with a checkpoint",
+                "evaluate": "stopping the final evaluation; writing the checkpoint of the last step",
+                "save": "finishing the save of the pipeline (seconds), then stopping",
+                "push": "stopping the push (the pipeline is saved; the command that pushes it follows)",
+            }[self.phase]
             print(
-                f"received {name}: stopping after this optimizer step with a checkpoint"
-                + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""),
+                f"received {name}: {doing}" + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""),
                 file=sys.stderr,
                 flush=True,
             )
+        if self._interrupt:
+            self._interrupt = False  # raised once: the checkpoint that follows is not interrupted
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """Within the block a signal (caught before it, or during it) raises Interrupted in this process."""
+        if self.received is not None:
+            raise Interrupted(self.received)
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
 
     def reduce_with_loss(self, accelerator, loss):
-        """All-reduce (mean) `loss` together with this process's signal number (0 if none): one collective.
-        Returns the mean loss, a tensor (nothing is read on the host here)."""
-        flag = torch.tensor(float(self.received or 0), device=loss.device, dtype=loss.dtype)
-        self._reduced = accelerator.reduce(torch.stack([loss, flag]), "sum")
+        """All-reduce (mean) `loss` together with this process's signal number (0 if none) and whether its stream
+        failed: one collective. Returns the mean loss, a tensor (nothing is read on the host here)."""
+        flags = [float(self.received or 0), float(self.source_error is not None)]
+        flags = torch.tensor(flags, device=loss.device, dtype=loss.dtype)
+        self._reduced = accelerator.reduce(torch.cat([loss[None], flags]), "sum")
         return self._reduced[0] / accelerator.num_processes
+
+    def source_lost(self) -> bool:
+        """Whether any process's stream failed in this optimizer step (a host read: the loop asks only when
+        streaming, before the optimizer step). The same answer on every process."""
+        return self._reduced[2].item() > 0
 
     def read(self, num_processes: int) -> tuple[float, bool]:
         """(the mean loss, whether any process caught a signal) in one host read, where the loop reads the loss for
         its logs anyway. The same answer on every process."""
-        loss, signals = (self._reduced / num_processes).tolist()  # the loss exactly as the tensor mean
+        loss, signals, _ = (self._reduced / num_processes).tolist()  # the loss exactly as the tensor mean
         if signals > 0 and self.agreed is None:
             total = round(signals * num_processes)  # one signalled process: its signal; several: SIGTERM
             elsewhere = total if total in signal.valid_signals() else int(signal.SIGTERM)
@@ -198,6 +253,12 @@ def any_process_failed(accelerator, failed: bool) -> bool:
     work.wait()
     _DONE_WORK.append(work)
     return flag.item() > 0
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined), else its type."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
 
 
 def describe(error: BaseException) -> str:

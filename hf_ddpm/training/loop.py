@@ -11,6 +11,7 @@ and held-out bits/dim use the EMA weights.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -29,6 +30,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
+from ..data import StreamSourceError
+from ..data.streaming import StreamingBatches
 from ..evaluation.bits_per_dim import bits_per_dim
 from ..hub import check_can_push, push_to_hub, retry_command, save_hub_pipeline
 from ..images import make_grid
@@ -39,10 +42,13 @@ from . import checkpoints
 from .batches import step_generator, to_model_input
 from .config import TrainingConfig
 from .interruptions import (
+    Interrupted,
     NanGuard,
     Preempted,
     PreemptionHandler,
+    SourceLost,
     any_process_failed,
+    one_line,
     require_finite_weights,
     resume_command,
 )
@@ -76,9 +82,13 @@ class Run:
     def model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)  # eager for sampling and EMA
 
-    def pipeline(self) -> HFDDPMPipeline:
+    def pipeline(self, progress: str | None = None, final: bool = False) -> HFDDPMPipeline:
+        """The pipeline of the current weights. `progress`: its progress bar's description (a count and an ETA, on
+        the main process: the only one that samples and evaluates); kept on screen at the end of training (`final`),
+        erased after a periodic one, none for the saved pipeline."""
         pipe = HFDDPMPipeline(unet=self.model, scheduler=self.scheduler)
-        pipe.set_progress_bar_config(disable=True)
+        shown = progress is not None and self.accelerator.is_main_process
+        pipe.set_progress_bar_config(disable=not shown, desc=progress, leave=final, dynamic_ncols=True)
         return pipe
 
     def epoch_of(self, step: int) -> int:
@@ -103,11 +113,16 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
     step = run.record.step
     bar = tqdm(total=run.total_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     loss_sum = torch.zeros((), device=device)
+    streaming = isinstance(batches, StreamingBatches)  # a stream's source can vanish mid-run, memory cannot
+    sampler_at_step = None
     last_time = started = time.perf_counter()
     for micro_step in range(step * accum, run.total_steps * accum):
+        if streaming and config.importance_sampling and micro_step % accum == 0:  # restored if the step is dropped
+            sampler_at_step = copy.deepcopy(run.sampler.state_dict())
         # Accumulate gradients: DDPM Algorithm 1 on this micro-step's batch, its draws from its own generator.
         generator = step_generator(config.seed, rank, micro_step, device)
-        x_start = to_model_input(batches.batch(micro_step), generator, config.random_flip)  # (B, C, H, W) in [-1, 1]
+        images = _next_batch(run, micro_step, preemption)
+        x_start = to_model_input(images, generator, config.random_flip)  # (B, C, H, W) in [-1, 1]
         if config.channels_last:
             x_start = x_start.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(run.unet):
@@ -123,15 +138,24 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
                 grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm or math.inf)
                 # the same on every process; the preemption flag rides in the same all-reduce
                 mean_loss = preemption.reduce_with_loss(accelerator, loss_sum / accum)
-                updated = run.nan_guard.apply_update(mean_loss, grad_norm)  # --on_nan skip: False for NaN/inf
+                lost = streaming and preemption.source_lost()  # then no process takes this step
+                updated = not lost and run.nan_guard.apply_update(mean_loss, grad_norm)  # --on_nan skip: NaN/inf
                 if updated:
                     run.optimizer.step()
-                run.lr_scheduler.step()
+                if not lost:
+                    run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
         if config.importance_sampling:  # every process records every process's losses: identical samplers
             run.sampler.update(*accelerator.gather((timesteps, terms["loss"].detach())))
         if not accelerator.sync_gradients:
             continue
+
+        # Stop on a lost stream: a process's source vanished during this step, which every process drops.
+        if lost:
+            if sampler_at_step is not None:
+                run.sampler.load_state_dict(sampler_at_step)
+            bar.close()
+            _stop_on_lost_source(run, step, preemption)
         step += 1
 
         # Update EMA.
@@ -160,7 +184,47 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
             _preempt(run, step, preemption.agreed)
         last_time = time.perf_counter()
     bar.close()
-    return _finish(run, step, time.perf_counter() - started)
+    return _finish(run, step, time.perf_counter() - started, preemption)
+
+
+def _next_batch(run: Run, micro_step: int, preemption: PreemptionHandler) -> torch.Tensor:
+    """This process's uint8 batch of `micro_step`. Once its stream failed (StreamSourceError, kept in `preemption`),
+    zeros of the batch's shape: the process goes on through the step's collectives (DDP's gradient all-reduce, the
+    loss's) until every process hears of it there, and the step is dropped everywhere."""
+    if preemption.source_error is None:
+        try:
+            return run.batches.batch(micro_step)
+        except StreamSourceError as err:
+            preemption.source_error = err
+    shape = (run.config.train_batch_size, run.batches.channels, run.batches.resolution, run.batches.resolution)
+    return torch.zeros(shape, dtype=torch.uint8, device=run.accelerator.device)
+
+
+def _stop_on_lost_source(run: Run, step: int, preemption: PreemptionHandler) -> None:
+    """A process's stream failed after optimizer step `step`, whose end every process's stream position is put
+    back to: checkpoint `step` (all processes, unless it is saved already), then the failed process prints its
+    error with the resume command, and all raise SourceLost (exit status SOURCE_LOST_STATUS)."""
+    config, accelerator = run.config, run.accelerator
+    run.batches.rewind_to_last_step()
+    path = _checkpoint_of_last_step(run, step)
+    command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
+    error = preemption.source_error
+    if error is not None:
+        saved = f"saved {path}" if path else f"nothing trained yet, no checkpoint in {config.output_dir}"
+        print(f"error: {one_line(error)} ({saved} at step {step}; resume with: {command})", file=sys.stderr,
+              flush=True)  # fmt: skip
+    accelerator.end_training()
+    raise SourceLost(path, command)
+
+
+def _checkpoint_of_last_step(run: Run, step: int) -> str | None:
+    """The checkpoint of `step` for a stop: written now (all processes) unless the periodic save or the resumed
+    checkpoint holds it already; None when no step was ever trained."""
+    if step == run.record.step:  # nothing trained by this process: the checkpoint it resumed, if any
+        return run.resume_path
+    if step % run.config.checkpointing_steps == 0:
+        return os.path.join(run.config.output_dir, f"checkpoint-{step}")
+    return _save_checkpoint(run, step)
 
 
 def _save_checkpoint(run: Run, step: int) -> str:
@@ -199,23 +263,27 @@ def _periodic(run: Run, step: int) -> None:
         _save_pipeline(run)
 
 
-def _preempt(run: Run, step: int, signum: int) -> None:
-    """All processes agreed to stop after `step`: checkpoint it (unless `_periodic` just did), say how to resume,
-    and raise Preempted (exit status 128 + the signal number)."""
-    config, accelerator = run.config, run.accelerator
-    path = os.path.join(config.output_dir, f"checkpoint-{step}")
-    if step % config.checkpointing_steps != 0:
-        path = _save_checkpoint(run, step)
+def _preempt(run: Run, step: int, signum: int, when: str = "") -> None:
+    """All processes agreed to stop after `step`: checkpoint it (unless `_periodic` or the resumed checkpoint holds
+    it), say how to resume, and raise Preempted (exit status 128 + the signal number)."""
+    accelerator = run.accelerator
+    path = _checkpoint_of_last_step(run, step)
     command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
     if accelerator.is_main_process:
         name = signal.Signals(signum).name
-        print(f"preempted ({name}) at step {step}: saved {path}; resume with: {command}", flush=True)
+        print(f"preempted ({name}){when} at step {step}: saved {path}; resume with: {command}", flush=True)
     accelerator.end_training()
     raise Preempted(signum, path, command)
 
 
-def _finish(run: Run, step: int, seconds: float) -> dict:
-    """Log each replica's fingerprint, then (main process) evaluate, sample and save the pipeline, and publish."""
+def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) -> dict:
+    """Log each replica's fingerprint, then (main process) evaluate, sample and save the pipeline, and publish.
+
+    A signal during the evaluation and sample grid stops them: all processes write the checkpoint of the last step
+    (its resume only evaluates and saves) and exit 128 + N. A signal during the pipeline's save lets it finish (a
+    few seconds, atomic); the run is then complete, but a --push_to_hub push is not started (its command is
+    printed). A signal during the push stops it; the pipeline stays saved and the command that pushes it is printed.
+    """
     config, accelerator = run.config, run.accelerator
     accelerator.wait_for_everyone()
     fingerprint = parameter_hash(run.model)
@@ -238,29 +306,71 @@ def _finish(run: Run, step: int, seconds: float) -> dict:
     if config.on_nan == "skip":
         summary["skipped_steps"] = run.nan_guard.skipped
     require_finite_weights(run.model, run.ema, step, "the pipeline")  # every process: all stop together
+
+    # Evaluate and sample (main process); a signal interrupts them.
+    preemption.phase = "evaluate"
     error = None
     if accelerator.is_main_process:
         try:
-            if len(run.eval_images):
-                summary["eval"] = _log_bits_per_dim(run, step)
-            _log_samples(run, step, os.path.join(config.output_dir, "samples.png"))
+            with preemption.interrupting():
+                if len(run.eval_images):
+                    summary["eval"] = _log_bits_per_dim(run, step, final=True)
+                _log_samples(run, step, os.path.join(config.output_dir, "samples.png"), final=True)
+        except Interrupted:
+            pass  # preemption.received holds the signal
+        except Exception as err:  # shared below, so that the other processes stop too instead of waiting
+            error = err
+    _raise_if_any_failed(accelerator, error)
+    if any_process_failed(accelerator, preemption.received is not None):  # every process checkpoints the step
+        _preempt(run, step, preemption.received or signal.SIGTERM, " during the final evaluation")
+
+    # Save the pipeline (main process); a signal waits for the save.
+    preemption.phase = "save"
+    if accelerator.is_main_process:
+        try:
             _save_pipeline(run)
             write_atomically(
                 os.path.join(config.output_dir, "training_summary.json"), lambda f: json.dump(summary, f, indent=2)
             )
-        except Exception as err:  # shared below, so that the other processes stop too instead of waiting
+        except Exception as err:
             error = err
         else:
             weights = "EMA weights" if run.ema is not None else "final weights"
             logger.info("saved the pipeline (%s) and samples.png to %s", weights, config.output_dir)
-    if any_process_failed(accelerator, error is not None):
-        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")
+    _raise_if_any_failed(accelerator, error)
+    signalled = any_process_failed(accelerator, preemption.received is not None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if config.push_to_hub and accelerator.is_main_process:
-        summary["hub_commit_url"] = publish(config.output_dir, config)
+    if not accelerator.is_main_process:
+        return summary
+    if signalled:  # the save finished: the run is complete, and a push is not started
+        signum = preemption.received or signal.SIGTERM
+        print(f"received {signal.Signals(signum).name} during the save: the save finished and the run is complete "
+              f"({config.output_dir})", flush=True)  # fmt: skip
+        if config.push_to_hub:
+            command = retry_command(config.output_dir, repo_id_of(config), config.hub_private_repo)
+            print(f"not pushed to the Hub; push it with: {command}", flush=True)
+            raise Preempted(signum, None, command)
+        return summary
+
+    # Publish (main process); a signal stops the push, the pipeline stays saved.
+    if config.push_to_hub:
+        preemption.phase = "push"
+        try:
+            with preemption.interrupting():
+                summary["hub_commit_url"] = publish(config.output_dir, config)
+        except Interrupted:
+            command = retry_command(config.output_dir, repo_id_of(config), config.hub_private_repo)
+            print(f"push stopped: the pipeline is saved in {config.output_dir}; push it with: {command}", flush=True)
+            raise Preempted(preemption.received, None, command) from None
         logger.info("pushed to the Hub: %s", summary["hub_commit_url"])
     return summary
+
+
+def _raise_if_any_failed(accelerator, error: Exception | None) -> None:
+    """Every process hears whether the main process failed; all raise (its error, or one naming it)."""
+    if any_process_failed(accelerator, error is not None):
+        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")
 
 
 # ------------------------------------------------------------------------------------------------ what it writes
@@ -287,11 +397,11 @@ def _save_pipeline(run: Run) -> None:
         save_hub_pipeline(run.pipeline(), run.config.output_dir)  # atomic: never a half-written pipeline
 
 
-def _log_samples(run: Run, step: int, path: str) -> None:
+def _log_samples(run: Run, step: int, path: str, final: bool = False) -> None:
     """A grid of --eval_batch_size samples, always from the same seed, so that grids of successive steps compare."""
     config = run.config
     with ema_weights(run.ema, run.model):
-        pipeline = run.pipeline()
+        pipeline = run.pipeline(f"step {step}: sample grid ({config.eval_batch_size} images, denoising steps)", final)
         generator = torch.Generator(device=pipeline.device).manual_seed(config.seed)
         images = pipeline(batch_size=config.eval_batch_size, generator=generator,
                           num_inference_steps=config.ddpm_num_inference_steps, output_type="np").images  # fmt: skip
@@ -303,13 +413,15 @@ def _log_samples(run: Run, step: int, path: str) -> None:
         tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
 
 
-def _log_bits_per_dim(run: Run, step: int) -> dict:
+def _log_bits_per_dim(run: Run, step: int, final: bool = False) -> dict:
     """Monte Carlo estimate of the bound (DDPM eq. 5) on the first --eval_num_images held-out images, in bits/dim,
     by hf_ddpm.evaluation (this process alone: it runs on the main process): its Metric fields, and the
     `bits_per_dim` / `bits_per_dim_stderr` names that training_summary.json and TensorBoard use."""
     config = run.config
     with ema_weights(run.ema, run.model):
-        metric = bits_per_dim(run.pipeline(), run.eval_images[: config.eval_num_images],
+        count = min(config.eval_num_images, len(run.eval_images))
+        pipeline = run.pipeline(f"step {step}: held-out bits/dim ({count} images, bound terms)", final)
+        metric = bits_per_dim(pipeline, run.eval_images[: config.eval_num_images],
                               num_timesteps=config.eval_num_timesteps, block_size=256, seed=config.seed)  # fmt: skip
     stderr = metric.stderr if metric.stderr is not None else float("nan")
     result = {**metric.to_dict(), "bits_per_dim": metric.value, "bits_per_dim_stderr": stderr}

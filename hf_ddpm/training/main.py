@@ -36,18 +36,12 @@ from .batches import check_dataset_reachable, load_training_data, make_batches
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import RunFacts, TrainingConfig, launch_precision, optimizer_steps, resolve
-from .interruptions import NanGuard, PreemptionHandler, any_process_failed, describe, parse_signals
+from .interruptions import NanGuard, PreemptionHandler, any_process_failed, describe, one_line, parse_signals
 from .loop import Run, check_publish, train_loop
 from .model import build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
 
 logger = get_logger(__name__)
 ERROR_STATUS = 1
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (a multi-line message's lines joined), else its type."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
