@@ -31,13 +31,14 @@ from ..cpu import tune_process
 from ..data.streaming import StreamingBatches
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
+from ..unet import UNET_PRESETS, unet_config
 from . import checkpoints, output_dir
 from .batches import check_dataset_reachable, load_training_data, make_batches
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import RunFacts, TrainingConfig, launch_precision, optimizer_steps, resolve
 from .interruptions import NanGuard, PreemptionHandler, any_process_failed, describe, one_line, parse_signals
-from .loop import Run, check_publish, train_loop
+from .loop import Run, check_publish, check_token, train_loop
 from .model import build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
 
 logger = get_logger(__name__)
@@ -93,11 +94,11 @@ class Plan:
 def check_run(given: TrainingConfig) -> Plan:
     """Every check that needs no data and writes nothing (see the module docstring)."""
     check_publish(given)
+    check_token(given)
     check_dataset_reachable(given)
     path = checkpoints.resolve_resume(given.resume_from_checkpoint, given.output_dir)
     record = RunRecord.read(path) if path else None
     facts = RunFacts(
-        num_processes=checkpoints.launch_processes(),  # accelerate's count (refuses workers that are not one run)
         launch_precision=launch_precision(),
         pretrained_scheduler=pretrained_scheduler_config(given),
         resume_path=path,
@@ -109,12 +110,16 @@ def check_run(given: TrainingConfig) -> Plan:
     scheduler = build_scheduler(config)
     unet = build_unet(config, channels, resolution, scheduler.config.variance_type == "learned_range")
     check_forward(unet, resolution, config.model_source, given.resolution is not None)
+    found = output_dir.check_output_dir(config)
+    # accelerate's process count (workers that are not one run are refused). Its set-up is the processes' first
+    # collective: after every check that reads the output directory, or a process through it would take the lock
+    # while another is still checking the directory, and find it in use.
+    facts = replace(facts, num_processes=checkpoints.launch_processes())
     if record is not None:
         current = RunRecord.of_run(0, unet.config, scheduler.config, config, facts.num_processes)
         checkpoints.check_resume(
             path, record, current, skip=("in_channels", "out_channels") if channels is None else ()
         )
-    found = output_dir.check_output_dir(config)
     return Plan(config, facts, channels, resolution, scheduler, record, found)
 
 
@@ -196,6 +201,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         raise ValueError("--eval_bits_per_dim_steps needs held-out images, and --eval_size leaves none")
     learned = scheduler.config.variance_type == "learned_range"
     unet = build_unet(config, data.train.shape[1], resolution, learned)
+    logger.info(describe_model(config, unet, scheduler))
     record = RunRecord.of_run(0, unet.config, scheduler.config, config, accelerator.num_processes, data)
     if plan.record is not None:  # the data decided the channels: compare them too, before anything is written
         checkpoints.check_resume(
@@ -255,6 +261,30 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         nan_guard=NanGuard(config.on_nan, last_checkpoint, grad_scaler=accelerator.scaler is not None),
         resume_path=plan.facts.resume_path,
     )  # fmt: skip
+
+
+def describe_model(config: TrainingConfig, unet, scheduler: HFDDPMScheduler) -> str:
+    """The log's line naming what trains: where the UNet comes from, its size, the resolution and the process."""
+    source = config.model_source
+    if config.pretrained_model_name_or_path is not None:
+        origin = f"{source} (fine-tuned: --pretrained_model_name_or_path)"
+    elif source in UNET_PRESETS:
+        origin = f"the {source} preset" + ("" if config.model_config else " (the default: no --model_config given)")
+    else:
+        origin = f"{source} (--model_config)"
+    parameters = sum(p.numel() for p in unet.parameters())
+    side, channels = unet.config.sample_size, unet.config.in_channels
+    process = scheduler.config
+    line = (
+        f"model: {origin}, {parameters / 1e6:.2f}M parameters, {side}x{side} px, {channels} channel(s); "
+        f"T = {process.num_train_timesteps}, {process.beta_schedule} schedule, {process.prediction_type} "
+        f"prediction, {process.variance_type} variance, loss {config.loss}"
+    )
+    preset_side = unet_config(source)["sample_size"] if source in UNET_PRESETS else side
+    if config.model_config is None and config.pretrained_model_name_or_path is None and side > preset_side:
+        line += (f". Note: the {source} preset is made for {preset_side} px images; at {side} px pass "
+                 "--model_config (ddpm-cifar10-32, a JSON config) for a model of that size")  # fmt: skip
+    return line
 
 
 def resume(run: Run) -> None:
