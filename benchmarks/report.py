@@ -365,6 +365,8 @@ def allocator_section(a: dict) -> str:
     ]
     if a.get("missing"):
         out += ["", f"Not installed here, not measured: {', '.join(a['missing'])}."]
+    if a.get("note"):
+        out += ["", a["note"]]
     out += ["", "`python -m benchmarks.run` tunes its own process the same way (each JSON's `machine.allocator` says "
             "how); the sections above whose JSON lacks it were measured under glibc's defaults, on the higher floor."]  # fmt: skip
     e = a.get("end_to_end")
