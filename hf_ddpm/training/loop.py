@@ -33,7 +33,7 @@ from ..atomic import write_atomically
 from ..data import StreamSourceError
 from ..data.streaming import StreamingBatches
 from ..evaluation.bits_per_dim import bits_per_dim
-from ..hub import check_can_push, push_to_hub, retry_command, save_hub_pipeline
+from ..hub import HubPushError, check_can_push, push_to_hub, request_timeout, retry_command, save_hub_pipeline
 from ..images import make_grid
 from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
 from ..pipeline import HFDDPMPipeline
@@ -459,6 +459,41 @@ def check_publish(args: TrainingConfig) -> None:
     check_repo_id(args)
     command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
     check_can_push(args.output_dir, command, args.hub_token)
+
+
+TOKEN_CHECK_TIMEOUT = 10.0  # seconds for the Hub's answer to whoami: a start-up check, not a push
+
+
+def check_token(args: TrainingConfig) -> None:
+    """Training start-up, after `check_publish`: the Hub answers whoami for the token, so that a revoked or mistyped
+    token is refused now instead of after the training; an unreachable Hub is named within TOKEN_CHECK_TIMEOUT."""
+    if not args.push_to_hub:
+        return
+    import httpx
+    from huggingface_hub import constants, get_token, whoami
+    from huggingface_hub.errors import HfHubHTTPError
+
+    command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
+    later = f"or train without --push_to_hub and push the result later with: {command}"
+    try:
+        with request_timeout(TOKEN_CHECK_TIMEOUT):
+            whoami(token=args.hub_token or get_token(), cache=False)
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status not in (401, 403):
+            raise HubPushError(f"--push_to_hub: the Hub at {constants.ENDPOINT} answered the token check with HTTP "
+                               f"{status}; nothing was trained. Try again, {later}", command) from None  # fmt: skip
+        source = "--hub_token" if args.hub_token else "the token (HF_TOKEN or the saved login)"
+        raise HubPushError(
+            f"--push_to_hub: the Hub at {constants.ENDPOINT} refuses {source} (HTTP {status}: invalid or revoked); "
+            f"nothing was trained. Pass a valid --hub_token or log in again (hf auth login), {later}",
+            command,
+        ) from None
+    except (OSError, httpx.TransportError) as err:
+        raise ConnectionError(
+            f"--push_to_hub: the Hub at {constants.ENDPOINT} cannot be reached to check the token "
+            f"({type(err).__name__}: {err}); nothing was trained. Check the network, {later}"
+        ) from None
 
 
 def check_repo_id(args: TrainingConfig) -> str | None:

@@ -1,0 +1,74 @@
+"""What a newcomer meets at the door of training/train.py and in its log: an unknown flag is one line naming the
+nearest flag and the usage; a revoked Hub token with --push_to_hub is refused before anything trains (the Hub answers
+whoami: tests/hub_server.py); the log names the model that trains (preset or file, parameters, resolution, T,
+schedule), says when the default preset is smaller than the images, and the final bits/dim and sample grid show a
+progress bar with a count."""
+
+import subprocess
+import sys
+import time
+
+from hub_server import HubServer
+from training_runs import REPO, environment, reset_accelerate, tiny
+
+from hf_ddpm.training import parse_args, train
+
+
+def test_an_unknown_flag_is_one_line_naming_the_nearest_and_the_usage():
+    result = subprocess.run([sys.executable, "training/train.py", "--output-dirx", "out"], cwd=REPO,
+                            env=environment(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == "", result
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "training/train.py: error: unrecognized flag --output-dirx (did you mean --output_dir?)",
+        "usage: training/train.py [options]   (--help describes every flag)",
+    ], result.stderr
+
+
+def test_a_revoked_hub_token_is_refused_before_training(tmp_path):
+    server = HubServer(tmp_path, token="hf_TheOnlyValidToken")
+    try:
+        out = tmp_path / "out"
+        argv = tiny(out, "--push_to_hub", "--hub_model_id", "test-user/run", "--hub_token", "hf_RevokedToken")
+        env = server.env(tmp_path, None) | {"PYTHONPATH": str(REPO)}
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(REPO / "training" / "train.py"), *argv], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        took = time.monotonic() - started
+        requests = [(r["method"], r["path"]) for r in server.requests()]
+    finally:
+        server.stop()
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: --push_to_hub: the Hub at {server.url} refuses --hub_token (HTTP 401: invalid or revoked); nothing "
+        "was trained. Pass a valid --hub_token or log in again (hf auth login), or train without --push_to_hub and "
+        "push the result later with: python -m hf_ddpm push"
+    ), last
+    assert "hf_RevokedToken" not in result.stderr + result.stdout
+    assert requests == [("GET", "/api/whoami-v2")]  # nothing created or uploaded
+    assert not out.exists() and took < 120, took  # before any data is read or anything written
+
+
+def test_the_log_names_the_model_and_the_final_evaluation_shows_progress(tmp_path, caplog, capsys):
+    reset_accelerate()
+    with caplog.at_level("INFO"):
+        train(parse_args(tiny(tmp_path / "out", "--resolution", "16", model=())))  # no --model_config
+    (line,) = [r.getMessage() for r in caplog.records if "model: " in r.getMessage()]
+    assert line.endswith(
+        "model: the digits-16-tiny preset (the default: no --model_config given), 0.81M parameters, 16x16 px, "
+        "1 channel(s); T = 50, linear schedule, epsilon prediction, fixed_small variance, loss simple"
+    ), line  # the preset's own size: no note
+    err = capsys.readouterr().err
+    # each bar ends with its count complete (the main process: the only one here)
+    assert "step 2: held-out bits/dim (4 images, bound terms): 100%" in err, err[-2000:]
+    assert "step 2: sample grid (2 images, denoising steps): 100%|" in err and "4/4 [" in err, err[-2000:]
+
+    reset_accelerate()
+    with caplog.at_level("INFO"):
+        train(parse_args(tiny(tmp_path / "big", "--resolution", "32", "--max_train_steps", "1", model=())))
+    (line,) = [r.getMessage() for r in caplog.records if "model: " in r.getMessage() and "32x32" in r.getMessage()]
+    assert line.endswith(
+        "Note: the digits-16-tiny preset is made for 16 px images; at 32 px pass --model_config (ddpm-cifar10-32, a "
+        "JSON config) for a model of that size"
+    ), line
