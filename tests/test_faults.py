@@ -169,6 +169,7 @@ NAMESPACE_SCRIPT = """
 import json, os, subprocess, sys
 from pathlib import Path
 import torch
+from accelerate.state import AcceleratorState, GradientState
 import hf_ddpm.training.checkpoints as checkpoints
 from hf_ddpm.training import parse_args, train
 
