@@ -167,9 +167,13 @@ def test_signal_names_are_parsed_and_unknown_ones_refused():
 def test_a_second_ctrl_c_aborts_at_once_and_forked_children_ignore_the_signal(tmp_path):
     """In a child: the first SIGINT sets the flag (the handler returns), the second kills the process at once;
     a forked child (a DataLoader worker) that inherited the handler ignores the signal."""
-    script = """
-import os, signal, sys, time
-from hf_ddpm.training.interruptions import PreemptionHandler
+    script = f"""
+import importlib.util, os, signal, sys, time
+path = {str(REPO / "hf_ddpm" / "training" / "interruptions.py")!r}
+spec = importlib.util.spec_from_file_location("interruptions", path)
+interruptions = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(interruptions)  # the module alone (torch, not the whole package): a quick child
+PreemptionHandler = interruptions.PreemptionHandler
 handler = PreemptionHandler((signal.SIGINT, signal.SIGTERM))
 handler.install()
 child = os.fork()
@@ -184,7 +188,7 @@ os.kill(os.getpid(), signal.SIGINT)
 time.sleep(5)
 print("not reached", flush=True)
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGINT, result.stderr
     assert result.stdout.split() == ["child", "7", "first", str(int(signal.SIGINT))]
     assert "received SIGINT: stopping after this optimizer step with a checkpoint (Ctrl-C again aborts" in result.stderr
