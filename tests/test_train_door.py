@@ -8,8 +8,9 @@ import subprocess
 import sys
 import time
 
+import pytest
 from hub_server import HubServer
-from training_runs import REPO, environment, reset_accelerate, tiny
+from training_runs import REPO, environment, launch_command, reset_accelerate, tiny
 
 from hf_ddpm.training import parse_args, train
 
@@ -72,3 +73,25 @@ def test_the_log_names_the_model_and_the_final_evaluation_shows_progress(tmp_pat
         "Note: the digits-16-tiny preset is made for 16 px images; at 32 px pass --model_config (ddpm-cifar10-32, a "
         "JSON config) for a model of that size"
     ), line
+
+
+@pytest.mark.slow  # a 2-process launch: about 40 s on a busy machine
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (
+            ["--output-dirx", "x"],
+            "training/train.py: error: unrecognized flag --output-dirx (did you mean --output_dir?)",
+        ),
+        (["--model_config", "no-such-model"], "error: --model_config 'no-such-model' is neither a preset"),
+    ],
+)
+def test_quiet_under_multi_gpu_prints_an_error_every_process_meets_once(tmp_path, flags, line):
+    command = launch_command([*flags, "--output_dir", str(tmp_path / "out")], num_processes=2)
+    command = command[:3] + ["--quiet"] + command[3:]
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log[-3000:]
+    errors = [entry for entry in log.splitlines() if "error: " in entry]
+    assert len(errors) == 1 and errors[0].startswith(line), log[-3000:]  # rank 0's; rank 1 held it back
+    assert "Traceback" not in log, log[-3000:]

@@ -13,10 +13,13 @@ that stopped the run (hf_ddpm/training/interruptions.py) exits with 128 + its nu
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass, replace
 
@@ -45,17 +48,36 @@ logger = get_logger(__name__)
 ERROR_STATUS = 1
 
 
+# A launcher's worker other than rank 0 holds back an error that every process meets alike (a bad flag, a check
+# before the run) this long: when rank 0 fails with it, the launcher stops this worker meanwhile, and the error is
+# printed once; a worker still running after it prints its own (an error rank 0 did not meet is never lost).
+DOOR_GRACE_SECONDS = 10.0
+EVERY_PROCESS = "hf_ddpm_every_process"  # set on an error that every process raises alike (the checks at the door)
+
+
+def _later_rank() -> bool:
+    """Whether this process is a launcher's worker other than rank 0 (torchrun sets RANK)."""
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the options and train; returns the exit status (0, 1 for an error, 128 + N after signal N)."""
     argv = sys.argv[1:] if argv is None else argv
-    given = None
+    given, later = None, _later_rank()
+    held = io.StringIO()
     try:
-        given = parse_args(argv)
+        with contextlib.redirect_stderr(held) if later else contextlib.nullcontext():
+            given = parse_args(argv)
         train(given)
-    except SystemExit as stop:  # --help, argparse's usage errors (already printed), a preemption
-        code = stop.code
-        return code if isinstance(code, int) else (0 if code is None else ERROR_STATUS)
+    except SystemExit as stop:  # --help, the parser's usage errors (printed by it), a preemption, a lost source
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else ERROR_STATUS)
+        if given is None and later and code:  # a usage error: rank 0 prints it
+            time.sleep(DOOR_GRACE_SECONDS)
+            sys.stderr.write(held.getvalue())
+        return code
     except Exception as err:
+        if later and (given is None or getattr(err, EVERY_PROCESS, False)):
+            time.sleep(DOOR_GRACE_SECONDS)
         if given.debug if given is not None else "--debug" in argv:  # (also from a --config file once parsed)
             traceback.print_exc()
         sys.stdout.flush()
@@ -163,7 +185,11 @@ def prepare_output_dir(config: TrainingConfig, accelerator, plan: Plan) -> None:
 def setup(given: TrainingConfig) -> Run:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     tune_process(given.num_threads)
-    plan = check_run(given)  # before the Accelerator: it takes the resolved mixed precision
+    try:
+        plan = check_run(given)  # before the Accelerator: it takes the resolved mixed precision
+    except Exception as err:
+        setattr(err, EVERY_PROCESS, True)  # every process checks the same options and files: rank 0 says it
+        raise
     config = plan.config
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
