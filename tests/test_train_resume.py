@@ -273,7 +273,8 @@ def test_the_resume_command_reproduces_the_launch(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ length and schedule
 
-SCHEDULE = {"max_train_steps": 80, "num_epochs": 40, "lr_scheduler": "cosine", "lr_warmup_steps": 8, "total_steps": 80}
+SCHEDULE = {"max_train_steps": 80, "num_epochs": 40, "lr_scheduler": "cosine", "lr_warmup_steps": 8,
+            "learning_rate": 2e-3, "total_steps": 80}  # fmt: skip
 
 
 def resolved(*flags, schedule=SCHEDULE):
@@ -304,3 +305,8 @@ def test_a_resume_keeps_the_recorded_length_and_warmup_and_refuses_a_change_nami
     by_epochs, _ = resolved("--num_epochs", "80", "--allow_schedule_change", schedule=epochs)
     assert by_epochs.max_train_steps is None and by_epochs.num_epochs == 80  # the length from the epochs again
     assert resolve(parse_args(["--resume_from_checkpoint", "latest"]), RunFacts())[0].max_train_steps is None  # fresh
+    _, notes = resolved("--learning_rate", "1e-4")  # the restored optimizer and LambdaLR hold the run's peak
+    assert (
+        "--learning_rate 0.0001 is not applied: the resumed optimizer and LR schedule restore the run's peak "
+        "learning rate, 0.002" in notes
+    )

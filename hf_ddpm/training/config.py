@@ -34,7 +34,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 SECRET_ARGS = ("hub_token",)  # never written to disk
 DATA_SOURCES = ("dataset_name", "train_data_dir", "train_data_files")  # a run reads one (none: the bundled digits)
 # The options of the run's length and LR schedule that a checkpoint records and a resume keeps (`resolve`).
-SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_steps")
+SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_steps", "learning_rate")
 STREAMING_LENGTH = "--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead"
 
 # The defaults that depend on the run (None in the fields), filled by `resolve`:
@@ -460,6 +460,9 @@ def _keep_schedule(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> 
     if given.lr_warmup_steps is None:
         kept["lr_warmup_steps"] = saved["lr_warmup_steps"]
     notes += [f"--{k} {v}: the resumed run's (from {path})" for k, v in kept.items()]
+    if saved.get("learning_rate") not in (None, given.learning_rate):  # not a field of `given`: said, not changed
+        notes.append(f"--learning_rate {given.learning_rate} is not applied: the resumed optimizer and LR schedule "
+                     f"restore the run's peak learning rate, {saved['learning_rate']}")  # fmt: skip
     if changed:
         notes.append(f"--allow_schedule_change: {'; '.join(changed)}: the LR schedule is recomputed over the new "
                      "length, so from the resumed step on its learning rate differs from the original run's")  # fmt: skip
