@@ -8,10 +8,21 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
-from training_runs import assert_same_weights, digit_shards, reset_accelerate, tiny
+from training_runs import (
+    REPO,
+    assert_same_weights,
+    digit_shards,
+    environment,
+    launch_command,
+    launch_flags,
+    reset_accelerate,
+    tiny,
+)
 
 import hf_ddpm.training.loop as loop
 from hf_ddpm.data import StreamSourceError
@@ -117,3 +128,44 @@ def test_a_signal_during_the_save_lets_it_finish_and_says_so(tmp_path, monkeypat
     assert f"received SIGTERM during the save: the save finished and the run is complete ({out})" in captured.out
     assert (out / PIPELINE).exists() and (out / "training_summary.json").exists()
     assert not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.slow  # a launched run with a long final evaluation: about a minute each
+@pytest.mark.parametrize("launcher", ["python", "accelerate launch"])
+def test_sigterm_during_the_final_evaluation_of_a_real_run_writes_the_checkpoint_it_promises(tmp_path, launcher):
+    out = tmp_path / "out"
+    argv = launch_flags(
+        out,
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "2",
+        "--ddpm_num_steps",
+        "1000",
+        "--ddpm_num_inference_steps",
+        "1000",
+        "--eval_batch_size",
+        "64",
+    )  # a grid of a minute or so
+    command = launch_command(argv) if launcher != "python" else [sys.executable, str(REPO / "training" / "train.py"),
+                                                                 *argv]  # fmt: skip
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        process = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=f, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "step 3: sample grid" not in log.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)  # as a scheduler stops a job: the launcher and the trainer
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert process.returncode == 128 + signal.SIGTERM, text[-3000:]  # the trainer's, or the launcher's after it
+    assert "received SIGTERM: stopping the final evaluation; writing the checkpoint of the last step" in text
+    assert re.search(rf"preempted \(SIGTERM\) during the final evaluation at step 3: saved {re.escape(str(out))}"
+                     r"/checkpoint-3; resume with: .*--resume_from_checkpoint latest", text), text[-3000:]  # fmt: skip
+    assert (out / "checkpoint-3").is_dir() and not (out / "model_index.json").exists()
