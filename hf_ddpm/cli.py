@@ -39,6 +39,11 @@ def build_parser() -> FlagParser:
     space.add_argument("--space_id", required=True, help="USER/NAME of the Space")
     space.add_argument("--model_id", required=True, help="the model repo (pushed)")
     space.add_argument("--app_dir", default=None, help="default: the shipped demo app")
+    space.add_argument(
+        "--model_revision",
+        default=None,
+        help="the model commit (or branch, tag) the Space loads, pinned as its hash; default: the model's latest",
+    )
     for sub, what in ((push, "repo"), (space, "Space")):  # the same guards: hub.check_can_push, request_timeout
         sub.add_argument(
             "--private", action="store_true", help=f"create the {what} private (an existing one keeps its)"
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 private=args.private,
                 commit_message=args.commit_message,
                 timeout=args.timeout,
+                model_revision=args.model_revision,
             )
             print(f"pushed {app_dir} to the Space {args.space_id} (model {args.model_id}): {url}")
             return 0

@@ -129,6 +129,16 @@ def test_the_space_repo_holds_the_app_with_its_model_in_the_front_matter(pushed,
     assert f"/spaces/{SPACE_ID}" in pushed["stdout"]
 
 
+def test_push_space_model_revision_pins_the_reviewed_commit_not_the_latest(hub, pushed, tmp_path):
+    """After the later commit, a Space pushed with --model_revision <reviewed commit> pins that commit's hash."""
+    space = "test-user/pinned"
+    argv = ["-m", "hf_ddpm", "push-space", "--space_id", space, "--model_id", MODEL_ID]
+    code, _, err = result(start(hub, tmp_path, *argv, "--model_revision", pushed["commit"]))
+    assert code == 0, err
+    (tmp_path / "README.md").write_bytes(hub.files(space, "space")["README.md"])
+    assert metadata_load(tmp_path / "README.md")["model_revision"] == pushed["commit"] != model_commit(hub)
+
+
 def test_the_pushed_space_runs_without_hf_ddpm_and_samples_what_hf_ddpm_samples(hub, pushed, pipe, tmp_path):
     from gradio_client import Client, handle_file
 
