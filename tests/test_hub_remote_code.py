@@ -295,6 +295,31 @@ def test_bundler_inlines_named_relative_imports(tmp_path):
     assert source.count("import math") == 1 and source.index("from __future__") < source.index("import math")
 
 
+def test_bundler_with_roots_keeps_what_they_reach_through_decorators_bases_defaults_and_aliases(tmp_path):
+    package = write_package(
+        tmp_path / "pkg",
+        a=(
+            "import functools\nimport math\nimport json\n\nSCALE = 2.0\nUNUSED = json.dumps({})\n\n"
+            "def deco(f):\n    return functools.wraps(f)(f)\n\n\nclass Base:\n    pass\n\n\n"
+            "def default():\n    return 1\n\n\n# a helper nothing reaches\ndef orphan():\n    return math.pi\n"
+        ),
+        b=(
+            "from .a import SCALE, Base, deco, default\nfrom .a import orphan as twice\n\n\n"
+            "class Root(Base):\n    @deco\n    def f(self, x=default()):\n        return SCALE * x\n\n\n"
+            "def other():\n    return twice()\n"
+        ),
+    )
+    source = bundle_source(("a", "b"), "test bundle", package_dir=package, roots=("Root",))
+    namespace = {}
+    exec(compile(source, "bundle", "exec"), namespace)
+    assert namespace["Root"]().f() == 2.0 and issubclass(namespace["Root"], namespace["Base"])
+    for gone in ("orphan", "twice", "other", "UNUSED", "import json", "import math", "nothing reaches"):
+        assert gone not in source, gone
+    assert "import functools" in source
+    with pytest.raises(BundleError, match=r"bundle roots \['Missing'\] are defined by none of the modules"):
+        bundle_source(("a", "b"), "test bundle", package_dir=package, roots=("Missing",))
+
+
 def test_bundler_points_imports_of_another_bundle_at_it_and_cuts_docstrings(tmp_path):
     package = write_package(
         tmp_path / "pkg",
