@@ -79,7 +79,10 @@ class DataOptions:
     train_data_files: str | None = option(
         help="data files, comma-separated, globs allowed: parquet, arrow, csv/json of image paths, or image files")
     image_column: str | None = option(help="default: detected (the datasets.Image column, or image, img, ...)")
-    cache_dir: str | None = option(help="the datasets cache")
+    cache_dir: str | None = option(
+        help="the datasets cache, and the decoded images' cache (shared by runs and resumes). Its key sees each "
+             "file's resolved path, size and modification time, not its content: a file replaced by another of the "
+             "same size with its mtime kept is not noticed (touch it, or pass a fresh --cache_dir)")
     resolution: int | None = option(help="default: the model's sample_size", min=1)
     center_crop: bool = option(True, "crop the centre square (the default)",
                                negation=("--random_crop", "crop a random square, drawn once per image with --seed"))
