@@ -18,7 +18,10 @@ text precedes it) or, in the pipeline module, pointed at the scheduler module. W
 algorithm (hub.py, loading.py, evaluation/likelihood.py: model cards, push checks, the atomic writer, scipy) is not
 bundled: a relative import of one of them is read as an import of its stand-in (`STAND_INS`: standalone.py, which
 answers to the same names), so the bundled pipeline class is the package's, line for line, and never imports
-hf_ddpm. Docstrings keep their first paragraph (the full text is in the package). The bundler's rules, which the bundled modules keep (each says so at its top):
+hf_ddpm. Of each module only the top-level definitions the bundled classes reach are kept (`reachable`: the
+scheduler module's reach from HFDDPMScheduler and from what the pipeline module imports), with the imports they
+use: the package's training, evaluation and Space helpers stay out. Docstrings keep their first paragraph (the
+full text is in the package). The bundler's rules, which the bundled modules keep (each says so at its top):
 top-level names unique across the bundled modules, relative imports named (`from .x import a`, never `from . import
 x`) and only at the top level. `bundle_source` refuses what breaks them, and any import of a package outside
 `ALLOWED_IMPORTS`. The files are regenerated at every save, never kept by hand.
