@@ -324,7 +324,8 @@ def test_evaluate_reads_the_runs_data_options_and_refuses_a_mismatch(pipeline_di
     argv[argv.index(bad)] = good
     (fid,) = evaluate(evaluate_args(*argv, "--num_inference_steps", 3), extractor=PixelFeatures())
     assert fid.name == "fid" and fid.count == 2 and fid.value > 0
-    assert fid.protocol.endswith("vs the statistics in published.npz (--fid_reference); " + PixelFeatures.name)
+    named = "steps: Improved DDPM's steps (timestep_spacing='linspace')"  # few-step FIDs name their steps
+    assert fid.protocol.endswith(f"vs the statistics in published.npz (--fid_reference); {PixelFeatures.name}; {named}")
 
 
 def test_metric_schema_round_trips_and_names_its_protocol():

@@ -107,7 +107,7 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
                "reference": reference.description, "sample_dir": str(sample_dir), "seed": options["seed"],
                "shards_drawn": shards["generated"], "sampling_seconds": sampling_seconds,  # this run's shards
                "feature_seconds": feature_seconds}  # fmt: skip
-    what = f"{len(features)} samples at {steps} steps ({steps_named}) {protocol}; {extractor.name}"
+    what = f"{len(features)} samples at {steps} steps {protocol}; {extractor.name}; steps: {steps_named}"
     metrics = [Metric("fid", frechet_distance(reference.stats, features), None, len(features), what, details)]
     if reference.features is not None:
         precision, recall = precision_recall(reference.features, features, K_NEAREST)

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
+from ..images import unit_to_pixels
 from ..schedules import check_positive_int
 from .processes import Processes
 
@@ -108,7 +109,7 @@ def generate_shards(
         x = pipeline(
             batch_size=len(indices), generator=generators, num_inference_steps=num_inference_steps, output_type="pt"
         ).images
-        images = (x * 255).round().to(torch.uint8).cpu().numpy()  # as a saved PNG: (n, C, H, W)
+        images = unit_to_pixels(x).cpu().numpy()  # as a saved PNG: (n, C, H, W)
         if png:
             (sample_dir / "png").mkdir(exist_ok=True)
             for i, image in zip(indices, images):
