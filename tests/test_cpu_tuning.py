@@ -47,6 +47,11 @@ elif start == "app":  # the Space's main up to building the demo
         app["main"]([])
     except Built:
         pass
+elif start == "train":  # the training entry (every rank runs it), stopped once it has started up
+    import hf_ddpm.training.main as training_main
+    def stop(given): raise SystemExit(0)
+    training_main.check_run = stop
+    assert training_main.main(["--output_dir", sys.argv[3]]) == 0
 else:
     assert start == "library"
 from hf_ddpm import HFDDPMPipeline
@@ -114,11 +119,13 @@ def test_a_users_own_malloc_setting_wins(digits_pipeline, untuned):
 
 
 @pytest.mark.slow
-def test_the_examples_and_the_space_tune_their_process(digits_pipeline, untuned, tmp_path):
+def test_training_the_examples_and_the_space_tune_their_process(digits_pipeline, untuned, tmp_path):
     generate = probe("generate", digits_pipeline, str(REPO / "examples" / "generate.py"), str(tmp_path / "g.png"))
     app = probe("app", digits_pipeline, str(REPO / "examples" / "gradio_space" / "app.py"))
+    train = probe("train", digits_pipeline, str(tmp_path / "run"))
     library = probe("tune_process", digits_pipeline)
-    for tuned in (generate, app, library):
+    assert not (tmp_path / "run").exists()  # stopped before it wrote anything
+    for tuned in (generate, app, train, library):
         assert tuned["faults_per_call"] < untuned["faults_per_call"] / 5
         assert tuned["samples"] == untuned["samples"] and tuned["bits_per_dim"] == untuned["bits_per_dim"]
 
