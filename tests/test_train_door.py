@@ -8,24 +8,44 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 from hub_server import HubServer
+from huggingface_hub.errors import HfHubHTTPError
 from training_runs import REPO, environment, launch_command, reset_accelerate, tiny
 
+from hf_ddpm.hub import HubPushError
 from hf_ddpm.training import parse_args, train
+from hf_ddpm.training.loop import check_token
+from hf_ddpm.training.main import main
 
 
-def test_an_unknown_flag_is_one_line_naming_the_nearest_and_the_usage():
-    result = subprocess.run([sys.executable, "training/train.py", "--output-dirx", "out"], cwd=REPO,
-                            env=environment(), capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 2 and result.stdout == "", result
-    lines = result.stderr.strip().splitlines()
-    assert lines == [
+def test_an_unknown_flag_is_one_line_naming_the_nearest_and_the_usage(capsys):
+    assert main(["--output-dirx", "out"]) == 2  # training/train.py's main (hf_ddpm.train.main)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [
         "training/train.py: error: unrecognized flag --output-dirx (did you mean --output_dir?)",
         "usage: training/train.py [options]   (--help describes every flag)",
-    ], result.stderr
+    ], captured.err
 
 
+def test_a_token_the_hub_refuses_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """check_token's message for a 401 (the real request: the slow test below, against the local Hub)."""
+    import huggingface_hub
+
+    def refused(token, cache):
+        request = httpx.Request("GET", "https://hub.example/api/whoami-v2")
+        raise HfHubHTTPError("401 Unauthorized", response=httpx.Response(401, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "whoami", refused)
+    config = parse_args(["--output_dir", str(tmp_path / "run"), "--push_to_hub", "--hub_token", "hf_Revoked"])
+    with pytest.raises(HubPushError, match=r"refuses --hub_token \(HTTP 401: invalid or revoked\); nothing was "
+                       r"trained\. .*push the result later with: python -m hf_ddpm push") as refusal:  # fmt: skip
+        check_token(config)
+    assert "hf_Revoked" not in str(refusal.value)
+
+
+@pytest.mark.slow  # a new process (the Hub endpoint is read at import) and the local Hub: about 30 s
 def test_a_revoked_hub_token_is_refused_before_training(tmp_path):
     server = HubServer(tmp_path, token="hf_TheOnlyValidToken")
     try:
