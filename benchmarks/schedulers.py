@@ -58,7 +58,7 @@ SCHEDULERS = {  # name -> (scheduler class, config overrides): class.from_config
     "SDE-DPM-Solver++ 2M, x̂_0 clipped": (DPMSolverMultistepScheduler, {**SDE, **CLIPPED}),
 }
 PROFILES = {
-    "smoke": {**QUALITY_PROFILES["smoke"], "evaluations": (2, 4), "samples": 8, "reference": 16, "bootstrap": 2},
+    "smoke": {**QUALITY_PROFILES["smoke"], "evaluations": (2,), "samples": 8, "reference": 16, "bootstrap": 2},
     "quick": {**QUALITY_PROFILES["quick"], "evaluations": (10, 20, 50), "samples": 64, "reference": 256,
               "bootstrap": 5},
     "full": {**QUALITY_PROFILES["full"], "evaluations": (10, 20, 25, 50, 100, 1000), "samples": 300, "reference": 1000,

@@ -48,7 +48,7 @@ def test_every_benchmark_runs_in_its_smoke_profile_and_writes_its_results(tmp_pa
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,  # every benchmark, schedulers and allocator included; a busy machine runs them slowly
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for name in ("sampling", "training", "quality", "gpu"):
@@ -76,7 +76,7 @@ def test_every_benchmark_runs_in_its_smoke_profile_and_writes_its_results(tmp_pa
     allocators = json.loads((out / "allocator.json").read_text())
     assert allocators["allocators"] == ["glibc default", "glibc mallopt (hf_ddpm.cpu)"]  # the smoke profile's two
     rows = [row for case in allocators["workloads"].values() for row in case.values()]
-    assert len(rows) == 4 and all(row["cpu"] > 0 and row["peak_rss_mb"] > 50 for row in rows)
+    assert len(rows) == 2 and all(row["cpu"] > 0 and row["peak_rss_mb"] > 50 for row in rows)
     assert json.loads((out / "schedulers.json").read_text())["rows"]  # `make bench` runs the schedulers too
     for heading in ("## Schedulers: FID against model evaluations", "## Allocator: the CPU floor"):
         assert heading in report
