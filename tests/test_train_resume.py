@@ -21,7 +21,17 @@ import torch
 from hub_clients import tree_hashes
 from image_files import write_folder
 from PIL import Image
-from training_runs import REPO, TIMEOUT, digit_shards, environment, launch, launch_command, launch_flags, weights
+from training_runs import (
+    REPO,
+    TIMEOUT,
+    digit_shards,
+    environment,
+    launch,
+    launch_command,
+    launch_flags,
+    reset_accelerate,
+    weights,
+)
 
 from hf_ddpm.training import checkpoints, parse_args
 from hf_ddpm.training.checkpoints import Launch, RunRecord
@@ -209,6 +219,19 @@ def test_the_help_says_what_the_datas_key_sees():
 # ------------------------------------------------------------------------------------------------ the launch
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs: --multi_gpu needs the CPU asked for")
+def test_a_worker_of_several_that_accelerate_makes_a_1_process_run_is_refused(monkeypatch, fresh_accelerate_state):
+    """What each worker of the launch below sees, in process: WORLD_SIZE=2 from the launcher, no CPU asked for."""
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert checkpoints.launch_processes() == 1  # a run alone
+    reset_accelerate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"^2 workers were started \(WORLD_SIZE=2\) but accelerate made each a sep"):
+        checkpoints.launch_processes()
+
+
+@pytest.mark.slow  # two interpreters and torchrun (~40 s on a loaded machine); the rule is checked in process above
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs: --multi_gpu needs the CPU asked for")
 def test_two_workers_that_accelerate_makes_separate_runs_are_refused_at_once(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU without ACCELERATE_USE_CPU=1: torchrun starts two
