@@ -75,7 +75,9 @@ class DataOptions:
     dataset_name: str | None = option(
         help="a Hub dataset id or a local dataset directory (default: the bundled digits)")
     dataset_config_name: str | None = option(help="the dataset's configuration, if it has several")
-    train_data_dir: str | None = option(help="an image folder (read with datasets' imagefolder)")
+    train_data_dir: str | None = option(
+        help="an image folder, decoded once into a cache keyed by its files' resolved paths, sizes and modification "
+             "times (not their contents: a file replaced by one of the same size with its mtime kept is not seen)")
     train_data_files: str | None = option(
         help="data files, comma-separated, globs allowed: parquet, arrow, csv/json of image paths, or image files")
     image_column: str | None = option(help="default: detected (the datasets.Image column, or image, img, ...)")
