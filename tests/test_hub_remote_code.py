@@ -6,9 +6,11 @@ self-contained as diffusers sees them, behave exactly as the package, and the bu
 import ast
 import importlib.machinery
 import importlib.util
+import io
 import json
 import re
 import sys
+import tokenize
 
 import numpy as np
 import pytest
@@ -17,20 +19,18 @@ from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm.bundler import ALLOWED_IMPORTS, RULES, BundleError, bundle_source
 from hf_ddpm.hub import save_hub_pipeline
 from hf_ddpm.remote_code import (
-    ALLOWED_IMPORTS,
     BUNDLE_BUDGET_BYTES,
-    PACKAGE_DIR,
     PIPELINE_SOURCES,
     SCHEDULER_SOURCES,
-    BundleError,
     add_remote_code,
-    bundle_source,
     pipeline_module_source,
     remote_files,
     scheduler_module_source,
 )
+from hf_ddpm.shipped import PACKAGE_DIR
 
 T = 30
 
@@ -190,6 +190,25 @@ def test_a_repo_carries_one_scheduler_and_its_code_within_the_budget(saved):
     assert "SimpleNamespace" not in "".join((directory / name).read_text() for name in written)
     for name in written:  # the bundler's rules head each bundled module
         assert "keep top-level names unique across the" in (directory / name).read_text().split("from __future__")[0]
+
+
+def test_a_bundle_holds_no_comments_but_its_header_and_section_lines(saved):
+    """Comments are dropped like docstrings' later paragraphs (the full text is in the package); the bundler's rules
+    above `from __future__` and the `# ---- hf_ddpm/<module>.py` line opening each module's section stay."""
+    directory, written = saved
+    for name in written:
+        text = (directory / name).read_text()
+        header_rows = text[: text.index("from __future__")].count("\n")
+        comments = [
+            (token.start, token.line)
+            for token in tokenize.generate_tokens(io.StringIO(text).readline)
+            if token.type == tokenize.COMMENT
+        ]
+        assert "".join(line for (row, _), line in comments if row <= header_rows) == RULES + "\n", name
+        sections = [line for (row, col), line in comments if row > header_rows and col == 0]
+        assert len(sections) == len(comments) - len(RULES.splitlines()), [c for c in comments if c[1] not in sections]
+        assert all(re.fullmatch(r"# -{40} hf_ddpm/\w+\.py\n", line) for line in sections), sections
+        assert len(sections) == text.split('"""', 2)[1].count(".py sha256:") >= 3  # one per bundled module
 
 
 @pytest.mark.parametrize("source", [pipeline_module_source, scheduler_module_source])
