@@ -15,11 +15,6 @@ import torch
 BIN_HALF_WIDTH = 1.0 / 255.0
 
 
-def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
-    """uint8 k in 0..255 → k / 127.5 - 1 in [-1, 1] (DDPM section 3.3), the scale of eq. 13's bins."""
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) per element, in nats."""
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
