@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from hf_ddpm.data import digits_dataset
 from hf_ddpm.training import loop, parse_args, train
-from hf_ddpm.training.config import RunFacts, resolve
 from hf_ddpm.training.model import build_scheduler
+from hf_ddpm.training.resolve import RunFacts, resolve
 from hf_ddpm.unet import unet_config
 
 from .common import TRAINING_FLOOR as FLOOR

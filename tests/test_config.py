@@ -11,7 +11,8 @@ import pytest
 
 from hf_ddpm.training import build_parser
 from hf_ddpm.training.cli import config_values, parse_args, read_config_file
-from hf_ddpm.training.config import GROUPS, RunFacts, TrainingConfig, check_args, flag_of_key, resolve
+from hf_ddpm.training.config import GROUPS, TrainingConfig, check_args, flag_of_key
+from hf_ddpm.training.resolve import RunFacts, resolve
 
 EARLIER_FLAGS = set(
     "--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --allow_tf32 --beta_schedule --cache_dir "
@@ -123,7 +124,9 @@ def test_fine_tuning_resolves_to_the_pretrained_schedulers_objective():
     with pytest.raises(ValueError, match=r"keeps the pretrained scheduler's prediction_type='v_prediction'; "
                                          r"--prediction_type epsilon differs"):  # fmt: skip
         resolve(dataclasses.replace(given, prediction_type="epsilon"), RunFacts(pretrained_scheduler=PRETRAINED))
-    with pytest.raises(ValueError, match="--loss hybrid needs variance_type learned_range; the scheduler has .fixed_large."):
+    with pytest.raises(
+        ValueError, match="--loss hybrid needs variance_type learned_range; the scheduler has .fixed_large."
+    ):
         resolve(dataclasses.replace(given, loss="hybrid"), RunFacts(pretrained_scheduler=PRETRAINED))
 
 

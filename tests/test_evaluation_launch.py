@@ -165,7 +165,9 @@ def test_likelihood_beyond_the_bound_is_the_same_on_one_and_two_processes(pipeli
     for name in ("bits_per_dim_ode", "bits_per_dim_iw"):
         one, two = outputs[1][name], outputs[2][name]
         assert one["count"] == two["count"] == 5
-        assert two["value"] == pytest.approx(one["value"], rel=1e-9) and two["stderr"] == pytest.approx(one["stderr"], rel=1e-9)
+        assert two["value"] == pytest.approx(one["value"], rel=1e-9) and two["stderr"] == pytest.approx(
+            one["stderr"], rel=1e-9
+        )
     assert outputs[1]["bits_per_dim_ode"]["nfe_per_image"] == outputs[2]["bits_per_dim_ode"]["nfe_per_image"]
 
 

@@ -18,8 +18,8 @@ from training_runs import tiny
 from hf_ddpm import unet_config
 from hf_ddpm.training import parse_args, train
 from hf_ddpm.training.cli import RECIPES_DIR, recipe_names
-from hf_ddpm.training.config import RunFacts, resolve
 from hf_ddpm.training.model import build_scheduler
+from hf_ddpm.training.resolve import RunFacts, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 

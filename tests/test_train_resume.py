@@ -36,9 +36,9 @@ from training_runs import (
 from hf_ddpm.training import checkpoints, parse_args
 from hf_ddpm.training.checkpoints import Launch, RunRecord
 from hf_ddpm.training.cli import build_parser
-from hf_ddpm.training.config import RunFacts, resolve
 from hf_ddpm.training.interruptions import resume_command
 from hf_ddpm.training.output_dir import LOCK_NAME
+from hf_ddpm.training.resolve import RunFacts, resolve
 
 STEPS = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--save_images_steps", "1000", "--eval_size", "8"]
 

@@ -14,7 +14,7 @@ from hf_ddpm.training import build_parser, checkpoints
 from hf_ddpm.training.batches import ShardedBatches, step_generator, to_model_input
 from hf_ddpm.training.checkpoints import RunRecord
 from hf_ddpm.training.cli import parse_args
-from hf_ddpm.training.config import RunFacts, resolve
+from hf_ddpm.training.resolve import RunFacts, resolve
 
 # ---------------------------------------------------------------- options
 

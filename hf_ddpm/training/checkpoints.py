@@ -234,7 +234,7 @@ class RunRecord:
     the UNet's config and the objective (they must match), the launch (the process count must match, the precision
     is restored), the batch shape and seed (a change is allowed, with a warning: the data order differs), the data
     (a change is refused unless --allow_data_change) and the run's length and LR schedule (kept by a resume:
-    `config.resolve`)."""
+    `resolve.resolve`)."""
 
     step: int
     unet: dict

@@ -1,5 +1,5 @@
-"""The run config of `training/train.py`: typed options, one field per flag, checked whenever a config is built; and
-`resolve`, the one place where a value that depends on the run is filled in.
+"""The run config of `training/train.py`: typed options, one field per flag, checked whenever a config is built.
+`hf_ddpm.training.resolve` is the one place where a value that depends on the run is filled in.
 
 Each group of options is a frozen dataclass (its argparse group); `TrainingConfig` inherits them all, so every
 option is read as `config.flag_name`. A field's metadata holds its help text and, where it has them, its aliases, its
@@ -10,23 +10,23 @@ model on scikit-learn's bundled digits in a few minutes on two CPU cores (`make 
 recipes in training/recipes/.
 
 A config is never changed once built. What was given (`parse_args`) leaves None where the value depends on the run;
-`resolve` returns a new config with every such value filled from the facts of the run (the pretrained scheduler, the
-checkpoint's record, the launch, the data), and that config is what trains and what training_args.json holds.
+`resolve.resolve` returns a new config with every such value filled from the facts of the run (the pretrained
+scheduler, the checkpoint's record, the launch, the data), and that config is what trains and what
+training_args.json holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from ..losses import LossType, check_objective
 from ..scheduler import PredictionType, VarianceType
-from ..schedules import BETA_SCHEDULES, PAPER_NUM_TIMESTEPS, SCHEDULE_ALIASES
+from ..schedules import BETA_SCHEDULES, SCHEDULE_ALIASES
 from .interruptions import NAN_POLICIES, parse_signals
 
 DEFAULT_MODEL = "digits-16-tiny"
@@ -338,137 +338,3 @@ def check_args(args: TrainingConfig) -> None:
     if args.variance_type is not None or args.pretrained_model_name_or_path is None:
         source = "--variance_type" if args.pretrained_model_name_or_path is None else "the scheduler"
         check_objective(args.loss, args.variance_type or default_variance_type(args.loss), source)
-
-
-# ------------------------------------------------------------------------------------------------ resolving a run
-
-
-@dataclass(frozen=True)
-class RunFacts:
-    """What a run knows besides its options: the pretrained scheduler's config (fine-tuning), the launch, the
-    checkpoint it resumes, and (once read) the number of training images."""
-
-    num_processes: int = 1
-    launch_precision: str = "no"  # `launch_precision()`
-    pretrained_scheduler: dict | None = None
-    resume_path: str | None = None
-    resumed_precision: str | None = None  # the mixed precision the resumed checkpoint was trained with
-    resumed_schedule: dict | None = None  # the resumed run's SCHEDULE_OPTIONS and total_steps (its record's)
-    train_images: int | None = None  # None until the data is read: the batch and warmup defaults wait for it
-
-
-def optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
-    """The run's length in optimizer steps: --max_train_steps, else --num_epochs passes over the data."""
-    return config.max_train_steps or math.ceil(
-        config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps
-    )
-
-
-def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, list[str]]:
-    """The config the run trains with: `given` with every run-dependent default filled in from `facts`, checked
-    as any config is; and a line for each default that the run changed (for the log). Reads nothing but `facts`
-    (and, for fp16, whether CUDA is available)."""
-    values, notes = {}, []
-    given = _keep_schedule(given, facts, notes)
-
-    # The objective: a pretrained scheduler's values (a flag must agree: fine-tuning keeps its process), else the
-    # paper's (DDPM section 4: T = 1000, linear β from 1e-4 to 0.02, ε-prediction; section 3.2: fixed β̃_t variance).
-    objective = {"ddpm_num_steps": PAPER_NUM_TIMESTEPS, "ddpm_beta_schedule": "linear", "prediction_type": "epsilon",
-                 "variance_type": default_variance_type(given.loss)}  # fmt: skip
-    for name, default in objective.items():
-        value = getattr(given, name)
-        if facts.pretrained_scheduler is not None:
-            key = TrainingConfig.__dataclass_fields__[name].metadata["key"]
-            kept = facts.pretrained_scheduler[key]
-            if value is not None and SCHEDULE_ALIASES.get(value, value) != kept:
-                raise ValueError(
-                    f"fine-tuning keeps the pretrained scheduler's {key}={kept!r}; "
-                    f"--{name} {value} differs (drop the flag, or train from scratch)"
-                )
-            default = kept
-        values[name] = default if value is None else value
-    T = values["ddpm_num_steps"]
-    values["ddpm_num_inference_steps"] = given.ddpm_num_inference_steps or min(DEFAULT_INFERENCE_STEPS, T)
-    if given.save_images_steps is None and given.save_images_epochs is None:
-        values["save_images_epochs"] = DEFAULT_SAVE_IMAGES_EPOCHS
-
-    # Mixed precision: a resumed run keeps its checkpoint's (the numerics it trained with, and its gradient scaler's
-    # state with fp16); a flag that contradicts it is refused; else what the launcher says.
-    saved = facts.resumed_precision
-    if given.mixed_precision is not None and saved is not None and given.mixed_precision != saved:
-        raise ValueError(
-            f"--mixed_precision {given.mixed_precision}: the checkpoint {facts.resume_path} was trained with "
-            f"--mixed_precision {saved}; drop the flag to resume in {saved}, or start a new run"
-        )
-    values["mixed_precision"] = given.mixed_precision or saved or facts.launch_precision
-    if given.mixed_precision is None and saved is not None and saved != facts.launch_precision:
-        if saved == "fp16" and not torch.cuda.is_available():
-            raise ValueError(
-                f"the checkpoint {facts.resume_path} was trained with --mixed_precision fp16, which needs a CUDA GPU, "
-                "and none is available: resume it on a machine with one, or start a new run"
-            )
-        notes.append(f"--mixed_precision {saved} restored from {facts.resume_path} (the launch said "
-                     f"{facts.launch_precision})")  # fmt: skip
-
-    # The batch and the warmup fit the data: a small folder, or a short run, trains without flags.
-    if facts.train_images is not None:
-        world = facts.num_processes
-        batch = given.train_batch_size
-        if batch is None:
-            batch = max(1, min(DEFAULT_BATCH_SIZE, facts.train_images // world))
-            if batch < DEFAULT_BATCH_SIZE:
-                notes.append(f"--train_batch_size {batch} (the default {DEFAULT_BATCH_SIZE}, capped: "
-                             f"{facts.train_images} training images over {world} processes)")  # fmt: skip
-        values["train_batch_size"] = batch
-        per_epoch = facts.train_images // (batch * world)
-        total = optimizer_steps(given, per_epoch) if per_epoch else None  # None: the batches refuse the data
-        warmup = given.lr_warmup_steps
-        if warmup is None and total is not None:
-            warmup = DEFAULT_WARMUP_STEPS if DEFAULT_WARMUP_STEPS <= total else total // 10
-            if warmup != DEFAULT_WARMUP_STEPS:
-                notes.append(f"--lr_warmup_steps {warmup} (the default {DEFAULT_WARMUP_STEPS} is longer than the "
-                             f"run's {total} steps: a tenth of it)")  # fmt: skip
-        elif warmup is not None and total is not None and warmup > total:
-            raise ValueError(f"--lr_warmup_steps {warmup} exceeds the run's {total} optimizer steps")
-        values["lr_warmup_steps"] = warmup
-    return replace(given, **values), notes
-
-
-def _keep_schedule(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> TrainingConfig:
-    """`given` with the resumed run's length and LR schedule where it gives none: a resume finishes the run it
-    continues (without --max_train_steps, an 80-step run would otherwise become --num_epochs' length on a new LR
-    schedule). A flag that changes them is refused, naming it, unless --allow_schedule_change."""
-    saved = facts.resumed_schedule
-    if not saved or saved.get("total_steps") is None:  # a fresh run (or a record without its length)
-        if given.streaming and given.max_train_steps is None:
-            raise ValueError(STREAMING_LENGTH)
-        return given
-    total, path = saved["total_steps"], facts.resume_path
-    changed = []
-    if given.max_train_steps is not None and given.max_train_steps != total:
-        changed.append(f"--max_train_steps {given.max_train_steps} (the run's length: {total} optimizer steps)")
-    elif given.max_train_steps is None and saved["max_train_steps"] is None and given.num_epochs != saved["num_epochs"]:
-        changed.append(f"--num_epochs {given.num_epochs} (the run's: {saved['num_epochs']}, {total} optimizer steps)")
-    for name in ("lr_scheduler", "lr_warmup_steps"):
-        value = getattr(given, name)
-        if value is not None and value != saved[name]:
-            changed.append(f"--{name} {value} (the run's: {saved[name]})")
-    if changed and not given.allow_schedule_change:
-        raise ValueError(
-            f"the run of {path} is {total} optimizer steps long on its LR schedule, and a resume keeps both: "
-            f"{'; '.join(changed)}. Drop the flag to finish the run as it began, or pass --allow_schedule_change to "
-            "train on with it (the LR schedule is then recomputed over the new length)"
-        )
-    kept = {}
-    if given.max_train_steps is None and not any(c.startswith("--num_epochs") for c in changed):
-        kept["max_train_steps"] = total
-    if given.lr_warmup_steps is None:
-        kept["lr_warmup_steps"] = saved["lr_warmup_steps"]
-    notes += [f"--{k} {v}: the resumed run's (from {path})" for k, v in kept.items()]
-    if saved.get("learning_rate") not in (None, given.learning_rate):  # not a field of `given`: said, not changed
-        notes.append(f"--learning_rate {given.learning_rate} is not applied: the resumed optimizer and LR schedule "
-                     f"restore the run's peak learning rate, {saved['learning_rate']}")  # fmt: skip
-    if changed:
-        notes.append(f"--allow_schedule_change: {'; '.join(changed)}: the LR schedule is recomputed over the new "
-                     "length, so from the resumed step on its learning rate differs from the original run's")  # fmt: skip
-    return replace(given, **kept)

@@ -3,7 +3,7 @@
 A run is a transaction. `check_run` refuses whatever cannot work (the Hub target, the model and the objective, one
 UNet forward pass at the training resolution, the checkpoint to resume and its compatibility, the output directory)
 before any data is read or anything is written, on every process alike so that all refuse together. The config is
-resolved (`config.resolve`) from the flags and the facts of the run: before the data is read, for those checks and
+resolved (`resolve.resolve`) from the flags and the facts of the run: before the data is read, for those checks and
 the Accelerator; once the data is read, into the value the run trains with and training_args.json records.
 
 A training error ends the output with `error: <message>` on one line, status 1. The traceback is printed above it
@@ -39,10 +39,11 @@ from . import checkpoints, output_dir
 from .batches import check_dataset_reachable, load_training_data, make_batches
 from .checkpoints import RunRecord
 from .cli import parse_args
-from .config import RunFacts, TrainingConfig, launch_precision, optimizer_steps, resolve
+from .config import TrainingConfig, launch_precision
 from .interruptions import NanGuard, PreemptionHandler, any_process_failed, describe, one_line, parse_signals
 from .loop import Run, check_publish, check_token, train_loop
 from .model import build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
+from .resolve import RunFacts, optimizer_steps, resolve
 
 logger = get_logger(__name__)
 ERROR_STATUS = 1
