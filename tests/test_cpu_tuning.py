@@ -114,7 +114,7 @@ def test_importing_the_library_leaves_the_allocator_alone_and_the_cli_tunes_it(d
 def test_a_users_own_malloc_setting_wins(digits_pipeline, untuned):
     # MALLOC_ARENA_MAX says nothing about thresholds: had the entry tuned anyway, the faults would drop
     own = probe("cli", digits_pipeline, "1", MALLOC_ARENA_MAX="4")
-    assert own["faults_per_call"] > untuned["faults_per_call"] / 2
+    assert own["faults_per_call"] > 2000  # thousands of refaults per call, as untuned (tuned: a few hundred at most)
     assert own["samples"] == untuned["samples"]
 
 
