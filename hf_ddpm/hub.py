@@ -7,7 +7,7 @@
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
     python -m hf_ddpm push OUTPUT_DIR --repo_id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
     check_can_push, request_timeout, push_failed   the guards and the error of every push (also the Space's)
-The training script's --push_to_hub hooks (the start-up checks and the push) live in hf_ddpm/training/loop.py.
+    check_publish, check_token, publish   training's --push_to_hub hooks: the start-up checks and the push
 
 A push uploads a staged copy (model_index.json, unet/ weights in safetensors and config, scheduler/ config, the
 remote-code modules, README.md, samples.png), never the output directory itself: checkpoints, logs, optimizer
@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .atomic import replace_dir, staging_name, swap_in
 from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
 from .pipeline_folder import drop_local_paths
 from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
+
+if TYPE_CHECKING:  # the hooks read a training run's options; training imports this module
+    from .training.config import TrainingConfig
 
 # What a pushed repo may hold (upload_folder's allow_patterns, on top of staging only these files).
 PUSHED_PATTERNS = [
@@ -299,3 +304,87 @@ def request_timeout(seconds: float):
         yield
     finally:
         session.timeout = previous
+
+
+# ------------------------------------------------------------------------------------------------ training's hooks
+
+
+def repo_id_of(args: TrainingConfig) -> str:
+    """The repo --push_to_hub pushes to: --hub_model_id, else the output directory's name (the token owner's)."""
+    return args.hub_model_id or Path(args.output_dir).resolve().name
+
+
+def check_publish(args: TrainingConfig) -> None:
+    """Training start-up: fail before any training when --push_to_hub cannot succeed (offline mode, no token)."""
+    if not args.push_to_hub:
+        return
+    check_repo_id(args)
+    command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
+    check_can_push(args.output_dir, command, args.hub_token)
+
+
+TOKEN_CHECK_TIMEOUT = 10.0  # seconds for the Hub's answer to whoami: a start-up check, not a push
+
+
+def check_token(args: TrainingConfig) -> None:
+    """Training start-up, after `check_publish`: the Hub answers whoami for the token, so that a revoked or mistyped
+    token is refused now instead of after the training; an unreachable Hub is named within TOKEN_CHECK_TIMEOUT."""
+    if not args.push_to_hub:
+        return
+    import httpx
+    from huggingface_hub import constants, get_token, whoami
+    from huggingface_hub.errors import HfHubHTTPError
+
+    command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
+    later = f"or train without --push_to_hub and push the result later with: {command}"
+    try:
+        with request_timeout(TOKEN_CHECK_TIMEOUT):
+            whoami(token=args.hub_token or get_token(), cache=False)
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status not in (401, 403):
+            raise HubPushError(f"--push_to_hub: the Hub at {constants.ENDPOINT} answered the token check with HTTP "
+                               f"{status}; nothing was trained. Try again, {later}", command) from None  # fmt: skip
+        source = "--hub_token" if args.hub_token else "the token (HF_TOKEN or the saved login)"
+        raise HubPushError(
+            f"--push_to_hub: the Hub at {constants.ENDPOINT} refuses {source} (HTTP {status}: invalid or revoked); "
+            f"nothing was trained. Pass a valid --hub_token or log in again (hf auth login), {later}",
+            command,
+        ) from None
+    except (OSError, httpx.TransportError) as err:
+        raise ConnectionError(
+            f"--push_to_hub: the Hub at {constants.ENDPOINT} cannot be reached to check the token "
+            f"({type(err).__name__}: {err}); nothing was trained. Check the network, {later}"
+        ) from None
+
+
+def check_repo_id(args: TrainingConfig) -> str | None:
+    """The repo --push_to_hub will push to (given, or the output directory's name): refused now when invalid, and
+    said where it goes. None without --push_to_hub."""
+    if not args.push_to_hub:
+        return None
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    given = args.hub_model_id is not None
+    repo_id = repo_id_of(args)  # the one the push uses
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        origin = f"--hub_model_id {repo_id!r}" if given else f"the repo id {repo_id!r} (from --output_dir's name)"
+        raise ValueError(
+            f"{origin} is not a valid Hub repo id: {str(err).split(': ')[0]}. "
+            + ("" if given else "Pass --hub_model_id NAME or rename the output directory. ")
+            + "Use 'name' or 'namespace/name' with letters, digits, '-', '_' and '.'"
+        ) from None
+    where = repo_id if "/" in repo_id else f"<your namespace>/{repo_id}"
+    message = "--push_to_hub: will push the pipeline to %s/%s at the end"
+    logging.getLogger(__name__).info(message, constants.ENDPOINT, where)  # before accelerate's state exists
+    return repo_id
+
+
+def publish(output_dir: str | Path, args: TrainingConfig) -> str:
+    """Training's --push_to_hub hook (main process, after the pipeline is saved): push `output_dir` as
+    --hub_model_id (default: the output directory's name, in the token owner's namespace), private with
+    --hub_private_repo, with --hub_token or the usual token sources. Returns the commit URL; raises HubPushError."""
+    return push_to_hub(output_dir, repo_id_of(args), private=args.hub_private_repo, token=args.hub_token)

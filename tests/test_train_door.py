@@ -14,9 +14,8 @@ from hub_server import HubServer
 from huggingface_hub.errors import HfHubHTTPError
 from training_runs import REPO, environment, launch_command, reset_accelerate, tiny
 
-from hf_ddpm.hub import HubPushError
+from hf_ddpm.hub import HubPushError, check_token
 from hf_ddpm.training import parse_args, train
-from hf_ddpm.training.loop import check_token
 from hf_ddpm.training.main import main
 
 

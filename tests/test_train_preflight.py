@@ -72,11 +72,11 @@ def test_bad_hub_repo_ids_are_refused_before_training(tmp_path, no_data, monkeyp
 
 
 def test_the_push_target_is_said_at_start_up(tmp_path, no_data, monkeypatch, caplog):
-    from hf_ddpm.training.loop import check_repo_id
+    from hf_ddpm.hub import check_repo_id
 
     monkeypatch.setenv("HF_TOKEN", "hf_unused")
     args = parse_args(["--output_dir", str(tmp_path / "digits-ddpm"), "--push_to_hub"])
-    with caplog.at_level(logging.INFO, logger="hf_ddpm.training.loop"):
+    with caplog.at_level(logging.INFO, logger="hf_ddpm.hub"):
         assert check_repo_id(args) == "digits-ddpm"
     assert "--push_to_hub: will push the pipeline to " in caplog.text and "/<your namespace>/digits-ddpm" in caplog.text
 

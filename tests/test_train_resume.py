@@ -33,7 +33,7 @@ from training_runs import (
     weights,
 )
 
-from hf_ddpm.training import checkpoints, parse_args
+from hf_ddpm.training import checkpoints, main, parse_args
 from hf_ddpm.training.checkpoints import Launch, RunRecord
 from hf_ddpm.training.cli import build_parser
 from hf_ddpm.training.interruptions import resume_command
@@ -224,11 +224,11 @@ def test_a_worker_of_several_that_accelerate_makes_a_1_process_run_is_refused(mo
     """What each worker of the launch below sees, in process: WORLD_SIZE=2 from the launcher, no CPU asked for."""
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert checkpoints.launch_processes() == 1  # a run alone
+    assert main.launch_processes() == 1  # a run alone
     reset_accelerate()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"^2 workers were started \(WORLD_SIZE=2\) but accelerate made each a sep"):
-        checkpoints.launch_processes()
+        main.launch_processes()
 
 
 @pytest.mark.slow  # two interpreters and torchrun (~40 s on a loaded machine); the rule is checked in process above

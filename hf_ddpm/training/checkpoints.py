@@ -17,12 +17,12 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..atomic import TMP_SUFFIX, is_staging, remove_dir, replace_dir, staging_name, write_atomically
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
 from .config import SCHEDULE_OPTIONS, flag_of_key
-from .interruptions import any_process_failed, cpu_requested, describe, launched_by_accelerate
+from .interruptions import any_process_failed, cpu_requested, describe, launched_by_accelerate, require_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -182,24 +182,6 @@ class Launch:
     mixed_precision: str
     accelerate: bool = False  # started by `accelerate launch` (else by `python`)
     cpu: bool = False  # the CPU asked for (`accelerate launch --cpu`, ACCELERATE_USE_CPU=1)
-
-
-def launch_processes() -> int:
-    """The run's process count as accelerate makes it (its PartialState, which the Accelerator then shares), never
-    an environment variable. Workers started as one run (WORLD_SIZE > 1) that accelerate turns into separate
-    1-process runs (`--multi_gpu` on a machine without GPUs, the CPU not asked for) are refused at once, with the fix:
-    each would otherwise train alone, and all but one would find the output directory in use."""
-    from accelerate import PartialState
-
-    workers = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher started, read before accelerate sets it
-    processes = PartialState(cpu=cpu_requested()).num_processes
-    if workers > 1 and processes == 1:
-        raise ValueError(
-            f"{workers} workers were started (WORLD_SIZE={workers}) but accelerate made each a separate 1-process run: "
-            f"no GPU is used and the CPU was not asked for. On a CPU, launch with `ACCELERATE_USE_CPU=1 accelerate "
-            f"launch --multi_gpu --num_processes {workers} ...`"
-        )
-    return processes
 
 
 @dataclass(frozen=True)
@@ -391,15 +373,22 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
         )  # fmt: skip
 
 
-class EMAState:
-    """Checkpoints an `EMAModel` and puts its weights back on the training device (accelerate loads on the CPU)."""
+# ------------------------------------------------------------------------------------------------ a run's checkpoints
+# `run`: the loop's Run (its config, accelerator, weights, EMA and record).
 
-    def __init__(self, ema, device):
-        self.ema, self.device = ema, device
 
-    def state_dict(self) -> dict:
-        return self.ema.state_dict()
+def checkpoint_of_last_step(run, step: int) -> str | None:
+    """The checkpoint of `step` for a stop: written now (all processes) unless the periodic save or the resumed
+    checkpoint holds it already; None when no step was ever trained."""
+    if step == run.record.step:  # nothing trained by this process: the checkpoint it resumed, if any
+        return run.resume_path
+    if step % run.config.checkpointing_steps == 0:
+        return os.path.join(run.config.output_dir, f"checkpoint-{step}")
+    return save_run_checkpoint(run, step)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.ema.load_state_dict(state)
-        self.ema.to(device=self.device)
+
+def save_run_checkpoint(run, step: int) -> str:
+    """A checkpoint of `step` (all processes), never of weights that are not finite."""
+    require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}")
+    record = replace(run.record, step=step)
+    return save_checkpoint(run.accelerator, run.config.output_dir, record, run.config.checkpoints_total_limit)

@@ -340,3 +340,9 @@ class NanGuard:
             raise NonFiniteError(
                 f"{what}, the {self.consecutive}th non-finite step in a row; training stopped: {kept}. {advice}"
             )
+
+
+def raise_if_any_failed(accelerator, error: Exception | None) -> None:
+    """Every process hears whether the main process failed; all raise (its error, or one naming it)."""
+    if any_process_failed(accelerator, error is not None):
+        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")

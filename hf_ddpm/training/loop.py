@@ -1,6 +1,6 @@
 """The training loop behind `accelerate launch training/train.py`, and what it writes while and after it runs:
-checkpoints, sample grids, held-out bits/dim, the pipeline, and with --push_to_hub the Hub repo (whose target and
-token are checked at start-up, here beside the push).
+checkpoints, sample grids, held-out bits/dim, the pipeline, and with --push_to_hub the Hub repo (hf_ddpm/hub.py's
+training hooks check its target and token at start-up and push it).
 
 One optimizer step = `gradient_accumulation_steps` micro-steps on every process. `max_train_steps`, the warmup,
 the LR schedule, checkpoints, logging and evaluation all count optimizer steps. The LR scheduler is stepped here
@@ -10,18 +10,14 @@ and held-out bits/dim use the EMA weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
 import json
-import logging
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -33,7 +29,7 @@ from ..atomic import write_atomically
 from ..data import StreamSourceError
 from ..data.streaming import StreamingBatches
 from ..evaluation.bits_per_dim import bits_per_dim
-from ..hub import HubPushError, check_can_push, push_to_hub, request_timeout, retry_command, save_hub_pipeline
+from ..hub import publish, repo_id_of, retry_command, save_hub_pipeline
 from ..images import make_grid
 from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
 from ..pipeline import HFDDPMPipeline
@@ -49,9 +45,11 @@ from .interruptions import (
     SourceLost,
     any_process_failed,
     one_line,
+    raise_if_any_failed,
     require_finite_weights,
     resume_command,
 )
+from .model import ema_weights, parameter_hash
 from .output_dir import RunLock
 
 logger = get_logger(__name__)
@@ -206,7 +204,7 @@ def _stop_on_lost_source(run: Run, step: int, preemption: PreemptionHandler) -> 
     error with the resume command, and all raise SourceLost (exit status SOURCE_LOST_STATUS)."""
     config, accelerator = run.config, run.accelerator
     run.batches.rewind_to_last_step()
-    path = _checkpoint_of_last_step(run, step)
+    path = checkpoints.checkpoint_of_last_step(run, step)
     command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
     error = preemption.source_error
     if error is not None:
@@ -215,25 +213,6 @@ def _stop_on_lost_source(run: Run, step: int, preemption: PreemptionHandler) -> 
               flush=True)  # fmt: skip
     accelerator.end_training()
     raise SourceLost(path, command)
-
-
-def _checkpoint_of_last_step(run: Run, step: int) -> str | None:
-    """The checkpoint of `step` for a stop: written now (all processes) unless the periodic save or the resumed
-    checkpoint holds it already; None when no step was ever trained."""
-    if step == run.record.step:  # nothing trained by this process: the checkpoint it resumed, if any
-        return run.resume_path
-    if step % run.config.checkpointing_steps == 0:
-        return os.path.join(run.config.output_dir, f"checkpoint-{step}")
-    return _save_checkpoint(run, step)
-
-
-def _save_checkpoint(run: Run, step: int) -> str:
-    """A checkpoint of `step` (all processes), never of weights that are not finite."""
-    require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}")
-    record = replace(run.record, step=step)
-    return checkpoints.save_checkpoint(
-        run.accelerator, run.config.output_dir, record, run.config.checkpoints_total_limit
-    )
 
 
 def _due(run: Run, step: int, every_steps: int | None, every_epochs: int | None) -> bool:
@@ -250,7 +229,7 @@ def _periodic(run: Run, step: int) -> None:
     config, accelerator = run.config, run.accelerator
     snapshot = step != run.total_steps and _due(run, step, config.save_model_steps, config.save_model_epochs)
     if step % config.checkpointing_steps == 0:
-        _save_checkpoint(run, step)
+        checkpoints.save_run_checkpoint(run, step)
     elif snapshot:  # on every process (replicated weights): all stop together, nothing written
         require_finite_weights(run.model, run.ema, step, "the pipeline")
     if not accelerator.is_main_process or step == run.total_steps:  # `_finish` samples and evaluates the last step
@@ -267,7 +246,7 @@ def _preempt(run: Run, step: int, signum: int, when: str = "") -> None:
     """All processes agreed to stop after `step`: checkpoint it (unless `_periodic` or the resumed checkpoint holds
     it), say how to resume, and raise Preempted (exit status 128 + the signal number)."""
     accelerator = run.accelerator
-    path = _checkpoint_of_last_step(run, step)
+    path = checkpoints.checkpoint_of_last_step(run, step)
     command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
     if accelerator.is_main_process:
         name = signal.Signals(signum).name
@@ -320,7 +299,7 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
             pass  # preemption.received holds the signal
         except Exception as err:  # shared below, so that the other processes stop too instead of waiting
             error = err
-    _raise_if_any_failed(accelerator, error)
+    raise_if_any_failed(accelerator, error)
     if any_process_failed(accelerator, preemption.received is not None):  # every process checkpoints the step
         _preempt(run, step, preemption.received or signal.SIGTERM, " during the final evaluation")
 
@@ -337,7 +316,7 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
         else:
             weights = "EMA weights" if run.ema is not None else "final weights"
             logger.info("saved the pipeline (%s) and samples.png to %s", weights, config.output_dir)
-    _raise_if_any_failed(accelerator, error)
+    raise_if_any_failed(accelerator, error)
     signalled = any_process_failed(accelerator, preemption.received is not None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -367,27 +346,7 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
     return summary
 
 
-def _raise_if_any_failed(accelerator, error: Exception | None) -> None:
-    """Every process hears whether the main process failed; all raise (its error, or one naming it)."""
-    if any_process_failed(accelerator, error is not None):
-        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")
-
-
 # ------------------------------------------------------------------------------------------------ what it writes
-
-
-@contextlib.contextmanager
-def ema_weights(ema, module: torch.nn.Module):
-    """Within the block `module` holds the EMA weights; its own weights are restored afterwards (no-op without EMA)."""
-    if ema is None:
-        yield module
-        return
-    ema.store(module.parameters())
-    ema.copy_to(module.parameters())
-    try:
-        yield module
-    finally:
-        ema.restore(module.parameters())
 
 
 def _save_pipeline(run: Run) -> None:
@@ -431,98 +390,3 @@ def _log_bits_per_dim(run: Run, step: int, final: bool = False) -> dict:
         step, result["bits_per_dim"], result["bits_per_dim_stderr"], result["num_images"], result["num_timesteps"],
     )  # fmt: skip
     return result
-
-
-def parameter_hash(module: torch.nn.Module) -> str:
-    """sha256 over the module's state (names, dtypes, bytes): equal on replicas that hold identical weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        flat = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)  # any memory format
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------ publishing
-
-
-def repo_id_of(args: TrainingConfig) -> str:
-    """The repo --push_to_hub pushes to: --hub_model_id, else the output directory's name (the token owner's)."""
-    return args.hub_model_id or Path(args.output_dir).resolve().name
-
-
-def check_publish(args: TrainingConfig) -> None:
-    """Training start-up: fail before any training when --push_to_hub cannot succeed (offline mode, no token)."""
-    if not args.push_to_hub:
-        return
-    check_repo_id(args)
-    command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
-    check_can_push(args.output_dir, command, args.hub_token)
-
-
-TOKEN_CHECK_TIMEOUT = 10.0  # seconds for the Hub's answer to whoami: a start-up check, not a push
-
-
-def check_token(args: TrainingConfig) -> None:
-    """Training start-up, after `check_publish`: the Hub answers whoami for the token, so that a revoked or mistyped
-    token is refused now instead of after the training; an unreachable Hub is named within TOKEN_CHECK_TIMEOUT."""
-    if not args.push_to_hub:
-        return
-    import httpx
-    from huggingface_hub import constants, get_token, whoami
-    from huggingface_hub.errors import HfHubHTTPError
-
-    command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
-    later = f"or train without --push_to_hub and push the result later with: {command}"
-    try:
-        with request_timeout(TOKEN_CHECK_TIMEOUT):
-            whoami(token=args.hub_token or get_token(), cache=False)
-    except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        if status not in (401, 403):
-            raise HubPushError(f"--push_to_hub: the Hub at {constants.ENDPOINT} answered the token check with HTTP "
-                               f"{status}; nothing was trained. Try again, {later}", command) from None  # fmt: skip
-        source = "--hub_token" if args.hub_token else "the token (HF_TOKEN or the saved login)"
-        raise HubPushError(
-            f"--push_to_hub: the Hub at {constants.ENDPOINT} refuses {source} (HTTP {status}: invalid or revoked); "
-            f"nothing was trained. Pass a valid --hub_token or log in again (hf auth login), {later}",
-            command,
-        ) from None
-    except (OSError, httpx.TransportError) as err:
-        raise ConnectionError(
-            f"--push_to_hub: the Hub at {constants.ENDPOINT} cannot be reached to check the token "
-            f"({type(err).__name__}: {err}); nothing was trained. Check the network, {later}"
-        ) from None
-
-
-def check_repo_id(args: TrainingConfig) -> str | None:
-    """The repo --push_to_hub will push to (given, or the output directory's name): refused now when invalid, and
-    said where it goes. None without --push_to_hub."""
-    if not args.push_to_hub:
-        return None
-    from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    given = args.hub_model_id is not None
-    repo_id = repo_id_of(args)  # the one the push uses
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        origin = f"--hub_model_id {repo_id!r}" if given else f"the repo id {repo_id!r} (from --output_dir's name)"
-        raise ValueError(
-            f"{origin} is not a valid Hub repo id: {str(err).split(': ')[0]}. "
-            + ("" if given else "Pass --hub_model_id NAME or rename the output directory. ")
-            + "Use 'name' or 'namespace/name' with letters, digits, '-', '_' and '.'"
-        ) from None
-    where = repo_id if "/" in repo_id else f"<your namespace>/{repo_id}"
-    message = "--push_to_hub: will push the pipeline to %s/%s at the end"
-    logging.getLogger(__name__).info(message, constants.ENDPOINT, where)  # before accelerate's state exists
-    return repo_id
-
-
-def publish(output_dir: str | Path, args: TrainingConfig) -> str:
-    """Training's --push_to_hub hook (main process, after the pipeline is saved): push `output_dir` as
-    --hub_model_id (default: the output directory's name, in the token owner's namespace), private with
-    --hub_private_repo, with --hub_token or the usual token sources. Returns the commit URL; raises HubPushError."""
-    return push_to_hub(output_dir, repo_id_of(args), private=args.hub_private_repo, token=args.hub_token)

@@ -32,6 +32,7 @@ from diffusers.training_utils import EMAModel
 
 from ..cpu import tune_process
 from ..data.streaming import StreamingBatches
+from ..hub import check_publish, check_token
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from ..unet import UNET_PRESETS, unet_config
@@ -40,9 +41,17 @@ from .batches import check_dataset_reachable, load_training_data, make_batches
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision
-from .interruptions import NanGuard, PreemptionHandler, any_process_failed, describe, one_line, parse_signals
-from .loop import Run, check_publish, check_token, train_loop
-from .model import build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
+from .interruptions import (
+    NanGuard,
+    PreemptionHandler,
+    any_process_failed,
+    cpu_requested,
+    describe,
+    one_line,
+    parse_signals,
+)
+from .loop import Run, train_loop
+from .model import EMAState, build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
 from .resolve import RunFacts, optimizer_steps, resolve
 
 logger = get_logger(__name__)
@@ -114,6 +123,24 @@ class Plan:
     output: output_dir.OutputDir
 
 
+def launch_processes() -> int:
+    """The run's process count as accelerate makes it (its PartialState, which the Accelerator then shares), never
+    an environment variable. Workers started as one run (WORLD_SIZE > 1) that accelerate turns into separate
+    1-process runs (`--multi_gpu` on a machine without GPUs, the CPU not asked for) are refused at once, with the fix:
+    each would otherwise train alone, and all but one would find the output directory in use."""
+    from accelerate import PartialState
+
+    workers = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher started, read before accelerate sets it
+    processes = PartialState(cpu=cpu_requested()).num_processes
+    if workers > 1 and processes == 1:
+        raise ValueError(
+            f"{workers} workers were started (WORLD_SIZE={workers}) but accelerate made each a separate 1-process run: "
+            f"no GPU is used and the CPU was not asked for. On a CPU, launch with `ACCELERATE_USE_CPU=1 accelerate "
+            f"launch --multi_gpu --num_processes {workers} ...`"
+        )
+    return processes
+
+
 def check_run(given: TrainingConfig) -> Plan:
     """Every check that needs no data and writes nothing (see the module docstring)."""
     check_publish(given)
@@ -137,7 +164,7 @@ def check_run(given: TrainingConfig) -> Plan:
     # accelerate's process count (workers that are not one run are refused). Its set-up is the processes' first
     # collective: after every check that reads the output directory, or a process through it would take the lock
     # while another is still checking the directory, and find it in use.
-    facts = replace(facts, num_processes=checkpoints.launch_processes())
+    facts = replace(facts, num_processes=launch_processes())
     if record is not None:
         current = RunRecord.of_run(0, unet.config, scheduler.config, config, facts.num_processes)
         checkpoints.check_resume(
@@ -271,7 +298,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     sampler = LossSecondMomentResampler(num_steps) if config.importance_sampling else UniformSampler(num_steps)
     # Checkpointed besides accelerate's own state, in this order (the record is a file of its own, by name).
     if ema is not None:
-        accelerator.register_for_checkpointing(checkpoints.EMAState(ema, device))
+        accelerator.register_for_checkpointing(EMAState(ema, device))
     if config.importance_sampling:
         accelerator.register_for_checkpointing(sampler)
     if isinstance(batches, StreamingBatches):

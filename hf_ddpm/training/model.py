@@ -1,10 +1,13 @@
 """The network and noise schedule a run trains: a UNet preset or JSON config with a fresh HFDDPMScheduler, or a
 pretrained pipeline (`unet/` + `scheduler/`) to fine-tune; and the checks that a UNet can be built from its config
-and takes the training resolution, made before any data is read.
+and takes the training resolution, made before any data is read; its EMA weights (swapped in to sample and
+evaluate, checkpointed) and a fingerprint of its weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import json
 import os
@@ -185,3 +188,45 @@ def check_forward(unet: UNet2DModel, resolution: int, source: str, resolution_gi
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). It halves the resolution "
             f"{len(unet.config.down_block_types) - 1} times, so it accepts multiples of {factor}: {accepted}, ..."
         ) from err
+
+
+# ------------------------------------------------------------------------------------------------ its weights
+
+
+@contextlib.contextmanager
+def ema_weights(ema, module: torch.nn.Module):
+    """Within the block `module` holds the EMA weights; its own weights are restored afterwards (no-op without EMA)."""
+    if ema is None:
+        yield module
+        return
+    ema.store(module.parameters())
+    ema.copy_to(module.parameters())
+    try:
+        yield module
+    finally:
+        ema.restore(module.parameters())
+
+
+class EMAState:
+    """Checkpoints an `EMAModel` and puts its weights back on the training device (accelerate loads on the CPU)."""
+
+    def __init__(self, ema, device):
+        self.ema, self.device = ema, device
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
+        self.ema.to(device=self.device)
+
+
+def parameter_hash(module: torch.nn.Module) -> str:
+    """sha256 over the module's state (names, dtypes, bytes): equal on replicas that hold identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        flat = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)  # any memory format
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
