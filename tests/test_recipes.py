@@ -70,6 +70,7 @@ PAPERS = {
         "ddpm_beta_schedule": "cosine",
         "variance_type": "learned_range",
         "loss": "hybrid",
+        "timestep_spacing": "linspace",
         "learning_rate": 1e-4,
         "train_batch_size": 128,
         "max_train_steps": 500_000,
@@ -123,6 +124,16 @@ def test_the_recipes_schedules_are_the_papers(name):
         expected = (1 - (f[1:] / f[0]) / (f[:-1] / f[0])).clamp(max=0.999)
         torch.testing.assert_close(betas, expected, rtol=0, atol=1e-6)
     assert scheduler.config.variance_type == PAPERS[name]["variance_type"]
+
+
+@pytest.mark.parametrize("num_steps", [50, 100, 250])
+def test_the_improved_recipe_samples_improved_ddpms_respaced_steps(num_steps):
+    """improved_diffusion/respace.py space_timesteps(T, [n]): round(i (T - 1) / (n - 1)) for i < n, T - 1 and 0 kept."""
+    scheduler = build_scheduler(resolve(parse_args(["--config", "improved-ddpm-cifar10"]), RunFacts())[0])
+    scheduler.set_timesteps(num_steps)
+    stride = (4000 - 1) / (num_steps - 1)
+    expected = sorted({round(i * stride) for i in range(num_steps)}, reverse=True)
+    assert scheduler.timesteps.tolist() == expected and expected[0] == 3999 and expected[-1] == 0
 
 
 @pytest.mark.parametrize("name", sorted(PAPERS))

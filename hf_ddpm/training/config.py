@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from ..chain import TimestepSpacing
 from ..losses import LossType, check_objective
 from ..scheduler import PredictionType, VarianceType
 from ..schedules import BETA_SCHEDULES, SCHEDULE_ALIASES
@@ -138,6 +139,10 @@ class ObjectiveOptions:
     ddpm_num_inference_steps: int | None = option(
         help=f"sampling steps of the sample grids (default: {DEFAULT_INFERENCE_STEPS}, or T if smaller; a respaced "
              "chain when fewer than T)", min=1)
+    timestep_spacing: TimestepSpacing | None = option(
+        help="the timesteps a respaced chain visits, saved with the pipeline: leading (diffusers' default), linspace "
+             "(Improved DDPM's: T-1 to 0 evenly, rounded), trailing (default: leading, or the pretrained scheduler's)",
+        key="timestep_spacing")
 
 
 @dataclass(frozen=True)

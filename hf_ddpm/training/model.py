@@ -94,8 +94,9 @@ def pretrained_scheduler_config(args: TrainingConfig) -> dict | None:
 
 def build_scheduler(config: TrainingConfig) -> HFDDPMScheduler:
     """The noise schedule of a resolved config: the pretrained pipeline's (the config agrees with it), or a new one."""
-    if config.pretrained_model_name_or_path is not None:
-        return HFDDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler")
+    spacing = {} if config.timestep_spacing is None else {"timestep_spacing": config.timestep_spacing}
+    if config.pretrained_model_name_or_path is not None:  # a sampling choice: the flag may change it
+        return HFDDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler", **spacing)
     num_steps, schedule = config.ddpm_num_steps, config.ddpm_beta_schedule
     endpoints = {}
     if schedule == "linear":  # the paper's endpoints scaled by 1000/T (Improved DDPM), written into the config
@@ -111,6 +112,7 @@ def build_scheduler(config: TrainingConfig) -> HFDDPMScheduler:
         variance_type=config.variance_type,
         prediction_type=config.prediction_type,
         **endpoints,
+        **spacing,
     )
 
 
