@@ -119,16 +119,16 @@ def test_a_hub_that_answers_is_left_to_datasets(monkeypatch, hub):
     passes, and datasets reports what is wrong with the name."""
     from huggingface_hub import constants
 
-    from hf_ddpm.training.batches import check_dataset_reachable
+    from hf_ddpm.hub_probe import check_dataset_reachable
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    check_dataset_reachable(parse_args(["--dataset_name", "someone/no-such-dataset"]))
+    check_dataset_reachable(parse_args(["--dataset_name", "someone/no-such-dataset"]).dataset_name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the cache is read, nothing is probed
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    check_dataset_reachable(parse_args(["--dataset_name", "someone/no-such-dataset"]))
+    check_dataset_reachable(parse_args(["--dataset_name", "someone/no-such-dataset"]).dataset_name)
 
 
 def image_folder(path, count):

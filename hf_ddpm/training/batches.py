@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import glob
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,40 +58,6 @@ def load_training_data(args: TrainingConfig, accelerator, resolution: int, chann
             max_in_memory_bytes=budget,
             **{k: getattr(args, k) for k in DATA_OPTIONS},
         )
-
-
-HUB_PROBE_TIMEOUT = 5.0  # seconds: to connect to the Hub and get an answer; datasets would retry for minutes
-
-
-def check_dataset_reachable(args: TrainingConfig) -> None:
-    """A Hub --dataset_name (not a local path) with the Hub unreachable fails now, within HUB_PROBE_TIMEOUT,
-    naming the network, instead of after datasets' silent retries. Offline mode (HF_HUB_OFFLINE=1 or
-    HF_DATASETS_OFFLINE=1) reads the local cache and is not probed; an HTTP answer of any status counts as
-    reachable (datasets then says what is wrong with the name)."""
-    from huggingface_hub import constants
-
-    name = args.dataset_name
-    if name is None or os.path.exists(name):
-        return
-    if constants.HF_HUB_OFFLINE or any(
-        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    ):
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
-    url = f"{endpoint}/api/datasets/{name}"
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_TIMEOUT).close()
-    except urllib.error.HTTPError:
-        return  # the Hub answered
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-        reason = getattr(err, "reason", err)
-        if isinstance(reason, TimeoutError):
-            reason = f"no answer within {HUB_PROBE_TIMEOUT:g} s"
-        raise ConnectionError(
-            f"--dataset_name {name}: the Hugging Face Hub at {endpoint} cannot be reached ({reason}): a network "
-            "problem, not the dataset. If it is in the local cache, "
-            "run with HF_HUB_OFFLINE=1; or pass a local copy (--dataset_name DIR or --train_data_dir DIR)"
-        ) from None
 
 
 @dataclass

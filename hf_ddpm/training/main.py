@@ -33,11 +33,12 @@ from diffusers.training_utils import EMAModel
 from ..cpu import tune_process
 from ..data.streaming import StreamingBatches
 from ..hub import check_publish, check_token
+from ..hub_probe import check_dataset_reachable
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from ..unet import UNET_PRESETS, unet_config
 from . import checkpoints, output_dir
-from .batches import check_dataset_reachable, load_training_data, make_batches
+from .batches import load_training_data, make_batches
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision
@@ -145,7 +146,7 @@ def check_run(given: TrainingConfig) -> Plan:
     """Every check that needs no data and writes nothing (see the module docstring)."""
     check_publish(given)
     check_token(given)
-    check_dataset_reachable(given)
+    check_dataset_reachable(given.dataset_name)  # in seconds, not after datasets' retries
     path = checkpoints.resolve_resume(given.resume_from_checkpoint, given.output_dir)
     record = RunRecord.read(path) if path else None
     facts = RunFacts(
