@@ -34,14 +34,15 @@ def tiny_pipeline(tmp_path_factory):
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Each in-process training run builds its own Accelerator; accelerate keeps process-wide singletons, reset after
-    the test (between two runs of one test: training_runs.reset_accelerate). A module whose every test trains in
+    """Each in-process training run builds its own Accelerator; accelerate keeps process-wide singletons, reset before
+    and after the test (between two runs of one test: training_runs.reset_accelerate). A module whose every test trains in
     process asks for it with `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`."""
     import torch
     from training_runs import reset_accelerate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest, and immune to a busy machine
+    reset_accelerate()  # also before: an in-process evaluation or CLI test of another module may have left state
     yield
     reset_accelerate()
     torch.set_num_threads(threads)
