@@ -52,3 +52,30 @@ def fresh_accelerate_state():
 def no_data(monkeypatch):
     """Reading a training run's data fails the test: the checks under test must all come first."""
     monkeypatch.setattr("hf_ddpm.training.main.load_training_data", lambda *_: pytest.fail("data read before checks"))
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts the images the data cache decodes (in this process: small data is preprocessed without a pool)."""
+    import hf_ddpm.data.cache as cache_module
+
+    count = [0]
+    real = cache_module.decode_image
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "decode_image", counting)
+    return count
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small models: fastest, and immune to a busy machine), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

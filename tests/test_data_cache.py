@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from image_files import ids, write_images
 from PIL import Image
 
 import hf_ddpm.data.cache as cache_module
@@ -21,33 +22,6 @@ from hf_ddpm.data.cache import MANIFEST, cache_root
 from hf_ddpm.training.batches import ShardedBatches
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_images(folder: Path, n: int, size=(12, 10)) -> str:
-    """n distinct solid-colour RGB images: image i has colour (i % 256, i // 256, 7)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.new("RGB", size, (i % 256, i // 256, 7)).save(folder / f"{i:05d}.png", compress_level=1)
-    return str(folder)
-
-
-def ids(images: torch.Tensor) -> list[int]:
-    """The index i of each solid-colour image written by write_images."""
-    return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()
-
-
-@pytest.fixture
-def decodes(monkeypatch):
-    """Counts the images decoded (in this process: small data is preprocessed without a pool)."""
-    count = [0]
-    real = cache_module.decode_image
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "decode_image", counting)
-    return count
 
 
 def test_the_second_load_decodes_nothing_and_options_or_files_key_the_cache(tmp_path, decodes):

@@ -15,38 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from image_files import ids, write_images
 
 import hf_ddpm.data.cache as cache_module
 from hf_ddpm.data import load_data
 from hf_ddpm.data.cache import MANIFEST, CacheSpaceError, cache_root
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_images(folder: Path, n: int, size=(12, 10)) -> str:
-    """n distinct solid-colour RGB images: image i has colour (i % 256, i // 256, 7)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.new("RGB", size, (i % 256, i // 256, 7)).save(folder / f"{i:05d}.png", compress_level=1)
-    return str(folder)
-
-
-def ids(images: torch.Tensor) -> list[int]:
-    return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()
-
-
-@pytest.fixture
-def decodes(monkeypatch):
-    count = [0]
-    real = cache_module.decode_image
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "decode_image", counting)
-    return count
 
 
 def test_a_truncated_deleted_or_changed_arrow_file_is_rebuilt_with_a_warning_naming_the_folder(tmp_path, decodes, caplog):  # fmt: skip

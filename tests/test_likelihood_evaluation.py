@@ -22,12 +22,7 @@ T, SIZE = 20, 8
 FAST_ODE = {"rtol": 1e-3, "atol": 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_pipe(**scheduler_kwargs) -> HFDDPMPipeline:

@@ -96,8 +96,8 @@ def log_likelihood(
     `set_progress_bar_config`.
     """
     from ..bound import variational_bound
+    from ..images import images_to_model_range
     from ..likelihood import importance_weighted_bound, rate_distortion, trajectory_bound, trajectory_log_weights
-    from ..pipeline import images_to_model_range
 
     _check_method(method)
     check_positive_int(batch_size, "batch_size")

@@ -13,10 +13,8 @@ samples (--sample_dir), the reference statistics cache and --metrics_out.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from . import likelihood_options
@@ -164,10 +162,3 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
             write_metrics(args.metrics_out, metrics)
             print(f"wrote {args.metrics_out}")
     return metrics
-
-
-def default_sample_dir(args: argparse.Namespace, cache_dir: Path) -> Path:
-    """A directory named for the model and the sampling settings, so that a run started again finds its shards."""
-    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
-    key = json.dumps([model, args.num_samples, args.num_inference_steps, args.seed, args.batch_size])
-    return cache_dir.parent / "samples" / hashlib.sha256(key.encode()).hexdigest()[:16]

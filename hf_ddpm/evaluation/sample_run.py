@@ -3,6 +3,9 @@ FID, precision/recall and KID, each naming its protocol."""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -79,13 +82,10 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
         how = f"computed ({reference.count} images through the feature extractor)" if reference.computed else "read"
         print(f"reference statistics {how}: {reference.path}")
 
-    from .run import default_sample_dir
-
     steps = args.num_inference_steps or pipe.scheduler.config.num_train_timesteps
-    args.num_inference_steps = steps
     saved_scheduler = pipe.scheduler
     pipe.scheduler, steps_named = few_step_scheduler(saved_scheduler, steps)
-    sample_dir = Path(args.sample_dir) if args.sample_dir else default_sample_dir(args, cache_dir)
+    sample_dir = Path(args.sample_dir) if args.sample_dir else default_sample_dir(args, steps, cache_dir)
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     started = time.perf_counter()
     try:
@@ -116,3 +116,11 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
             metrics.append(Metric(name, value, None, len(features), what, {**details, "k": K_NEAREST}))
         metrics.append(Metric("kid", kid, None, len(features), what, {**details, "subset_std": spread}))
     return metrics
+
+
+def default_sample_dir(args: argparse.Namespace, steps: int, cache_dir: Path) -> Path:
+    """A directory named for the model and the sampling settings (`steps`: the
+    sampling steps resolved from the flag or T), so that a run started again finds its shards."""
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    key = json.dumps([model, args.num_samples, steps, args.seed, args.batch_size])
+    return cache_dir.parent / "samples" / hashlib.sha256(key.encode()).hexdigest()[:16]
