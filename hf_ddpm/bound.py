@@ -38,18 +38,13 @@ class _Silent:
         pass
 
 
-@contextlib.contextmanager
 def progress_counter(progress_bar: Callable | None, total: int):
     """A bar counting `total` units of work with `update(n)`: `progress_bar(total=...)` as diffusers' pipelines make
-    it (`DiffusionPipeline.progress_bar`, which `set_progress_bar_config(disable=True)` silences), or nothing."""
-    if progress_bar is None:
-        yield _Silent()
-        return
-    bar = progress_bar(total=total)
-    try:
-        yield bar
-    finally:
-        bar.close()
+    it (`DiffusionPipeline.progress_bar`, which `set_progress_bar_config(disable=True)` silences), or nothing.
+
+    Use it as a context manager: the bar (a tqdm) closes when the block ends.
+    """
+    return progress_bar(total=total) if progress_bar is not None else contextlib.nullcontext(_Silent())
 
 
 def proposal(num_terms: int) -> torch.Tensor:

@@ -75,13 +75,30 @@ def bundle_source(
         + '"""\n\n'
         + RULES
         + "\n\nfrom __future__ import annotations\n\n"
-        + "\n".join(sorted(s for bound, s in bundle.statements if used is None or bound in used))
+        + "\n".join(joined_imports(s for bound, s in bundle.statements if used is None or bound in used))
         + "\n"
         + "".join(f"{line}\n" for line in bundle.relative_statements(used))
     )
     source = header + "\n\n" + "\n\n".join(sections)
     check_self_contained(source, allowed_relative=imports_from[0] if imports_from else None)
     return source
+
+
+def joined_imports(statements) -> list[str]:
+    """The single-name import statements `statements`, sorted, those from one module joined into one line (`from m
+    import a, b`, as isort writes them)."""
+    names: dict[str, list[str]] = {}
+    lines = []
+    for statement in sorted(statements):
+        head, _, name = statement.partition(" import ")
+        if not head.startswith("from "):
+            lines.append(statement)
+            continue
+        if head not in names:
+            names[head] = []
+            lines.append(head)
+        names[head].append(name)
+    return [f"{line} import {', '.join(names[line])}" if line in names else line for line in lines]
 
 
 def reachable(trees: dict[str, ast.Module], roots: tuple[str, ...]) -> set[str]:

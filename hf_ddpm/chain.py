@@ -17,7 +17,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from .schedules import alphas_cumprod_from_betas, betas_from_alphas_cumprod
+from .schedules import alphas_cumprod_from_betas, betas_from_alphas_cumprod, check_choice
 
 TimestepSpacing = Literal["linspace", "leading", "trailing"]
 TIMESTEP_SPACINGS = get_args(TimestepSpacing)
@@ -33,7 +33,6 @@ class Chain:
     timesteps: np.ndarray  # the training-chain timestep of each row
     beta: np.ndarray  # β_t
     alpha_bar: np.ndarray  # ᾱ_t = Π_{s<=t} (1 - β_s) (eq. 4)
-    alpha_bar_prev: np.ndarray  # ᾱ_{t-1}, with ᾱ_{-1} = 1
     sqrt_alpha_bar: np.ndarray  # the mean gain of q(x_t | x_0) (eq. 4)
     sqrt_one_minus_alpha_bar: np.ndarray  # its standard deviation
     log_one_minus_alpha_bar: np.ndarray  # its log-variance
@@ -57,7 +56,7 @@ class Chain:
         order = np.arange(len(betas)) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
         kept = np.sort(order)  # S_0 < ... < S_{K-1}
         ac = alphas_cumprod_from_betas(betas)[kept]
-        ac_prev = np.concatenate([[1.0], ac[:-1]])
+        ac_prev = np.concatenate([[1.0], ac[:-1]])  # ᾱ_{t-1}, with ᾱ_{-1} = 1
         consecutive = np.diff(kept, prepend=-1) == 1
         beta = np.where(consecutive, betas[kept], betas_from_alphas_cumprod(ac))  # Improved DDPM section 4
         posterior_variance = beta * (1.0 - ac_prev) / (1.0 - ac)  # β̃_t, DDPM eq. 7
@@ -66,7 +65,6 @@ class Chain:
             timesteps=kept,
             beta=beta,
             alpha_bar=ac,
-            alpha_bar_prev=ac_prev,
             sqrt_alpha_bar=np.sqrt(ac),
             sqrt_one_minus_alpha_bar=np.sqrt(1.0 - ac),
             log_one_minus_alpha_bar=np.log(1.0 - ac),
@@ -137,20 +135,18 @@ def spaced_timesteps(
             f"num_inference_steps={num_inference_steps} is out of range: it must lie in [1, {num_train}] "
             f"(num_train_timesteps={num_train})"
         )
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
     steps = int(num_inference_steps)
     if spacing == "linspace":
         timesteps = np.linspace(0, num_train - 1, steps).round()[::-1].astype(np.int64)
     elif spacing == "leading":
         timesteps = (np.arange(steps) * (num_train // steps))[::-1].astype(np.int64) + steps_offset
-    elif spacing == "trailing":
+    else:  # trailing
         # t_k = round(T - k·T/S) - 1 for k = 0 .. S-1, the last one >= round(T/S) - 1 >= 0. The values come from
         # np.arange as in diffusers, whose float stepping decides ties (T = 1000, S = 48: 1000 - 3·T/S = 937.5 comes
         # out as 937.4999999999999 → 937), so the timesteps are diffusers' own; np.arange can overshoot by one value
         # near 0 (which becomes -1): keep the first S.
         timesteps = np.round(np.arange(num_train, 0, -num_train / steps))[:steps].astype(np.int64) - 1
-    else:
-        choices = ", ".join(map(repr, TIMESTEP_SPACINGS))
-        raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose one of {choices}")
     if timesteps[0] >= num_train or timesteps[-1] < 0:
         raise ValueError(
             f"timesteps {timesteps[[0, -1]].tolist()} fall outside [0, {num_train - 1}] "

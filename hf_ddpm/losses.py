@@ -16,6 +16,7 @@ from typing import Literal, get_args
 import torch
 
 from .scheduler import model_output_channels
+from .schedules import check_choice
 
 LossType = Literal["simple", "vlb", "hybrid"]
 LOSS_TYPES = get_args(LossType)
@@ -85,8 +86,7 @@ def training_losses(
     Returns {"loss"} plus its parts {"mse"} and/or {"vlb"}. The vlb term never clips x̂_0, whatever the
     scheduler's `clip_sample` (see `vlb_term_bits`), so the scheduler that samples also trains.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not supported; choose one of {LOSS_TYPES}")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     check_objective(loss_type, scheduler.config.variance_type)
     learned = scheduler.config.variance_type == "learned_range"
     x_t = scheduler.add_noise(x_start, noise, timesteps)  # DDPM eq. 4

@@ -22,7 +22,7 @@ from .images import images_to_model_range, model_to_pixels, model_to_unit
 from .loading import load_components
 from .scheduler import HFDDPMScheduler, model_output_channels
 from .scheduler_configs import ddpm_scheduler_from_config, step_kwargs, uses_learned_variance
-from .schedules import check_positive_int
+from .schedules import check_choice, check_positive_int
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -140,8 +140,7 @@ class HFDDPMPipeline(DiffusionPipeline):
                 f"generator is a list of {len(generator)} generators but batch_size={batch_size}: pass one generator "
                 "per image, or a single generator"
             )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not supported; choose one of {OUTPUT_TYPES}")
+        check_choice("output_type", output_type, OUTPUT_TYPES)
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(
@@ -207,12 +206,9 @@ class HFDDPMPipeline(DiffusionPipeline):
         one built from the pipeline scheduler's config (see `ddpm_scheduler_from_config`)."""
         if isinstance(self.scheduler, HFDDPMScheduler):
             return self.scheduler
-        name, learned = type(self.scheduler).__name__, self._learned_variance
+        learned = self.unet.config.out_channels == model_output_channels(self.unet.config.in_channels, True)
+        name = type(self.scheduler).__name__
         return ddpm_scheduler_from_config(HFDDPMScheduler, self.scheduler.config, learned_variance=learned, name=name)
-
-    @property
-    def _learned_variance(self) -> bool:
-        return self.unet.config.out_channels == model_output_channels(self.unet.config.in_channels, True)
 
     @torch.no_grad()
     def bits_per_dim(

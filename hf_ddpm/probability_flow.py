@@ -35,7 +35,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from .bound import progress_counter
-from .schedules import check_positive_int
+from .schedules import check_choice, check_positive_int
 
 Divergence = Literal["rademacher", "gaussian", "exact"]
 DIVERGENCES = get_args(Divergence)
@@ -201,8 +201,7 @@ def ode_log_likelihood(
     Raises ODELikelihoodError naming the image (its index + `image_offset`), t and the tolerance where the model
     gives a non-finite value, the solver fails, or it needs more than `max_evaluations` function evaluations.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is not supported; choose one of {DIVERGENCES}")
+    check_choice("divergence", divergence, DIVERGENCES)
     check_positive_int(num_probes, "num_probes (Hutchinson probes K)")
     check_positive_int(max_evaluations, "max_evaluations")
     for name, value in (("rtol", rtol), ("atol", atol)):

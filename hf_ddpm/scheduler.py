@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .chain import TIMESTEP_SPACINGS, Chain, ChainRows, TimestepSpacing, spaced_timesteps
 from .gaussians import discretized_gaussian_log_likelihood, normal_kl
 from .scheduler_configs import PIPELINE_SCHEDULERS, PROCESS_KEYS, check_foreign_config, from_early_keys
-from .schedules import BETA_SCHEDULES, SCHEDULE_ALIASES, BetaSchedule, check_betas, named_betas
+from .schedules import SCHEDULE_ALIASES, BetaSchedule, check_betas, check_choice, named_betas
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range"]
 VARIANCE_TYPES = get_args(VarianceType)
@@ -46,11 +46,6 @@ class HFDDPMSchedulerOutput(DDPMSchedulerOutput):
     prev_sample: x_{t-1} (B, C, H, W), the input of the next step.
     pred_original_sample: the model's prediction of x_0 (B, C, H, W), for previews.
     """
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}")
 
 
 class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
@@ -97,16 +92,14 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         if beta_schedule in SCHEDULE_ALIASES:
             beta_schedule = SCHEDULE_ALIASES[beta_schedule]
             self.register_to_config(beta_schedule=beta_schedule)  # saved configs stay readable by diffusers
-        if trained_betas is None:
-            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES + tuple(SCHEDULE_ALIASES))
         if variance_type == "learned":
             raise ValueError(
                 "variance_type='learned' (the model outputs σ² directly) is not supported; use 'learned_range' "
                 "(Improved DDPM eq. 15: the model interpolates between log β̃_t and log β_t)"
             )
-        _check_choice("variance_type", variance_type, VARIANCE_TYPES)
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if rescale_betas_zero_snr:
             raise ValueError(
                 "rescale_betas_zero_snr=True is not supported: it sets ᾱ_{T-1} = 0, where ε-prediction divides by "
@@ -359,8 +352,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def prior_kl(self, x_start: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x_0) || N(0, I)) per element, in nats."""
-        last = torch.full((x_start.shape[0],), self.config.num_train_timesteps - 1, dtype=torch.long)
-        c = self.train_chain.at(last, x_start)
+        c = self.train_chain.at(self.config.num_train_timesteps - 1, x_start)  # t = T-1: one row, 0-d tensors
         zero = torch.zeros_like(x_start)
         return normal_kl(c.sqrt_alpha_bar * x_start, c.log_one_minus_alpha_bar, zero, zero)
 

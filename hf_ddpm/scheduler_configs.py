@@ -104,7 +104,7 @@ def ddpm_scheduler_from_config(cls, config, learned_variance: bool = False, name
     """
     config = dict(config)
     name = name or config.get("_class_name", "this")
-    init_keys = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    init_keys = cls._get_init_keys(cls)  # diffusers' reading of the signature, as check_foreign_config's
     kwargs = {k: v for k, v in config.items() if k in init_keys and v is not None}
     if learned_variance and kwargs.get("variance_type") not in LEARNED_VARIANCES:
         kwargs["variance_type"] = "learned_range"

@@ -70,17 +70,12 @@ def sigmoid_betas(num_train_timesteps: int, beta_start: float, beta_end: float) 
 def named_betas(name: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
     """β_0 .. β_{T-1} of the schedule a config names (`BETA_SCHEDULES` or an alias); the cosine schedule has no
     endpoints and ignores `beta_start` and `beta_end`, as diffusers' `squaredcos_cap_v2` does."""
+    check_choice("beta_schedule", name, BETA_SCHEDULES + tuple(SCHEDULE_ALIASES))
     name = SCHEDULE_ALIASES.get(name, name)
-    if name == "linear":
-        return linear_betas(num_train_timesteps, beta_start, beta_end)
-    if name == "scaled_linear":
-        return scaled_linear_betas(num_train_timesteps, beta_start, beta_end)
     if name == "squaredcos_cap_v2":
         return cosine_betas(num_train_timesteps)
-    if name == "sigmoid":
-        return sigmoid_betas(num_train_timesteps, beta_start, beta_end)
-    allowed = ", ".join(map(repr, BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)))
-    raise ValueError(f"beta_schedule={name!r} is not supported; choose one of {allowed}")
+    from_endpoints = {"linear": linear_betas, "scaled_linear": scaled_linear_betas, "sigmoid": sigmoid_betas}
+    return from_endpoints[name](num_train_timesteps, beta_start, beta_end)
 
 
 def check_betas(betas) -> np.ndarray:
@@ -118,6 +113,12 @@ def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """A ValueError naming `value` and the `allowed` ones unless it is one of them: the one check of options."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}")
 
 
 def _check_num_timesteps(num_train_timesteps) -> None:

@@ -29,7 +29,6 @@ from .pipeline_folder import drop_local_paths
 from .scheduler import HFDDPMScheduler
 
 STANDALONE_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
-PUSH_KWARGS = ("repo_id", "token", "private", "commit_message")
 
 
 def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
@@ -52,8 +51,7 @@ def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, 
     copied beside it and named in model_index.json, and no local path (`drop_local_paths`). push_to_hub is refused."""
     if push_to_hub:
         return push_pipeline(pipeline, kwargs.get("repo_id", ""))
-    saving = {k: v for k, v in kwargs.items() if k not in PUSH_KWARGS}
-    DiffusionPipeline.save_pretrained(pipeline, save_directory, safe_serialization=safe_serialization, **saving)
+    DiffusionPipeline.save_pretrained(pipeline, save_directory, safe_serialization=safe_serialization, **kwargs)
     modules = {}
     for key, cls, folder in (("_class_name", type(pipeline), ""), ("scheduler", HFDDPMScheduler, "scheduler")):
         source = inspect.getsourcefile(cls)
