@@ -25,9 +25,8 @@ import sys
 import tempfile
 import time
 
-from .common import log
+from .measure import ROOT, child_env, log, paired_ratio, rotations
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
 PRELOADS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}  # Debian: libjemalloc2, ...
 ALLOCATORS = ("glibc default", "glibc mallopt (hf_ddpm.cpu)", "jemalloc", "tcmalloc")
@@ -51,9 +50,9 @@ def preload(allocator: str) -> str | None:
     return next((os.path.join(d, name) for d in LIBDIRS if os.path.exists(os.path.join(d, name))), None)
 
 
-def child_env(allocator: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-    env = {**clean, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+def allocator_env(allocator: str) -> dict:
+    """A measured child's environment (`child_env`) with `allocator` in place of whatever this process was given."""
+    env = {k: v for k, v in child_env().items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     if allocator in PRELOADS:
         env["LD_PRELOAD"] = preload(allocator)
     elif allocator == "glibc default":
@@ -122,7 +121,7 @@ def child(name: str, batch: int, calls: int, reps: int, tune: bool) -> dict:
 
 def measure(allocator: str, name: str, batch: int, calls: int, reps: int) -> dict:
     argv = [sys.executable, "-m", "benchmarks.allocator", name, str(batch), str(calls), str(reps), allocator]
-    done = subprocess.run(argv, env=child_env(allocator), cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(argv, env=allocator_env(allocator), cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"{allocator} / {name} failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -132,7 +131,7 @@ def end_to_end(allocator: str, command: list[str], out: str) -> dict:
     """One run of a user's command: wall, CPU, system time, faults and peak RSS of that process (its own rusage)."""
     wall = time.perf_counter()
     with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen(command, env=child_env(allocator), cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+        proc = subprocess.Popen(command, env=allocator_env(allocator), cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
         stdout = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -159,7 +158,7 @@ def medians(runs: dict) -> dict:
         for case, rounds in cases.items():
             row = {k: statistics.median(r[k] for r in rounds) for k in (*COUNTERS, "peak_rss_mb")}
             base = runs[ALLOCATORS[0]][case]
-            row["wall_ratio"] = statistics.median(b["wall"] / r["wall"] for r, b in zip(rounds, base))
+            row["wall_ratio"] = paired_ratio([b["wall"] for b in base], [r["wall"] for r in rounds])
             table.setdefault(case, {})[allocator] = row
     return table
 
@@ -170,8 +169,8 @@ def run(profile: str) -> dict:
     if profile == "smoke":
         allocators = allocators[:2]
     runs = {a: {} for a in allocators}
-    for r in range(p["rounds"]):
-        for allocator in allocators[r % len(allocators) :] + allocators[: r % len(allocators)]:
+    for r, order in rotations(allocators, p["rounds"]):
+        for allocator in order:
             for name, (batch, calls) in p["work"].items():
                 log(f"allocator round {r + 1}: {allocator}, {name}")
                 runs[allocator].setdefault(name, []).append(measure(allocator, name, batch, calls, p["reps"]))
@@ -194,10 +193,10 @@ def run_end_to_end(rounds: int) -> dict:
             "examples/generate.py (64 images, 50 steps)": [sys.executable, os.path.join(ROOT, "examples", "generate.py"),
                 model, "--num_images", "64", "--steps", "50", "--out", os.path.join(tmp, "grid.png")],
         }  # fmt: skip
-        pair = (ALLOCATORS[0], ADOPTED)
+        pair = [ALLOCATORS[0], ADOPTED]
         runs = {a: {} for a in pair}
-        for r in range(rounds):
-            for allocator in pair[r % 2 :] + pair[: r % 2]:
+        for r, order in rotations(pair, rounds):
+            for allocator in order:
                 for name, command in commands.items():
                     log(f"allocator end to end, round {r + 1}: {allocator}, {name.split(' (')[0]}")
                     runs[allocator].setdefault(name, []).append(end_to_end(allocator, command, tmp))

@@ -13,7 +13,6 @@ run (builds the cache) and cached run, with the process's peak RSS and RssAnon, 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 
 import numpy as np
 
-from .common import log, summary
+from .measure import child_env, log, rotations, summary
 
 PROFILES = {
     "smoke": {"resolutions": (32,), "images": 256, "batches": 3, "rounds": 1, "workers": (0,), "sizes": (300,)},
@@ -122,26 +121,6 @@ def throughput(path, folder, resolution, workers, batches, cache) -> float:
     return batches * BATCH / (time.perf_counter() - started)
 
 
-def step_consumption(preset: str, resolution: int, batch: int) -> float:
-    """Images/s one fp32 training step (forward, backward, AdamW) of a UNet preset consumes on this machine."""
-    import torch
-    from diffusers import UNet2DModel
-
-    from hf_ddpm import unet_config
-
-    model = UNet2DModel(**unet_config(preset))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x, t = torch.randn(batch, 3, resolution, resolution), torch.randint(0, 1000, (batch,))
-    seconds = []
-    for _ in range(2):  # the first warms up
-        started = time.perf_counter()
-        torch.nn.functional.mse_loss(model(x, t).sample, x).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds.append(time.perf_counter() - started)
-    return batch / seconds[-1]
-
-
 STARTUP = """
 import sys, time
 started = float(sys.argv[4])
@@ -157,8 +136,7 @@ print(seconds, int(status["VmHWM"].split()[0]), int(status["RssAnon"].split()[0]
 
 
 def startup(folder: str, cache: str, path: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", STARTUP, folder, cache, path, repr(time.time())], env=env,
+    out = subprocess.run([sys.executable, "-c", STARTUP, folder, cache, path, repr(time.time())], env=child_env(),
                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
     return {"seconds": float(out[0]), "peak_rss_mb": int(out[1]) / 1024, "rss_anon_mb": int(out[2]) / 1024}
 
@@ -175,16 +153,18 @@ def run(profile: str = "full") -> dict:
                 cases = [c for c in cases if c[0] != "diffusers example"]
             rows = {f"{p} ({w} workers)": [] for p, w in cases}
             log(f"data: {len(cases)} paths x {settings['rounds']} rounds at {resolution}²")
-            for r in range(settings["rounds"]):
-                for p, w in cases[r % len(cases) :] + cases[: r % len(cases)]:
+            for _, order in rotations(cases, settings["rounds"]):
+                for p, w in order:
                     rows[f"{p} ({w} workers)"].append(throughput(p, folder, resolution, w, settings["batches"], cache))
             result["throughput"][str(resolution)] = {name: summary(v) for name, v in rows.items()}
         if profile != "smoke":
-            log("data: one training step of ddpm-cifar10-32 (batch 8) and ddpm-celebahq-256 (batch 1)")
-            result["step_consumption"]["ddpm-cifar10-32 (32², batch 8)"] = step_consumption("ddpm-cifar10-32", 32, 8)
-            result["step_consumption"]["ddpm-celebahq-256 (256², batch 1)"] = step_consumption(
-                "ddpm-celebahq-256", 256, 1
-            )
+            from .training import floor  # one fp32 training step of the UNet alone: what a step consumes
+
+            for preset, resolution, batch in (("ddpm-cifar10-32", 32, 8), ("ddpm-celebahq-256", 256, 1)):
+                log(f"data: one training step of {preset} (batch {batch})")
+                step = {"model": preset, "resolution": resolution, "batch": batch, "T": 1000}
+                seconds_per_image = floor(step, steps=1, channels=3, warmup=1)[0]
+                result["step_consumption"][f"{preset} ({resolution}², batch {batch})"] = 1 / seconds_per_image
         for n in settings["sizes"]:
             folder = image_folder(n, 32)
             log(f"data: start-up at {n} images")
@@ -195,7 +175,3 @@ def run(profile: str = "full") -> dict:
                 "cached, in memory": startup(folder, own, "memory"),
             }
     return result
-
-
-if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "quick"), indent=2))

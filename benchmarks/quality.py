@@ -14,9 +14,11 @@ DDPM's hybrid loss with learned_range variances. The L_simple model is evaluated
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -30,7 +32,7 @@ from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, p
 from hf_ddpm.evaluation.samples import generate_shards, load_shards
 from hf_ddpm.evaluation.steps import IMPROVED_DDPM_SPACING, describe_spacing
 
-from .common import log
+from .measure import log
 from .training import train_run
 
 PROFILES = {
@@ -62,6 +64,28 @@ def train_model(settings: dict, loss: str, output_dir: str, data: dict) -> dict:
     flags += [arg for flag, value in data.items() if value is not None for arg in (f"--{flag}", str(value))]
     summary = train_run(settings, steps, output_dir, *flags)
     return {"loss": loss, "optimizer_steps": summary["optimizer_steps"], "train_seconds": summary["train_seconds"]}
+
+
+def simple_digits_model(settings: dict, workdir: str, model_dir: str | None = None) -> tuple[HFDDPMPipeline, dict, Any]:
+    """(pipeline, its training, the digits split) of the L_simple digits model: trained into `workdir`, or the pipeline
+    a benchmark trained before in `model_dir` (with its training_summary.json), so that reruns measure the same
+    weights."""
+    if model_dir is None:
+        log(f"training the L_simple digits model ({settings['train_steps']} steps)")
+        model_dir = os.path.join(workdir, "model")
+        training = train_model(settings, "simple", model_dir, {})
+    else:
+        path = os.path.join(model_dir, "training_summary.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--model_dir {model_dir} holds no training_summary.json: pass a trained pipeline")
+        with open(path) as f:
+            summary = json.load(f)
+        kept = ("optimizer_steps", "train_seconds", "parameter_sha256")
+        training = {"loss": "simple", "model_dir": model_dir, **{k: summary.get(k) for k in kept}}
+    pipe = HFDDPMPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    data = load_data(resolution=settings["resolution"], channels=pipe.unet.config.in_channels, eval_size=0.1, seed=0)
+    return pipe, training, data
 
 
 def with_variance(pipe: HFDDPMPipeline, variance_type: str) -> HFDDPMPipeline:
@@ -149,48 +173,53 @@ def sample_uint8(pipe: HFDDPMPipeline, count: int, steps: int, sample_dir: str, 
     return load_shards(sample_dir, list(range(shards["shards"])))
 
 
+def training_reference(data, count: int, features: InceptionFeatures, seed: int = 0):
+    """The reference of the DDPM paper's protocol: `count` training images (a seeded random subset), their features
+    and statistics computed once and then read from hf_ddpm.evaluation's cache."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    images = data.train[order[:count]]
+    key = {"source": data.source, "split": "train", "shape": list(images.shape[1:]), "count": len(images),
+           "subset": f"torch.randperm seed {seed}"}  # fmt: skip
+    return cached_reference(key, features, lambda: images, f"{len(images)} training images")
+
+
+def fid_row(pipe, steps: int, reference, features, count: int, bootstrap: int, sample_dir: str, seed: int = 0) -> dict:
+    """FID of `count` samples at `steps` steps against the `reference` (± the bootstrap standard deviation over
+    `bootstrap` resamples), precision/recall (k = 3) against its features, and the sampling time."""
+    started = time.perf_counter()
+    images = sample_uint8(pipe, count, steps, sample_dir, seed)
+    sampling_seconds = time.perf_counter() - started
+    feats = features(images)
+    precision, recall = precision_recall(reference.features, feats, k=3)
+    return {"fid": frechet_distance(reference.stats, feats), "precision": precision, "recall": recall,
+            "bootstrap_std": bootstrap_fid(reference.stats, feats, bootstrap, seed), "sampling_seconds": sampling_seconds}  # fmt: skip
+
+
 def fid_scores(pipes: dict, data, settings: dict, features: InceptionFeatures, workdir: str, seed: int = 0) -> dict:
     """FID (and precision/recall, k = 3) of each (model, variance, steps) set against a training-split reference
     (the DDPM paper's protocol), at one sample count."""
     cfg = settings["fid"]
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-    reference_images = data.train[order[: cfg["reference"]]]
     started = time.perf_counter()
-    key = {"source": data.source, "split": "train", "shape": list(reference_images.shape[1:]),
-           "count": len(reference_images), "subset": f"torch.randperm seed {seed}"}  # fmt: skip
-    cached = cached_reference(key, features, lambda: reference_images, f"{len(reference_images)} training images")
-    reference_features, reference = cached.features, cached.stats  # computed once, then read from the cache
+    reference = training_reference(data, cfg["reference"], features, seed)
     real = data.eval[: cfg["samples"]]
     result = {
         "feature_extractor": features.name,
-        "reference": f"{len(reference_images)} training images (seeded random subset; the paper's protocol)",
+        "reference": f"{reference.count} training images (seeded random subset; the paper's protocol)",
         "samples_per_set": cfg["samples"],
         "reference_seconds": time.perf_counter() - started,
-        "reference_cached": not cached.computed,
-        "real_held_out": {"images": len(real), "fid": frechet_distance(reference, features(real))},
+        "reference_cached": not reference.computed,
+        "real_held_out": {"images": len(real), "fid": frechet_distance(reference.stats, features(real))},
         "sets": [],
     }
     for model, variance, steps in cfg["sets"]:
         steps = min(steps, settings["T"])
         log(f"quality: FID {model}/{variance} at {steps} steps ({cfg['samples']} samples)")
-        started = time.perf_counter()
         sample_dir = os.path.join(workdir, f"samples-{model}-{variance}-{steps}")
-        images = sample_uint8(with_variance(pipes[model], variance), cfg["samples"], steps, sample_dir, seed)
-        sampling_seconds = time.perf_counter() - started
-        feats = features(images)
-        precision, recall = precision_recall(reference_features, feats, k=3)
+        row = fid_row(with_variance(pipes[model], variance), steps, reference, features, cfg["samples"],
+                      cfg["bootstrap"], sample_dir, seed)  # fmt: skip
+        timesteps = describe_spacing(settings["T"], steps, IMPROVED_DDPM_SPACING)
         result["sets"].append(
-            {
-                "model": model,
-                "variance_type": variance,
-                "steps": steps,
-                "timesteps": describe_spacing(settings["T"], steps, IMPROVED_DDPM_SPACING),
-                "fid": frechet_distance(reference, feats),
-                "bootstrap_std": bootstrap_fid(reference, feats, cfg["bootstrap"], seed),
-                "precision": precision,
-                "recall": recall,
-                "sampling_seconds": sampling_seconds,
-            }
+            {"model": model, "variance_type": variance, "steps": steps, "timesteps": timesteps, **row}
         )
     return result
 

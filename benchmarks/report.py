@@ -1,9 +1,15 @@
-"""RESULTS.md and its plots from the JSON files in benchmarks/results/: the one reporting module of the benchmarks.
+"""RESULTS.md, schedulers.md and the plots from the JSON files in benchmarks/results/: the one reporting module of
+the benchmarks, and the targets their verdicts judge by.
 
     python -m benchmarks.report [RESULTS_DIR]
 
-A run writes RESULTS.md and the plots into its results directory and nothing else: README.md links RESULTS.md and
-states its headline numbers in its own words (a test checks that they are the ones RESULTS.md reports).
+A run writes RESULTS.md, schedulers.md (the schedulers section alone, which README.md links) and the plots into its
+results directory and nothing else: README.md links RESULTS.md and states its headline numbers in its own words (a
+test checks that they are the ones RESULTS.md reports).
+
+Each section is a function of one benchmark's JSON (`RENDERERS`). A benchmark that renders its own section
+(likelihood.py's `section`) builds it from the pieces every section here uses: `heading` (the title and the machine
+line), `table`, `verdict` and `pct`.
 """
 
 from __future__ import annotations
@@ -13,12 +19,69 @@ import sys
 
 from hf_ddpm.atomic import write_atomically
 
-from . import common
-from .common import RESULTS_DIR, US, heading, other, pct, read_json, sampling_cases, table, verdict
-from .common import TRAINING_FLOOR as FLOOR
-from .plots import plots
+from .measure import RESULTS_DIR, read_json
 
 SECTIONS = ("sampling", "training", "quality", "gpu", "evaluation", "data", "schedulers", "allocator", "likelihood")
+TRAINING_FLOOR = "floor: the UNet step alone (fp32)"  # the training benchmark's row of the model's work alone
+# the schedulers benchmark's target: a diffusers scheduler at <= 25 model evaluations within 10% of the 1000-step
+# ancestral FID
+FAST_EVALUATIONS, FAST_FID_RATIO = 25, 0.10
+US = 1e6  # seconds → microseconds
+
+# ---------------------------------------------------------------------------------------------------- the pieces
+
+
+def table(headers: list[str], rows: list[list], numeric: bool = False) -> str:
+    """A Markdown table; `numeric`: the columns after the first right-aligned."""
+    rule = ["---"] + ["---:" if numeric else "---"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def other(clock: str) -> str:
+    return "cpu" if clock == "wall" else "wall"
+
+
+def machine_line(r: dict) -> str:
+    m = r["machine"]
+    load, after = (m.get(k) or ["?"] for k in ("load_average", "load_average_after"))
+    return (
+        f"{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s); torch {m['torch']}, diffusers "
+        f"{m['diffusers']}, accelerate {m['accelerate']}; {m['date_utc']} UTC, revision {m['git_revision']}; "
+        f"load average (1 min) {load[0]} before, {after[0]} after; profile `{r['profile']}`, "
+        f"{r['wall_seconds'] / 60:.1f} min"
+    )
+
+
+def clock_note(r: dict) -> str:
+    if r["clock"] == "wall":
+        return "Verdicts and tables use wall-clock time (the machine was quiet); CPU-time ratios are the cross-check."
+    return (
+        "**The machine was loaded** (1-minute load average ≥ 1.5 before or after this benchmark, see above): tables "
+        "and verdicts use this process's CPU time, which other processes barely change; wall-clock ratios are shown "
+        "for comparison."
+    )
+
+
+def heading(title: str, r: dict, clocked: bool = True) -> list[str]:
+    """A section's first lines: its title, the machine line and (`clocked`) which clock the verdicts use."""
+    return [f"## {title}", "", machine_line(r), ""] + ([clock_note(r), ""] if clocked else [])
+
+
+def sampling_cases(s: dict) -> list[tuple[str, dict]]:
+    """(model, comparison) of each sampling case in a sampling result, the large model's last."""
+    return [(s["model"], c) for c in s["comparisons"]] + (
+        [(s["large_model"]["model"], s["large_model"])] if s.get("large_model") else []
+    )
+
 
 # ---------------------------------------------------------------------------------------------------- sampling
 
@@ -99,7 +162,7 @@ def _at_floor(t: dict) -> bool:
     """The training target: our fp32 loop never slower than the diffusers-style one, and within 2% (this machine's
     noise) of the floor, the UNet step alone."""
     m = t[t["clock"]]["speedup_vs_diffusers_fp32"]
-    ours, floor = m["hf_ddpm (defaults, fp32)"], m.get(FLOOR)
+    ours, floor = m["hf_ddpm (defaults, fp32)"], m.get(TRAINING_FLOOR)
     return ours >= 1.0 and (floor is None or ours >= 0.98 * floor)
 
 
@@ -129,7 +192,7 @@ def training_section(t: dict) -> str:
         f"\n- Target: at the UNet-step floor and never slower than the diffusers-style loop (fp32, our defaults; "
         f"the earlier 1.2x target is withdrawn: no fp32 loop beats the floor): {verdict(_at_floor(t))}"
     )
-    bound = m["speedup_vs_diffusers_fp32"].get(FLOOR)
+    bound = m["speedup_vs_diffusers_fp32"].get(TRAINING_FLOOR)
     if bound is not None:
         ours = m["speedup_vs_diffusers_fp32"]["hf_ddpm (defaults, fp32)"]
         out.append(
@@ -310,8 +373,8 @@ def schedulers_section(result: dict) -> str:
                               for c in counts])  # fmt: skip
     lines = [
         "## Schedulers: FID against model evaluations", "",
-        f"`python -m benchmarks.schedulers --profile {result['profile']}` (its own run, not part of "
-        "`python -m benchmarks.run`; CPU, timings not compared).", "",
+        f"`python -m benchmarks.schedulers --profile {result['profile']}` (`python -m benchmarks.run` runs it "
+        "too; CPU, timings not compared).", "",
         f"FID ({result['feature_extractor']}; {result['samples_per_set']} samples per cell against "
         f"{result['reference']}; ± bootstrap std) of the {result['model']} digits model "
         f"({result['train_steps']} training steps, T = {result['num_train_timesteps']}) by scheduler and model "
@@ -325,7 +388,7 @@ def schedulers_section(result: dict) -> str:
             + ", ".join(f"{k}={v!r}" for k, v in config.items()) + ")`" for name, (cls, config) in swaps.items())]  # fmt: skip
     t = result["target"]
     if t:
-        lines += ["", f"Target (≤ {common.FAST_EVALUATIONS} evaluations within {common.FAST_FID_RATIO:.0%} "
+        lines += ["", f"Target (≤ {FAST_EVALUATIONS} evaluations within {FAST_FID_RATIO:.0%} "
                   f"of 1000-step ancestral FID {t['ancestral_1000_fid']:.1f}): best {t['best']}: {t['best_fid']:.1f} "
                   f"({t['relative_change']:+.1%}), **{'met' if t['met'] else 'not met'}**"]  # fmt: skip
     if result.get("note"):
@@ -404,7 +467,7 @@ def summary_section(results: dict) -> str:
         ratio, ips, floor = (
             m["speedup_vs_same_precision"]["fp32"],
             m["images_per_second"],
-            m["speedup_vs_diffusers_fp32"].get(FLOOR),
+            m["speedup_vs_diffusers_fp32"].get(TRAINING_FLOOR),
         )
         bound = f"; the UNet step alone: {floor:.2f}x" if floor else ""
         rows.append([f"training images/s vs diffusers-style loop ({t['model']}, batch {t['batch']}, fp32; {t['clock']} "
@@ -424,9 +487,10 @@ def summary_section(results: dict) -> str:
     sc = results.get("schedulers")
     if sc and sc.get("target"):
         g = sc["target"]
-        rows.append([f"FID, best diffusers scheduler at ≤ 25 model evaluations vs 1000-step ancestral "
-                     f"({sc['samples_per_set']} samples each)", "within 10%", f"{g['best']}: {g['best_fid']:.1f} vs "
-                     f"{g['ancestral_1000_fid']:.1f} ({pct(g['relative_change'])})", verdict(g["met"])])  # fmt: skip
+        rows.append([f"FID, best diffusers scheduler at ≤ {FAST_EVALUATIONS} model evaluations vs 1000-step "
+                     f"ancestral ({sc['samples_per_set']} samples each)", f"within {FAST_FID_RATIO:.0%}",
+                     f"{g['best']}: {g['best_fid']:.1f} vs {g['ancestral_1000_fid']:.1f} ({pct(g['relative_change'])})",
+                     verdict(g["met"])])  # fmt: skip
     if not rows:
         return ""
     m = next(iter(v for v in results.values() if v))["machine"]
@@ -435,24 +499,31 @@ def summary_section(results: dict) -> str:
 
 
 def likelihood_section(result: dict) -> str:
-    from .likelihood import section  # its own run (python -m benchmarks.likelihood), as the schedulers'
+    from .likelihood import section  # likelihood.py renders its own section (with `table`) and runs on its own
 
     return section(result)
 
 
+RENDERERS = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
+             "gpu": gpu_section, "evaluation": evaluation_section, "data": data_section,
+             "schedulers": schedulers_section, "allocator": allocator_section,
+             "likelihood": likelihood_section}  # fmt: skip
+
+
 def write(results_dir: str = RESULTS_DIR) -> str:
-    """Write RESULTS.md and the plots into `results_dir` (and nothing else)."""
+    """Write RESULTS.md, schedulers.md and the plots into `results_dir` (and nothing else)."""
+    from .plots import plots  # matplotlib's, only where it is installed
+
     results = {name: read_json(name, results_dir) for name in SECTIONS}
     parts = ["# Benchmark results", "", "Written by `python -m benchmarks.run`; do not edit by hand.", ""]
     parts.append(summary_section(results))
-    render = {"sampling": sampling_section, "training": training_section, "quality": quality_section,
-              "gpu": gpu_section, "evaluation": evaluation_section, "data": data_section,
-              "schedulers": schedulers_section, "allocator": allocator_section,
-              "likelihood": likelihood_section}  # fmt: skip
-    parts += [part for name in SECTIONS if results[name] for part in ("", render[name](results[name]))]
+    parts += [part for name in SECTIONS if results[name] for part in ("", RENDERERS[name](results[name]))]
     written = plots(results, results_dir)
     if written:
         parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in written]
+    if results["schedulers"]:
+        text = schedulers_section(results["schedulers"]) + "\n"
+        write_atomically(os.path.join(results_dir, "schedulers.md"), lambda f: f.write(text))
     path = os.path.join(results_dir, "RESULTS.md")
     text = "\n".join(parts).rstrip() + "\n"
     write_atomically(path, lambda f: f.write(text))

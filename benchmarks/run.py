@@ -26,10 +26,12 @@ import sys
 import tempfile
 import time
 
+import torch
+
 from hf_ddpm.cpu import tune_allocator
 
 from . import report
-from .common import RESULTS_DIR, load_average, log, machine, primary_clock, set_threads, write_json
+from .measure import RESULTS_DIR, log, measured, write_json
 
 BENCHMARKS = ("sampling", "training", "quality", "schedulers", "gpu", "evaluation", "data", "allocator")
 # Timing comparisons run on one thread: on two cores a second OpenMP thread gains little for these small models and
@@ -61,18 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_one(name: str, profile: str, args: argparse.Namespace) -> dict:
     module = importlib.import_module(f".{name}", __package__)  # only this benchmark's dependencies
-    threads = set_threads(args.threads if args.threads is not None else DEFAULT_THREADS[name] or os.cpu_count())
-    info = machine() | {"allocator": args.allocator}
-    started = time.perf_counter()
+    torch.set_num_threads(args.threads if args.threads is not None else DEFAULT_THREADS[name] or os.cpu_count())
     if name == "quality":
         flags = {k: getattr(args, k) for k in module.DATA_FLAGS}
-        result = module.run(profile, flags)
-    else:
-        result = module.run(profile)
-    info["load_average_after"] = load_average()
-    info["torch_threads"] = threads
-    clock = "wall" if name == "gpu" else primary_clock(info["load_average"], info["load_average_after"])
-    return {"benchmark": name, "machine": info, "clock": clock, "wall_seconds": time.perf_counter() - started, **result}
+        return measured(name, lambda: module.run(profile, flags), allocator=args.allocator)
+    return measured(name, lambda: module.run(profile), allocator=args.allocator)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if own_cache:
             shutil.rmtree(os.environ.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
-    report.write(args.results_dir)  # RESULTS.md and plots only: README.md states the headline numbers itself
+    report.write(args.results_dir)  # results_dir only: README.md states the headline numbers itself
     log(f"all done in {time.perf_counter() - started:.0f} s; see {os.path.join(args.results_dir, 'RESULTS.md')}")
 
 

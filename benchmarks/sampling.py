@@ -18,7 +18,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 
-from .common import interleaved, log, paired_ratio, summary, timed
+from .measure import interleaved, log, paired_ratio, summary, timed
 
 PROFILES = {
     # a few seconds: for tests/test_benchmarks.py

@@ -18,25 +18,20 @@ evaluations.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
-import time
 
-import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
-from hf_ddpm.atomic import write_atomically
-from hf_ddpm.data import load_data
+from hf_ddpm import HFDDPMScheduler
 from hf_ddpm.evaluation.features import InceptionFeatures
-from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, statistics
 from hf_ddpm.evaluation.steps import IMPROVED_DDPM_SPACING
 
-from .common import FAST_EVALUATIONS, FAST_FID_RATIO, RESULTS_DIR, log, machine, read_json, write_json
+from . import report
+from .measure import RESULTS_DIR, log, measured, read_json, write_json
 from .quality import PROFILES as QUALITY_PROFILES
-from .quality import sample_uint8, train_model
-from .report import schedulers_section
+from .quality import fid_row, simple_digits_model, training_reference
+from .report import FAST_EVALUATIONS, FAST_FID_RATIO
 
 # diffusers' dynamic thresholding with s clamped to [1, sample_max_value] = [1, 1]: x̂_0 clipped to [-1, 1] at each
 # step (diffusers' _threshold_sample), what DDPM's and DDIM's steps do with clip_sample=True
@@ -84,30 +79,10 @@ def run(
     counts = evaluations or settings["evaluations"]
     if min(counts) < 1:
         raise ValueError(f"model evaluations must be >= 1, got {sorted(counts)}")
-    summary_path = os.path.join(model_dir or "", "training_summary.json")
-    if model_dir and not os.path.isfile(summary_path):
-        raise ValueError(f"--model_dir {model_dir} holds no training_summary.json: pass a trained pipeline's folder")
-    started = time.perf_counter()
-    features = InceptionFeatures()
     with tempfile.TemporaryDirectory() as workdir:
-        if model_dir:
-            with open(summary_path) as f:
-                summary = json.load(f)
-            training = {"loss": "simple", "optimizer_steps": summary["optimizer_steps"],
-                        "train_seconds": summary["train_seconds"], "model_dir": model_dir,
-                        "parameter_sha256": summary.get("parameter_sha256")}  # fmt: skip
-        else:
-            log(f"schedulers: training the L_simple digits model ({settings['train_steps']} steps)")
-            training = train_model(settings, "simple", os.path.join(workdir, "model"), {})
-            model_dir = os.path.join(workdir, "model")
-        pipe = HFDDPMPipeline.from_pretrained(model_dir)
-        pipe.set_progress_bar_config(disable=True)
-        ddpm_config = pipe.scheduler.config
-        data = load_data(
-            resolution=settings["resolution"], channels=pipe.unet.config.in_channels, eval_size=0.1, seed=0
-        )
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-        reference = statistics(features(data.train[order[: settings["reference"]]]))
+        pipe, training, data = simple_digits_model(settings, workdir, model_dir)
+        ddpm_config, features = pipe.scheduler.config, InceptionFeatures()
+        reference = training_reference(data, settings["reference"], features, seed)
         rows = []
         for index, (name, (scheduler_class, overrides)) in enumerate(SCHEDULERS.items()):
             if only and name not in only:
@@ -118,23 +93,13 @@ def run(
                     continue  # the reference only
                 steps = min(count, settings["T"])
                 log(f"schedulers: {name} at {steps} model evaluations ({settings['samples']} samples)")
-                began = time.perf_counter()
-                sample_dir = os.path.join(workdir, f"samples-{index}-{steps}")
-                images = sample_uint8(pipe, settings["samples"], steps, sample_dir, seed)
-                seconds = time.perf_counter() - began
-                feats = features(images)
-                rows.append({
-                    "scheduler": name, "class": scheduler_class.__name__, "config": overrides,
-                    "model_evaluations": steps,
-                    "fid": frechet_distance(reference, feats),
-                    "bootstrap_std": bootstrap_fid(reference, feats, settings["bootstrap"], seed),
-                    "sampling_seconds": seconds,
-                })  # fmt: skip
+                row = fid_row(pipe, steps, reference, features, settings["samples"], settings["bootstrap"],
+                              os.path.join(workdir, f"samples-{index}-{steps}"), seed)  # fmt: skip
+                rows.append({"scheduler": name, "class": scheduler_class.__name__, "config": overrides,
+                             "model_evaluations": steps, **row})  # fmt: skip
                 if partial_dir:
                     write_json("schedulers_partial", {"profile": profile, "rows": rows}, partial_dir)
     return {
-        "benchmark": "schedulers",
-        "machine": machine(),
         "profile": profile,
         "model": settings["model"],
         "train_steps": settings["train_steps"],
@@ -142,10 +107,9 @@ def run(
         "training": training,
         "feature_extractor": features.name,
         "samples_per_set": settings["samples"],
-        "reference": f"{settings['reference']} training images (seeded random subset)",
+        "reference": f"{reference.count} training images (seeded random subset)",
         "rows": rows,
         "target": target(rows),
-        "seconds": time.perf_counter() - started,
     }
 
 
@@ -177,7 +141,7 @@ def merge(result: dict, stored: dict) -> dict:
     rows = sorted(kept + result["rows"], key=lambda r: (order.get(r["scheduler"], len(order)), r["model_evaluations"]))
     merged = {**stored, "rows": rows, "target": target(rows)}
     merged["reruns"] = [*stored.get("reruns", []), {"machine": result["machine"], "training": result["training"],
-                                                   "rows": sorted(new, key=str), "seconds": result["seconds"]}]  # fmt: skip
+                                                   "rows": sorted(new, key=str), "seconds": result["wall_seconds"]}]  # fmt: skip
     return merged
 
 
@@ -190,18 +154,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluations", nargs="+", type=int, help="model evaluation counts (default: the profile's)")
     parser.add_argument("--merge", action="store_true", help="replace these rows in the stored schedulers.json")
     args = parser.parse_args(argv)
-    stored = read_json("schedulers", args.results_dir or RESULTS_DIR) if args.merge else None
+    results_dir = args.results_dir or RESULTS_DIR
+    stored = read_json("schedulers", results_dir) if args.merge else None
     if args.merge and stored is None:
-        parser.error(f"--merge: no schedulers.json in {args.results_dir or RESULTS_DIR}")
-    result = run(args.profile, partial_dir=args.results_dir, model_dir=args.model_dir, only=args.only,
-                 evaluations=args.evaluations)  # fmt: skip
+        parser.error(f"--merge: no schedulers.json in {results_dir}")
+    result = measured("schedulers", lambda: run(args.profile, partial_dir=args.results_dir, model_dir=args.model_dir,
+                                                only=args.only, evaluations=args.evaluations))  # fmt: skip
     if stored is not None:
         result = merge(result, stored)
-    kwargs = {"results_dir": args.results_dir} if args.results_dir else {}
-    log(f"schedulers: wrote {write_json('schedulers', result, **kwargs)}")
-    text = schedulers_section(result) + "\n"
-    write_atomically(os.path.join(args.results_dir or RESULTS_DIR, "schedulers.md"), lambda f: f.write(text))
-    print(text)
+    log(f"schedulers: wrote {write_json('schedulers', result, results_dir)}")
+    print(report.schedulers_section(result))
+    report.write(results_dir)  # RESULTS.md and schedulers.md with these rows
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, report
+from benchmarks import measure, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,26 +18,35 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_interleaved_rotates_the_order_and_reports_both_clocks():
     calls = []
     candidates = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = common.interleaved(candidates, rounds=3, warmup=1)
+    times = measure.interleaved(candidates, rounds=3, warmup=1)
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # warmup, then rotated rounds
     assert set(times) == {"wall", "cpu"}
     assert all(len(times[clock][name]) == 3 for clock in times for name in "abc")
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-    assert common.paired_ratio([2.0, 4.0, 100.0], [1.0, 1.0, 1.0]) == 4.0
-    assert common.paired_ratio([1.0, 2.0], [2.0, 2.0]) == pytest.approx(0.75)
+    assert measure.paired_ratio([2.0, 4.0, 100.0], [1.0, 1.0, 1.0]) == 4.0
+    assert measure.paired_ratio([1.0, 2.0], [2.0, 2.0]) == pytest.approx(0.75)
 
 
 def test_summary_divides_by_the_unit_count():
-    s = common.summary([4.0, 2.0, 6.0], per=2.0)
+    s = measure.summary([4.0, 2.0, 6.0], per=2.0)
     assert (s["median"], s["min"], s["max"], s["runs"]) == (2.0, 1.0, 3.0, 3)
 
 
 def test_the_clock_is_wall_only_on_a_quiet_machine():
-    assert common.primary_clock([1.2, 1.0, 1.0], [1.4, 1.1, 1.0]) == "wall"
-    assert common.primary_clock([1.2, 1.0, 1.0], [3.0, 1.1, 1.0]) == "cpu"
-    assert common.primary_clock(None, None) == "cpu"
+    assert measure.primary_clock([1.2, 1.0, 1.0], [1.4, 1.1, 1.0]) == "wall"
+    assert measure.primary_clock([1.2, 1.0, 1.0], [3.0, 1.1, 1.0]) == "cpu"
+    assert measure.primary_clock(None, None) == "cpu"
+
+
+def test_a_record_carries_the_machine_and_the_clock_and_a_result_may_name_its_own():
+    record = measure.measured("example", lambda: {"profile": "smoke", "value": 1}, allocator="glibc default")
+    assert (record["benchmark"], record["value"], record["profile"]) == ("example", 1, "smoke")
+    assert record["machine"]["cpu"] and record["machine"]["allocator"] == "glibc default"
+    assert "load_average_after" in record["machine"] and record["clock"] in measure.CLOCKS
+    assert record["wall_seconds"] >= 0
+    assert measure.measured("gpu", lambda: {"clock": "wall"})["clock"] == "wall"  # GPU work: wall time only
 
 
 @pytest.mark.slow
@@ -99,6 +108,8 @@ def test_a_report_writes_results_md_and_leaves_the_readme_alone(tmp_path):
     for heading in ("## Summary", "## Sampling", "## Training", "## Quality at equal compute", "## GPU"):
         assert heading in text
     assert "<!-- benchmarks:start -->" not in readme.decode()  # no markers left to rewrite
+    schedulers = (tmp_path / "schedulers.md").read_text()  # the section README.md links, written by the same report
+    assert schedulers.startswith("## Schedulers: FID against model evaluations\n") and schedulers in text
 
 
 def test_the_readme_states_the_headline_numbers_of_results_md():
@@ -117,7 +128,7 @@ def test_the_readme_states_the_headline_numbers_of_results_md():
 
 
 def _training_result(ours: float, theirs: float, floor: float) -> dict:
-    names = {"hf_ddpm (defaults, fp32)": ours, "diffusers example (fp32)": theirs, common.TRAINING_FLOOR: floor}
+    names = {"hf_ddpm (defaults, fp32)": ours, "diffusers example (fp32)": theirs, report.TRAINING_FLOOR: floor}
     clock = {
         "images_per_second": {n: {"median": v, "iqr": 1.0, "runs": 5} for n, v in names.items()},
         "speedup_vs_diffusers_fp32": {n: v / theirs for n, v in names.items()},
