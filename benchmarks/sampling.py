@@ -146,16 +146,6 @@ def compare(unet: UNet2DModel, num_train_timesteps: int, batch: int, steps: int,
     return result
 
 
-def _compiled(unet: UNet2DModel) -> tuple[UNet2DModel, str | None]:
-    """A torch.compile'd copy of the UNet, or the reason compiling failed."""
-    copy_ = copy.deepcopy(unet)
-    try:
-        copy_.compile()
-    except Exception as err:  # no C++ compiler, an unsupported backend, ...
-        return unet, f"{type(err).__name__}: {err}"
-    return copy_, None
-
-
 def speed_options(unet: UNet2DModel, num_train_timesteps: int, batch: int, steps: int, rounds: int, compile_: bool):
     """Our pipeline with each speed option against float32 eager, interleaved."""
     scheduler = HFDDPMScheduler(num_train_timesteps=num_train_timesteps)
@@ -166,10 +156,9 @@ def speed_options(unet: UNet2DModel, num_train_timesteps: int, batch: int, steps
         return pipe
 
     fp32 = pipe_with(unet)
-    bf16_autocast = sampler(fp32, batch, steps)
     variants = {
         "fp32": sampler(fp32, batch, steps),
-        "bf16 autocast": lambda: _autocast(bf16_autocast, unet.device.type),
+        "bf16 autocast": torch.autocast(unet.device.type, dtype=torch.bfloat16)(sampler(fp32, batch, steps)),
         "bf16 weights (pipe.to(torch.bfloat16))": sampler(
             pipe_with(copy.deepcopy(unet).to(torch.bfloat16)), batch, steps
         ),
@@ -177,14 +166,16 @@ def speed_options(unet: UNet2DModel, num_train_timesteps: int, batch: int, steps
     }
     result = {"batch": batch, "steps": steps, "compile": None}
     if compile_:
-        compiled, error = _compiled(unet)
-        if error is None:
-            call = sampler(pipe_with(compiled), batch, steps)
+        compiled = copy.deepcopy(unet)
+        compiled.compile()
+        call = sampler(pipe_with(compiled), batch, steps)
+        try:
             warmup = timed(call)[0]  # the first call compiles
+        except Exception as err:  # no C++ compiler, an unsupported backend, ...: it shows at the first call
+            result["compile"] = {"error": f"{type(err).__name__}: {err}"}
+        else:
             result["compile"] = {"first_call_seconds": warmup, "eager_call_seconds": timed(variants["fp32"])[0]}
             variants["torch.compile"] = call
-        else:
-            result["compile"] = {"error": error}
     times = interleaved(variants, rounds=rounds)
     for clock, t in times.items():
         result[clock] = {
@@ -193,11 +184,6 @@ def speed_options(unet: UNet2DModel, num_train_timesteps: int, batch: int, steps
             "raw_seconds": t,
         }
     return result
-
-
-def _autocast(call, device_type: str):
-    with torch.autocast(device_type, dtype=torch.bfloat16):
-        return call()
 
 
 def respacing(unet: UNet2DModel, num_train_timesteps: int, batch: int, steps: list[int], rounds: int) -> dict:
