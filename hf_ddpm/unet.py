@@ -1,14 +1,21 @@
-"""UNet2DModel presets: the DDPM paper's networks and small ones for CPU work.
+"""UNet2DModel presets: the DDPM paper's networks and small ones for CPU work; and the checks of any UNet config.
 
-`unet_config(name)` returns the keyword arguments of `diffusers.UNet2DModel` (this module builds no model).
-The paper's architecture (Ho et al. 2020, Appendix B) is a PixelCNN++-style U-Net: two residual blocks per
-resolution, group normalization, a sinusoidal timestep embedding added in every residual block, single-head
-self-attention at 16x16. The small presets keep that architecture and shrink its widths and depths.
+`unet_config(name)` returns the keyword arguments of `diffusers.UNet2DModel`. The paper's architecture (Ho et al.
+2020, Appendix B) is a PixelCNN++-style U-Net: two residual blocks per resolution, group normalization, a sinusoidal
+timestep embedding added in every residual block, single-head self-attention at 16x16. The small presets keep that
+architecture and shrink its widths and depths.
+
+A config from elsewhere (a JSON file: `read_unet_config`) is built by `build_checked`, which refuses a bad value
+naming the file and the key instead of failing with a raw torch error; `check_forward` tries a UNet on one batch at
+a resolution, before any training does.
 """
 
 import inspect
+import json
+import os
 from types import MappingProxyType
 
+import torch
 from diffusers import UNet2DModel
 
 from .scheduler import model_output_channels
@@ -138,3 +145,91 @@ def unet_config(name: str, learned_variance: bool = False, **overrides) -> dict:
     if learned_variance:
         config["out_channels"] = model_output_channels(config["out_channels"], learned_variance=True)
     return config
+
+
+# ------------------------------------------------------------------------------------------------ other configs
+# `source` in the messages below: the --model_config a config came from (a preset name or a JSON file).
+
+
+def read_unet_config(path: str) -> dict:
+    """The UNet2DModel keys of a JSON config file (diffusers' `_class_name`-style keys dropped)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--model_config {path!r} is neither a preset ({', '.join(UNET_PRESETS)}) nor a JSON file")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--model_config {path} is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--model_config {path} holds a JSON {type(config).__name__}, not an object of UNet keys")
+    return {k: v for k, v in config.items() if not k.startswith("_")}  # drop _class_name, _diffusers_version
+
+
+def check_unet_config(config: dict, source: str) -> None:
+    """Refuse values that UNet2DModel would fail on with a raw torch error, naming `source` and the key."""
+    where = f"--model_config {source}"
+    unknown = sorted(k for k in config if k not in _UNET_ARGS)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; UNet2DModel takes {', '.join(sorted(_UNET_ARGS))}"
+        )
+    per_block = config.get("layers_per_block", 2)
+    for value in per_block if isinstance(per_block, (list, tuple)) else [per_block]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: layers_per_block must be an integer >= 1, got {per_block!r}")
+    channels = config.get("block_out_channels", (64, 128, 256, 512))
+    if not isinstance(channels, (list, tuple)) or not all(isinstance(c, int) and c > 0 for c in channels):
+        raise ValueError(f"{where}: block_out_channels must be a list of positive integers, got {channels!r}")
+    for key in ("in_channels", "out_channels", "norm_num_groups"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key in ("down_block_types", "up_block_types"):
+        blocks = config.get(key)
+        if blocks is not None and len(blocks) != len(channels):
+            raise ValueError(
+                f"{where}: {key} has {len(blocks)} entries and block_out_channels {len(channels)}; they must match"
+            )
+
+
+def _key_in_error(config: dict, error: Exception) -> str:
+    """The config key whose value the error message names (diffusers: 'FooBlock2D does not exist.')."""
+    text = str(error)
+    for key, value in config.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item and item in text:
+                return f" (key {key})"
+    if "num_groups" in text:
+        return " (key norm_num_groups)"
+    return ""
+
+
+def build_checked(config: dict, source: str) -> UNet2DModel:
+    """UNet2DModel(**config), its errors naming `source` and the key."""
+    check_unet_config(config, source)
+    try:
+        return UNet2DModel.from_config(config)
+    except Exception as err:
+        raise ValueError(f"--model_config {source}{_key_in_error(config, err)}: {err}") from err
+
+
+def check_forward(unet: UNet2DModel, resolution: int, source: str, resolution_given: bool) -> None:
+    """One forward pass on a dummy batch (1, C, resolution, resolution) at t = 0; a failure names the flag and the
+    resolutions this UNet accepts (halved once per down block but the last: UNet2DModel adds no downsampler to it)."""
+    halvings = len(unet.config.down_block_types) - 1
+    x = torch.zeros(1, unet.config.in_channels, resolution, resolution)
+    try:
+        with torch.no_grad():
+            out = unet(x, torch.zeros(1, dtype=torch.long)).sample
+        if out.shape[-2:] != x.shape[-2:]:
+            raise RuntimeError(f"it returns {tuple(out.shape[-2:])} from {tuple(x.shape[-2:])}")
+    except Exception as err:
+        flag = f"--resolution {resolution}" if resolution_given else f"the resolution {resolution} (sample_size)"
+        accepted = ", ".join(str(2**halvings * k) for k in range(1, 5))
+        raise ValueError(
+            f"{flag}: the UNet of --model_config {source} cannot take {resolution}x{resolution} images "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). It halves the resolution "
+            f"{halvings} times, so it accepts multiples of {2**halvings}: {accepted}, ..."
+        ) from err

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from hf_ddpm.data import load_data
-from hf_ddpm.training.batches import data_files
+from hf_ddpm.data.sources import data_files
 
 FEATURES = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
 

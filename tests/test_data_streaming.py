@@ -87,8 +87,8 @@ def test_image_folder_stream_holds_out_the_first_images_of_its_test_split(tmp_pa
 
 
 def test_streaming_refuses_an_unknown_length_without_max_train_steps_and_the_digits():
+    from hf_ddpm.data import load_training_data
     from hf_ddpm.training import parse_args
-    from hf_ddpm.training.batches import load_training_data
 
     with pytest.raises(ValueError, match="--streaming needs --max_train_steps"):
         load_training_data(parse_args(["--streaming", "--train_data_dir", "x"]), None, 8, None)

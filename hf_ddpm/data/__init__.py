@@ -7,18 +7,21 @@ cache (cache.py), held in memory when small and memory-mapped when not (load.py)
 
 from .cache import CacheSpaceError, MappedImages
 from .images import IMAGE_COLUMN_CANDIDATES, detect_image_column, digits_dataset, random_hflip
-from .load import ImageData, default_memory_budget, load_data
+from .load import DataIdentity, ImageData, data_identity, default_memory_budget, load_data, load_training_data
 from .streaming import StreamSourceError
 
 __all__ = [
     "IMAGE_COLUMN_CANDIDATES",
     "CacheSpaceError",
+    "DataIdentity",
     "ImageData",
     "MappedImages",
     "StreamSourceError",
+    "data_identity",
     "default_memory_budget",
     "detect_image_column",
     "digits_dataset",
     "load_data",
+    "load_training_data",
     "random_hflip",
 ]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import fcntl
 import functools
 import glob
 import hashlib
@@ -36,13 +35,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 
 import numpy as np
 import torch
 
 from ..atomic import write_atomically
+from ..file_lock import FileLock
 from .images import decode_image
 
 logger = logging.getLogger(__name__)
@@ -153,30 +152,6 @@ def open_cache(folder: str):
     return cached
 
 
-@contextlib.contextmanager
-def _build_lock(folder: str):
-    """Hold `<folder>.lock` (flock, exclusive) while building `folder`: a second builder of the same key waits, then
-    finds the cache complete. The kernel releases it with a process that dies; the file itself is never removed
-    (removing a lock file lets two processes hold two different locks)."""
-    path = folder + ".lock"
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            logger.info("waiting for %s, which is building the preprocessed cache %s", holder, folder)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"PID {os.getpid()} on host {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _space_error(cache_dir, root: str, needed: int, free: int, what: str) -> CacheSpaceError:
     where = f"--cache_dir {cache_dir}" if cache_dir else f"--cache_dir (not given: the datasets cache, {root})"
     return CacheSpaceError(
@@ -198,7 +173,12 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
         if cached is not None:
             return cached, folder, False
     os.makedirs(root, exist_ok=True)
-    with _build_lock(folder):
+
+    # `<key>.lock` beside the folder: a second builder of the key waits for the first, then finds the cache complete
+    def waiting(holder: str) -> None:
+        logger.info("waiting for %s, which is building the preprocessed cache %s", holder, folder)
+
+    with FileLock.take(folder + ".lock", wait=True, waiting=waiting):
         try:
             cached = open_cache(folder)
         except CacheDamaged as err:
@@ -214,10 +194,10 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
             # left by a builder that died while writing (datasets' temporary files, our manifest's staging file):
             # the lock's holder is the only builder alive, so no file here is another's work in progress
             os.remove(stale)
-        return _build(ds, column, identity, rows, options, folder, root, cache_dir, num_proc)
+        return _build(ds, column, rows, options, folder, root, cache_dir, num_proc)
 
 
-def _build(ds, column, identity, rows, options, folder, root, cache_dir, num_proc):
+def _build(ds, column, rows, options, folder, root, cache_dir, num_proc):
     import datasets
 
     resolution, channels = options["resolution"], options["channels"]

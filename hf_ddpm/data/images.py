@@ -75,6 +75,14 @@ def check_resolution(resolution) -> None:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
 
 
+def parse_eval_size(value: str) -> float | int:
+    """--eval_size on a command line: '0.1' -> a fraction of the images, '100' -> a count (`check_eval_size`)."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
 def check_eval_size(eval_size) -> None:
     if isinstance(eval_size, bool) or not isinstance(eval_size, (int, float)) or not 0 <= eval_size:
         raise ValueError(f"eval_size must be a fraction in [0, 1) or an image count >= 0, got {eval_size!r}")

@@ -9,6 +9,7 @@ resumed run, are the same on either path. The path chosen and why is logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -20,7 +21,7 @@ import torch
 
 from .cache import MappedImages, preprocess
 from .images import check_eval_size, check_resolution, detect_image_column, digits_array, eval_count, gray_to
-from .sources import open_source, train_and_eval_split
+from .sources import one_source, open_source, train_and_eval_split
 
 logger = logging.getLogger("hf_ddpm.data")
 
@@ -88,8 +89,9 @@ def load_data(
     """Load, preprocess (once: cached on disk) and split training images.
 
     Source: `dataset_name` (a Hub dataset id, a local dataset directory, a `save_to_disk` folder or a single data
-    file), `train_data_dir` (an image folder), `train_data_files` (a data file or a list: parquet, arrow, csv/json of
-    image paths, image files), or none of them: scikit-learn's digits.
+    file), `train_data_dir` (an image folder), `train_data_files` (data files, a list or a string of comma-separated
+    paths and glob patterns: parquet, arrow, csv/json of image paths, image files), or none of them: scikit-learn's
+    digits (one source at most: `sources.one_source`).
     Each image is converted to `channels` (1, 3 or 4; None keeps 1 for an all-grayscale source and 3 otherwise;
     alpha is composited onto white unless channels=4), its shorter side resized to `resolution` (small images are
     upscaled, logged once) and cropped square at the centre, or at a random place (drawn once per image, seeded)
@@ -105,11 +107,8 @@ def load_data(
     `cache_dir` (else the datasets cache) in hf_ddpm_preprocessed/; `preprocessing_num_workers` processes build it.
     """
     _check(resolution, channels, eval_size, max_train_samples, max_in_memory_bytes)
-    named = {"dataset_name": dataset_name, "train_data_dir": train_data_dir, "train_data_files": train_data_files}
-    given = {k: v for k, v in named.items() if v is not None}
-    if len(given) > 1:
-        shown = " or ".join(f"{k} ({v!r})" for k, v in given.items())
-        raise ValueError(f"pass {shown}, not both" if len(given) == 2 else f"pass one of {shown}")
+    given = one_source({"dataset_name": dataset_name, "train_data_dir": train_data_dir,
+                        "train_data_files": train_data_files})  # fmt: skip
     rng = np.random.default_rng(seed)
     if not given:
         return _digits(resolution, channels, eval_size, rng, max_train_samples)
@@ -174,6 +173,64 @@ def load_data(
     if in_memory:
         train, held_out = train[:], held_out[:]
     return ImageData(train, held_out, src.description, column, folders[train_split], in_memory)
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """Which data a training run trained on, as its resume must find it again (the checkpoint's run record holds it;
+    None: not recorded; `description` names it in messages and is not compared). Built by `data_identity`."""
+
+    source: str | None = None  # the data's key (the preprocessed cache's, or the stream's or digits' description)
+    num_images: int | None = None  # images in the training split
+    num_held_out: int | None = None
+    held_out: str | None = None  # sha256 of the held-out images' pixels: which images the held-out split holds
+    description: str | None = None
+
+
+def data_identity(data) -> DataIdentity:
+    """The identity of the data `load_training_data` gave (`ImageData` or a `StreamingData`). The key of a
+    preprocessed source is its cache folder's
+    name: a hash of the files' resolved paths, sizes and modification times (not their contents) and of the
+    preprocessing options; a stream or the bundled digits are keyed by their description."""
+    cache = getattr(data, "cache_dir", None)
+    train, held_out = data.train, data.eval
+    count = getattr(train, "num_examples", len(train))  # a stream's stated size (None: unknown)
+    pixels = held_out[:].cpu().contiguous().numpy() if len(held_out) else b""
+    return DataIdentity(
+        source=os.path.basename(cache) if cache else data.source, num_images=count, num_held_out=len(held_out),
+        held_out=hashlib.sha256(pixels).hexdigest()[:16], description=data.source,
+    )  # fmt: skip
+
+
+# A training run's options that `load_data` takes under the same names (training/train.py's flags).
+LOAD_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "train_data_files", "image_column",
+                "center_crop", "eval_size", "seed", "max_train_samples", "cache_dir",
+                "preprocessing_num_workers")  # fmt: skip
+
+
+def load_training_data(options, accelerator, resolution: int, channels: int | None):
+    """The images a training run's `options` name (its config: the data flags, by name) for its `accelerator`: one
+    process per machine preprocesses them into the cache while the others wait, then all open the same cache files.
+    With --streaming: the stream (`open_streaming`; nothing is cached)."""
+    if options.streaming:
+        from .streaming import open_streaming
+
+        named = ("dataset_name", "dataset_config_name", "train_data_dir", "train_data_files", "image_column",
+                 "eval_size", "cache_dir")  # fmt: skip
+        return open_streaming(resolution=resolution, channels=channels, **{k: getattr(options, k) for k in named})
+    if options.max_in_memory_gb is None:
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
+        budget = default_memory_budget(per_machine)
+    else:
+        budget = int(options.max_in_memory_gb * 1e9)
+    with accelerator.local_main_process_first():
+        return load_data(
+            resolution=resolution,
+            channels=channels,
+            skip_corrupt=options.on_corrupt_image == "skip",
+            max_in_memory_bytes=budget,
+            **{k: getattr(options, k) for k in LOAD_OPTIONS},
+        )
 
 
 def _drop_corrupt(train_cached, train_rows, eval_cached, eval_rows, description, skip_corrupt):

@@ -13,6 +13,7 @@ else it is the dataset's own fingerprint.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,33 @@ EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")  # test first: the pap
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jp2")
 _EXTENSIONS = frozenset(IMAGE_EXTENSIONS)
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+# Where images come from: one at most (none: the bundled digits). Training, evaluation and `load_data` ask
+# `one_source`, so the rule and its message are the same everywhere.
+DATA_SOURCES = ("dataset_name", "train_data_dir", "train_data_files")
+
+
+def one_source(values: dict, prefix: str = "") -> dict:
+    """{name: value} of the DATA_SOURCES given in `values` (not None); two or more are refused, each named with its
+    value (`prefix`: "--" where they are flags)."""
+    given = {name: values[name] for name in DATA_SOURCES if values.get(name) is not None}
+    if len(given) > 1:
+        shown = " or ".join(f"{prefix}{name} ({value!r})" for name, value in given.items())
+        raise ValueError(f"pass {shown}, not both" if len(given) == 2 else f"pass one of {shown}")
+    return given
+
+
+def data_files(value: str | list[str] | None) -> list[str] | None:
+    """--train_data_files: comma-separated paths or glob patterns -> the files, in order (a pattern's sorted); a
+    list is taken as it is."""
+    if value is None or not isinstance(value, str):
+        return value
+    files = []
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        matched = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not matched:
+            raise ValueError(f"--train_data_files pattern {part!r} matches no file")
+        files += matched
+    return files
 
 
 @dataclass
@@ -127,25 +155,21 @@ def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
             f"extensions {sorted(kinds)}"
         )
     (builder,) = builders
-    data_files = {"train": files}
-    splits = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, streaming=streaming)
+    splits = datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, streaming=streaming)
     identities = {} if streaming else {"train": _hash(splits["train"]._fingerprint, _files_identity(files))}
     return Source(dict(splits), description, identities, os.path.dirname(files[0]))
 
 
 def open_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, train_data_files=None,
                 cache_dir=None, streaming=False) -> Source:  # fmt: skip
-    """Open the one source given (see the module docstring)."""
+    """Open the one source given (see the module docstring); `train_data_files` as `data_files` reads it."""
     import datasets
 
-    given = {k: v for k, v in (("dataset_name", dataset_name), ("train_data_dir", train_data_dir),
-                               ("train_data_files", train_data_files)) if v is not None}  # fmt: skip
-    if len(given) > 1:
-        raise ValueError(f"pass one of dataset_name, train_data_dir, train_data_files; got {given}")
+    one_source({"dataset_name": dataset_name, "train_data_dir": train_data_dir, "train_data_files": train_data_files})
     if train_data_dir is not None:
         return _image_folder(train_data_dir, streaming)
     if train_data_files is not None:
-        files = [train_data_files] if isinstance(train_data_files, str) else list(train_data_files)
+        files = list(data_files(train_data_files))
         if not files:
             raise ValueError("train_data_files is empty; pass one or more data files")
         return _data_files(files, cache_dir, streaming)

@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -299,9 +300,21 @@ class StreamedImages:
         return self.shape[0]
 
 
+class StreamingData(NamedTuple):
+    """A streamed dataset, as `open_streaming` opens it: the stream's maker, its image column, the stand-in for its
+    training images, the held-out images (uint8, in memory) and the source's description."""
+
+    make_stream: object
+    column: str
+    train: StreamedImages
+    eval: torch.Tensor
+    source: str
+
+
 def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=None, train_data_files=None,
-                   image_column=None, resolution=16, channels=None, eval_size=0.1, cache_dir=None):  # fmt: skip
-    """(make_stream, column, StreamedImages, held-out uint8 tensor, source description) of a streamed dataset."""
+                   image_column=None, resolution=16, channels=None, eval_size=0.1,
+                   cache_dir=None) -> StreamingData:  # fmt: skip
+    """Open a dataset to stream it (nothing is cached); its held-out images are read now."""
     from .images import check_eval_size, check_resolution, detect_image_column
     from .sources import open_source, train_and_eval_split
 
@@ -347,4 +360,6 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
     def make_stream():  # each iteration of it starts at its beginning; the position lives in the node's split
         return train
 
-    return make_stream, column, StreamedImages(num_examples, channels, resolution), held_out, src.description
+    return StreamingData(
+        make_stream, column, StreamedImages(num_examples, channels, resolution), held_out, src.description
+    )

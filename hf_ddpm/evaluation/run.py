@@ -5,8 +5,8 @@
     accelerate launch -m hf_ddpm evaluate OUTPUT_DIR --num_samples 50000 --num_inference_steps 1000 \\
         --protocol paper --metrics_out metrics.json                        # the DDPM paper's FID protocol
 
-Given a training output directory, the data options (dataset, folder, column, crop, eval_size, seed) are read from
-its training_args.json unless given here; without one the bundled digits are used. Nothing is written but the
+Given a training output directory, the data options (dataset, folder, files, column, crop, eval_size, seed) are read
+from its training_args.json unless given here; without one the bundled digits are used. Nothing is written but the
 samples (--sample_dir), the reference statistics cache and --metrics_out.
 """
 
@@ -17,26 +17,30 @@ import json
 import logging
 from pathlib import Path
 
+from ..data.images import parse_eval_size
+from ..data.sources import DATA_SOURCES, one_source
 from . import likelihood_options
 from .schema import PROTOCOLS
 
 logger = logging.getLogger(__name__)
-DATA_OPTIONS = {"dataset_name": None, "dataset_config_name": None, "train_data_dir": None, "image_column": None,
-                "center_crop": True, "eval_size": 0.1, "seed": 0, "cache_dir": None}  # fmt: skip
-SOURCE_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")  # where the images are
-
-
-def _count_or_fraction(value: str) -> float | int:
-    number = float(value)
-    return int(number) if number >= 1 else number
+DATA_OPTIONS = {"dataset_name": None, "dataset_config_name": None, "train_data_dir": None, "train_data_files": None,
+                "image_column": None, "center_crop": True, "eval_size": 0.1, "seed": 0, "cache_dir": None}  # fmt: skip
+SOURCE_OPTIONS = (*DATA_SOURCES, "dataset_config_name", "image_column")  # where the images are
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a pipeline directory (a training --output_dir) or a Hub repo id")
     data = parser.add_argument_group("data (default: the run's own, from MODEL/training_args.json; else the digits)")
-    for flag in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "cache_dir"):
+    for flag in (
+        "dataset_name",
+        "dataset_config_name",
+        "train_data_dir",
+        "train_data_files",
+        "image_column",
+        "cache_dir",
+    ):
         data.add_argument(f"--{flag}", default=None)
-    data.add_argument("--eval_size", type=_count_or_fraction, default=None, help="held-out fraction or count")
+    data.add_argument("--eval_size", type=parse_eval_size, default=None, help="held-out fraction or count")
     data.add_argument("--seed", type=int, default=None, help="the split's seed; also the base seed of sampling")
     data.add_argument("--resolution", type=int, default=None, help="must equal the model's sample_size")
     bpd = parser.add_argument_group("bits/dim (DDPM eq. 5)")
@@ -64,13 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def data_options(args: argparse.Namespace) -> dict:
     """The data options: given here, else the run's training_args.json, else the defaults. A source typed here
-    (--dataset_name or --train_data_dir) replaces the run's whole source (its dataset, folder, config and column);
-    `from_run` says whether the images are the run's own (then converted to the model's channels as training did)."""
+    (--dataset_name, --train_data_dir or --train_data_files: one at most) replaces the run's whole source (its dataset,
+    folder, files, config and column); `from_run` says whether the images are the run's own (then converted to the
+    model's channels as training did)."""
     run_args = {}
     path = Path(args.model) / "training_args.json"
     if path.is_file():
         run_args = json.loads(path.read_text())
-    if getattr(args, "dataset_name", None) is not None or getattr(args, "train_data_dir", None) is not None:
+    if one_source({name: getattr(args, name, None) for name in DATA_SOURCES}, "--"):
         run_args = {k: v for k, v in run_args.items() if k not in SOURCE_OPTIONS}
         from_run = False
     else:

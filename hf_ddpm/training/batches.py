@@ -1,5 +1,5 @@
-"""A run's data: the probe of a Hub dataset before anything is read, the images (hf_ddpm.data: in memory, memory-
-mapped or streamed), and the batches, sharded over processes and addressed by micro-step.
+"""A run's batches, sharded over processes and addressed by micro-step, from its images (hf_ddpm.data's
+`load_training_data`: in memory, memory-mapped or streamed).
 
 Epoch e is a permutation of the images drawn from a generator seeded with (seed, e), cut into global batches of
 B·W images (W processes, the last partial batch dropped so every process steps alike); process r takes rows
@@ -10,75 +10,13 @@ finds its data position by arithmetic, without iterating over the batches it ski
 
 from __future__ import annotations
 
-import glob
-import os
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from ..data import default_memory_budget, load_data, random_hflip
-from ..data.streaming import StreamedImages, StreamingBatches, open_streaming
+from ..data import random_hflip
+from ..data.streaming import StreamingBatches, StreamingData
 from ..images import pixels_to_model
 from .config import TrainingConfig
-
-DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "center_crop", "eval_size",
-                "seed", "max_train_samples", "cache_dir", "preprocessing_num_workers")  # fmt: skip
-
-
-def data_files(value: str | None) -> list[str] | None:
-    """--train_data_files: comma-separated paths or glob patterns -> the files, in order (a pattern's sorted)."""
-    if value is None:
-        return None
-    files = []
-    for part in (p.strip() for p in value.split(",") if p.strip()):
-        matched = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
-        if not matched:
-            raise ValueError(f"--train_data_files pattern {part!r} matches no file")
-        files += matched
-    return files
-
-
-def load_training_data(args: TrainingConfig, accelerator, resolution: int, channels: int | None):
-    """The run's images (hf_ddpm.data.load_data). One process per machine preprocesses them into the cache while
-    the others wait; then all open the same cache files. With --streaming: a `StreamingData` (nothing is cached)."""
-    if args.streaming:
-        return _streaming_data(args, resolution, channels)
-    if args.max_in_memory_gb is None:
-        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
-        budget = default_memory_budget(per_machine)
-    else:
-        budget = int(args.max_in_memory_gb * 1e9)
-    with accelerator.local_main_process_first():
-        return load_data(
-            resolution=resolution,
-            channels=channels,
-            skip_corrupt=args.on_corrupt_image == "skip",
-            train_data_files=data_files(args.train_data_files),
-            max_in_memory_bytes=budget,
-            **{k: getattr(args, k) for k in DATA_OPTIONS},
-        )
-
-
-@dataclass
-class StreamingData:
-    """What `load_training_data` gives for --streaming: the stream's maker and the held-out images, in memory."""
-
-    make_stream: object
-    column: str
-    train: StreamedImages
-    eval: torch.Tensor
-    source: str
-
-
-def _streaming_data(args: TrainingConfig, resolution: int, channels: int | None) -> StreamingData:
-    opened = open_streaming(
-        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir, train_data_files=data_files(args.train_data_files),
-        image_column=args.image_column, resolution=resolution, channels=channels, eval_size=args.eval_size,
-        cache_dir=args.cache_dir,
-    )  # fmt: skip
-    return StreamingData(*opened)
 
 
 def make_batches(data, args: TrainingConfig, accelerator):
@@ -87,14 +25,13 @@ def make_batches(data, args: TrainingConfig, accelerator):
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if not isinstance(data, StreamingData):
         return ShardedBatches(data.train.to(device), args.train_batch_size, world, rank, args.seed)
-    batches = StreamingBatches(
+    return StreamingBatches(
         data.make_stream, data.column, batch_size=args.train_batch_size, num_processes=world, process_index=rank,
         seed=args.seed, buffer_size=args.shuffle_buffer_size, num_workers=args.dataloader_num_workers,
         resolution=data.train.shape[2], channels=data.train.shape[1], skip_corrupt=args.on_corrupt_image == "skip",
         device=device, num_examples=data.train.num_examples, source=data.source,
         accumulation_steps=args.gradient_accumulation_steps,
     )  # fmt: skip
-    return batches
 
 
 def derived_seed(*keys: int) -> int:

@@ -11,7 +11,6 @@ pick. The output directory must be shared by all processes (one file system).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -20,9 +19,11 @@ import shutil
 from dataclasses import dataclass, replace
 
 from ..atomic import TMP_SUFFIX, is_staging, remove_dir, replace_dir, staging_name, write_atomically
+from ..data import DataIdentity, data_identity
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
+from ..launch import cpu_requested, launched_by_accelerate
 from .config import SCHEDULE_OPTIONS, flag_of_key
-from .interruptions import any_process_failed, cpu_requested, describe, launched_by_accelerate, require_finite_weights
+from .interruptions import any_process_failed, describe, require_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -182,32 +183,6 @@ class Launch:
     mixed_precision: str
     accelerate: bool = False  # started by `accelerate launch` (else by `python`)
     cpu: bool = False  # the CPU asked for (`accelerate launch --cpu`, ACCELERATE_USE_CPU=1)
-
-
-@dataclass(frozen=True)
-class DataIdentity:
-    """Which data the run trained on, as a resume must find it again (None: not recorded; `description` names it
-    in messages and is not compared). Built by `data_identity`."""
-
-    source: str | None = None  # the data's key (the preprocessed cache's, or the stream's or digits' description)
-    num_images: int | None = None  # images in the training split
-    num_held_out: int | None = None
-    held_out: str | None = None  # sha256 of the held-out images' pixels: which images the held-out split holds
-    description: str | None = None
-
-
-def data_identity(data) -> DataIdentity:
-    """The identity of the data `load_training_data` gave. The key of a preprocessed source is its cache folder's
-    name: a hash of the files' resolved paths, sizes and modification times (not their contents) and of the
-    preprocessing options; a stream or the bundled digits are keyed by their description."""
-    cache = getattr(data, "cache_dir", None)
-    train, held_out = data.train, data.eval
-    count = getattr(train, "num_examples", len(train))  # a stream's stated size (None: unknown)
-    pixels = held_out[:].cpu().contiguous().numpy() if len(held_out) else b""
-    return DataIdentity(
-        source=os.path.basename(cache) if cache else data.source, num_images=count, num_held_out=len(held_out),
-        held_out=hashlib.sha256(pixels).hexdigest()[:16], description=data.source,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from ..data.sources import DATA_SOURCES
 from ..flags import FlagParser
 from ..shipped import shipped_dir
-from .config import DATA_SOURCES, GROUPS, TrainingConfig
+from .config import GROUPS, TrainingConfig
 
 RECIPES_DIR = shipped_dir("recipes", "training/recipes")  # hf_ddpm/recipes inside the wheel
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 
 from ..chain import TimestepSpacing
+from ..data.images import parse_eval_size
+from ..data.sources import DATA_SOURCES, one_source
 from ..losses import LossType, check_objective
 from ..scheduler import PredictionType, VarianceType
 from ..schedules import BETA_SCHEDULES, SCHEDULE_ALIASES
@@ -33,7 +35,6 @@ from .interruptions import NAN_POLICIES, parse_signals
 DEFAULT_MODEL = "digits-16-tiny"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 SECRET_ARGS = ("hub_token",)  # never written to disk
-DATA_SOURCES = ("dataset_name", "train_data_dir", "train_data_files")  # a run reads one (none: the bundled digits)
 # The options of the run's length and LR schedule that a checkpoint records and a resume keeps (`resolve`).
 SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_steps", "learning_rate")
 STREAMING_LENGTH = "--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead"
@@ -52,14 +53,6 @@ BetaScheduleName = Literal[BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)]  # diffuser
 LRScheduler = Literal[LR_SCHEDULERS]
 NanPolicy = Literal[NAN_POLICIES]
 MixedPrecision = Literal["no", "fp16", "bf16"]
-
-
-def parse_eval_size(value: str) -> float | int:
-    """'0.1' -> a fraction of the images, '100' -> a count."""
-    try:
-        return int(value)
-    except ValueError:
-        return float(value)
 
 
 def option(default=None, help: str = "", *, aliases=(), min=None, parse=None, negation=None, key=None):  # noqa: A002
@@ -138,7 +131,7 @@ class ObjectiveOptions:
         False, "sample t by the loss's second moment (Improved DDPM section 3.3; meant for --loss vlb)")
     ddpm_num_inference_steps: int | None = option(
         help=f"sampling steps of the sample grids (default: {DEFAULT_INFERENCE_STEPS}, or T if smaller; a respaced "
-             "chain when fewer than T)", min=1)
+             "chain when fewer than T)", min=1, aliases=("--num_inference_steps",))  # `evaluate`'s name
     timestep_spacing: TimestepSpacing | None = option(
         help="the timesteps a respaced chain visits, saved with the pipeline: leading (diffusers' default), linspace "
              "(Improved DDPM's: T-1 to 0 evenly, rounded), trailing (default: leading, or the pretrained scheduler's)",
@@ -312,10 +305,7 @@ def check_args(args: TrainingConfig) -> None:
             "--mixed_precision fp16 needs a CUDA GPU (it trains with a gradient scaler for fp16 on CUDA) and none is "
             "available; on a CPU use --mixed_precision bf16 (or no)"
         )
-    sources = {name: getattr(args, name) for name in DATA_SOURCES if getattr(args, name) is not None}
-    if len(sources) > 1:
-        shown = " or ".join(f"--{name} ({value})" for name, value in sources.items())
-        raise ValueError(f"pass {shown}, not both" if len(sources) == 2 else f"pass one of {shown}")
+    one_source({name: getattr(args, name) for name in DATA_SOURCES}, "--")  # the data's rule: one source at most
     if args.streaming and args.max_train_steps is None and args.resume_from_checkpoint is None:
         raise ValueError(STREAMING_LENGTH)  # a resume takes the checkpoint's (`resolve`)
     if args.pretrained_model_name_or_path is not None and args.model_config is not None:

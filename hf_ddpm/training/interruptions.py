@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shlex
 import signal
 import sys
 
@@ -180,50 +179,23 @@ LAUNCH_FLAGS = ("--resume_from_checkpoint", "--overwrite_output_dir", "--allow_d
 VALUED_FLAGS = ("--resume_from_checkpoint",)
 
 
-def launched_by_accelerate() -> bool:
-    """Whether `accelerate launch` started this process (it always sets ACCELERATE_MIXED_PRECISION)."""
-    return "ACCELERATE_MIXED_PRECISION" in os.environ
-
-
-def cpu_requested() -> bool:
-    """Whether the launch asked accelerate for the CPU (`accelerate launch --cpu`, or ACCELERATE_USE_CPU=1, which
-    a multi-process CPU launch needs: without it each worker is a 1-process run of its own)."""
-    from accelerate.utils import parse_flag_from_env
-
-    return parse_flag_from_env("ACCELERATE_USE_CPU")
-
-
 def resume_command(argv: list[str], num_processes: int, mixed_precision: str, cpu: bool | None = None) -> str:
-    """The command that resumes this run: the same options with `--resume_from_checkpoint latest`, launched as this
-    run was: under `accelerate launch` with the same process count and precision when it started it, and on the CPU
-    when the launch asked for it (`cpu`, default: this process's environment)."""
+    """The command that resumes this run: the same options (`argv`) with `--resume_from_checkpoint latest`, launched
+    as this run was (`hf_ddpm.launch.launch_command`)."""
+    from ..flags import canonical  # here, so that this module loads alone (torch and accelerate only)
+    from ..launch import launch_command
+
     options, skip = [], False
     for arg in argv:
         if skip:
             skip = False
             continue
-        name = "--" + arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else arg
+        name = "--" + canonical(arg.partition("=")[0]) if arg.startswith("--") else arg
         if name in LAUNCH_FLAGS:
             skip = name in VALUED_FLAGS and "=" not in arg
             continue
         options.append(arg)
-    script = [sys.argv[0] if sys.argv and sys.argv[0] else "training/train.py"]
-    module = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
-    if os.path.abspath(script[0]) == module:  # started as `-m hf_ddpm.train` (an installed wheel)
-        script = ["-m", "hf_ddpm.train"]
-    cpu = cpu_requested() if cpu is None else cpu
-    env = []
-    if launched_by_accelerate() or num_processes > 1:
-        if num_processes > 1:  # `--cpu` and `--multi_gpu` exclude each other: the CPU is asked for in the environment
-            env = ["ACCELERATE_USE_CPU=1"] if cpu else []
-            processes = ["--multi_gpu", "--num_processes", str(num_processes)]
-        else:
-            processes = ["--cpu"] * cpu + ["--num_processes", "1"]
-        prefix = ["accelerate", "launch", *processes, "--mixed_precision", mixed_precision]
-    else:
-        env = ["ACCELERATE_USE_CPU=1"] if cpu else []
-        prefix = ["python"]
-    return " ".join([*env, shlex.join([*prefix, *script, *options, "--resume_from_checkpoint", "latest"])])
+    return launch_command([*options, "--resume_from_checkpoint", "latest"], num_processes, mixed_precision, cpu)
 
 
 # ------------------------------------------------------------------------------------------------ faults

@@ -35,7 +35,7 @@ from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
 from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
 from . import checkpoints
-from .batches import step_generator, to_model_input
+from .batches import ShardedBatches, step_generator, to_model_input
 from .config import TrainingConfig
 from .interruptions import (
     Interrupted,
@@ -67,7 +67,7 @@ class Run:
     lr_scheduler: object
     ema: EMAModel | None
     sampler: UniformSampler | LossSecondMomentResampler
-    batches: object  # batches.ShardedBatches or hf_ddpm.data.streaming.StreamingBatches
+    batches: ShardedBatches | StreamingBatches
     eval_images: torch.Tensor
     record: checkpoints.RunRecord  # what each checkpoint records, at its step
     total_steps: int

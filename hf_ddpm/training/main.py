@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import sys
@@ -31,28 +30,22 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from ..cpu import tune_process
+from ..data import load_training_data
 from ..data.streaming import StreamingBatches
 from ..hub import check_publish, check_token
 from ..hub_probe import check_dataset_reachable
+from ..launch import later_rank, launch_processes
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
-from ..unet import UNET_PRESETS, unet_config
+from ..unet import check_forward
 from . import checkpoints, output_dir
-from .batches import load_training_data, make_batches
+from .batches import make_batches
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision
-from .interruptions import (
-    NanGuard,
-    PreemptionHandler,
-    any_process_failed,
-    cpu_requested,
-    describe,
-    one_line,
-    parse_signals,
-)
+from .interruptions import NanGuard, PreemptionHandler, one_line, parse_signals
 from .loop import Run, train_loop
-from .model import EMAState, build_scheduler, build_unet, check_forward, data_shape, pretrained_scheduler_config
+from .model import EMAState, build_scheduler, build_unet, data_shape, describe_model, pretrained_scheduler_config
 from .resolve import RunFacts, optimizer_steps, resolve
 
 logger = get_logger(__name__)
@@ -66,15 +59,10 @@ DOOR_GRACE_SECONDS = 10.0
 EVERY_PROCESS = "hf_ddpm_every_process"  # set on an error that every process raises alike (the checks at the door)
 
 
-def _later_rank() -> bool:
-    """Whether this process is a launcher's worker other than rank 0 (torchrun sets RANK)."""
-    return os.environ.get("RANK", "0") not in ("", "0")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the options and train; returns the exit status (0, 1 for an error, 128 + N after signal N)."""
     argv = sys.argv[1:] if argv is None else argv
-    given, later = None, _later_rank()
+    given, later = None, later_rank()
     held = io.StringIO()
     try:
         with contextlib.redirect_stderr(held) if later else contextlib.nullcontext():
@@ -124,24 +112,6 @@ class Plan:
     output: output_dir.OutputDir
 
 
-def launch_processes() -> int:
-    """The run's process count as accelerate makes it (its PartialState, which the Accelerator then shares), never
-    an environment variable. Workers started as one run (WORLD_SIZE > 1) that accelerate turns into separate
-    1-process runs (`--multi_gpu` on a machine without GPUs, the CPU not asked for) are refused at once, with the fix:
-    each would otherwise train alone, and all but one would find the output directory in use."""
-    from accelerate import PartialState
-
-    workers = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher started, read before accelerate sets it
-    processes = PartialState(cpu=cpu_requested()).num_processes
-    if workers > 1 and processes == 1:
-        raise ValueError(
-            f"{workers} workers were started (WORLD_SIZE={workers}) but accelerate made each a separate 1-process run: "
-            f"no GPU is used and the CPU was not asked for. On a CPU, launch with `ACCELERATE_USE_CPU=1 accelerate "
-            f"launch --multi_gpu --num_processes {workers} ...`"
-        )
-    return processes
-
-
 def check_run(given: TrainingConfig) -> Plan:
     """Every check that needs no data and writes nothing (see the module docstring)."""
     check_publish(given)
@@ -174,43 +144,6 @@ def check_run(given: TrainingConfig) -> Plan:
     return Plan(config, facts, channels, resolution, scheduler, record, found)
 
 
-def _refuse_unwritable(accelerator, error: Exception | None, directory: str, what: str) -> None:
-    """Every process hears whether the main process could write; a failure stops them all, naming the directory."""
-    if any_process_failed(accelerator, error is not None):
-        if isinstance(error, output_dir.OutputDirError):
-            raise error
-        reason = describe(error) if error else f"the main process could not {what}"
-        raise OSError(f"--output_dir {directory} is not writable ({reason}); choose a writable directory")
-
-
-def lock_output_dir(config: TrainingConfig, accelerator) -> output_dir.RunLock | None:
-    """The main process takes the output directory's lock; every process hears whether it could."""
-    lock, error = None, None
-    if accelerator.is_main_process:
-        try:
-            lock = output_dir.acquire_lock(config.output_dir)
-        except (OSError, ValueError) as err:
-            error = err
-    _refuse_unwritable(accelerator, error, config.output_dir, "lock it")
-    return lock
-
-
-def prepare_output_dir(config: TrainingConfig, accelerator, plan: Plan) -> None:
-    """Clean up after a killed run; record the resolved options (main process). Called once the data and the model
-    are known to be good, so that a bad option or input leaves the output directory as it was."""
-    accelerator.wait_for_everyone()  # every process has looked before the main one changes anything
-    error = None
-    if accelerator.is_main_process:
-        try:
-            output_dir.prepare_output_dir(plan.output, config)
-            checkpoints.remove_incomplete(config.output_dir)
-            with open(os.path.join(config.output_dir, "training_args.json"), "w") as f:
-                json.dump(config.to_json(), f, indent=2)
-        except OSError as err:
-            error = err
-    _refuse_unwritable(accelerator, error, config.output_dir, "write it")  # also the barrier after the writes
-
-
 def setup(given: TrainingConfig) -> Run:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     tune_process(given.num_threads)
@@ -234,7 +167,7 @@ def setup(given: TrainingConfig) -> Run:
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    lock = lock_output_dir(config, accelerator)
+    lock = output_dir.lock_output_dir(config, accelerator)
     try:
         run = _build(given, accelerator, plan)
     except BaseException:
@@ -266,7 +199,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         unet = unet.to(memory_format=torch.channels_last)
     batches = make_batches(data, config, accelerator)
     total_steps = optimizer_steps(config, batches.batches_per_epoch)
-    prepare_output_dir(config, accelerator, plan)
+    output_dir.prepare_output_dir(config, accelerator, plan.output)
 
     device = accelerator.device
     optimizer = torch.optim.AdamW(
@@ -316,30 +249,6 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         nan_guard=NanGuard(config.on_nan, last_checkpoint, grad_scaler=accelerator.scaler is not None),
         resume_path=plan.facts.resume_path,
     )  # fmt: skip
-
-
-def describe_model(config: TrainingConfig, unet, scheduler: HFDDPMScheduler) -> str:
-    """The log's line naming what trains: where the UNet comes from, its size, the resolution and the process."""
-    source = config.model_source
-    if config.pretrained_model_name_or_path is not None:
-        origin = f"{source} (fine-tuned: --pretrained_model_name_or_path)"
-    elif source in UNET_PRESETS:
-        origin = f"the {source} preset" + ("" if config.model_config else " (the default: no --model_config given)")
-    else:
-        origin = f"{source} (--model_config)"
-    parameters = sum(p.numel() for p in unet.parameters())
-    side, channels = unet.config.sample_size, unet.config.in_channels
-    process = scheduler.config
-    line = (
-        f"model: {origin}, {parameters / 1e6:.2f}M parameters, {side}x{side} px, {channels} channel(s); "
-        f"T = {process.num_train_timesteps}, {process.beta_schedule} schedule, {process.prediction_type} "
-        f"prediction, {process.variance_type} variance, loss {config.loss}"
-    )
-    preset_side = unet_config(source)["sample_size"] if source in UNET_PRESETS else side
-    if config.model_config is None and config.pretrained_model_name_or_path is None and side > preset_side:
-        line += (f". Note: the {source} preset is made for {preset_side} px images; at {side} px pass "
-                 "--model_config (ddpm-cifar10-32, a JSON config) for a model of that size")  # fmt: skip
-    return line
 
 
 def resume(run: Run) -> None:

@@ -1,16 +1,13 @@
 """The network and noise schedule a run trains: a UNet preset or JSON config with a fresh HFDDPMScheduler, or a
-pretrained pipeline (`unet/` + `scheduler/`) to fine-tune; and the checks that a UNet can be built from its config
-and takes the training resolution, made before any data is read; its EMA weights (swapped in to sample and
-evaluate, checkpointed) and a fingerprint of its weights.
+pretrained pipeline (`unet/` + `scheduler/`) to fine-tune (a config's checks, and the forward pass at the training
+resolution that runs before any data is read, live with the UNet configurations: hf_ddpm/unet.py); the log's line
+that names it; its EMA weights (swapped in to sample and evaluate, checkpointed) and a fingerprint of its weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
-import json
-import os
 
 import torch
 from diffusers import UNet2DModel
@@ -18,23 +15,8 @@ from diffusers import UNet2DModel
 from ..loading import check_pipeline_index, load_unet
 from ..scheduler import HFDDPMScheduler, model_output_channels
 from ..schedules import paper_linear_endpoints
-from ..unet import UNET_PRESETS, unet_config
+from ..unet import UNET_PRESETS, build_checked, read_unet_config, unet_config
 from .config import TrainingConfig
-
-
-def _load_json_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ValueError(f"--model_config {path!r} is neither a preset ({', '.join(UNET_PRESETS)}) nor a JSON file")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"--model_config {path} is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})"
-        ) from None
-    if not isinstance(config, dict):
-        raise ValueError(f"--model_config {path} holds a JSON {type(config).__name__}, not an object of UNet keys")
-    return {k: v for k, v in config.items() if not k.startswith("_")}  # drop _class_name, _diffusers_version
 
 
 def data_shape(args: TrainingConfig) -> tuple[int | None, int]:
@@ -46,7 +28,7 @@ def data_shape(args: TrainingConfig) -> tuple[int | None, int]:
     source = args.model_source
     if source in UNET_PRESETS:
         return None, args.resolution or unet_config(source)["sample_size"]
-    config = _load_json_config(source)
+    config = read_unet_config(source)
     return config.get("in_channels", 3), args.resolution or _side(config.get("sample_size", 32))
 
 
@@ -71,7 +53,7 @@ def build_unet(args: TrainingConfig, channels: int | None, resolution: int, lear
                 source, learned_variance, in_channels=channels, out_channels=channels, sample_size=resolution
             )
         else:
-            config = {**_load_json_config(source), "sample_size": resolution}
+            config = {**read_unet_config(source), "sample_size": resolution}
         if args.dropout is not None:  # the recipes' per-dataset dropout
             config = {**config, "dropout": args.dropout}
         unet = build_checked(config, source)
@@ -116,80 +98,28 @@ def build_scheduler(config: TrainingConfig) -> HFDDPMScheduler:
     )
 
 
-# ------------------------------------------------------------------------------------------------ checks
-
-
-def check_unet_config(config: dict, source: str) -> None:
-    """Refuse values that UNet2DModel would fail on with a raw torch error, naming `source` (the flag or the JSON
-    file) and the key."""
-    where = f"--model_config {source}"
-    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
-    unknown = sorted(k for k in config if k not in known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; UNet2DModel takes {', '.join(sorted(known))}")
-    per_block = config.get("layers_per_block", 2)
-    for value in per_block if isinstance(per_block, (list, tuple)) else [per_block]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{where}: layers_per_block must be an integer >= 1, got {per_block!r}")
-    channels = config.get("block_out_channels", (64, 128, 256, 512))
-    if not isinstance(channels, (list, tuple)) or not all(isinstance(c, int) and c > 0 for c in channels):
-        raise ValueError(f"{where}: block_out_channels must be a list of positive integers, got {channels!r}")
-    for key in ("in_channels", "out_channels", "norm_num_groups"):
-        value = config.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
-    for key in ("down_block_types", "up_block_types"):
-        blocks = config.get(key)
-        if blocks is not None and len(blocks) != len(channels):
-            raise ValueError(
-                f"{where}: {key} has {len(blocks)} entries and block_out_channels {len(channels)}; they must match"
-            )
-
-
-def _key_in_error(config: dict, error: Exception) -> str:
-    """The config key whose value the error message names (diffusers: 'FooBlock2D does not exist.')."""
-    text = str(error)
-    for key, value in config.items():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, str) and item and item in text:
-                return f" (key {key})"
-    if "num_groups" in text:
-        return " (key norm_num_groups)"
-    return ""
-
-
-def build_checked(config: dict, source: str) -> UNet2DModel:
-    """UNet2DModel(**config), its errors naming `source` and the key."""
-    check_unet_config(config, source)
-    try:
-        return UNet2DModel.from_config(config)
-    except Exception as err:
-        raise ValueError(f"--model_config {source}{_key_in_error(config, err)}: {err}") from err
-
-
-def downsampling_factor(unet: UNet2DModel) -> int:
-    """2 per down block but the last (UNet2DModel adds no downsampler to its final block)."""
-    return 2 ** (len(unet.config.down_block_types) - 1)
-
-
-def check_forward(unet: UNet2DModel, resolution: int, source: str, resolution_given: bool) -> None:
-    """One forward pass on a dummy batch (1, C, resolution, resolution) at t = 0; a failure names the flag and the
-    resolutions this UNet accepts."""
-    factor = downsampling_factor(unet)
-    x = torch.zeros(1, unet.config.in_channels, resolution, resolution)
-    try:
-        with torch.no_grad():
-            out = unet(x, torch.zeros(1, dtype=torch.long)).sample
-        if out.shape[-2:] != x.shape[-2:]:
-            raise RuntimeError(f"it returns {tuple(out.shape[-2:])} from {tuple(x.shape[-2:])}")
-    except Exception as err:
-        flag = f"--resolution {resolution}" if resolution_given else f"the resolution {resolution} (sample_size)"
-        accepted = ", ".join(str(factor * k) for k in range(1, 5))
-        raise ValueError(
-            f"{flag}: the UNet of --model_config {source} cannot take {resolution}x{resolution} images "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). It halves the resolution "
-            f"{len(unet.config.down_block_types) - 1} times, so it accepts multiples of {factor}: {accepted}, ..."
-        ) from err
+def describe_model(config: TrainingConfig, unet, scheduler: HFDDPMScheduler) -> str:
+    """The log's line naming what trains: where the UNet comes from, its size, the resolution and the process."""
+    source = config.model_source
+    if config.pretrained_model_name_or_path is not None:
+        origin = f"{source} (fine-tuned: --pretrained_model_name_or_path)"
+    elif source in UNET_PRESETS:
+        origin = f"the {source} preset" + ("" if config.model_config else " (the default: no --model_config given)")
+    else:
+        origin = f"{source} (--model_config)"
+    parameters = sum(p.numel() for p in unet.parameters())
+    side, channels = unet.config.sample_size, unet.config.in_channels
+    process = scheduler.config
+    line = (
+        f"model: {origin}, {parameters / 1e6:.2f}M parameters, {side}x{side} px, {channels} channel(s); "
+        f"T = {process.num_train_timesteps}, {process.beta_schedule} schedule, {process.prediction_type} "
+        f"prediction, {process.variance_type} variance, loss {config.loss}"
+    )
+    preset_side = unet_config(source)["sample_size"] if source in UNET_PRESETS else side
+    if config.model_config is None and config.pretrained_model_name_or_path is None and side > preset_side:
+        line += (f". Note: the {source} preset is made for {preset_side} px images; at {side} px pass "
+                 "--model_config (ddpm-cifar10-32, a JSON config) for a model of that size")  # fmt: skip
+    return line
 
 
 # ------------------------------------------------------------------------------------------------ its weights

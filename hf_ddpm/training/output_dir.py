@@ -1,32 +1,33 @@
 """One run per output directory, and a directory that is ours or empty.
 
-- `acquire_lock`: an exclusive `fcntl.flock` on `<output_dir>/.hf_ddpm.lock`, held by the main process for the
-  whole run. The kernel releases it when the process ends, however it ends (a SIGKILLed run never leaves a stale
-  lock). A second run on the directory is refused at once, naming the holder's PID and host (written in the file).
+- `acquire_lock`: an exclusive lock on `<output_dir>/.hf_ddpm.lock` (hf_ddpm/file_lock.py), held by the main
+  process for the whole run. The kernel releases it when the process ends, however it ends (a SIGKILLed run never
+  leaves a stale lock). A second run on the directory is refused at once, naming the holder's PID and host.
 - `check_output_dir`: read-only, before anything is loaded or written. An empty or new directory is fine; one that
   holds an earlier run of ours (our manifest, or the files an older version wrote) needs --resume_from_checkpoint
   or --overwrite_output_dir; any other non-empty directory is refused, naming a few of its files, unless
   --allow_nonempty_output_dir is given, and even then a file whose name a run writes is refused, never replaced.
 - `prepare_output_dir`: once everything is checked, write the manifest (`.hf_ddpm-manifest.json`: the files that
   were there before us) and, for --overwrite_output_dir, remove what an earlier run of ours wrote, never a file of
-  someone else's.
+  someone else's; then remove what a killed run left half-written, and write training_args.json.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import fnmatch
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 
 from ..atomic import staging_name, write_atomically
+from ..file_lock import FileLock, LockHeld, holder_of
 from ..remote_code import PIPELINE_PREFIX
-from .checkpoints import INCOMPLETE_NAMES  # the staging names a killed run leaves
+from .checkpoints import INCOMPLETE_NAMES, remove_incomplete  # the staging names a killed run leaves
 from .config import TrainingConfig
+from .interruptions import any_process_failed, describe
 
 LOCK_NAME = ".hf_ddpm.lock"
 MANIFEST_NAME = ".hf_ddpm-manifest.json"
@@ -111,9 +112,9 @@ def check_output_dir(args: TrainingConfig) -> OutputDir:
     return OutputDir(path, earlier, foreign)
 
 
-def prepare_output_dir(found: OutputDir, args: TrainingConfig) -> None:
-    """Main process, after every check passed: remove an earlier run's files for --overwrite_output_dir (only
-    those a run of ours writes) and write the manifest naming the files that are not ours."""
+def _make_ours(found: OutputDir, args: TrainingConfig) -> None:
+    """Remove an earlier run's files for --overwrite_output_dir (only those a run of ours writes) and write the
+    manifest naming the files that are not ours."""
     os.makedirs(found.path, exist_ok=True)
     if args.overwrite_output_dir:
         patterns = run_patterns(args.logging_dir)
@@ -130,80 +131,80 @@ def prepare_output_dir(found: OutputDir, args: TrainingConfig) -> None:
     write_atomically(os.path.join(found.path, MANIFEST_NAME), lambda f: json.dump(manifest, f, indent=2))
 
 
-class RunLock:
+def _refuse_unwritable(accelerator, error: Exception | None, directory: str, what: str) -> None:
+    """Every process hears whether the main process could write; a failure stops them all, naming the directory."""
+    if any_process_failed(accelerator, error is not None):
+        if isinstance(error, OutputDirError):
+            raise error
+        reason = describe(error) if error else f"the main process could not {what}"
+        raise OSError(f"--output_dir {directory} is not writable ({reason}); choose a writable directory")
+
+
+def prepare_output_dir(config: TrainingConfig, accelerator, found: OutputDir) -> None:
+    """All processes, once the data and the model are known to be good (so that a bad option or input leaves the
+    output directory as it was): the main process makes the directory ours (`_make_ours`), cleans up after a killed
+    run and records the resolved options (training_args.json)."""
+    accelerator.wait_for_everyone()  # every process has looked before the main one changes anything
+    error = None
+    if accelerator.is_main_process:
+        try:
+            _make_ours(found, config)
+            remove_incomplete(config.output_dir)
+            with open(os.path.join(config.output_dir, "training_args.json"), "w") as f:
+                json.dump(config.to_json(), f, indent=2)
+        except OSError as err:
+            error = err
+    _refuse_unwritable(accelerator, error, config.output_dir, "write it")  # also the barrier after the writes
+
+
+def lock_output_dir(config: TrainingConfig, accelerator) -> RunLock | None:
+    """The main process takes the output directory's lock (`acquire_lock`); every process hears whether it could."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire_lock(config.output_dir)
+        except (OSError, ValueError) as err:
+            error = err
+    _refuse_unwritable(accelerator, error, config.output_dir, "lock it")
+    return lock
+
+
+class RunLock(FileLock):
     """The exclusive lock on an output directory (see `acquire_lock`); `release` (or the process's end) frees it."""
 
-    def __init__(self, fd: int, path: str, created_dir: str | None):
-        self.fd, self.path, self.created_dir = fd, path, created_dir
+    created_dir: str | None = None  # the output directory, when this run created it
 
     def release(self, remove: bool = False) -> None:
         """Free the lock; with `remove` (a run that wrote nothing else) delete the lock file, and the directory
         if this run created it, so that a refused run leaves no trace."""
-        if self.fd is None:
-            return
-        if remove:
-            os.unlink(self.path)
-            if self.created_dir is not None:
-                try:
-                    os.rmdir(self.created_dir)
-                except OSError:
-                    pass
-        os.close(self.fd)  # closing the last descriptor frees the flock
-        self.fd = None
+        removing = remove and self.fd is not None
+        super().release(remove)
+        if removing and self.created_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.created_dir)
 
 
-def _holder(path: str) -> str:
-    try:
-        with open(path) as f:
-            info = json.load(f)
-        return f"PID {info['pid']} on host {info['host']} (since {info['started']})"
-    except (OSError, ValueError, KeyError):
-        return "another process"
-
-
-def _in_use(output_dir: str, path: str) -> OutputDirError:
+def _in_use(output_dir: str, holder: str) -> OutputDirError:
     return OutputDirError(
-        f"--output_dir {output_dir} is in use by another training run: {_holder(path)}. Wait for it to finish "
+        f"--output_dir {output_dir} is in use by another training run: {holder}. Wait for it to finish "
         "(or stop it), or choose another --output_dir"
     )
 
 
 def refuse_if_locked(output_dir: str) -> None:
-    """Raise OutputDirError naming the holder when a live run holds the directory's lock (reads only: the lock
-    is tried on a read-only descriptor and let go at once)."""
-    path = os.path.join(output_dir, LOCK_NAME)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _in_use(output_dir, path) from None
-    finally:
-        os.close(fd)
+    """Raise OutputDirError naming the holder when a live run holds the directory's lock (reads only)."""
+    holder = holder_of(os.path.join(output_dir, LOCK_NAME))
+    if holder is not None:
+        raise _in_use(output_dir, holder)
 
 
 def acquire_lock(output_dir: str) -> RunLock:
     """Take the exclusive lock on `output_dir` (created if missing) or raise OutputDirError naming its holder."""
     created = None if os.path.isdir(output_dir) else os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, LOCK_NAME)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _in_use(output_dir, path) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a file that its holder just removed
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    return RunLock(fd, path, created)
+    try:
+        lock = RunLock.take(os.path.join(output_dir, LOCK_NAME))
+    except LockHeld as held:
+        raise _in_use(output_dir, held.holder) from None
+    lock.created_dir = created
+    return lock

@@ -1,0 +1,102 @@
+"""Exclusive file locks (`fcntl.flock`) that name their holder: one process at a time owns what a lock file guards
+(a training run's output directory, a data cache folder being built).
+
+The kernel releases a flock when its process ends, however it ends: a SIGKILLed holder never leaves a stale lock.
+The holder writes who it is (PID, host, since when) into the file, so that a process that finds the lock taken can
+say who has it. A lock file may be removed by its holder (a run that leaves no trace): a process that opened the
+removed file takes the lock on the new one instead (the inode check in `take`), so two never hold "the" lock.
+
+    FileLock.take(path)            the lock, or LockHeld naming its holder; wait=True waits for the holder instead
+    holder_of(path)                who holds the lock on `path`, None if nobody (reads only)
+    lock.release(remove=False)     free it (remove: delete the file as well)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` names it."""
+
+    def __init__(self, path: str, holder: str):
+        super().__init__(f"{path} is locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        return f"PID {info['pid']} on host {info['host']} (since {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def holder_of(path: str) -> str | None:
+    """The holder of the lock on `path`, None when nobody holds it. Reads only: the lock is tried on a read-only
+    descriptor and let go at once."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    finally:
+        os.close(fd)  # also lets go of a lock taken here
+    return None
+
+
+class FileLock:
+    """An exclusive lock on the file `path`, held until `release` (or the process's end)."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def take(cls, path: str, wait: bool = False, waiting=None) -> FileLock:
+        """Lock `path` (created if missing). Taken by another process: raise LockHeld, or with `wait` call
+        `waiting(holder)` once and wait until the holder lets go."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    raise LockHeld(path, _holder(path)) from None
+                if waiting is not None:
+                    waiting(_holder(path))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a file that its holder just removed
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        return cls(path, fd)
+
+    def release(self, remove: bool = False) -> None:
+        """Free the lock (once; later calls do nothing); with `remove` delete the lock file first."""
+        if self.fd is None:
+            return
+        if remove:
+            os.unlink(self.path)
+        os.close(self.fd)  # closing the last descriptor frees the flock
+        self.fd = None
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

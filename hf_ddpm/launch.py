@@ -1,0 +1,71 @@
+"""How this process was launched, and the command that launches it again the same way.
+
+`accelerate launch` starts one worker per process (through torchrun when there are several) and tells each what the
+launch asked for in its environment: ACCELERATE_MIXED_PRECISION (always set by accelerate launch), ACCELERATE_USE_CPU
+(`--cpu`, or set by hand for a multi-process CPU run), and torchrun's RANK and WORLD_SIZE. A training run records
+these facts in its checkpoints and prints the command that resumes it; `launch_command` writes that command so that it
+reproduces the launch: the launcher, the process count, the precision and the CPU choice.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+
+def launched_by_accelerate() -> bool:
+    """Whether `accelerate launch` started this process (it always sets ACCELERATE_MIXED_PRECISION)."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def cpu_requested() -> bool:
+    """Whether the launch asked accelerate for the CPU (`accelerate launch --cpu`, or ACCELERATE_USE_CPU=1, which
+    a multi-process CPU launch needs: without it each worker is a 1-process run of its own)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def later_rank() -> bool:
+    """Whether this process is a launcher's worker other than rank 0 (torchrun sets RANK)."""
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
+def launch_processes() -> int:
+    """The run's process count as accelerate makes it (its PartialState, which the Accelerator then shares), never
+    an environment variable. Workers started as one run (WORLD_SIZE > 1) that accelerate turns into separate
+    1-process runs (`--multi_gpu` on a machine without GPUs, the CPU not asked for) are refused at once, with the fix:
+    each would otherwise train alone, and all but one would find the output directory in use."""
+    from accelerate import PartialState
+
+    workers = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher started, read before accelerate sets it
+    processes = PartialState(cpu=cpu_requested()).num_processes
+    if workers > 1 and processes == 1:
+        raise ValueError(
+            f"{workers} workers were started (WORLD_SIZE={workers}) but accelerate made each a separate 1-process run: "
+            f"no GPU is used and the CPU was not asked for. On a CPU, launch with `ACCELERATE_USE_CPU=1 accelerate "
+            f"launch --multi_gpu --num_processes {workers} ...`"
+        )
+    return processes
+
+
+def launch_command(options: list[str], num_processes: int, mixed_precision: str, cpu: bool | None = None) -> str:
+    """The command that runs this process's script (`training/train.py`, or `-m hf_ddpm.train` from an installed
+    wheel) with `options`, launched as this process was: under `accelerate launch` with `num_processes` and
+    `mixed_precision` when it started it (or when there are several processes), else with `python`; on the CPU when
+    the launch asked for it (`cpu`, default: this process's environment)."""
+    script = [sys.argv[0] if sys.argv and sys.argv[0] else "training/train.py"]
+    if os.path.abspath(script[0]) == os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"):
+        script = ["-m", "hf_ddpm.train"]
+    cpu = cpu_requested() if cpu is None else cpu
+    env = ["ACCELERATE_USE_CPU=1"] if cpu else []
+    if num_processes > 1 or launched_by_accelerate():
+        if num_processes > 1:  # `--cpu` and `--multi_gpu` exclude each other: the CPU is asked for in the environment
+            processes = ["--multi_gpu", "--num_processes", str(num_processes)]
+        else:
+            env, processes = [], ["--cpu"] * cpu + ["--num_processes", "1"]
+        prefix = ["accelerate", "launch", *processes, "--mixed_precision", mixed_precision]
+    else:
+        prefix = ["python"]
+    return " ".join([*env, shlex.join([*prefix, *script, *options])])
