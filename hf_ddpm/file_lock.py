@@ -61,8 +61,8 @@ class FileLock:
 
     @classmethod
     def take(cls, path: str, wait: bool = False, waiting=None) -> FileLock:
-        """Lock `path` (created if missing). Taken by another process: raise LockHeld, or with `wait` call
-        `waiting(holder)` once and wait until the holder lets go."""
+        """Lock `path` (created if missing). Taken by another process: raise LockHeld, or with `wait` tell
+        `waiting(holder)` and wait until the holder lets go."""
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
