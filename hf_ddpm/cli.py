@@ -18,8 +18,10 @@ import sys
 
 from .evaluation.run import add_arguments as add_evaluate_arguments
 from .flags import FlagParser
-from .hub import DEFAULT_TIMEOUT, HubPushError, export_hub_folder, push_to_hub
+from .hub import PUSH_FLAGS, HubPushError, add_push_flags, export_hub_folder, push_to_hub
 from .model_card import DEFAULT_LICENSE
+from .space import add_arguments as add_space_arguments
+from .space import run as run_space
 
 
 def build_parser() -> FlagParser:
@@ -36,21 +38,8 @@ def build_parser() -> FlagParser:
     export.add_argument("--repo_id", required=True, help="the repo id the model card's code examples name")
 
     space = commands.add_parser("push-space", help="push the Gradio demo as a Space that loads a pushed model repo")
-    space.add_argument("--space_id", required=True, help="USER/NAME of the Space")
-    space.add_argument("--model_id", required=True, help="the model repo (pushed)")
-    space.add_argument("--app_dir", default=None, help="default: the shipped demo app")
-    space.add_argument(
-        "--model_revision",
-        default=None,
-        help="the model commit (or branch, tag) the Space loads, pinned as its hash; default: the model's latest",
-    )
-    for sub, what in ((push, "repo"), (space, "Space")):  # the same guards: hub.check_can_push, request_timeout
-        sub.add_argument(
-            "--private", action="store_true", help=f"create the {what} private (an existing one keeps its)"
-        )
-        sub.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
-        sub.add_argument("--commit_message", default=None)
-        sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
+    add_space_arguments(space)
+    add_push_flags(push, "repo")
 
     evaluate = commands.add_parser("evaluate", help="bits/dim, FID, precision/recall, KID (also under accelerate)")
     add_evaluate_arguments(evaluate)
@@ -76,20 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "push-space":
-            from .space import DEFAULT_APP_DIR, push_space
-
-            app_dir = args.app_dir or DEFAULT_APP_DIR
-            url = push_space(
-                app_dir,
-                args.space_id,
-                args.model_id,
-                token=args.token,
-                private=args.private,
-                commit_message=args.commit_message,
-                timeout=args.timeout,
-                model_revision=args.model_revision,
-            )
-            print(f"pushed {app_dir} to the Space {args.space_id} (model {args.model_id}): {url}")
+            print(run_space(args))
             return 0
         if args.command == "export":
             files = export_hub_folder(
@@ -97,16 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"wrote {len(files)} files to {args.dest}: {', '.join(files)}")
             return 0
-        url = push_to_hub(
-            args.output_dir,
-            args.repo_id,
-            private=args.private,
-            token=args.token,
-            commit_message=args.commit_message,
-            metrics=args.metrics,
-            license=args.license,
-            timeout=args.timeout,
-        )
+        options = {name: getattr(args, name) for name in PUSH_FLAGS}
+        url = push_to_hub(args.output_dir, args.repo_id, metrics=args.metrics, license=args.license, **options)
     except (HubPushError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

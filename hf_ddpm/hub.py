@@ -6,7 +6,7 @@
     export_hub_folder(output_dir, dest)  the exact folder a push uploads, built from a training output directory
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
     python -m hf_ddpm push OUTPUT_DIR --repo_id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
-    check_can_push, request_timeout, push_failed   the guards and the error of every push (also the Space's)
+    check_can_push, request_timeout, push_failed, add_push_flags   every push's guards, error and flags (also the Space's)
     check_publish, check_token, publish   training's --push_to_hub hooks: the start-up checks and the push
 
 A push uploads a staged copy (model_index.json, unet/ weights in safetensors and config, scheduler/ config, the
@@ -48,6 +48,7 @@ PUSHED_PATTERNS = [
     f"scheduler/{SCHEDULER_PREFIX}_*.py",
 ]
 DEFAULT_TIMEOUT = 60.0  # seconds without progress on one HTTP request before a push gives up
+PUSH_FLAGS = ("private", "token", "commit_message", "timeout")  # every push command's: keywords of push_to_hub
 TOKEN_SOURCES = "pass --token (--hub_token in training), set HF_TOKEN, or run `hf auth login`"
 
 
@@ -290,6 +291,14 @@ def refuse_secret_in(folder: Path, token: str) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and needle in path.read_bytes():
             raise HubPushError(f"refusing to push: {path.relative_to(folder)} contains the Hub token")
+
+
+def add_push_flags(parser, what: str) -> None:
+    """The flags of every push command (`push`, `push-space`): privacy, token, commit message and request timeout."""
+    parser.add_argument("--private", action="store_true", help=f"create the {what} private (an existing one keeps its)")
+    parser.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
+    parser.add_argument("--commit_message", default=None)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ from huggingface_hub import HfApi, metadata_load, metadata_save
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .hub import DEFAULT_TIMEOUT, check_can_push, push_failed, request_timeout
+from .flags import FlagParser
+from .hub import DEFAULT_TIMEOUT, PUSH_FLAGS, HubPushError, add_push_flags, check_can_push, push_failed, request_timeout
 from .shipped import shipped_dir
 
 __all__ = ["DEFAULT_APP_DIR", "REVISION_KEY", "prepare_space", "push_space"]
@@ -124,11 +125,38 @@ def push_space(
     return str(url)
 
 
+def add_arguments(parser) -> None:
+    """The flags of `python -m hf_ddpm push-space` (hf_ddpm/cli.py) and of `python -m hf_ddpm.space`."""
+    parser.add_argument("--space_id", required=True, help="USER/NAME of the Space")
+    parser.add_argument("--model_id", required=True, help="the model repo (pushed)")
+    parser.add_argument("--app_dir", default=None, help="default: the shipped demo app")
+    parser.add_argument(
+        "--model_revision",
+        default=None,
+        help="the model commit (or branch, tag) the Space loads, pinned as its hash; default: the model's latest",
+    )
+    add_push_flags(parser, "Space")
+
+
+def run(args) -> str:
+    """Push the Space the parsed flags describe; returns the line to print."""
+    app_dir = args.app_dir or DEFAULT_APP_DIR
+    options = {name: getattr(args, name) for name in PUSH_FLAGS}
+    url = push_space(app_dir, args.space_id, args.model_id, model_revision=args.model_revision, **options)
+    return f"pushed {app_dir} to the Space {args.space_id} (model {args.model_id}): {url}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m hf_ddpm.space FLAGS`: the same as `python -m hf_ddpm push-space FLAGS`."""
-    from .cli import main as cli_main
-
-    return cli_main(["push-space", *(sys.argv[1:] if argv is None else argv)])
+    parser = FlagParser(prog="python -m hf_ddpm.space", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        print(run(args))
+    except (HubPushError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,3 +58,65 @@ def test_no_library_file_is_over_400_lines():
         str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
     }
     assert not long, f"library files over 400 lines: {long}"
+
+
+def module_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """{module: the package's modules it imports anywhere in its body}, modules named by dotted path ("training.loop");
+    `from . import x` names the submodule x, `from .x import a` the module x (or x.a when that is a module)."""
+    modules = {
+        ".".join(p.relative_to(package).with_suffix("").parts).removesuffix(".__init__").removesuffix("__init__"): p
+        for p in package.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("hf_ddpm")):
+                continue
+            if node.level:
+                parts = here[: len(here) - node.level + 1] + (node.module.split(".") if node.module else [])
+            else:
+                parts = node.module.split(".")[1:]
+            base = ".".join(parts)
+            for alias in node.names:
+                target = f"{base}.{alias.name}" if base else alias.name
+                graph[name].add(target if target in modules else base)
+        graph[name] -= {name, ""}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph`: each a path of modules that leads back to its first one."""
+    circles, done = [], set()
+
+    def visit(module, path):
+        if module in path:
+            circles.append(path[path.index(module) :] + [module])
+            return
+        if module in done:
+            return
+        for target in sorted(graph.get(module, ())):
+            visit(target, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return circles
+
+
+def test_no_import_circle_in_the_package():
+    """A reader can take each module after the ones it imports: no module imports (even lazily, inside a function)
+    one that imports it back, directly or through others."""
+    assert not import_circles(module_graph()), import_circles(module_graph())
+
+
+def test_the_circle_finder_finds_a_lazy_circle(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("from .sub.b import f\n")
+    (tmp_path / "sub" / "__init__.py").write_text("")
+    (tmp_path / "sub" / "b.py").write_text("def f():\n    from ..a import g\n")
+    (tmp_path / "c.py").write_text("from .sub import b\n")
+    graph = module_graph(tmp_path)
+    assert graph["a"] == {"sub.b"} and graph["c"] == {"sub.b"} and graph["sub.b"] == {"a"}
+    assert import_circles(graph) == [["a", "sub.b", "a"]]
