@@ -18,8 +18,8 @@ from PIL import Image
 
 import hf_ddpm.data.cache as cache_module
 from hf_ddpm.data import MappedImages, load_data
+from hf_ddpm.data.batches import ShardedBatches
 from hf_ddpm.data.cache import MANIFEST, cache_root
-from hf_ddpm.training.batches import ShardedBatches
 
 REPO = Path(__file__).resolve().parents[1]
 

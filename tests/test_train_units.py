@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
+from hf_ddpm.data.batches import ShardedBatches, step_generator, to_model_input
 from hf_ddpm.images import make_grid
 from hf_ddpm.training import build_parser, checkpoints
-from hf_ddpm.training.batches import ShardedBatches, step_generator, to_model_input
 from hf_ddpm.training.checkpoints import RunRecord
 from hf_ddpm.training.cli import parse_args
 from hf_ddpm.training.resolve import RunFacts, resolve

@@ -1,5 +1,6 @@
 """Training data: the bundled digits, image folders, data files, local and Hub datasets; decoded once into an on-disk
-cache (cache.py), held in memory when small and memory-mapped when not (load.py), or streamed (streaming.py).
+cache (cache.py), held in memory when small and memory-mapped when not (load.py), or streamed (streaming.py); a
+training run's batches, sharded over its processes (batches.py).
 
     from hf_ddpm.data import load_data
     data = load_data(train_data_dir="my_images", resolution=64)   # data.train: uint8 (N, C, 64, 64)

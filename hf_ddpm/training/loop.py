@@ -27,15 +27,17 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from ..data import StreamSourceError
+from ..data.batches import ShardedBatches, step_generator, to_model_input
 from ..data.streaming import StreamingBatches
 from ..evaluation.bits_per_dim import bits_per_dim
+from ..file_lock import FileLock
 from ..hub import publish, repo_id_of, retry_command, save_hub_pipeline
 from ..images import make_grid
+from ..launch import resume_command
 from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
 from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
 from . import checkpoints
-from .batches import ShardedBatches, step_generator, to_model_input
 from .config import TrainingConfig
 from .interruptions import (
     Interrupted,
@@ -47,10 +49,8 @@ from .interruptions import (
     one_line,
     raise_if_any_failed,
     require_finite_weights,
-    resume_command,
 )
 from .model import ema_weights, parameter_hash
-from .output_dir import RunLock
 
 logger = get_logger(__name__)
 
@@ -74,7 +74,7 @@ class Run:
     data_source: str
     nan_guard: NanGuard
     resume_path: str | None = None  # the checkpoint this run continues
-    lock: RunLock | None = None  # the output directory's lock (main process), held until the run ends
+    lock: FileLock | None = None  # the output directory's lock (main process), held until the run ends
 
     @property
     def model(self) -> torch.nn.Module:
@@ -148,12 +148,14 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
         if not accelerator.sync_gradients:
             continue
 
-        # Stop on a lost stream: a process's source vanished during this step, which every process drops.
+        # Stop on a lost stream: a process's source vanished during this step, which every process drops; every
+        # process's stream position is put back to the end of the last step.
         if lost:
             if sampler_at_step is not None:
                 run.sampler.load_state_dict(sampler_at_step)
+            run.batches.rewind_to_last_step()
             bar.close()
-            _stop_on_lost_source(run, step, preemption)
+            _stop(run, step, preemption, None)
         step += 1
 
         # Update EMA.
@@ -179,7 +181,7 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
         # Check for preemption: every process agreed on it in the loss's all-reduce.
         if stop:
             bar.close()
-            _preempt(run, step, preemption.agreed)
+            _stop(run, step, preemption, preemption.agreed)
         last_time = time.perf_counter()
     bar.close()
     return _finish(run, step, time.perf_counter() - started, preemption)
@@ -196,23 +198,6 @@ def _next_batch(run: Run, micro_step: int, preemption: PreemptionHandler) -> tor
             preemption.source_error = err
     shape = (run.config.train_batch_size, run.batches.channels, run.batches.resolution, run.batches.resolution)
     return torch.zeros(shape, dtype=torch.uint8, device=run.accelerator.device)
-
-
-def _stop_on_lost_source(run: Run, step: int, preemption: PreemptionHandler) -> None:
-    """A process's stream failed after optimizer step `step`, whose end every process's stream position is put
-    back to: checkpoint `step` (all processes, unless it is saved already), then the failed process prints its
-    error with the resume command, and all raise SourceLost (exit status SOURCE_LOST_STATUS)."""
-    config, accelerator = run.config, run.accelerator
-    run.batches.rewind_to_last_step()
-    path = checkpoints.checkpoint_of_last_step(run, step)
-    command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
-    error = preemption.source_error
-    if error is not None:
-        saved = f"saved {path}" if path else f"nothing trained yet, no checkpoint in {config.output_dir}"
-        print(f"error: {one_line(error)} ({saved} at step {step}; resume with: {command})", file=sys.stderr,
-              flush=True)  # fmt: skip
-    accelerator.end_training()
-    raise SourceLost(path, command)
 
 
 def _due(run: Run, step: int, every_steps: int | None, every_epochs: int | None) -> bool:
@@ -242,17 +227,23 @@ def _periodic(run: Run, step: int) -> None:
         _save_pipeline(run)
 
 
-def _preempt(run: Run, step: int, signum: int, when: str = "") -> None:
-    """All processes agreed to stop after `step`: checkpoint it (unless `_periodic` or the resumed checkpoint holds
-    it), say how to resume, and raise Preempted (exit status 128 + the signal number)."""
+def _stop(run: Run, step: int, preemption: PreemptionHandler, signum: int | None, when: str = "") -> None:
+    """All processes stop after optimizer step `step`, for the signal `signum`, or (None) because a process's stream
+    failed: checkpoint `step` (unless `_periodic` or the resumed checkpoint holds it), say how to resume (the main
+    process names the signal, the failed process its error), and raise Preempted (exit status 128 + the signal
+    number) or SourceLost (SOURCE_LOST_STATUS)."""
     accelerator = run.accelerator
     path = checkpoints.checkpoint_of_last_step(run, step)
     command = resume_command(sys.argv[1:], accelerator.num_processes, accelerator.mixed_precision)
-    if accelerator.is_main_process:
+    if signum is not None and accelerator.is_main_process:
         name = signal.Signals(signum).name
         print(f"preempted ({name}){when} at step {step}: saved {path}; resume with: {command}", flush=True)
+    elif signum is None and preemption.source_error is not None:
+        saved = f"saved {path}" if path else f"nothing trained yet, no checkpoint in {run.config.output_dir}"
+        print(f"error: {one_line(preemption.source_error)} ({saved} at step {step}; resume with: {command})",
+              file=sys.stderr, flush=True)  # fmt: skip
     accelerator.end_training()
-    raise Preempted(signum, path, command)
+    raise SourceLost(path, command) if signum is None else Preempted(signum, path, command)
 
 
 def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) -> dict:
@@ -301,7 +292,7 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
             error = err
     raise_if_any_failed(accelerator, error)
     if any_process_failed(accelerator, preemption.received is not None):  # every process checkpoints the step
-        _preempt(run, step, preemption.received or signal.SIGTERM, " during the final evaluation")
+        _stop(run, step, preemption, preemption.received or signal.SIGTERM, " during the final evaluation")
 
     # Save the pipeline (main process); a signal waits for the save.
     preemption.phase = "save"

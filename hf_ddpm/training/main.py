@@ -31,6 +31,7 @@ from diffusers.training_utils import EMAModel
 
 from ..cpu import tune_process
 from ..data import load_training_data
+from ..data.batches import make_batches
 from ..data.streaming import StreamingBatches
 from ..hub import check_publish, check_token
 from ..hub_probe import check_dataset_reachable
@@ -39,7 +40,6 @@ from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from ..unet import check_forward
 from . import checkpoints, output_dir
-from .batches import make_batches
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision

@@ -1,5 +1,5 @@
-"""A run's batches, sharded over processes and addressed by micro-step, from its images (hf_ddpm.data's
-`load_training_data`: in memory, memory-mapped or streamed).
+"""A training run's batches, sharded over processes and addressed by micro-step: from its images in memory or the
+memory-mapped cache (`ShardedBatches`, below), or from a stream (`StreamingBatches`, streaming.py).
 
 Epoch e is a permutation of the images drawn from a generator seeded with (seed, e), cut into global batches of
 B·W images (W processes, the last partial batch dropped so every process steps alike); process r takes rows
@@ -13,15 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import random_hflip
-from ..data.streaming import StreamingBatches, StreamingData
 from ..images import pixels_to_model
-from .config import TrainingConfig
+from .images import random_hflip
+from .streaming import StreamingBatches, StreamingData
 
 
-def make_batches(data, args: TrainingConfig, accelerator):
-    """The run's batches: from memory or the mapped cache (`ShardedBatches`), or from a stream (`StreamingBatches`,
-    whose position the run checkpoints)."""
+def make_batches(data, args, accelerator):
+    """The batches of `load_training_data`'s `data` for a training run's options `args` (its config: the flags by
+    name) and its `accelerator`: `ShardedBatches`, or for a stream `StreamingBatches` (whose position the run
+    checkpoints)."""
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if not isinstance(data, StreamingData):
         return ShardedBatches(data.train.to(device), args.train_batch_size, world, rank, args.seed)
