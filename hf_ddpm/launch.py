@@ -13,6 +13,8 @@ import os
 import shlex
 import sys
 
+from .flags import canonical
+
 
 def launched_by_accelerate() -> bool:
     """Whether `accelerate launch` started this process (it always sets ACCELERATE_MIXED_PRECISION)."""
@@ -69,3 +71,24 @@ def launch_command(options: list[str], num_processes: int, mixed_precision: str,
     else:
         prefix = ["python"]
     return " ".join([*env, shlex.join([*prefix, *script, *options])])
+
+
+# Dropped from the resume command: it resumes (once) what is in the output directory, and accepts no change.
+LAUNCH_FLAGS = ("--resume_from_checkpoint", "--overwrite_output_dir", "--allow_data_change", "--allow_schedule_change")
+VALUED_FLAGS = ("--resume_from_checkpoint",)
+
+
+def resume_command(argv: list[str], num_processes: int, mixed_precision: str, cpu: bool | None = None) -> str:
+    """The command that resumes this run: the same options (`argv`) with `--resume_from_checkpoint latest`, launched
+    as this run was (`launch_command`)."""
+    options, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = "--" + canonical(arg.partition("=")[0]) if arg.startswith("--") else arg
+        if name in LAUNCH_FLAGS:
+            skip = name in VALUED_FLAGS and "=" not in arg
+            continue
+        options.append(arg)
+    return launch_command([*options, "--resume_from_checkpoint", "latest"], num_processes, mixed_precision, cpu)

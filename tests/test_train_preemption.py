@@ -22,8 +22,9 @@ import pytest
 from fault_hooks import HOOKS, start_training, wait_for_marker
 from training_runs import REPO, assert_same_weights, environment, free_port, launch_command, tiny
 
+from hf_ddpm.launch import resume_command
 from hf_ddpm.training import checkpoints, parse_args, train
-from hf_ddpm.training.interruptions import Preempted, PreemptionHandler, exit_status, parse_signals, resume_command
+from hf_ddpm.training.interruptions import Preempted, PreemptionHandler, exit_status, parse_signals
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 

@@ -33,10 +33,10 @@ from training_runs import (
     weights,
 )
 
+from hf_ddpm.launch import resume_command
 from hf_ddpm.training import checkpoints, main, parse_args
 from hf_ddpm.training.checkpoints import Launch, RunRecord
 from hf_ddpm.training.cli import build_parser
-from hf_ddpm.training.interruptions import resume_command
 from hf_ddpm.training.output_dir import LOCK_NAME
 from hf_ddpm.training.resolve import RunFacts, resolve
 

@@ -140,26 +140,22 @@ def save_checkpoint(accelerator, output_dir: str, record: RunRecord, total_limit
 
     An error on any process (disk full, a read-only or unwritable directory, ...) removes the `.tmp` directory and raises
     CheckpointWriteError on every process, naming the path and the checkpoint that is kept."""
-    step = record.step
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = staging_name(final)
-    previous = latest_checkpoint(output_dir)
-    main = accelerator.is_main_process
-    error = _attempt(_create, tmp) if main else None
-    failed = any_process_failed(accelerator, error is not None)  # also the barrier: the directory exists
-    if not failed:
-        error = _attempt(accelerator.save_state, tmp)
-        if error is None and main:
-            error = _attempt(record.write, tmp)
-        failed = any_process_failed(accelerator, error is not None)  # all parts are written
-    if not failed and main:
-        error = _attempt(replace_dir, tmp, final)  # an existing one: the same step from an earlier attempt
-    if not failed:
-        failed = any_process_failed(accelerator, error is not None)
-    if failed:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(error, step, final, previous, output_dir) from error
+    final = os.path.join(output_dir, f"checkpoint-{record.step}")
+    tmp, previous, main = staging_name(final), latest_checkpoint(output_dir), accelerator.is_main_process
+    # Each part on the processes that write it (`replace_dir`: an existing one is the same step from an earlier
+    # attempt), then a barrier at which every process hears whether any part failed anywhere.
+    parts = (
+        (main, _create, tmp),
+        (True, accelerator.save_state, tmp),
+        (main, record.write, tmp),
+        (main, replace_dir, tmp, final),
+    )
+    for writes, action, *args in parts:
+        error = _attempt(action, *args) if writes else None
+        if any_process_failed(accelerator, error is not None):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(error, record.step, final, previous, output_dir) from error
     if main:
         logger.info("saved %s", final)
         prune_checkpoints(output_dir, total_limit)
@@ -297,10 +293,6 @@ def fitting_checkpoint(output_dir: str, current: RunRecord, skip=()) -> str | No
     return None
 
 
-def _processes(n: int) -> str:
-    return f"{n} process" if n == 1 else f"{n} processes"
-
-
 def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow_data_change: bool = False) -> None:
     """Refuse a resume whose model, objective, process count or data differs from the checkpoint's, naming each
     difference (a refused process count names the newest checkpoint that fits, if any; a data change goes on with
@@ -323,23 +315,21 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
             else "resume it "
         )
         raise ValueError(
-            f"{os.path.basename(path)} was written by {_processes(world)} and this run has {now} (the data order "
+            f"{os.path.basename(path)} was written by {world} process{'es' * (world != 1)} and this run has {now} (the data order "
             f"and random streams depend on it): {way_out}with `accelerate launch --num_processes {world}`, or start "
             "a new run"
         )
     change = data_change(path, saved.data, current.data)
-    if change and not allow_data_change:
-        raise ValueError(
-            f"{change}. Restore the data to resume this run, or pass --allow_data_change to go on with the data as "
-            f"it is now (the held-out split is then drawn again from it: it may hold images the model trained on, "
-            f"and held-out bits/dim before and after step {saved.step} do not compare)"
-        )
     if change:
-        logger.warning(
-            "--allow_data_change: %s; resuming with the data as it is now: the held-out split is drawn again from "
-            "it (it may hold images the model trained on; held-out bits/dim before and after step %d do not "
-            "compare)", change, saved.step,
-        )  # fmt: skip
+        again = (f"drawn again from it: it may hold images the model trained on, and held-out bits/dim before and "
+                 f"after step {saved.step} do not compare")  # fmt: skip
+        if not allow_data_change:
+            raise ValueError(
+                f"{change}. Restore the data to resume this run, or pass --allow_data_change to go on with the data "
+                f"as it is now (the held-out split is then {again})"
+            )
+        logger.warning("--allow_data_change: %s; resuming with the data as it is now: the held-out split is %s",
+                       change, again)  # fmt: skip
     changed = {k: (v, current.batch.get(k)) for k, v in saved.batch.items() if current.batch.get(k) != v}
     if changed and current.batch.get("train_batch_size") is not None:
         logger.warning(

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import json
 import os
-import sys
 import types
 import typing
 from pathlib import Path
@@ -174,27 +173,16 @@ REPLACES = {
 }
 
 
-def _given(parser: FlagParser, argv: list[str] | None) -> set[str]:
-    """The fields that the command line itself sets."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
 def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     """The config a command line gives: the fields' defaults, then --config's values, then the flags given."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    build_parser().parse_args(argv)  # --help (which shows the defaults) and usage errors
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    source = pre.parse_known_args(parser.respell(argv))[0].config
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # the namespace holds the flags given, and only those
+    given = vars(parser.parse_args(argv))
+    source = given.pop("config", None)
     from_file = read_config_file(source) if source is not None else {}
-    parser.set_defaults(**from_file)
-    values = vars(parser.parse_args(argv))
-    del values["config"]
-    if from_file:
-        given = _given(build_parser(), argv)
-        for name in given & set(REPLACES):
-            for other in set(REPLACES[name]) - given:
-                values[other] = TrainingConfig.__dataclass_fields__[other].default
-    return TrainingConfig(**values)
+    for name in given:
+        for other in REPLACES.get(name, ()):
+            from_file.pop(other, None)  # back to its default, unless the command line gives it too
+    return TrainingConfig(**{**from_file, **given})

@@ -10,6 +10,7 @@ and held-out bits/dim use the EMA weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -80,14 +81,17 @@ class Run:
     def model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)  # eager for sampling and EMA
 
-    def pipeline(self, progress: str | None = None, final: bool = False) -> HFDDPMPipeline:
-        """The pipeline of the current weights. `progress`: its progress bar's description (a count and an ETA, on
-        the main process: the only one that samples and evaluates); kept on screen at the end of training (`final`),
-        erased after a periodic one, none for the saved pipeline."""
-        pipe = HFDDPMPipeline(unet=self.model, scheduler=self.scheduler)
-        shown = progress is not None and self.accelerator.is_main_process
-        pipe.set_progress_bar_config(disable=not shown, desc=progress, leave=final, dynamic_ncols=True)
-        return pipe
+    @contextlib.contextmanager
+    def ema_pipeline(self, progress: str | None = None, final: bool = False):
+        """Within the block, the pipeline of the EMA weights (of the current ones without EMA; they are back after
+        it). `progress`: its progress bar's description (a count and an ETA, on the main process: the only one that
+        samples and evaluates); kept on screen at the end of training (`final`), erased after a periodic one, none
+        for the saved pipeline."""
+        with ema_weights(self.ema, self.model) as model:
+            pipe = HFDDPMPipeline(unet=model, scheduler=self.scheduler)
+            shown = progress is not None and self.accelerator.is_main_process
+            pipe.set_progress_bar_config(disable=not shown, desc=progress, leave=final, dynamic_ncols=True)
+            yield pipe
 
     def epoch_of(self, step: int) -> int:
         return step * self.config.gradient_accumulation_steps // self.batches.batches_per_epoch
@@ -343,15 +347,15 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
 def _save_pipeline(run: Run) -> None:
     """The pipeline with the EMA weights, as safetensors, into --output_dir (main process), with the modules that let
     diffusers alone load it (`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`)."""
-    with ema_weights(run.ema, run.model):
-        save_hub_pipeline(run.pipeline(), run.config.output_dir)  # atomic: never a half-written pipeline
+    with run.ema_pipeline() as pipeline:
+        save_hub_pipeline(pipeline, run.config.output_dir)  # atomic: never a half-written pipeline
 
 
 def _log_samples(run: Run, step: int, path: str, final: bool = False) -> None:
     """A grid of --eval_batch_size samples, always from the same seed, so that grids of successive steps compare."""
     config = run.config
-    with ema_weights(run.ema, run.model):
-        pipeline = run.pipeline(f"step {step}: sample grid ({config.eval_batch_size} images, denoising steps)", final)
+    progress = f"step {step}: sample grid ({config.eval_batch_size} images, denoising steps)"
+    with run.ema_pipeline(progress, final) as pipeline:
         generator = torch.Generator(device=pipeline.device).manual_seed(config.seed)
         images = pipeline(batch_size=config.eval_batch_size, generator=generator,
                           num_inference_steps=config.ddpm_num_inference_steps, output_type="np").images  # fmt: skip
@@ -368,9 +372,8 @@ def _log_bits_per_dim(run: Run, step: int, final: bool = False) -> dict:
     by hf_ddpm.evaluation (this process alone: it runs on the main process): its Metric fields, and the
     `bits_per_dim` / `bits_per_dim_stderr` names that training_summary.json and TensorBoard use."""
     config = run.config
-    with ema_weights(run.ema, run.model):
-        count = min(config.eval_num_images, len(run.eval_images))
-        pipeline = run.pipeline(f"step {step}: held-out bits/dim ({count} images, bound terms)", final)
+    count = min(config.eval_num_images, len(run.eval_images))
+    with run.ema_pipeline(f"step {step}: held-out bits/dim ({count} images, bound terms)", final) as pipeline:
         metric = bits_per_dim(pipeline, run.eval_images[: config.eval_num_images],
                               num_timesteps=config.eval_num_timesteps, block_size=256, seed=config.seed)  # fmt: skip
     stderr = metric.stderr if metric.stderr is not None else float("nan")

@@ -21,19 +21,16 @@ from .config import TrainingConfig
 
 def data_shape(args: TrainingConfig) -> tuple[int | None, int]:
     """(channels, resolution) the data must have: channels None lets the data decide (presets adapt to it)."""
-    if args.pretrained_model_name_or_path is not None:
-        check_pipeline_index(args.pretrained_model_name_or_path)  # a complete pipeline, not a half-written one
-        config = UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
-        return config["in_channels"], args.resolution or _side(config["sample_size"])
     source = args.model_source
-    if source in UNET_PRESETS:
-        return None, args.resolution or unet_config(source)["sample_size"]
-    config = read_unet_config(source)
-    return config.get("in_channels", 3), args.resolution or _side(config.get("sample_size", 32))
-
-
-def _side(sample_size) -> int:
-    return sample_size if isinstance(sample_size, int) else int(sample_size[0])
+    preset = args.pretrained_model_name_or_path is None and source in UNET_PRESETS
+    if args.pretrained_model_name_or_path is not None:
+        check_pipeline_index(source)  # a complete pipeline, not a half-written one
+        config = UNet2DModel.load_config(source, subfolder="unet")
+    else:
+        config = unet_config(source) if preset else read_unet_config(source)
+    channels = None if preset else config.get("in_channels", 3)
+    side = config.get("sample_size", 32)  # an int, or (height, width) in a JSON config
+    return channels, args.resolution or int(side if isinstance(side, int) else side[0])
 
 
 def build_unet(args: TrainingConfig, channels: int | None, resolution: int, learned_variance: bool) -> UNet2DModel:

@@ -1,6 +1,6 @@
 """One run per output directory, and a directory that is ours or empty.
 
-- `acquire_lock`: an exclusive lock on `<output_dir>/.hf_ddpm.lock` (hf_ddpm/file_lock.py), held by the main
+- `lock_output_dir`: an exclusive lock on `<output_dir>/.hf_ddpm.lock` (hf_ddpm/file_lock.py), held by the main
   process for the whole run. The kernel releases it when the process ends, however it ends (a SIGKILLed run never
   leaves a stale lock). A second run on the directory is refused at once, naming the holder's PID and host.
 - `check_output_dir`: read-only, before anything is loaded or written. An empty or new directory is fine; one that
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
@@ -80,15 +79,16 @@ def check_output_dir(args: TrainingConfig) -> OutputDir:
     path = args.output_dir
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputDirError(f"--output_dir {path} is a file, not a directory")
-    refuse_if_locked(path)
+    holder = holder_of(os.path.join(path, LOCK_NAME))  # reads only
+    if holder is not None:  # a live run holds the directory
+        raise _in_use(path, holder)
     names = [n for n in _listing(path) if n != LOCK_NAME]
     manifest = _manifest(path)
     patterns = run_patterns(args.logging_dir)
+    earlier = any(_matches(n, RUN_MARKERS) for n in names)
     if manifest is not None:
         foreign = [n for n in names if n in manifest.get("foreign", [])]
-        earlier = any(_matches(n, RUN_MARKERS) for n in names)
     else:
-        earlier = any(_matches(n, RUN_MARKERS) for n in names)
         foreign = [] if earlier else names
     if earlier and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
         raise OutputDirError(
@@ -157,31 +157,20 @@ def prepare_output_dir(config: TrainingConfig, accelerator, found: OutputDir) ->
     _refuse_unwritable(accelerator, error, config.output_dir, "write it")  # also the barrier after the writes
 
 
-def lock_output_dir(config: TrainingConfig, accelerator) -> RunLock | None:
-    """The main process takes the output directory's lock (`acquire_lock`); every process hears whether it could."""
+def lock_output_dir(config: TrainingConfig, accelerator) -> FileLock | None:
+    """The main process takes the exclusive lock on the output directory (created if missing, and removed again by
+    `release(remove=True)` when this run created it), or an OutputDirError naming its holder; every process hears
+    whether it could."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
-            lock = acquire_lock(config.output_dir)
-        except (OSError, ValueError) as err:
+            lock = FileLock.take(os.path.join(config.output_dir, LOCK_NAME))
+        except LockHeld as held:
+            error = _in_use(config.output_dir, held.holder)
+        except OSError as err:
             error = err
     _refuse_unwritable(accelerator, error, config.output_dir, "lock it")
     return lock
-
-
-class RunLock(FileLock):
-    """The exclusive lock on an output directory (see `acquire_lock`); `release` (or the process's end) frees it."""
-
-    created_dir: str | None = None  # the output directory, when this run created it
-
-    def release(self, remove: bool = False) -> None:
-        """Free the lock; with `remove` (a run that wrote nothing else) delete the lock file, and the directory
-        if this run created it, so that a refused run leaves no trace."""
-        removing = remove and self.fd is not None
-        super().release(remove)
-        if removing and self.created_dir is not None:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.created_dir)
 
 
 def _in_use(output_dir: str, holder: str) -> OutputDirError:
@@ -189,22 +178,3 @@ def _in_use(output_dir: str, holder: str) -> OutputDirError:
         f"--output_dir {output_dir} is in use by another training run: {holder}. Wait for it to finish "
         "(or stop it), or choose another --output_dir"
     )
-
-
-def refuse_if_locked(output_dir: str) -> None:
-    """Raise OutputDirError naming the holder when a live run holds the directory's lock (reads only)."""
-    holder = holder_of(os.path.join(output_dir, LOCK_NAME))
-    if holder is not None:
-        raise _in_use(output_dir, holder)
-
-
-def acquire_lock(output_dir: str) -> RunLock:
-    """Take the exclusive lock on `output_dir` (created if missing) or raise OutputDirError naming its holder."""
-    created = None if os.path.isdir(output_dir) else os.path.abspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    try:
-        lock = RunLock.take(os.path.join(output_dir, LOCK_NAME))
-    except LockHeld as held:
-        raise _in_use(output_dir, held.holder) from None
-    lock.created_dir = created
-    return lock
