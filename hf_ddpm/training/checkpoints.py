@@ -199,9 +199,10 @@ class RunRecord:
 
     @classmethod
     def of_run(cls, step: int, unet_config: dict, scheduler_config: dict, config, num_processes: int,
-               data=None, total_steps: int | None = None) -> RunRecord:  # fmt: skip
+               data=None) -> RunRecord:  # fmt: skip
         """The record of a run: its UNet and scheduler configs, its (resolved) config, its launch (this process's),
-        and once they are known its data (`load_training_data`'s) and length in optimizer steps."""
+        and once it is known its data (`load_training_data`'s); its length in optimizer steps is filled in once the
+        batches are made."""
         return cls(
             step=step,
             unet={k: _plain(v) for k, v in unet_config.items() if not k.startswith("_")},
@@ -210,7 +211,7 @@ class RunRecord:
             batch={"train_batch_size": config.train_batch_size,
                    "gradient_accumulation_steps": config.gradient_accumulation_steps, "seed": config.seed},
             data=data_identity(data) if data is not None else DataIdentity(),
-            schedule={**{k: getattr(config, k) for k in SCHEDULE_OPTIONS}, "total_steps": total_steps},
+            schedule={**{k: getattr(config, k) for k in SCHEDULE_OPTIONS}, "total_steps": None},
         )  # fmt: skip
 
     def write(self, checkpoint: str) -> None:

@@ -129,7 +129,7 @@ def check_run(given: TrainingConfig) -> Plan:
     config, _ = resolve(given, facts)
     channels, resolution = data_shape(config)
     scheduler = build_scheduler(config)
-    unet = build_unet(config, channels, resolution, scheduler.config.variance_type == "learned_range")
+    unet = build_unet(config, channels, resolution)
     check_forward(unet, resolution, config.model_source, given.resolution is not None)
     found = output_dir.check_output_dir(config)
     # accelerate's process count (workers that are not one run are refused). Its set-up is the processes' first
@@ -187,8 +187,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         logger.info(note)
     if config.eval_bits_per_dim_steps and not len(data.eval):
         raise ValueError("--eval_bits_per_dim_steps needs held-out images, and --eval_size leaves none")
-    learned = scheduler.config.variance_type == "learned_range"
-    unet = build_unet(config, data.train.shape[1], resolution, learned)
+    unet = build_unet(config, data.train.shape[1], resolution)
     logger.info(describe_model(config, unet, scheduler))
     record = RunRecord.of_run(0, unet.config, scheduler.config, config, accelerator.num_processes, data)
     if plan.record is not None:  # the data decided the channels: compare them too, before anything is written

@@ -33,9 +33,11 @@ def data_shape(args: TrainingConfig) -> tuple[int | None, int]:
     return channels, args.resolution or int(side if isinstance(side, int) else side[0])
 
 
-def build_unet(args: TrainingConfig, channels: int | None, resolution: int, learned_variance: bool) -> UNet2DModel:
+def build_unet(args: TrainingConfig, channels: int | None, resolution: int) -> UNet2DModel:
     """A fresh UNet2DModel for `channels`-channel images of `resolution` (None: the preset's own channels), or
-    the pretrained one. Bad config values are refused naming the file and key (`build_checked`)."""
+    the pretrained one, with the output channels of the resolved variance type. Bad config values are refused
+    naming the file and key (`build_checked`)."""
+    learned_variance = args.variance_type == "learned_range"  # resolved: the scheduler's
     if channels is None:
         channels = unet_config(args.model_source)["in_channels"]
     out_channels = model_output_channels(channels, learned_variance)
