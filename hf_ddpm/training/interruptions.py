@@ -217,22 +217,14 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def nonfinite_names(named_tensors) -> list[str]:
-    """Names of the tensors holding NaN or ±inf (one host sync for all of them)."""
-    named = list(named_tensors)
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
-    return [name for (name, _), ok in zip(named, finite) if not ok]
-
-
 def require_finite_weights(model, ema, step: int, target: str) -> None:
     """Raise NonFiniteError, before anything is written, when the weights (or their EMA) that `target` would hold
-    are not finite: a checkpoint or pipeline with NaN weights is never written."""
-    bad = nonfinite_names(model.named_parameters())
+    are not finite: a checkpoint or pipeline with NaN weights is never written. One host sync for all of them."""
+    named = list(model.named_parameters())
     if ema is not None:
-        names = [name for name, _ in model.named_parameters()]
-        bad += [f"ema:{name}" for name in nonfinite_names(zip(names, ema.shadow_params))]
+        named += [(f"ema:{name}", shadow) for (name, _), shadow in zip(named, ema.shadow_params)]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist() if named else []
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
     if bad:
         shown = ", ".join(bad[:4]) + (f", ... ({len(bad)} tensors)" if len(bad) > 4 else "")
         raise NonFiniteError(
@@ -290,7 +282,7 @@ class NanGuard:
             )
 
 
-def raise_if_any_failed(accelerator, error: Exception | None) -> None:
-    """Every process hears whether the main process failed; all raise (its error, or one naming it)."""
+def raise_if_any_failed(accelerator, error: Exception | None, what: str) -> None:
+    """Every process hears whether the main process failed to do `what`; all raise (its error, or one naming it)."""
     if any_process_failed(accelerator, error is not None):
-        raise error or RuntimeError("the main process failed to save the pipeline (its error says why)")
+        raise error or RuntimeError(f"the main process failed to {what} (its error says why)")

@@ -294,7 +294,7 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
             pass  # preemption.received holds the signal
         except Exception as err:  # shared below, so that the other processes stop too instead of waiting
             error = err
-    raise_if_any_failed(accelerator, error)
+    raise_if_any_failed(accelerator, error, "evaluate and sample")
     if any_process_failed(accelerator, preemption.received is not None):  # every process checkpoints the step
         _stop(run, step, preemption, preemption.received or signal.SIGTERM, " during the final evaluation")
 
@@ -311,7 +311,7 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
         else:
             weights = "EMA weights" if run.ema is not None else "final weights"
             logger.info("saved the pipeline (%s) and samples.png to %s", weights, config.output_dir)
-    raise_if_any_failed(accelerator, error)
+    raise_if_any_failed(accelerator, error, "save the pipeline")
     signalled = any_process_failed(accelerator, preemption.received is not None)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -26,7 +26,7 @@ from ..file_lock import FileLock, LockHeld, holder_of
 from ..remote_code import PIPELINE_PREFIX
 from .checkpoints import INCOMPLETE_NAMES, remove_incomplete  # the staging names a killed run leaves
 from .config import TrainingConfig
-from .interruptions import any_process_failed, describe
+from .interruptions import describe, raise_if_any_failed
 
 LOCK_NAME = ".hf_ddpm.lock"
 MANIFEST_NAME = ".hf_ddpm-manifest.json"
@@ -131,13 +131,8 @@ def _make_ours(found: OutputDir, args: TrainingConfig) -> None:
     write_atomically(os.path.join(found.path, MANIFEST_NAME), lambda f: json.dump(manifest, f, indent=2))
 
 
-def _refuse_unwritable(accelerator, error: Exception | None, directory: str, what: str) -> None:
-    """Every process hears whether the main process could write; a failure stops them all, naming the directory."""
-    if any_process_failed(accelerator, error is not None):
-        if isinstance(error, OutputDirError):
-            raise error
-        reason = describe(error) if error else f"the main process could not {what}"
-        raise OSError(f"--output_dir {directory} is not writable ({reason}); choose a writable directory")
+def _unwritable(directory: str, error: OSError) -> OSError:
+    return OSError(f"--output_dir {directory} is not writable ({describe(error)}); choose a writable directory")
 
 
 def prepare_output_dir(config: TrainingConfig, accelerator, found: OutputDir) -> None:
@@ -153,8 +148,8 @@ def prepare_output_dir(config: TrainingConfig, accelerator, found: OutputDir) ->
             with open(os.path.join(config.output_dir, "training_args.json"), "w") as f:
                 json.dump(config.to_json(), f, indent=2)
         except OSError as err:
-            error = err
-    _refuse_unwritable(accelerator, error, config.output_dir, "write it")  # also the barrier after the writes
+            error = _unwritable(config.output_dir, err)
+    raise_if_any_failed(accelerator, error, f"write {config.output_dir}")  # also the barrier after the writes
 
 
 def lock_output_dir(config: TrainingConfig, accelerator) -> FileLock | None:
@@ -168,8 +163,8 @@ def lock_output_dir(config: TrainingConfig, accelerator) -> FileLock | None:
         except LockHeld as held:
             error = _in_use(config.output_dir, held.holder)
         except OSError as err:
-            error = err
-    _refuse_unwritable(accelerator, error, config.output_dir, "lock it")
+            error = _unwritable(config.output_dir, err)
+    raise_if_any_failed(accelerator, error, f"lock {config.output_dir}")
     return lock
 
 
