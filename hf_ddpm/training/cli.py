@@ -21,7 +21,7 @@ import yaml
 from ..data.sources import DATA_SOURCES
 from ..flags import FlagParser
 from ..shipped import shipped_dir
-from .config import GROUPS, TrainingConfig
+from .config import EXCLUSIVE, GROUPS, TrainingConfig
 
 RECIPES_DIR = shipped_dir("recipes", "training/recipes")  # hf_ddpm/recipes inside the wheel
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -164,12 +164,8 @@ REPLACES = {
         s: (*(o for o in DATA_SOURCES if o != s), *(() if s == "dataset_name" else ("dataset_config_name",)))
         for s in DATA_SOURCES
     },
-    "model_config": ("pretrained_model_name_or_path",),
+    **{a: (b,) for pair in EXCLUSIVE for a, b in (pair, pair[::-1])},
     "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
-    "save_images_epochs": ("save_images_steps",),
-    "save_images_steps": ("save_images_epochs",),
-    "save_model_epochs": ("save_model_steps",),
-    "save_model_steps": ("save_model_epochs",),
 }
 
 

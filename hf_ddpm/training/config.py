@@ -37,6 +37,10 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 SECRET_ARGS = ("hub_token",)  # never written to disk
 # The options of the run's length and LR schedule that a checkpoint records and a resume keeps (`resolve`).
 SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_steps", "learning_rate")
+# Options that choose the same thing: a config holds one of each pair (`check_args`), and a flag on the command line
+# replaces the config file's other one (`cli.REPLACES`).
+EXCLUSIVE = (("model_config", "pretrained_model_name_or_path"), ("save_images_epochs", "save_images_steps"),
+             ("save_model_epochs", "save_model_steps"))  # fmt: skip
 STREAMING_LENGTH = "--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead"
 
 # The defaults that depend on the run (None in the fields), filled by `resolve`:
@@ -308,16 +312,13 @@ def check_args(args: TrainingConfig) -> None:
     one_source({name: getattr(args, name) for name in DATA_SOURCES}, "--")  # the data's rule: one source at most
     if args.streaming and args.max_train_steps is None and args.resume_from_checkpoint is None:
         raise ValueError(STREAMING_LENGTH)  # a resume takes the checkpoint's (`resolve`)
-    if args.pretrained_model_name_or_path is not None and args.model_config is not None:
-        raise ValueError("--model_config and --pretrained_model_name_or_path both choose the model; pass one")
+    for a, b in EXCLUSIVE:
+        if getattr(args, a) is not None and getattr(args, b) is not None:
+            raise ValueError(f"--{a} and --{b} choose the same thing: pass one, not both")
     if args.dropout is not None and (args.dropout >= 1 or args.pretrained_model_name_or_path is not None):
         raise ValueError(
             f"--dropout {args.dropout}: a probability in [0, 1) for a new UNet (a pretrained one keeps its own)"
         )
-    if args.save_images_epochs is not None and args.save_images_steps is not None:
-        raise ValueError("pass --save_images_epochs or --save_images_steps, not both")
-    if args.save_model_epochs is not None and args.save_model_steps is not None:
-        raise ValueError("pass --save_model_epochs or --save_model_steps, not both")
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
         raise ValueError(
             "--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir deletes it: pass one"

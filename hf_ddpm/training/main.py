@@ -45,7 +45,7 @@ from .cli import parse_args
 from .config import TrainingConfig, launch_precision
 from .interruptions import NanGuard, PreemptionHandler, one_line, parse_signals
 from .loop import Run, train_loop
-from .model import EMAState, build_scheduler, build_unet, data_shape, describe_model, pretrained_scheduler_config
+from .model import build_scheduler, build_unet, data_shape, describe_model, pretrained_scheduler_config
 from .resolve import RunFacts, optimizer_steps, resolve
 
 logger = get_logger(__name__)
@@ -200,7 +200,6 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     total_steps = optimizer_steps(config, batches.batches_per_epoch)
     output_dir.prepare_output_dir(config, accelerator, plan.output)
 
-    device = accelerator.device
     optimizer = torch.optim.AdamW(
         unet.parameters(),
         lr=config.learning_rate,
@@ -209,7 +208,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         eps=config.adam_epsilon,
         # one fused kernel over all parameters (CUDA, and CPUs since torch 2.4): on the CPU a step of the default
         # per-tensor loop costs ~4x the fused one, ~4% of a digits-16-tiny training step (benchmarks/training.py)
-        fused=True if device.type in ("cuda", "cpu") else None,
+        fused=True if accelerator.device.type in ("cuda", "cpu") else None,
     )
     # Both counts in optimizer steps, whatever the accumulation or the number of processes.
     lr_scheduler = get_scheduler(
@@ -231,7 +230,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     sampler = LossSecondMomentResampler(num_steps) if config.importance_sampling else UniformSampler(num_steps)
     # Checkpointed besides accelerate's own state, in this order (the record is a file of its own, by name).
     if ema is not None:
-        accelerator.register_for_checkpointing(EMAState(ema, device))
+        accelerator.register_for_checkpointing(ema)
     if config.importance_sampling:
         accelerator.register_for_checkpointing(sampler)
     if isinstance(batches, StreamingBatches):
@@ -257,6 +256,8 @@ def resume(run: Run) -> None:
             logger.info("no checkpoint in %s yet: starting a new run", run.config.output_dir)
         return
     run.accelerator.load_state(run.resume_path)
+    if run.ema is not None:  # accelerate loads the EMA weights on the CPU: back to the training device
+        run.ema.to(device=run.accelerator.device)
     # accelerate restores its micro-step counter; set it from the step so accumulation windows line up regardless.
     run.accelerator.step = run.record.step * run.config.gradient_accumulation_steps
     logger.info("resumed from %s at optimizer step %d", run.resume_path, run.record.step)

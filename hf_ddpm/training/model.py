@@ -1,7 +1,7 @@
 """The network and noise schedule a run trains: a UNet preset or JSON config with a fresh HFDDPMScheduler, or a
 pretrained pipeline (`unet/` + `scheduler/`) to fine-tune (a config's checks, and the forward pass at the training
 resolution that runs before any data is read, live with the UNet configurations: hf_ddpm/unet.py); the log's line
-that names it; its EMA weights (swapped in to sample and evaluate, checkpointed) and a fingerprint of its weights.
+that names it; its EMA weights (swapped in to sample and evaluate) and a fingerprint of its weights.
 """
 
 from __future__ import annotations
@@ -136,20 +136,6 @@ def ema_weights(ema, module: torch.nn.Module):
         yield module
     finally:
         ema.restore(module.parameters())
-
-
-class EMAState:
-    """Checkpoints an `EMAModel` and puts its weights back on the training device (accelerate loads on the CPU)."""
-
-    def __init__(self, ema, device):
-        self.ema, self.device = ema, device
-
-    def state_dict(self) -> dict:
-        return self.ema.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ema.load_state_dict(state)
-        self.ema.to(device=self.device)
 
 
 def parameter_hash(module: torch.nn.Module) -> str:
