@@ -63,7 +63,7 @@ def image_folder(n: int, resolution: int) -> str:
 
 def _cached_batches(folder, resolution, cache, mapped):
     from hf_ddpm.data import load_data
-    from hf_ddpm.training.batches import ShardedBatches
+    from hf_ddpm.data.batches import ShardedBatches
 
     data = load_data(train_data_dir=folder, resolution=resolution, eval_size=0, cache_dir=cache,
                      max_in_memory_bytes=0 if mapped else None)  # fmt: skip
@@ -95,7 +95,7 @@ def throughput(path, folder, resolution, workers, batches, cache) -> float:
     """Images/s of one path over `batches` batches, after one untimed batch (worker start-up not counted)."""
     import torch
 
-    from hf_ddpm.training.batches import step_generator, to_model_input
+    from hf_ddpm.data.batches import step_generator, to_model_input
 
     if path == "diffusers example":
         loader = _diffusers_loader(folder, resolution, workers, cache)
@@ -125,7 +125,7 @@ STARTUP = """
 import sys, time
 started = float(sys.argv[4])
 from hf_ddpm.data import load_data
-from hf_ddpm.training.batches import ShardedBatches
+from hf_ddpm.data.batches import ShardedBatches
 data = load_data(train_data_dir=sys.argv[1], resolution=32, eval_size=0, cache_dir=sys.argv[2],
                  max_in_memory_bytes=0 if sys.argv[3] == "mapped" else None)
 ShardedBatches(data.train, 64, 1, 0, 0).batch(0)
