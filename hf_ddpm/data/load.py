@@ -186,6 +186,37 @@ class DataIdentity:
     held_out: str | None = None  # sha256 of the held-out images' pixels: which images the held-out split holds
     description: str | None = None
 
+    def change_since(self, saved: DataIdentity, since: str) -> str | None:
+        """What changed in the data since the checkpoint `since` recorded `saved` (this is the data now) and what it
+        means for the held-out split, in one sentence; None when nothing recorded on both sides differs."""
+
+        def known(name):
+            old, new = getattr(saved, name), getattr(self, name)
+            return old is not None and new is not None and old != new
+
+        if not any(known(n) for n in ("source", "num_images", "num_held_out", "held_out")):
+            return None
+        what = self.description or saved.description or "the data"
+        old_total, new_total = (
+            None if d.num_images is None or d.num_held_out is None else d.num_images + d.num_held_out
+            for d in (saved, self)
+        )
+        if old_total is not None and new_total is not None and old_total != new_total:
+            moved = new_total - old_total
+            change = f"{abs(moved)} images {'added to' if moved > 0 else 'removed from'} {what} since {since}"
+        else:
+            change = f"{what} changed since {since}"
+        if known("source"):
+            change += (
+                f" (its key {saved.source} is now {self.source}: a file's path, size or modification time, or a "
+                "preprocessing option, differs)"
+            )
+        if known("num_held_out"):
+            return f"{change}: the held-out split would change ({saved.num_held_out} -> {self.num_held_out} images)"
+        if known("held_out"):
+            return f"{change}: the held-out split would change (other images)"
+        return f"{change}: the held-out split is the same, the training images are not"
+
 
 def data_identity(data) -> DataIdentity:
     """The identity of the data `load_training_data` gave (`ImageData` or a `StreamingData`). The key of a

@@ -250,38 +250,6 @@ def differences(saved: RunRecord, current: RunRecord, skip=()) -> list[str]:
     return found
 
 
-def data_change(path: str, saved: DataIdentity, current: DataIdentity) -> str | None:
-    """What changed in the data since the checkpoint at `path` and what it means for the held-out split, in one
-    sentence; None when nothing recorded on both sides differs."""
-
-    def known(name):
-        old, new = getattr(saved, name), getattr(current, name)
-        return old is not None and new is not None and old != new
-
-    if not any(known(n) for n in ("source", "num_images", "num_held_out", "held_out")):
-        return None
-    what, since = current.description or saved.description or "the data", os.path.basename(path)
-    old_total, new_total = (
-        None if d.num_images is None or d.num_held_out is None else d.num_images + d.num_held_out
-        for d in (saved, current)
-    )
-    if old_total is not None and new_total is not None and old_total != new_total:
-        moved = new_total - old_total
-        change = f"{abs(moved)} images {'added to' if moved > 0 else 'removed from'} {what} since {since}"
-    else:
-        change = f"{what} changed since {since}"
-    if known("source"):
-        change += (
-            f" (its key {saved.source} is now {current.source}: a file's path, size or modification time, or a "
-            "preprocessing option, differs)"
-        )
-    if known("num_held_out"):
-        return f"{change}: the held-out split would change ({saved.num_held_out} -> {current.num_held_out} images)"
-    if known("held_out"):
-        return f"{change}: the held-out split would change (other images)"
-    return f"{change}: the held-out split is the same, the training images are not"
-
-
 def fitting_checkpoint(output_dir: str, current: RunRecord, skip=()) -> str | None:
     """The newest checkpoint in `output_dir` that this run could resume: its process count, model and objective."""
     for _, path in reversed(list_checkpoints(output_dir)):
@@ -320,7 +288,7 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
             f"and random streams depend on it): {way_out}with `accelerate launch --num_processes {world}`, or start "
             "a new run"
         )
-    change = data_change(path, saved.data, current.data)
+    change = current.data.change_since(saved.data, os.path.basename(path))
     if change:
         again = (f"drawn again from it: it may hold images the model trained on, and held-out bits/dim before and "
                  f"after step {saved.step} do not compare")  # fmt: skip
