@@ -43,9 +43,9 @@ demo: venv
 	@echo "samples: outputs/demo/samples.png; pipeline: HFDDPMPipeline.from_pretrained(\"outputs/demo\")"
 
 # Benchmarks against diffusers on this machine (benchmarks/run.py): sampling, training, quality (bits/dim, FID), FID
-# against model evaluations per scheduler, evaluation throughput, the data path, the allocator's CPU floor and,
-# where CUDA is available, the GPU section; writes benchmarks/results/ (JSON, RESULTS.md, plots). About two hours
-# on two CPU cores; `make bench BENCH_ARGS=--quick` takes well under an hour.
+# against model evaluations per scheduler, evaluation throughput, the data path, the allocator's CPU floor, the
+# likelihood estimators and, where CUDA is available, the GPU section; writes benchmarks/results/ (JSON, RESULTS.md,
+# plots). About three hours on two CPU cores; `make bench BENCH_ARGS=--quick` takes well under an hour.
 BENCH_STAMP := $(VENV)/bench.stamp
 BENCH_ARGS  ?=
 

@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/results/: one JSON per benchmark, RESULTS.md and PNG plots.
 
-    python -m benchmarks.run                       # everything (about two hours on two CPU cores)
+    python -m benchmarks.run                       # everything (about three hours on two CPU cores)
     python -m benchmarks.run --quick               # a few minutes: fewer steps, rounds and samples
     python -m benchmarks.run --only sampling training
     python -m benchmarks.run --train_data_dir ./my_images   # quality also on an image folder (or --dataset_name)
@@ -8,6 +8,7 @@
     python -m benchmarks.run --only evaluation     # `python -m hf_ddpm evaluate` throughput, paper-protocol projection
     python -m benchmarks.run --only schedulers     # FID against model evaluations (also: python -m benchmarks.schedulers)
     python -m benchmarks.run --only allocator      # the CPU floor under glibc's defaults, mallopt, jemalloc, tcmalloc
+    python -m benchmarks.run --only likelihood     # eq. 5, eq. 3, IW, the ODE, rate-distortion on two models
 
 Each JSON records the machine (CPU, cores, threads, versions) and the load average before and after; timings are
 medians over interleaved rounds, ratios are taken between runs of the same round.
@@ -31,13 +32,13 @@ import torch
 from hf_ddpm.cpu import tune_allocator
 
 from . import report
-from .measure import RESULTS_DIR, log, measured, write_json
+from .measure import RESULTS_DIR, log, measured, read_json, write_json
 
-BENCHMARKS = ("sampling", "training", "quality", "schedulers", "gpu", "evaluation", "data", "allocator")
+BENCHMARKS = ("sampling", "training", "quality", "schedulers", "gpu", "evaluation", "data", "allocator", "likelihood")
 # Timing comparisons run on one thread: on two cores a second OpenMP thread gains little for these small models and
 # makes every number hostage to any other process; quality and schedulers (FID: pure throughput) use all cores.
 DEFAULT_THREADS = {"sampling": 1, "training": 1, "quality": None, "schedulers": None, "gpu": None, "evaluation": 1,
-                   "data": 1, "allocator": 1}  # fmt: skip
+                   "data": 1, "allocator": 1, "likelihood": 1}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,12 @@ def run_one(name: str, profile: str, args: argparse.Namespace) -> dict:
     if name == "quality":
         flags = {k: getattr(args, k) for k in module.DATA_FLAGS}
         return measured(name, lambda: module.run(profile, flags), allocator=args.allocator)
+    if name == "likelihood":  # the ODE solvers' table of an earlier run is kept where the profile does not measure it
+        earlier = read_json(name, args.results_dir)
+        result = measured(name, lambda: module.run(profile, earlier=earlier), allocator=args.allocator)
+        os.makedirs(args.results_dir, exist_ok=True)
+        module.plot(result, args.results_dir)  # its rate-distortion figure
+        return result
     return measured(name, lambda: module.run(profile), allocator=args.allocator)
 
 

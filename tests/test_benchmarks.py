@@ -87,8 +87,10 @@ def test_every_benchmark_runs_in_its_smoke_profile_and_writes_its_results(tmp_pa
     rows = [row for case in allocators["workloads"].values() for row in case.values()]
     assert len(rows) == 2 and all(row["cpu"] > 0 and row["peak_rss_mb"] > 50 for row in rows)
     assert json.loads((out / "schedulers.json").read_text())["rows"]  # `make bench` runs the schedulers too
-    for heading in ("## Schedulers: FID against model evaluations", "## Allocator: the CPU floor"):
+    for heading in ("## Schedulers: FID against model evaluations", "## Allocator: the CPU floor", "## Likelihood"):
         assert heading in report
+    likelihood = json.loads((out / "likelihood.json").read_text())  # `make bench` runs the likelihood section too
+    assert sorted(likelihood["models"]) == ["digits", "tiles"] and likelihood["machine"]["torch_threads"] == 1
     gpu = json.loads((out / "gpu.json").read_text())
     assert gpu["measured"] == torch.cuda.is_available()
     assert gpu["measured"] or "not measured: no GPU lent" in report
