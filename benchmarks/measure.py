@@ -8,6 +8,7 @@ Ratios are the median of the per-round ratios (paired), which a slow drift of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -116,6 +117,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> str:
+    """What sets this CPU's kernel speed beside its model name (which a cloud host may not give): torch's vector
+    dispatch level and whether bf16 is native. Without native bf16 (avx512_bf16 or amx_bf16), bf16 arithmetic is
+    emulated and runs many times slower than float32, so the bf16 rows of two hosts do not compare."""
+    flags = set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    native = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16" if flags else "bf16 unknown"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {native}"
+
+
 def _git_revision() -> str | None:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -135,6 +147,7 @@ def machine() -> dict:
     info = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

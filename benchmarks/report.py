@@ -53,8 +53,9 @@ def other(clock: str) -> str:
 def machine_line(r: dict) -> str:
     m = r["machine"]
     load, after = (m.get(k) or ["?"] for k in ("load_average", "load_average_after"))
+    features = f" ({m['cpu_features']})" if m.get("cpu_features") else ""  # runs before it was recorded: none
     return (
-        f"{m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s); torch {m['torch']}, diffusers "
+        f"{m['cpu']}{features}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s); torch {m['torch']}, diffusers "
         f"{m['diffusers']}, accelerate {m['accelerate']}; {m['date_utc']} UTC, revision {m['git_revision']}; "
         f"load average (1 min) {load[0]} before, {after[0]} after; profile `{r['profile']}`, "
         f"{r['wall_seconds'] / 60:.1f} min"

@@ -44,6 +44,9 @@ def test_a_record_carries_the_machine_and_the_clock_and_a_result_may_name_its_ow
     record = measure.measured("example", lambda: {"profile": "smoke", "value": 1}, allocator="glibc default")
     assert (record["benchmark"], record["value"], record["profile"]) == ("example", 1, "smoke")
     assert record["machine"]["cpu"] and record["machine"]["allocator"] == "glibc default"
+    features = record["machine"]["cpu_features"]  # bf16 rows of a host without native bf16 are ~20x slower
+    assert features.startswith(torch.backends.cpu.get_cpu_capability()) and "bf16" in features
+    assert f"({features})" in report.machine_line(record)
     assert "load_average_after" in record["machine"] and record["clock"] in measure.CLOCKS
     assert record["wall_seconds"] >= 0
     assert measure.measured("gpu", lambda: {"clock": "wall"})["clock"] == "wall"  # GPU work: wall time only
