@@ -1,16 +1,35 @@
 """Training data: the bundled digits, image folders, data files, local and Hub datasets; decoded once into an on-disk
 cache (cache.py), held in memory when small and memory-mapped when not (load.py), or streamed (streaming.py); a
-training run's batches, sharded over its processes (batches.py).
+training run's batches, sharded over its processes (batches.py); the one-source rule (sources.py) and the held-out
+split's size (split.py).
 
     from hf_ddpm.data import load_data
     data = load_data(train_data_dir="my_images", resolution=64)   # data.train: uint8 (N, C, 64, 64)
+
+The names below load on first use (PEP 562, as the package's own), so that a command line reading only the data
+flags (sources.py, split.py) imports neither torch nor datasets.
 """
 
-from .cache import CacheSpaceError, MappedImages
-from .images import IMAGE_COLUMN_CANDIDATES, detect_image_column, digits_dataset, random_hflip
-from .load import DataIdentity, ImageData, data_identity, default_memory_budget, load_data, load_training_data
-from .streaming import StreamSourceError
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "IMAGE_COLUMN_CANDIDATES": ".images",
+    "CacheSpaceError": ".cache",
+    "DataIdentity": ".load",
+    "ImageData": ".load",
+    "MappedImages": ".cache",
+    "StreamSourceError": ".streaming",
+    "data_identity": ".load",
+    "default_memory_budget": ".load",
+    "detect_image_column": ".images",
+    "digits_dataset": ".images",
+    "load_data": ".load",
+    "load_training_data": ".load",
+    "random_hflip": ".images",
+}
 __all__ = [
     "IMAGE_COLUMN_CANDIDATES",
     "CacheSpaceError",
@@ -25,4 +44,22 @@ __all__ = [
     "load_data",
     "load_training_data",
     "random_hflip",
-]
+]  # = _EXPORTS
+
+if TYPE_CHECKING:
+    from .cache import CacheSpaceError, MappedImages
+    from .images import IMAGE_COLUMN_CANDIDATES, detect_image_column, digits_dataset, random_hflip
+    from .load import DataIdentity, ImageData, data_identity, default_memory_budget, load_data, load_training_data
+    from .streaming import StreamSourceError
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -20,8 +20,9 @@ import pyarrow.compute as pc
 import torch
 
 from .cache import MappedImages, preprocess
-from .images import check_eval_size, check_resolution, detect_image_column, digits_array, eval_count, gray_to
+from .images import check_resolution, detect_image_column, digits_array, gray_to
 from .sources import one_source, open_source, train_and_eval_split
+from .split import check_eval_size, eval_count
 
 logger = logging.getLogger("hf_ddpm.data")
 

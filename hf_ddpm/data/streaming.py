@@ -315,8 +315,9 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
                    image_column=None, resolution=16, channels=None, eval_size=0.1,
                    cache_dir=None) -> StreamingData:  # fmt: skip
     """Open a dataset to stream it (nothing is cached); its held-out images are read now."""
-    from .images import check_eval_size, check_resolution, detect_image_column
+    from .images import check_resolution, detect_image_column
     from .sources import open_source, train_and_eval_split
+    from .split import check_eval_size
 
     check_resolution(resolution)
     check_eval_size(eval_size)

@@ -17,8 +17,8 @@ import json
 import logging
 from pathlib import Path
 
-from ..data.images import parse_eval_size
 from ..data.sources import DATA_SOURCES, one_source
+from ..data.split import parse_eval_size
 from . import likelihood_options
 from .schema import PROTOCOLS
 

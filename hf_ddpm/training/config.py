@@ -25,8 +25,8 @@ from typing import Literal
 import torch
 
 from ..chain import TimestepSpacing
-from ..data.images import parse_eval_size
 from ..data.sources import DATA_SOURCES, one_source
+from ..data.split import parse_eval_size
 from ..losses import LossType, check_objective
 from ..scheduler import PredictionType, VarianceType
 from ..schedules import BETA_SCHEDULES, SCHEDULE_ALIASES
