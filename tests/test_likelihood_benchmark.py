@@ -1,6 +1,7 @@
 """benchmarks/likelihood.py: the image folder it cuts from scikit-learn's photographs, and one run of its smoke profile
 (two tiny models, seconds of work) whose JSON and RESULTS.md section carry every estimator for both models."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -54,4 +55,5 @@ def test_the_smoke_profile_measures_every_estimator_on_both_models_and_renders_t
     report.write(str(out))
     section = (out / "RESULTS.md").read_text().split("## Likelihood", 1)[1]
     assert "tiles: bits/dim ± SE (images)" in section and "importance-weighted, K = 4" in section
-    assert (out / "likelihood_rate_distortion.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # the `bench` extra draws the figure; `dev` has no plots
+        assert (out / "likelihood_rate_distortion.png").stat().st_size > 0
