@@ -12,8 +12,9 @@ flags (sources.py, split.py) imports neither torch nor datasets.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 _EXPORTS = {
     "IMAGE_COLUMN_CANDIDATES": ".images",
@@ -53,13 +54,4 @@ if TYPE_CHECKING:
     from .streaming import StreamSourceError
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, globals())
