@@ -13,13 +13,12 @@ config. Coefficients are computed once in float64. Where diffusers' `DDPMSchedul
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -37,15 +36,6 @@ PREDICTION_TYPES = get_args(PredictionType)
 def model_output_channels(data_channels: int, learned_variance: bool) -> int:
     """The mean's channels, then for learned_range one v per channel (Improved DDPM eq. 15)."""
     return 2 * data_channels if learned_variance else data_channels
-
-
-@dataclass
-class HFDDPMSchedulerOutput(DDPMSchedulerOutput):
-    """Output of `HFDDPMScheduler.step`: a diffusers `DDPMSchedulerOutput`, so code that checks for one accepts it.
-
-    prev_sample: x_{t-1} (B, C, H, W), the input of the next step.
-    pred_original_sample: the model's prediction of x_0 (B, C, H, W), for previews.
-    """
 
 
 class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
@@ -69,6 +59,12 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
     # the β schedule of any CONFIG_SOURCES config.
     _compatibles = list(PIPELINE_SCHEDULERS)
     order = 1
+    # diffusers' DDPMScheduler's own, on the state both classes name alike (`config`, `timesteps`,
+    # `num_inference_steps`, `custom_timesteps`): the same results by construction, one implementation to maintain.
+    previous_timestep = DDPMScheduler.previous_timestep  # the next timestep of the chain, -1 after the last one
+    scale_model_input = DDPMScheduler.scale_model_input  # DDPM feeds x_t to the model unscaled
+    _threshold_sample = DDPMScheduler._threshold_sample  # dynamic thresholding of x̂_0 (Imagen, Saharia et al. 2022)
+    __len__ = DDPMScheduler.__len__  # T
 
     @register_to_config
     def __init__(
@@ -195,15 +191,6 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = {t: i for i, t in enumerate(self._timestep_list)}
         self.step_chain = Chain.of(self.train_chain.beta, timesteps)  # row i ↔ timesteps[i]
 
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
-        """The timestep that follows `timestep` in the sampling chain, -1 after the last one, typed as diffusers'
-        DDPMScheduler types it: after `set_timesteps`, a 0-d int64 tensor (an element of `timesteps`, or
-        `torch.tensor(-1)`); before, `timestep - 1` (an int for an int)."""
-        i = self._index_of(timestep)
-        if not (self.custom_timesteps or self.num_inference_steps):
-            return timestep - 1  # the full chain T-1, ..., 0
-        return self.timesteps[i + 1] if i + 1 < len(self._timestep_list) else torch.tensor(-1)
-
     def _index_of(self, timestep) -> int:
         t = int(timestep)
         if t not in self._step_index:
@@ -212,13 +199,6 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
                 f"{self._timestep_list[:5]}...{self._timestep_list[-3:]}"
             )
         return self._step_index[t]
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """DDPM feeds x_t to the model unscaled."""
-        return sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
 
     # ------------------------------------------------------------------ forward process
 
@@ -323,7 +303,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> HFDDPMSchedulerOutput | tuple:
+    ) -> DDPMSchedulerOutput | tuple:
         """One ancestral step x_t → x_{t-1} ~ p_θ(x_{t-1} | x_t) on the current (possibly respaced) chain
         (DDPM Algorithm 2, lines 3-4)."""
         # 1. this step's row of the chain (stored in `timesteps` order)
@@ -336,17 +316,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
             mean = mean + torch.exp(0.5 * log_var) * noise
         if not return_dict:
             return (mean, x0)
-        return HFDDPMSchedulerOutput(prev_sample=mean, pred_original_sample=x0)
-
-    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        """Dynamic thresholding (Imagen, Saharia et al. 2022) of x̂_0, as diffusers' `thresholding=True`."""
-        batch = sample.shape[0]
-        flat = sample.reshape(batch, -1)
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()  # quantile needs float32 or float64; float64 stays float64 (the bound is exact)
-        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
-        s = s.clamp(min=1.0, max=self.config.sample_max_value).unsqueeze(1)
-        return (flat.clamp(-s, s) / s).reshape(sample.shape).to(sample.dtype)
+        return DDPMSchedulerOutput(prev_sample=mean, pred_original_sample=x0)
 
     # ------------------------------------------------------------------ the variational bound (DDPM eq. 5)
 
