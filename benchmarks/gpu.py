@@ -18,8 +18,8 @@ import torch
 from hf_ddpm.unet import unet_config
 
 from .measure import log
-from .sampling import compare, make_unet
-from .training import train_run
+from .models import train_run, untrained_unet
+from .sampling import compare
 
 PAPER_STEPS_PER_SECOND = 21.0  # DDPM (Ho et al. 2020), Appendix B: CIFAR-10, batch 128, TPU v3-8
 PROFILES = {
@@ -62,7 +62,7 @@ def run(profile: str = "full") -> dict:
                 "vs_paper_tpu_v3_8": steps_per_second / PAPER_STEPS_PER_SECOND,
             }
     cfg = settings["sampling"]
-    unet = make_unet(settings["model"]).to("cuda")
+    unet = untrained_unet(settings["model"]).eval().to("cuda")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         log(f"gpu: sampling {settings['model']} in {name}, batch {cfg['batch']}, {cfg['steps']} steps")
         row = compare(unet.to(dtype), settings["T"], cfg["batch"], cfg["steps"], cfg["rounds"])

@@ -10,7 +10,9 @@ from .report import US, sampling_cases
 
 
 def plots(results: dict, results_dir: str) -> list[str]:
-    """PNG plots (matplotlib, the `bench` extra): sampling cost per step, training throughput, FID vs steps."""
+    """PNG plots (matplotlib, the `bench` extra): sampling cost per step, training throughput, FID vs steps (the
+    names returned, which RESULTS.md shows at its end), and the likelihood section's rate-distortion curves (which
+    that section names)."""
     if importlib.util.find_spec("matplotlib") is None:  # keep the plots an earlier run drew from these files
         print("matplotlib is not installed (pip install -e '.[bench]'): plots not redrawn", file=sys.stderr)
         names = ("sampling.png", "training.png", "quality_fid.png")
@@ -20,14 +22,14 @@ def plots(results: dict, results_dir: str) -> list[str]:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    def save(fig, name: str) -> str:
+    def save(fig, name: str, dpi: int = 110) -> str:
         fig.tight_layout()
-        fig.savefig(os.path.join(results_dir, name), dpi=110)
+        fig.savefig(os.path.join(results_dir, name), dpi=dpi)
         plt.close(fig)
         return name
 
     written = []
-    s, t, q = (results.get(k) for k in ("sampling", "training", "quality"))
+    s, t, q, lk = (results.get(k) for k in ("sampling", "training", "quality", "likelihood"))
     if s:
         cases, clock = sampling_cases(s), s["clock"]
         fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.6), squeeze=False)
@@ -67,4 +69,15 @@ def plots(results: dict, results_dir: str) -> list[str]:
         ax.set_ylabel(f"FID ({d['fid']['samples_per_set']} samples)")
         ax.legend(fontsize=8)
         written.append(save(fig, "quality_fid.png"))
+    if lk:  # both models' curves
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for ax, key, label in zip(
+            axes, ("distortion_rmse", "rate_bits_per_dim"), ("distortion (RMSE, [0, 255])", "rate (bits/dim)")
+        ):
+            for name, m in lk["models"].items():
+                ax.plot(m["rate_distortion"][key], label=name)
+            ax.set(xlabel="reverse steps (T - t)", ylabel=label)
+        axes[1].legend()
+        fig.suptitle("Progressive coding (DDPM Fig. 5)")
+        save(fig, "likelihood_rate_distortion.png", dpi=100)
     return written

@@ -14,17 +14,14 @@ DDPM's hybrid loss with learned_range variances. The L_simple model is evaluated
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
-from typing import Any
 
 import torch
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.bound import collapsed_strata_stderr, stratified_draws
-from hf_ddpm.data import load_data
 from hf_ddpm.evaluation.bits_per_dim import bits_per_dim as held_out_bits_per_dim
 from hf_ddpm.evaluation.features import InceptionFeatures
 from hf_ddpm.evaluation.reference import cached_reference
@@ -33,7 +30,7 @@ from hf_ddpm.evaluation.samples import generate_shards, load_shards
 from hf_ddpm.evaluation.steps import IMPROVED_DDPM_SPACING, describe_spacing
 
 from .measure import log
-from .training import train_run
+from .models import held_out, trained
 
 PROFILES = {
     "smoke": {"model": "test-tiny", "resolution": 8, "T": 50, "batch": 8, "train_steps": 3, "exact_images": 2,
@@ -53,39 +50,6 @@ PROFILES = {
 }  # fmt: skip
 EVALUATIONS = (("simple", "fixed_small"), ("simple", "fixed_large"), ("hybrid", "learned_range"))
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "max_train_samples")
-
-
-def train_model(settings: dict, loss: str, output_dir: str, data: dict) -> dict:
-    """Train one model with `hf_ddpm.training.train` (our defaults, `train_steps` optimizer steps)."""
-    steps = settings["train_steps"]
-    flags = ["--lr_warmup_steps", str(min(100, steps // 2)), "--loss", loss, "--mixed_precision", "no",
-             "--eval_num_images", "16", "--eval_num_timesteps", "4", "--eval_batch_size", "4",
-             "--ddpm_num_inference_steps", "10"]  # fmt: skip
-    flags += [arg for flag, value in data.items() if value is not None for arg in (f"--{flag}", str(value))]
-    summary = train_run(settings, steps, output_dir, *flags)
-    return {"loss": loss, "optimizer_steps": summary["optimizer_steps"], "train_seconds": summary["train_seconds"]}
-
-
-def simple_digits_model(settings: dict, workdir: str, model_dir: str | None = None) -> tuple[HFDDPMPipeline, dict, Any]:
-    """(pipeline, its training, the digits split) of the L_simple digits model: trained into `workdir`, or the pipeline
-    a benchmark trained before in `model_dir` (with its training_summary.json), so that reruns measure the same
-    weights."""
-    if model_dir is None:
-        log(f"training the L_simple digits model ({settings['train_steps']} steps)")
-        model_dir = os.path.join(workdir, "model")
-        training = train_model(settings, "simple", model_dir, {})
-    else:
-        path = os.path.join(model_dir, "training_summary.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"--model_dir {model_dir} holds no training_summary.json: pass a trained pipeline")
-        with open(path) as f:
-            summary = json.load(f)
-        kept = ("optimizer_steps", "train_seconds", "parameter_sha256")
-        training = {"loss": "simple", "model_dir": model_dir, **{k: summary.get(k) for k in kept}}
-    pipe = HFDDPMPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    data = load_data(resolution=settings["resolution"], channels=pipe.unet.config.in_channels, eval_size=0.1, seed=0)
-    return pipe, training, data
 
 
 def with_variance(pipe: HFDDPMPipeline, variance_type: str) -> HFDDPMPipeline:
@@ -243,15 +207,11 @@ def respacing_check(fid_result: dict) -> dict | None:
 def evaluate_dataset(settings: dict, data_flags: dict, workdir: str, features) -> dict:
     """Train both models on one dataset and evaluate them."""
     name = data_flags.get("dataset_name") or data_flags.get("train_data_dir") or "digits"
-    trained = {}
+    pipes, training = {}, {}
     for loss in ("simple", "hybrid"):
-        log(f"quality [{name}]: training the {loss} model ({settings['train_steps']} steps)")
-        trained[loss] = train_model(settings, loss, os.path.join(workdir, loss), data_flags)
-    pipes = {loss: HFDDPMPipeline.from_pretrained(os.path.join(workdir, loss)) for loss in trained}
-    channels = pipes["simple"].unet.config.in_channels
-    load_flags = {k: v for k, v in data_flags.items() if k != "max_train_samples"}
-    data = load_data(resolution=settings["resolution"], channels=channels, eval_size=0.1, seed=0, **load_flags)
-    result = {"dataset": name, "data_source": data.source, "held_out_images": len(data.eval), "training": trained}
+        pipes[loss], training[loss] = trained(settings, loss, os.path.join(workdir, loss), data_flags)
+    data = held_out(settings, pipes["simple"], data_flags)
+    result = {"dataset": name, "data_source": data.source, "held_out_images": len(data.eval), "training": training}
     result["bits_per_dim"] = []
     for model, variance in EVALUATIONS:
         log(f"quality [{name}]: bits/dim of {model}/{variance}")

@@ -68,12 +68,9 @@ def run_one(name: str, profile: str, args: argparse.Namespace) -> dict:
     if name == "quality":
         flags = {k: getattr(args, k) for k in module.DATA_FLAGS}
         return measured(name, lambda: module.run(profile, flags), allocator=args.allocator)
-    if name == "likelihood":  # the ODE solvers' table of an earlier run is kept where the profile does not measure it
+    if name == "likelihood":  # the ODE solvers' table of an earlier run is kept (no profile measures it again)
         earlier = read_json(name, args.results_dir)
-        result = measured(name, lambda: module.run(profile, earlier=earlier), allocator=args.allocator)
-        os.makedirs(args.results_dir, exist_ok=True)
-        module.plot(result, args.results_dir)  # its rate-distortion figure
-        return result
+        return measured(name, lambda: module.run(profile, earlier=earlier), allocator=args.allocator)
     return measured(name, lambda: module.run(profile), allocator=args.allocator)
 
 

@@ -16,9 +16,10 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
+from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
 
 from .measure import interleaved, log, paired_ratio, summary, timed
+from .models import untrained_unet
 
 PROFILES = {
     # a few seconds: for tests/test_benchmarks.py
@@ -39,12 +40,6 @@ PROFILES = {
              # 1000-step chain give its per-step cost
              "large_model": {"model": "ddpm-cifar10-32", "batch": 2, "steps": 20, "rounds": 3}},
 }  # fmt: skip
-
-
-def make_unet(name: str, seed: int = 0) -> UNet2DModel:
-    """A freshly initialized preset UNet in eval mode (speed does not depend on the weights)."""
-    torch.manual_seed(seed)
-    return UNet2DModel(**unet_config(name)).eval()
 
 
 def pipelines(unet: UNet2DModel, num_train_timesteps: int) -> tuple[HFDDPMPipeline, DDPMPipeline]:
@@ -204,7 +199,7 @@ def respacing(unet: UNet2DModel, num_train_timesteps: int, batch: int, steps: li
 def run(profile: str = "full") -> dict:
     settings = PROFILES[profile]
     T = settings["num_train_timesteps"]
-    unet = make_unet(settings["model"])
+    unet = untrained_unet(settings["model"]).eval()
     result = {"profile": profile, "model": settings["model"], "num_train_timesteps": T, "comparisons": []}
     result["parameters"] = sum(p.numel() for p in unet.parameters())
     for case in settings["comparisons"]:
@@ -213,7 +208,7 @@ def run(profile: str = "full") -> dict:
     large = settings["large_model"]
     if large is not None:
         log(f"sampling: {large['model']} batch {large['batch']}, {large['steps']} steps")
-        big = make_unet(large["model"])
+        big = untrained_unet(large["model"]).eval()
         row = compare(big, T, large["batch"], large["steps"], large["rounds"])
         row["model"], row["parameters"] = large["model"], sum(p.numel() for p in big.parameters())
         result["large_model"] = row

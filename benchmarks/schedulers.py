@@ -7,7 +7,7 @@ The model, its training and the FID protocol are benchmarks/quality.py's (L_simp
 against a seeded subset of training images, Inception pool3 features, a bootstrap standard deviation). Each of these
 schedulers evaluates the model once per step, so steps = model evaluations (UniPC's corrector reuses the last one).
 Sample i of every set starts from seed i. 1000 evaluations are run for the ancestral sampler only: it is the
-reference. Target (issue 15): a diffusers scheduler within 10% of the 1000-step ancestral FID at <= 25 model
+reference. Target: a diffusers scheduler within 10% of the 1000-step ancestral FID at <= 25 model
 evaluations.
 
     python -m benchmarks.schedulers [--profile quick|full]   # writes benchmarks/results/schedulers.json
@@ -29,8 +29,9 @@ from hf_ddpm.evaluation.steps import IMPROVED_DDPM_SPACING
 
 from . import report
 from .measure import RESULTS_DIR, log, measured, read_json, write_json
+from .models import held_out, trained
 from .quality import PROFILES as QUALITY_PROFILES
-from .quality import fid_row, simple_digits_model, training_reference
+from .quality import fid_row, training_reference
 from .report import FAST_EVALUATIONS, FAST_FID_RATIO
 
 # diffusers' dynamic thresholding with s clamped to [1, sample_max_value] = [1, 1]: x̂_0 clipped to [-1, 1] at each
@@ -80,7 +81,10 @@ def run(
     if min(counts) < 1:
         raise ValueError(f"model evaluations must be >= 1, got {sorted(counts)}")
     with tempfile.TemporaryDirectory() as workdir:
-        pipe, training, data = simple_digits_model(settings, workdir, model_dir)
+        pipe, training = trained(settings, "simple", model_dir or os.path.join(workdir, "model"))
+        if model_dir:
+            training["model_dir"] = model_dir
+        data = held_out(settings, pipe)
         ddpm_config, features = pipe.scheduler.config, InceptionFeatures()
         reference = training_reference(data, settings["reference"], features, seed)
         rows = []
@@ -154,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluations", nargs="+", type=int, help="model evaluation counts (default: the profile's)")
     parser.add_argument("--merge", action="store_true", help="replace these rows in the stored schedulers.json")
     args = parser.parse_args(argv)
+    if args.model_dir and not os.path.isfile(os.path.join(args.model_dir, "training_summary.json")):
+        parser.error(
+            f"--model_dir {args.model_dir} holds no training_summary.json: pass a pipeline this benchmark trained"
+        )
     results_dir = args.results_dir or RESULTS_DIR
     stored = read_json("schedulers", results_dir) if args.merge else None
     if args.merge and stored is None:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -30,12 +29,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hf_ddpm.data import digits_dataset
-from hf_ddpm.training import loop, parse_args, train
+from hf_ddpm.training import loop, parse_args
 from hf_ddpm.training.model import build_scheduler
 from hf_ddpm.training.resolve import RunFacts, resolve
-from hf_ddpm.unet import unet_config
 
 from .measure import interleaved, log, paired_ratio, summary, timed
+from .models import reset_accelerate, train_run, untrained_unet
 from .report import TRAINING_FLOOR as FLOOR
 
 PROFILES = {
@@ -46,12 +45,6 @@ PROFILES = {
              "options": ("channels_last", "bf16", "compile")},
 }  # fmt: skip
 WARMUP_STEPS = 3  # one short run of each loop first: imports, allocator and oneDNN caches are then warm
-
-
-def reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons; each run builds its own Accelerator."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 class LoopClock(tqdm):
@@ -68,21 +61,6 @@ class LoopClock(tqdm):
         if getattr(self, "_cpu_started", None) is not None:
             LoopClock.cpu_seconds, self._cpu_started = time.process_time() - self._cpu_started, None
         super().close()
-
-
-def train_run(settings: dict, steps: int, output_dir: str, *flags: str) -> dict:
-    """One run of hf_ddpm's training loop (`hf_ddpm.training.train`, with its own Accelerator) of `settings`' model,
-    resolution, T and batch for `steps` optimizer steps, no checkpoint or sample grid inside the loop, and `flags`;
-    returns the run's summary. The one place the benchmarks start our training."""
-    argv = ["--output_dir", output_dir, "--overwrite_output_dir", "--model_config", settings["model"],
-            "--resolution", str(settings["resolution"]), "--ddpm_num_steps", str(settings["T"]),
-            "--train_batch_size", str(settings["batch"]), "--max_train_steps", str(steps),
-            "--checkpointing_steps", "1000000", "--save_images_steps", "1000000", *flags]  # fmt: skip
-    reset_accelerate()
-    try:
-        return train(parse_args(argv))
-    finally:
-        reset_accelerate()
 
 
 def ours(settings: dict, steps: int, workdir: str, *options: str) -> tuple[float, float]:
@@ -120,7 +98,7 @@ def theirs(settings: dict, steps: int, workdir: str, mixed_precision: str = "no"
         project_config=ProjectConfiguration(workdir, os.path.join(workdir, "theirs-logs")),
     )
     set_seed(0)
-    model = _unet(settings)
+    model = untrained_unet(settings["model"], in_channels=1, out_channels=1, sample_size=resolution)
     args = parse_args([])  # the same optimizer settings as ours
     ema_model = EMAModel(
         model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
@@ -190,12 +168,6 @@ def theirs(settings: dict, steps: int, workdir: str, mixed_precision: str = "no"
     return seconds / seen, cpu_seconds / seen
 
 
-def _unet(settings: dict, channels: int = 1) -> UNet2DModel:
-    return UNet2DModel.from_config(
-        unet_config(settings["model"], in_channels=channels, out_channels=channels, sample_size=settings["resolution"])
-    )
-
-
 def _adamw(model: UNet2DModel, args, **kwargs) -> torch.optim.AdamW:
     """AdamW with our training defaults (`args` from hf_ddpm's parse_args)."""
     return torch.optim.AdamW(
@@ -211,7 +183,7 @@ def floor(settings: dict, steps: int, channels: int = 1, warmup: int = 0) -> tup
     over the diffusers-style one (and it is what a training step consumes: the data benchmark's yardstick)."""
     set_seed(0)
     resolution, batch = settings["resolution"], settings["batch"]
-    model = _unet(settings, channels)
+    model = untrained_unet(settings["model"], in_channels=channels, out_channels=channels, sample_size=resolution)
     optimizer = _adamw(model, parse_args([]), fused=True)  # as ours builds it
     x = torch.randn(batch, channels, resolution, resolution)
     t = torch.randint(0, settings["T"], (batch,))

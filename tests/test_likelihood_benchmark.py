@@ -31,7 +31,7 @@ def test_the_image_folder_is_every_non_overlapping_tile_of_the_two_photographs(t
 def test_the_smoke_profile_measures_every_estimator_on_both_models_and_renders_them(tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.likelihood", "--profile", "smoke", "--results_dir", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "likelihood", "--results_dir", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
