@@ -66,27 +66,24 @@ class HFDDPMPipeline(DiffusionPipeline):
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))  # in memory; never saved
         return pipeline
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, **kwargs):
         """diffusers' `save_pretrained`, plus the remote-code modules a folder needs to load without hf_ddpm.
 
         The folder then loads all three ways: `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` on a
         machine without hf_ddpm, `HFDDPMPipeline.from_pretrained(dir)`, and `UNet2DModel` / `DDPMScheduler` from its
         subfolders. Written atomically, with no local path in any config (hf_ddpm.hub.save_hub_pipeline); where
         this class runs as remote code, the modules are copied from the files it was loaded from.
-        `push_to_hub=True` then pushes the folder as `push_to_hub` does (kwargs: repo_id, token, private,
-        commit_message).
+        kwargs: diffusers' `safe_serialization` (default True), `variant`, `max_shard_size`; `push_to_hub=True` then
+        pushes the folder as `push_to_hub` does (kwargs: repo_id, token, private, commit_message).
         """
-        return save_pipeline(
-            self, save_directory, safe_serialization=safe_serialization, push_to_hub=push_to_hub, **kwargs
-        )
+        return save_pipeline(self, save_directory, **kwargs)
 
-    def push_to_hub(
-        self, repo_id: str, commit_message: str | None = None, private: bool | None = None, token=None, **kwargs
-    ):
+    def push_to_hub(self, repo_id: str, **kwargs):
         """Push the pipeline as a repo that loads all three ways, with hf_ddpm's model card (hf_ddpm.hub.push_to_hub:
         safetensors only, refused offline or without a token before any request); returns the commit URL.
-        kwargs: `variant`, `max_shard_size` for the save; diffusers' `create_pr` is not supported."""
-        return push_pipeline(self, repo_id, commit_message=commit_message, private=private, token=token, **kwargs)
+        kwargs: `commit_message`, `private`, `token` as in diffusers; `variant`, `max_shard_size` for the save;
+        diffusers' `create_pr` is not supported."""
+        return push_pipeline(self, repo_id, **kwargs)
 
     @property
     def _image_shape(self) -> tuple[int, int, int]:
@@ -162,7 +159,7 @@ class HFDDPMPipeline(DiffusionPipeline):
         sample = randn_tensor((batch_size, *self._image_shape), generator=generator, device=device, dtype=chain_dtype)
         sample = sample * scheduler.init_noise_sigma  # x_T at the scheduler's noise scale (1 for DDPM)
         ours = isinstance(scheduler, HFDDPMScheduler)
-        step_extras = {} if ours else step_kwargs(scheduler, generator)
+        step_extras = step_kwargs(scheduler, generator)
         keep_variance = ours or uses_learned_variance(scheduler)
         channels = self._image_shape[0]
         step_timesteps = scheduler.timesteps.tolist() if ours else scheduler.timesteps
@@ -171,17 +168,14 @@ class HFDDPMPipeline(DiffusionPipeline):
         for i, t in enumerate(self.progress_bar(step_timesteps)):
             if self.interrupt:
                 continue
-            model_input = sample if ours else scheduler.scale_model_input(sample, t)
+            model_input = scheduler.scale_model_input(sample, t)
             model_output = self._denoise(model_input, unet_timesteps[i], unet_dtype)  # ε_θ(x_t, t)
             if not keep_variance:
                 model_output = model_output[:, :channels]  # the mean prediction; variance channels unused
-            if ours:  # as a tuple: the output dataclass alone costs ~20 µs a step
-                sample, pred_original_sample = scheduler.step(
-                    model_output, t, sample, generator=generator, return_dict=False
-                )  # x_{t-1} ~ p_θ(x_{t-1} | x_t)
-            else:
-                output = scheduler.step(model_output, t, sample, **step_extras, return_dict=True)
-                sample, pred_original_sample = output.prev_sample, getattr(output, "pred_original_sample", None)
+            # x_{t-1} ~ p_θ(x_{t-1} | x_t); ours as a tuple (its output dataclass alone costs ~20 µs a step), the
+            # others' outputs read by name
+            output = scheduler.step(model_output, t, sample, **step_extras, return_dict=not ours)
+            sample, pred_original_sample = output if ours else (output.prev_sample, output.get("pred_original_sample"))
             if callback_on_step_end is not None:
                 values = {"sample": sample, "pred_original_sample": pred_original_sample}
                 requested = {k: values[k] for k in callback_on_step_end_tensor_inputs if values[k] is not None}

@@ -19,7 +19,6 @@ Both save routes end with pipeline_folder.drop_local_paths: a saved folder names
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 
@@ -59,12 +58,7 @@ def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, 
         modules[key] = [os.path.splitext(os.path.basename(source))[0], cls.__name__]
     if type(pipeline.scheduler).__name__ != "HFDDPMScheduler":  # a diffusers scheduler loads without code
         del modules["scheduler"]
-    drop_local_paths(save_directory)
-    index_path = os.path.join(save_directory, "model_index.json")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f) | modules
-    with open(index_path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    drop_local_paths(save_directory, **modules)
     return None
 
 
