@@ -21,30 +21,25 @@ variance is estimated by collapsing the strata in adjacent pairs (a trailing thr
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from .gaussians import nats_to_bits_per_dim
 from .schedules import check_positive_int
 
 
-class _Silent:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
 def progress_counter(progress_bar: Callable | None, total: int):
     """A bar counting `total` units of work with `update(n)`: `progress_bar(total=...)` as diffusers' pipelines make
-    it (`DiffusionPipeline.progress_bar`, which `set_progress_bar_config(disable=True)` silences), or nothing.
+    it (`DiffusionPipeline.progress_bar`, which `set_progress_bar_config(disable=True)` silences), or a silent tqdm.
 
     Use it as a context manager: the bar (a tqdm) closes when the block ends.
     """
-    return progress_bar(total=total) if progress_bar is not None else contextlib.nullcontext(_Silent())
+    return progress_bar(total=total) if progress_bar is not None else tqdm(total=total, disable=True)
 
 
 def proposal(num_terms: int) -> torch.Tensor:

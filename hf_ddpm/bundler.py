@@ -27,8 +27,9 @@ RULES = (
     "# Bundled by hf_ddpm/remote_code.py into a Hub repo's remote code: keep top-level names unique across the\n"
     "# bundled modules, and relative imports named (from .x import a) and at the top level."
 )
-# What a machine with diffusers has: its dependencies (torch is required to run any pipeline) and the stdlib.
-ALLOWED_IMPORTS = frozenset({"diffusers", "huggingface_hub", "numpy", "PIL", "safetensors", "torch"})
+# What a machine with diffusers has: its dependencies (torch is required to run any pipeline; tqdm, which
+# huggingface_hub requires, draws diffusers' own progress bars) and the stdlib.
+ALLOWED_IMPORTS = frozenset({"diffusers", "huggingface_hub", "numpy", "PIL", "safetensors", "torch", "tqdm"})
 
 
 class BundleError(ValueError):

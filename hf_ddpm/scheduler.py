@@ -142,7 +142,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         ]
 
     @classmethod
-    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+    def from_config(cls, config=None, **kwargs):
         """As diffusers' `ConfigMixin.from_config` (and so `from_pretrained`), but a config that does not describe a
         β schedule is refused instead of silently giving the defaults: a config of a class other than this one,
         `DDPMScheduler` or a scheduler diffusers lists as compatible (`DDIMScheduler`, `EulerDiscreteScheduler`,
@@ -153,7 +153,7 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         shares (T, the β schedule, `prediction_type`, `timestep_spacing`, ...); the others keep their defaults."""
         config = from_early_keys(getattr(config, "config", config))
         check_foreign_config(cls, config)
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        return super().from_config(config, **kwargs)  # return_unused_kwargs and overrides as diffusers reads them
 
     # ------------------------------------------------------------------ timesteps and respacing
 

@@ -45,12 +45,13 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     return {"unet": unet, "scheduler": scheduler}
 
 
-def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
-    """diffusers' `save_pretrained`, then the files of the pipeline's module and of the scheduler module it imports
-    copied beside it and named in model_index.json, and no local path (`drop_local_paths`). push_to_hub is refused."""
-    if push_to_hub:
+def save_pipeline(pipeline, save_directory, **kwargs):
+    """diffusers' `save_pretrained` (kwargs as there: safetensors by default), then the files of the pipeline's module
+    and of the scheduler module it imports copied beside it and named in model_index.json, and no local path
+    (`drop_local_paths`). push_to_hub=True is refused."""
+    if kwargs.pop("push_to_hub", False):
         return push_pipeline(pipeline, kwargs.get("repo_id", ""))
-    DiffusionPipeline.save_pretrained(pipeline, save_directory, safe_serialization=safe_serialization, **kwargs)
+    DiffusionPipeline.save_pretrained(pipeline, save_directory, **kwargs)
     modules = {}
     for key, cls, folder in (("_class_name", type(pipeline), ""), ("scheduler", HFDDPMScheduler, "scheduler")):
         source = inspect.getsourcefile(cls)
