@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 
 import torch
 
+from hf_ddpm.atomic import write_atomically
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
@@ -105,27 +107,18 @@ def child_env(**extra: str) -> dict:
 # ---------------------------------------------------------------------------------------------------- the machine
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_features() -> str:
-    """What sets this CPU's kernel speed beside its model name (which a cloud host may not give): torch's vector
-    dispatch level and whether bf16 is native. Without native bf16 (avx512_bf16 or amx_bf16), bf16 arithmetic is
-    emulated and runs many times slower than float32, so the bf16 rows of two hosts do not compare."""
-    flags = set()
+def cpu() -> tuple[str, str]:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what `platform` says) and what sets its kernel speed
+    beside the name (which a cloud host may not give): torch's vector dispatch level and whether bf16 is native.
+    Without native bf16 (avx512_bf16 or amx_bf16), bf16 arithmetic is emulated and runs many times slower than
+    float32, so the bf16 rows of two hosts do not compare."""
+    info = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    flags = set(info.get("flags", "").split())
+    model = info.get("model name") or platform.processor() or platform.machine()
     native = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16" if flags else "bf16 unknown"
-    return f"{torch.backends.cpu.get_cpu_capability()}, {native}"
+    return model, f"{torch.backends.cpu.get_cpu_capability()}, {native}"
 
 
 def _git_revision() -> str | None:
@@ -144,10 +137,11 @@ def machine() -> dict:
     import accelerate
     import diffusers
 
+    model, features = cpu()
     info = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu_model(),
-        "cpu_features": cpu_features(),
+        "cpu": model,
+        "cpu_features": features,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -188,9 +182,7 @@ def measured(name: str, work: Callable[[], dict], **facts) -> dict:
 def write_json(name: str, payload: dict, results_dir: str = RESULTS_DIR) -> str:
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    write_atomically(path, lambda f: f.write(json.dumps(payload, indent=2) + "\n"))
     return path
 
 

@@ -62,10 +62,10 @@ def trained(settings: dict, loss: str, model_dir: str, data: dict | None = None)
     """The `loss` model of `settings` on `data` (training's data flags; none: the bundled digits) and its training:
     the pipeline an earlier run trained into `model_dir` (its training_summary.json), so that reruns measure the same
     weights, or else trained there now by `hf_ddpm.training.train` (our defaults, `train_steps` optimizer steps)."""
-    summary_path = os.path.join(model_dir, "training_summary.json")
+    data, summary_path = data or {}, os.path.join(model_dir, "training_summary.json")
     if not os.path.isfile(summary_path):
-        steps, data = settings["train_steps"], data or {}
-        log(f"training the {loss} model on {data.get('dataset_name') or data.get('train_data_dir') or 'digits'}")
+        steps, source = settings["train_steps"], data.get("dataset_name") or data.get("train_data_dir") or "digits"
+        log(f"training the {loss} model on {source} ({steps} steps)")
         flags = ["--lr_warmup_steps", str(min(100, steps // 2)), "--loss", loss, "--mixed_precision", "no",
                  "--eval_num_images", "16", "--eval_num_timesteps", "4", "--eval_batch_size", "4",
                  "--ddpm_num_inference_steps", "10"]  # fmt: skip
@@ -84,6 +84,8 @@ def held_out(settings: dict, pipe: HFDDPMPipeline, data: dict | None = None):
     seed 0), at the model's resolution and channels."""
     from hf_ddpm.data import load_data
 
-    flags = {k: v for k, v in (data or {}).items() if k != "max_train_samples"}  # the split is the same without it
+    flags = {
+        k: v for k, v in (data or {}).items() if k != "max_train_samples"
+    }  # the held-out split does not depend on it
     return load_data(resolution=settings["resolution"], channels=pipe.unet.config.in_channels, eval_size=0.1, seed=0,
                      **flags)  # fmt: skip

@@ -501,12 +501,14 @@ def summary_section(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- likelihood
 
 
-LIKELIHOOD_LABELS = {"eq5_exact": ("eq. 5, exact (all T terms, one x_t each)", "upper bound"),
-          "eq5_stratified_mc": ("eq. 5, stratified MC (K = T - 1)", "upper bound (unbiased estimate of eq. 5)"),
-          "eq3_trajectory": ("eq. 3, mean of {M} trajectories", "the same bound as eq. 5"),
-          "iw": ("importance-weighted, K = {K}", "upper bound, no looser than eq. 3"),
-          "ode": ("probability-flow ODE (rtol = atol = {rtol:g}, 1 Rademacher probe)",
-                  "exact density of the dequantized image: a bound on P")}  # fmt: skip
+LIKELIHOOD_LABELS = {
+    "eq5_exact": ("eq. 5, exact (all T terms, one x_t each)", "upper bound"),
+    "eq5_stratified_mc": ("eq. 5, stratified MC (K = T - 1)", "upper bound (unbiased estimate of eq. 5)"),
+    "eq3_trajectory": ("eq. 3, mean of {M} trajectories", "the same bound as eq. 5"),
+    "iw": ("importance-weighted, K = {K}", "upper bound, no looser than eq. 3"),
+    "ode": ("probability-flow ODE (rtol = atol = {rtol:g}, 1 Rademacher probe)",
+            "exact density of the dequantized image: a bound on P"),
+}  # fmt: skip
 
 
 def likelihood_section(r: dict) -> str:
@@ -544,8 +546,9 @@ def likelihood_section(r: dict) -> str:
         when = (f"measured {when} UTC (load {r['solvers']['load_average'][0]}) by an earlier run, on the digits "
                 f"model with parameter sha256 {sha[:12]}; ")  # fmt: skip
     headers = [h for n in ms for h in (f"{n}: bits/dim ± SE (images)", f"{n}: minus eq. 5", f"{n}: spread of one")]
+    command = "python -m benchmarks.run --only likelihood" + ("" if r["profile"] == "full" else f" --{r['profile']}")
     lines = heading("Likelihood", r, clocked=False) + [
-        f"`python -m benchmarks.run --only likelihood{'' if r['profile'] == 'full' else ' --' + r['profile']}`: two L_simple models trained by hf_ddpm's "
+        f"`{command}`: two L_simple models trained by hf_ddpm's "
         f"training, the same {r['model']} UNet, T = {first['T']}, batch {PROFILES[r['profile']]['batch']}: "
         + "; ".join(f"**{n}**, {m['data']} ({'x'.join(map(str, m['image_shape']))}, {m['optimizer_steps']} optimizer "
                     f"steps, {m['held_out_split']} held out)" for n, m in ms.items())
