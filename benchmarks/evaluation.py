@@ -21,11 +21,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-from .measure import child_env, log
+from .measure import child_env, log, timed
 from .models import untrained_pipeline, untrained_unet
 
 PROFILES = {
@@ -96,13 +95,9 @@ def cifar10_pass(batch: int, rounds: int) -> dict:
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             unet(x, t)
-        times = []
-        for _ in range(rounds):
-            started = time.perf_counter()
-            unet(x, t)
-            times.append(time.perf_counter() - started)
+        seconds = min(timed(lambda: unet(x, t))[0] for _ in range(rounds))  # wall: the best round
     return {"parameters": sum(p.numel() for p in unet.parameters()), "flops_per_image": counter.get_total_flops() / batch,
-            "batch": batch, "cpu_seconds_per_batch": min(times), "cpu_threads": torch.get_num_threads()}  # fmt: skip
+            "batch": batch, "cpu_seconds_per_batch": seconds, "cpu_threads": torch.get_num_threads()}  # fmt: skip
 
 
 def projection(cifar: dict) -> dict:

@@ -34,15 +34,13 @@ from .models import held_out, trained
 from .quality import PROFILES as QUALITY_PROFILES
 
 PROFILES = {
-    "smoke": {**QUALITY_PROFILES["smoke"], "tiles": 60, "tiles_steps": 3, "images": 2, "repeats": 2,
-              "trajectory_repeats": 3, "trajectory_images": 2, "trajectories": 4, "iw": (1, 2, 4), "ode_images": 1,
-              "tol": 1e-3},
-    "quick": {**QUALITY_PROFILES["quick"], "tiles": None, "tiles_steps": 150, "images": 4, "repeats": 2,
-              "trajectory_repeats": 4, "trajectory_images": 1, "trajectories": 16, "iw": (1, 4, 16), "ode_images": 1,
-              "tol": 1e-5},
+    "smoke": {**QUALITY_PROFILES["smoke"], "tiles": 60, "images": 2, "repeats": 2, "trajectory_repeats": 3,
+              "trajectory_images": 2, "trajectories": 4, "iw": (1, 2, 4), "ode_images": 1, "tol": 1e-3},
+    "quick": {**QUALITY_PROFILES["quick"], "tiles": None, "images": 4, "repeats": 2, "trajectory_repeats": 4,
+              "trajectory_images": 1, "trajectories": 16, "iw": (1, 4, 16), "ode_images": 1, "tol": 1e-5},
     # about 25 minutes on a shared two-core machine (load ~3), both models trained a few minutes' worth
-    "full": {**QUALITY_PROFILES["full"], "train_steps": 200, "tiles": None, "tiles_steps": 200, "images": 24,
-             "repeats": 2, "trajectory_repeats": 10, "trajectory_images": 2, "trajectories": 64, "iw": (1, 4, 16, 64),
+    "full": {**QUALITY_PROFILES["full"], "train_steps": 200, "tiles": None, "images": 24, "repeats": 2,
+             "trajectory_repeats": 10, "trajectory_images": 2, "trajectories": 64, "iw": (1, 4, 16, 64),
              "ode_images": 8, "tol": 1e-5},
 }  # fmt: skip
 MODELS = {"digits": "scikit-learn's 8x8 digits upscaled (the default data)",
@@ -74,8 +72,7 @@ def prepared(name: str, settings: dict, workdir: str) -> tuple[HFDDPMPipeline, t
     if name == "tiles":
         folder = image_folder(os.path.join(workdir, "tile-images"), settings["resolution"], settings["tiles"])
         data = {"train_data_dir": folder, "cache_dir": os.path.join(workdir, "cache")}
-    steps = settings["tiles_steps"] if name == "tiles" else settings["train_steps"]
-    pipe, training = trained(settings | {"train_steps": steps}, "simple", os.path.join(workdir, name), data)
+    pipe, training = trained(settings, "simple", os.path.join(workdir, name), data)
     images = held_out(settings, pipe, data).eval
     facts = {"data": MODELS[name], "held_out_split": len(images), "image_shape": list(images.shape[1:]),
              **{k: v for k, v in training.items() if k != "loss"}}  # fmt: skip
