@@ -25,15 +25,27 @@ def canonical(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows a flag's non-trivial default unless its help text already says what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        trivial = action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS
+        if trivial or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse.ArgumentParser that reads the dash spelling of every underscore flag (and the reverse), and answers
     an unknown flag, a missing one or a bad choice with one error line (with the nearest flag or choice) and a
-    one-line usage. Subcommands made with `add_subparsers` are FlagParsers too."""
+    one-line usage; `--help` shows the defaults. Subcommands made with `add_subparsers` are FlagParsers too."""
 
     SPELLING = "Flags are spelled with underscores; each is also read with dashes in their place."
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("epilog", self.SPELLING)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def long_flags(self) -> dict[str, str]:

@@ -45,8 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--resolution", type=int, default=None, help="must equal the model's sample_size")
     bpd = parser.add_argument_group("bits/dim (DDPM eq. 5)")
     bpd.add_argument("--split", choices=("eval", "train"), default="eval", help="eval: the test/held-out split")
-    bpd.add_argument("--num_images", type=int, default=None, help="the first N images of the split (all); 0: skip")
-    bpd.add_argument("--num_timesteps", type=int, default=None, help="Monte Carlo K (default: exact, all T)")
+    bpd.add_argument(
+        "--num_images",
+        "--eval_num_images",
+        type=int,
+        default=None,
+        help="the first N images of the split (all); 0: skip",
+    )
+    bpd.add_argument(
+        "--num_timesteps", "--eval_num_timesteps", type=int, default=None, help="Monte Carlo K (default: exact, all T)"
+    )
     likelihood_options.add_arguments(parser)  # --likelihood bound,trajectory,iw,ode,rate_distortion and their options
     sample = parser.add_argument_group("sample metrics: FID, precision/recall (k = 3), KID")
     sample.add_argument("--num_samples", type=int, default=0, help="0: none (the paper: 50000)")

@@ -27,17 +27,6 @@ RECIPES_DIR = shipped_dir("recipes", "training/recipes")  # hf_ddpm/recipes insi
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows a non-trivial default unless the help text already says what it is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        trivial = action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS
-        if trivial or "default" in text or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)".strip()
-
-
 def _kind(hint) -> tuple[type, tuple | None, bool]:
     """(type, choices, optional) of a field's type hint: `Literal[...] | None` -> (str, its values, True)."""
     members = [hint]
@@ -62,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = FlagParser(
         prog="training/train.py",
         description="Train a DDPM (Ho et al. 2020) UNet2DModel with accelerate; with no flags, on the bundled digits.",
-        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--config",
