@@ -7,6 +7,8 @@ moment leaves the previous version or the new one, plus at most a staging siblin
     replace_dir(staged, final)     rename a complete folder onto `final`, replacing an older one of that name
     remove_dir(path)               rename to the staging name, then delete: never half-deleted under its name
     swap_in(stage, directory, last)  move a complete set of files into a folder, the one readers open first last
+    remove_path(path)              delete a file or a folder, whichever it is (what a killed run left half-written)
+    describe(error)                a failed write in a few words, for the message that names what was kept
 
 Users: training's checkpoints (hf_ddpm/training/checkpoints.py), its samples and summary (training/loop.py) and
 output-directory manifest (training/output_dir.py), the pipeline save (hf_ddpm/hub.py save_hub_pipeline), the
@@ -20,7 +22,17 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "is_staging", "remove_dir", "replace_dir", "staging_name", "swap_in", "write_atomically"]
+__all__ = [
+    "TMP_SUFFIX",
+    "describe",
+    "is_staging",
+    "remove_dir",
+    "remove_path",
+    "replace_dir",
+    "staging_name",
+    "swap_in",
+    "write_atomically",
+]
 
 TMP_SUFFIX = ".tmp"
 
@@ -78,6 +90,14 @@ def remove_dir(path: str | os.PathLike) -> None:
     shutil.rmtree(tmp)
 
 
+def remove_path(path: str | os.PathLike) -> None:
+    """Delete the file or folder `path` (a link is removed, never followed)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
 def swap_in(stage: Path, directory: Path, last: str, *, parked: Path, also_replaces=()) -> None:
     """Move every entry of the complete folder `stage` into `directory`, with renames: `last` (the file every reader
     opens first, e.g. model_index.json) is removed first and renamed in last, so a kill at any moment leaves the
@@ -94,3 +114,11 @@ def swap_in(stage: Path, directory: Path, last: str, *, parked: Path, also_repla
     (stage / last).replace(directory / last)  # ... and from here the new one
     shutil.rmtree(stage)
     shutil.rmtree(parked)
+
+
+def describe(error: BaseException) -> str:
+    """An error in a few words for a message: an OSError's reason and path, else its type and text (a full disk
+    makes torch.save raise RuntimeError and safetensors SafetensorError, not OSError)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    return f"{type(error).__name__}: {error}"

@@ -1,10 +1,14 @@
-"""How this process was launched, and the command that launches it again the same way.
+"""How this process was launched, the command that launches it again the same way, and how the launched processes
+agree that one of them failed.
 
 `accelerate launch` starts one worker per process (through torchrun when there are several) and tells each what the
 launch asked for in its environment: ACCELERATE_MIXED_PRECISION (always set by accelerate launch), ACCELERATE_USE_CPU
 (`--cpu`, or set by hand for a multi-process CPU run), and torchrun's RANK and WORLD_SIZE. A training run records
 these facts in its checkpoints and prints the command that resumes it; `launch_command` writes that command so that it
 reproduces the launch: the launcher, the process count, the precision and the CPU choice.
+
+An error met by one process (the main one writing a file, a worker's disk) must stop every process, or the others
+wait at the next collective until it times out: `any_process_failed` is that agreement, one all-reduce.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+
+import torch
 
 from .flags import canonical
 
@@ -92,3 +98,33 @@ def resume_command(argv: list[str], num_processes: int, mixed_precision: str, cp
             continue
         options.append(arg)
     return launch_command([*options, "--resume_from_checkpoint", "latest"], num_processes, mixed_precision, cpu)
+
+
+# ------------------------------------------------------------------------------------------------ agreeing on a failure
+
+_DONE_WORK: list = []  # any_process_failed's finished all-reduces: freed at exit by the main thread, see there
+
+
+def any_process_failed(accelerator, failed: bool) -> bool:
+    """Whether `failed` holds on any process. Every process must call it (a collective in DDP): an error on one
+    process then stops them all, instead of leaving the others waiting at the next barrier until it times out.
+
+    The finished all-reduce is kept here. Freed by gloo's worker thread instead, it would release its Python
+    tensor there, which needs the GIL; a main thread that is by then destroying the process group (the end of a
+    run, or an error raised right after this call) holds the GIL while it joins that thread: a deadlock, seen as a
+    2-process CPU run that never exits."""
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return accelerator.reduce(flag, "sum").item() > 0  # other backends (XLA)
+    work = torch.distributed.all_reduce(flag, async_op=True)  # SUM
+    work.wait()
+    _DONE_WORK.append(work)
+    return flag.item() > 0
+
+
+def raise_if_any_failed(accelerator, error: Exception | None, what: str) -> None:
+    """Every process hears whether the main process failed to do `what`; all raise (its error, or one naming it)."""
+    if any_process_failed(accelerator, error is not None):
+        raise error or RuntimeError(f"the main process failed to {what} (its error says why)")

@@ -26,6 +26,12 @@ hybrid: simple + λ·vlb with the mean's gradient stopped in the vlb term (Impro
 HYBRID_VLB_WEIGHT = 0.001  # λ of Improved DDPM (section 3.1): L_hybrid = L_simple + λ L_vlb
 
 
+def default_variance_type(loss: str) -> str:
+    """A new model's variance_type when --variance_type is not given: learned_range for --loss hybrid, the only
+    variance it can train (Improved DDPM section 3.1), else DDPM's fixed_small (β̃_t, DDPM section 3.2)."""
+    return "learned_range" if loss == "hybrid" else "fixed_small"
+
+
 def check_objective(loss_type: str, variance_type: str, source: str = "the scheduler") -> None:
     """The one rule tying the loss to the reverse variance, for every caller (training's flags, a pretrained
     scheduler, `training_losses`): only the vlb term trains Σ_θ, so hybrid needs learned_range (Improved DDPM

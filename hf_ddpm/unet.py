@@ -6,10 +6,12 @@ timestep embedding added in every residual block, single-head self-attention at 
 architecture and shrink its widths and depths.
 
 A config from elsewhere (a JSON file: `read_unet_config`) is built by `build_checked`, which refuses a bad value
-naming the file and the key instead of failing with a raw torch error; `check_forward` tries a UNet on one batch at
-a resolution, before any training does.
+naming the file and the key instead of failing with a raw torch error; `check_output_channels` refuses one whose
+output does not fit the data and the variance type, and `check_forward` tries a UNet on one batch at a resolution,
+before any training does. `weights_digest` fingerprints a UNet's weights.
 """
 
+import hashlib
 import inspect
 import json
 import os
@@ -215,6 +217,17 @@ def build_checked(config: dict, source: str) -> UNet2DModel:
         raise ValueError(f"--model_config {source}{_key_in_error(config, err)}: {err}") from err
 
 
+def check_output_channels(unet: UNet2DModel, channels: int, learned_variance: bool) -> None:
+    """Refuse a UNet (pretrained, or of a JSON config) whose output channels do not fit `channels`-channel data and
+    the variance type: C for a fixed variance, 2C for learned_range (the mean's and the variance's)."""
+    needed = model_output_channels(channels, learned_variance)
+    if unet.config.out_channels != needed:
+        kind = "learned_range (mean and variance)" if learned_variance else "a fixed variance"
+        raise ValueError(
+            f"the UNet has {unet.config.out_channels} output channels; {channels}-channel data with {kind} needs {needed}"
+        )
+
+
 def check_forward(unet: UNet2DModel, resolution: int, source: str, resolution_given: bool) -> None:
     """One forward pass on a dummy batch (1, C, resolution, resolution) at t = 0; a failure names the flag and the
     resolutions this UNet accepts (halved once per down block but the last: UNet2DModel adds no downsampler to it)."""
@@ -233,3 +246,15 @@ def check_forward(unet: UNet2DModel, resolution: int, source: str, resolution_gi
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). It halves the resolution "
             f"{halvings} times, so it accepts multiples of {2**halvings}: {accepted}, ..."
         ) from err
+
+
+def weights_digest(module: torch.nn.Module, digest=None):
+    """sha256 (continuing `digest` when given) over a module's state: names, dtypes and bytes, in any memory format.
+    Equal for identical weights: training's replicas log it, and evaluation keys its cached samples by it."""
+    digest = digest or hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        flat = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest

@@ -74,7 +74,7 @@ def _install(env) -> None:
     import accelerate
     import torch
 
-    import hf_ddpm.training.checkpoints as checkpoints
+    import hf_ddpm.atomic as atomic
     import hf_ddpm.training.loop as loop
 
     point, marker, rank = env.get("FAULT_PAUSE_AT", ""), env.get("FAULT_MARKER", ""), env.get("RANK", "0")
@@ -85,7 +85,7 @@ def _install(env) -> None:
         if env.get("FAULT_ENOSPC_RANK") == rank and name == f"checkpoint-{env.get('FAULT_ENOSPC_STEP')}.tmp":
             raise OSError(errno.ENOSPC, "No space left on device", os.path.join(output_dir, "model.safetensors"))
         result = save_state(self, output_dir, **kwargs)
-        if point.startswith("checkpoint-") and name == point + checkpoints.TMP_SUFFIX:
+        if point.startswith("checkpoint-") and name == point + atomic.TMP_SUFFIX:
             _pause(marker, output_dir)
         return result
 

@@ -27,7 +27,7 @@ def test_staging_names_are_the_ones_runs_leave_and_clean_up():
     assert staging_name("metrics.json", unique=True) == f"metrics.json.tmp-{os.getpid()}"
     # the names existing runs and tests know (tests/fault_hooks.py, tests/test_faults.py)
     assert (PIPELINE_STAGING, PIPELINE_REPLACED) == (".pipeline.tmp", ".pipeline-old.tmp")
-    assert checkpoints.TMP_SUFFIX == ".tmp"
+    assert atomic.TMP_SUFFIX == ".tmp"  # the suffix of every staging name, checkpoints' included
     assert set(checkpoints.INCOMPLETE_NAMES) == {
         ".pipeline.tmp",
         ".pipeline-old.tmp",

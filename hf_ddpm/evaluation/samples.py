@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_atomically
 from ..images import unit_to_pixels
 from ..schedules import check_positive_int
+from ..unet import weights_digest
 from .processes import Processes
 
 MANIFEST = "samples.json"
@@ -38,10 +39,7 @@ def fingerprint(pipeline) -> str:
     """sha256 of the UNet's weights and the scheduler's config: shards of other weights are never reused."""
     config = {k: v for k, v in pipeline.scheduler.config.items() if not k.startswith("_")}  # no bookkeeping keys
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(pipeline.unet.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_digest(pipeline.unet, digest).hexdigest()[:16]
 
 
 def _complete(path: Path) -> bool:

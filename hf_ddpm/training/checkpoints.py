@@ -18,12 +18,12 @@ import re
 import shutil
 from dataclasses import dataclass, replace
 
-from ..atomic import TMP_SUFFIX, is_staging, remove_dir, replace_dir, staging_name, write_atomically
+from ..atomic import describe, is_staging, remove_dir, remove_path, replace_dir, staging_name, write_atomically
 from ..data import DataIdentity, data_identity
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
-from ..launch import cpu_requested, launched_by_accelerate
+from ..launch import any_process_failed, cpu_requested, launched_by_accelerate
 from .config import SCHEDULE_OPTIONS, flag_of_key
-from .interruptions import any_process_failed, describe, require_finite_weights
+from .interruptions import require_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +82,9 @@ def remove_incomplete(output_dir: str) -> None:
         return
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if (name.startswith("checkpoint-") and name.endswith(TMP_SUFFIX)) or name in INCOMPLETE_NAMES:
+        if (name.startswith("checkpoint-") and is_staging(name)) or name in INCOMPLETE_NAMES:
             logger.info("removing %s, left incomplete by an earlier run", name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
+            remove_path(path)
 
 
 def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:

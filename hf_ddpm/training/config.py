@@ -27,7 +27,7 @@ import torch
 from ..chain import TimestepSpacing
 from ..data.sources import DATA_SOURCES, one_source
 from ..data.split import parse_eval_size
-from ..losses import LossType, check_objective
+from ..losses import LossType, check_objective, default_variance_type
 from ..scheduler import PredictionType, VarianceType
 from ..schedules import BETA_SCHEDULES, SCHEDULE_ALIASES
 from .interruptions import NAN_POLICIES, parse_signals
@@ -281,12 +281,6 @@ def flag_of_key(key: str) -> str | None:
     """The flag that sets a scheduler config key (`num_train_timesteps` -> `--ddpm_num_steps`), None if none does."""
     flags = {f.metadata["key"]: f"--{f.name}" for f in dataclasses.fields(TrainingConfig) if f.metadata["key"]}
     return flags.get(key)
-
-
-def default_variance_type(loss: str) -> str:
-    """A new model's variance_type when --variance_type is not given: learned_range for --loss hybrid, the only
-    variance it can train (Improved DDPM section 3.1), else DDPM's fixed_small (β̃_t, DDPM section 3.2)."""
-    return "learned_range" if loss == "hybrid" else "fixed_small"
 
 
 def launch_precision() -> str:

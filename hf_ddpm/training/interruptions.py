@@ -1,5 +1,5 @@
-"""What interrupts a run, and how it ends: a signal (preemption), a non-finite loss, gradient or weight, and an error
-on one process that the other processes must hear about.
+"""What interrupts a run, and how it ends: a signal (preemption), a lost stream, a non-finite loss, gradient or
+weight. (An error on one process that the others must hear about: hf_ddpm/launch.py's `raise_if_any_failed`.)
 
 Preemption. SIGTERM, SIGINT or SIGUSR1 (what SLURM, Kubernetes, spot instances and Ctrl-C send) ends the run at the
 next optimizer-step boundary with a checkpoint of that step, instead of losing every step since the last one. The
@@ -181,40 +181,10 @@ class NonFiniteError(FloatingPointError):
     """Training stopped at a non-finite loss, gradient or weight; nothing from that step was written."""
 
 
-_DONE_WORK: list = []  # any_process_failed's finished all-reduces: freed at exit by the main thread, see there
-
-
-def any_process_failed(accelerator, failed: bool) -> bool:
-    """Whether `failed` holds on any process. Every process must call it (a collective in DDP): an error on one
-    process then stops them all, instead of leaving the others waiting at the next barrier until it times out.
-
-    The finished all-reduce is kept here. Freed by gloo's worker thread instead, it would release its Python
-    tensor there, which needs the GIL; a main thread that is by then destroying the process group (the end of a
-    run, or an error raised right after this call) holds the GIL while it joins that thread: a deadlock, seen as a
-    2-process CPU run that never exits."""
-    if accelerator.num_processes == 1:
-        return failed
-    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return accelerator.reduce(flag, "sum").item() > 0  # other backends (XLA)
-    work = torch.distributed.all_reduce(flag, async_op=True)  # SUM
-    work.wait()
-    _DONE_WORK.append(work)
-    return flag.item() > 0
-
-
 def one_line(error: BaseException) -> str:
     """The error's message on one line (a multi-line message's lines joined), else its type."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
-
-
-def describe(error: BaseException) -> str:
-    """An error in a few words for a message: an OSError's reason and path, else its type and text (a full disk
-    makes torch.save raise RuntimeError and safetensors SafetensorError, not OSError)."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror + (f": {error.filename}" if error.filename else "")
-    return f"{type(error).__name__}: {error}"
 
 
 def require_finite_weights(model, ema, step: int, target: str) -> None:
@@ -280,9 +250,3 @@ class NanGuard:
             raise NonFiniteError(
                 f"{what}, the {self.consecutive}th non-finite step in a row; training stopped: {kept}. {advice}"
             )
-
-
-def raise_if_any_failed(accelerator, error: Exception | None, what: str) -> None:
-    """Every process hears whether the main process failed to do `what`; all raise (its error, or one naming it)."""
-    if any_process_failed(accelerator, error is not None):
-        raise error or RuntimeError(f"the main process failed to {what} (its error says why)")

@@ -34,10 +34,11 @@ from ..evaluation.bits_per_dim import bits_per_dim
 from ..file_lock import FileLock
 from ..hub import publish, repo_id_of, retry_command, save_hub_pipeline
 from ..images import make_grid
-from ..launch import resume_command
+from ..launch import any_process_failed, raise_if_any_failed, resume_command
 from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
 from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
+from ..unet import weights_digest
 from . import checkpoints
 from .config import TrainingConfig
 from .interruptions import (
@@ -46,12 +47,10 @@ from .interruptions import (
     Preempted,
     PreemptionHandler,
     SourceLost,
-    any_process_failed,
     one_line,
-    raise_if_any_failed,
     require_finite_weights,
 )
-from .model import ema_weights, parameter_hash
+from .model import ema_weights
 
 logger = get_logger(__name__)
 
@@ -260,9 +259,9 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
     """
     config, accelerator = run.config, run.accelerator
     accelerator.wait_for_everyone()
-    fingerprint = parameter_hash(run.model)
+    fingerprint = weights_digest(run.model).hexdigest()
     with ema_weights(run.ema, run.model):
-        ema_fingerprint = parameter_hash(run.model) if run.ema is not None else None
+        ema_fingerprint = weights_digest(run.model).hexdigest() if run.ema is not None else None
     logger.info(
         "process %d/%d: parameter sha256 %s ema sha256 %s",
         accelerator.process_index, accelerator.num_processes, fingerprint, ema_fingerprint, main_process_only=False,

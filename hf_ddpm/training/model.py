@@ -1,21 +1,20 @@
 """The network and noise schedule a run trains: a UNet preset or JSON config with a fresh HFDDPMScheduler, or a
 pretrained pipeline (`unet/` + `scheduler/`) to fine-tune (a config's checks, and the forward pass at the training
 resolution that runs before any data is read, live with the UNet configurations: hf_ddpm/unet.py); the log's line
-that names it; its EMA weights (swapped in to sample and evaluate) and a fingerprint of its weights.
+that names it; its EMA weights (swapped in to sample and evaluate).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import torch
 from diffusers import UNet2DModel
 
 from ..loading import check_pipeline_index, load_unet
-from ..scheduler import HFDDPMScheduler, model_output_channels
+from ..scheduler import HFDDPMScheduler
 from ..schedules import paper_linear_endpoints
-from ..unet import UNET_PRESETS, build_checked, read_unet_config, unet_config
+from ..unet import UNET_PRESETS, build_checked, check_output_channels, read_unet_config, unet_config
 from .config import TrainingConfig
 
 
@@ -40,7 +39,6 @@ def build_unet(args: TrainingConfig, channels: int | None, resolution: int) -> U
     learned_variance = args.variance_type == "learned_range"  # resolved: the scheduler's
     if channels is None:
         channels = unet_config(args.model_source)["in_channels"]
-    out_channels = model_output_channels(channels, learned_variance)
     if args.pretrained_model_name_or_path is not None:
         unet = load_unet(args.pretrained_model_name_or_path)  # safetensors only: a pickle is refused
         if unet.config.sample_size != resolution:
@@ -56,12 +54,7 @@ def build_unet(args: TrainingConfig, channels: int | None, resolution: int) -> U
         if args.dropout is not None:  # the recipes' per-dataset dropout
             config = {**config, "dropout": args.dropout}
         unet = build_checked(config, source)
-    if unet.config.out_channels != out_channels:
-        kind = "learned_range (mean and variance)" if learned_variance else "a fixed variance"
-        raise ValueError(
-            f"the UNet has {unet.config.out_channels} output channels; {channels}-channel data with "
-            f"{kind} needs {out_channels}"
-        )
+    check_output_channels(unet, channels, learned_variance)
     return unet
 
 
@@ -136,14 +129,3 @@ def ema_weights(ema, module: torch.nn.Module):
         yield module
     finally:
         ema.restore(module.parameters())
-
-
-def parameter_hash(module: torch.nn.Module) -> str:
-    """sha256 over the module's state (names, dtypes, bytes): equal on replicas that hold identical weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        flat = tensor.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)  # any memory format
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

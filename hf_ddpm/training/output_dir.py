@@ -17,16 +17,15 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
-from ..atomic import staging_name, write_atomically
+from ..atomic import describe, remove_path, staging_name, write_atomically
 from ..file_lock import FileLock, LockHeld, holder_of
+from ..launch import raise_if_any_failed
 from ..remote_code import PIPELINE_PREFIX
 from .checkpoints import INCOMPLETE_NAMES, remove_incomplete  # the staging names a killed run leaves
 from .config import TrainingConfig
-from .interruptions import describe, raise_if_any_failed
 
 LOCK_NAME = ".hf_ddpm.lock"
 MANIFEST_NAME = ".hf_ddpm-manifest.json"
@@ -121,11 +120,7 @@ def _make_ours(found: OutputDir, args: TrainingConfig) -> None:
         for name in _listing(found.path):
             if name in (LOCK_NAME, MANIFEST_NAME) or name in found.foreign or not _matches(name, patterns):
                 continue
-            target = os.path.join(found.path, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            else:
-                os.remove(target)
+            remove_path(os.path.join(found.path, name))
     manifest = _manifest(found.path) or {"written_by": "hf_ddpm", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     manifest["foreign"] = sorted(set(manifest.get("foreign", [])) | set(found.foreign))
     write_atomically(os.path.join(found.path, MANIFEST_NAME), lambda f: json.dump(manifest, f, indent=2))

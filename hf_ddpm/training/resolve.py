@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..losses import default_variance_type
 from ..schedules import PAPER_NUM_TIMESTEPS, SCHEDULE_ALIASES
 from .config import (
     DEFAULT_BATCH_SIZE,
@@ -21,7 +22,6 @@ from .config import (
     DEFAULT_WARMUP_STEPS,
     STREAMING_LENGTH,
     TrainingConfig,
-    default_variance_type,
 )
 
 
