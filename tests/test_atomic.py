@@ -154,6 +154,21 @@ def test_remove_dir_killed_while_deleting_leaves_no_folder_under_its_name(tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+def test_remove_path_removes_a_file_a_folder_or_a_link_and_never_what_a_link_points_to(tmp_path):
+    from hf_ddpm.atomic import remove_path
+
+    (tmp_path / "folder" / "inner").mkdir(parents=True)
+    (tmp_path / "folder" / "inner" / "a.bin").write_bytes(b"x")
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "b.txt").write_text("kept")
+    (tmp_path / "link").symlink_to(tmp_path / "kept", target_is_directory=True)
+    for name in ("folder", "file.txt", "link"):
+        remove_path(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert (tmp_path / "kept" / "b.txt").read_text() == "kept"  # a link's target is not the run's
+
+
 def test_swap_in_moves_a_whole_set_with_the_first_read_file_last(tmp_path, monkeypatch):
     directory, stage, parked = tmp_path / "out", tmp_path / "out" / ".pipeline.tmp", tmp_path / "out" / ".old.tmp"
     (directory / "unet").mkdir(parents=True)

@@ -100,6 +100,19 @@ def test_a_mistyped_subcommand_or_choice_and_a_missing_flag_name_what_is_wanted(
     ]
 
 
+def test_evaluate_and_training_read_each_others_names_for_the_held_out_bound_and_help_shows_defaults():
+    from hf_ddpm.training import parse_args
+
+    evaluate = build_parser().parse_args(["evaluate", "m", "--eval_num_images", "8", "--eval_num_timesteps", "4"])
+    assert (evaluate.num_images, evaluate.num_timesteps) == (8, 4)  # training's names, in evaluate
+    training = parse_args(["--num_images", "8", "--num_timesteps", "4"])
+    assert (training.eval_num_images, training.eval_num_timesteps) == (8, 4)  # evaluate's names, in training
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    text = " ".join(commands["evaluate"].format_help().split())
+    assert "--split {eval,train} eval: the test/held-out split (default: eval)" in text  # a default is shown
+    assert "--likelihood_dir LIKELIHOOD_DIR" in text and "(default: None)" not in text  # a None one is not
+
+
 def long_flags(parser) -> dict[str, list[str]]:
     """{subcommand: its long flags as declared}."""
     commands = next(a for a in parser._actions if a.dest == "command").choices

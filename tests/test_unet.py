@@ -162,3 +162,20 @@ def test_paper_presets_run_for_real(name):
     out = forward(model, batch_size=1)
     assert out.shape == (1, 3, cfg["sample_size"], cfg["sample_size"])
     assert torch.isfinite(out).all()
+
+
+def test_weights_digest_names_the_weights_in_any_memory_format_and_continues_a_digest():
+    import hashlib
+
+    from hf_ddpm.unet import weights_digest
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("test-tiny"))
+    same = weights_digest(unet).hexdigest()
+    channels_last = unet.to(memory_format=torch.channels_last)  # the layout is not the weights
+    assert weights_digest(channels_last).hexdigest() == same
+    assert weights_digest(unet, hashlib.sha256(b"config")).hexdigest() != same  # continued from what it is given
+    with torch.no_grad():
+        unet.conv_in.bias[0] += 1e-3  # one value changed
+    assert weights_digest(unet).hexdigest() != same
+    assert weights_digest(unet.half()).hexdigest() != weights_digest(unet.float()).hexdigest()  # the dtype counts
