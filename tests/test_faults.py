@@ -261,8 +261,13 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_no_nan_weights_are_written(tmp
     out = tmp_path / "out"
     message = r"step 2: the loss is nan and the gradient norm nan; training stopped \(--on_nan stop\) and wrote "
     message += rf"nothing of this step: the last checkpoint, {out}/checkpoint-1, is intact. .*--on_nan skip"
-    with pytest.raises(NonFiniteError, match=message):
+    with pytest.raises(NonFiniteError, match=message) as stopped:
         train(parse_args(tiny(out, "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e30")))
+    # advice that works: a resume restores the run's learning rate (resolve.py), so a lower one means a new run
+    assert "start again (--overwrite_output_dir) with a lower --learning_rate" in str(stopped.value)
+    assert "resume with --on_nan skip" in str(stopped.value) and "lower --learning_rate and resume" not in str(
+        stopped.value
+    )
     assert sorted(p.name for p in out.iterdir()) == [*RECORDS, "checkpoint-1", "logs", "training_args.json"]
     weights = load_file(str(out / "checkpoint-1" / "model.safetensors"))
     ema = torch.load(out / "checkpoint-1" / "custom_checkpoint_0.pkl", weights_only=False)["shadow_params"]

@@ -40,6 +40,10 @@ logger = get_logger(__name__)
 
 NAN_POLICIES = ("stop", "skip")
 MAX_CONSECUTIVE_SKIPS = 10  # --on_nan skip: a run whose steps keep failing stops instead of idling on
+# What a diverging run needs, said where it stops. Not "resume with a lower --learning_rate": a resume restores the
+# optimizer and LR schedule, so it keeps the run's peak learning rate (hf_ddpm/training/resolve.py says so).
+TAME_THE_STEP = ("start again (--overwrite_output_dir) with a lower --learning_rate or a longer --lr_warmup_steps "
+                 "(a resume keeps the run's learning rate)")  # fmt: skip
 
 # ------------------------------------------------------------------------------------------------ preemption
 
@@ -198,8 +202,7 @@ def require_finite_weights(model, ema, step: int, target: str) -> None:
     if bad:
         shown = ", ".join(bad[:4]) + (f", ... ({len(bad)} tensors)" if len(bad) > 4 else "")
         raise NonFiniteError(
-            f"step {step}: the weights hold NaN or inf ({shown}); not writing {target}. "
-            "Lower --learning_rate (or lengthen --lr_warmup_steps) and resume from the last checkpoint"
+            f"step {step}: the weights hold NaN or inf ({shown}); not writing {target}. To go on, {TAME_THE_STEP}"
         )
 
 
@@ -237,16 +240,16 @@ class NanGuard:
         what = f"step {step}: the loss is {loss} and the gradient norm {grad_norm}"
         latest = self.last_checkpoint()
         kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint had been written yet"
-        advice = "lower --learning_rate (or lengthen --lr_warmup_steps) or check the data"
+        advice = f"{TAME_THE_STEP}, or check the data"
         if self.policy == "stop":
             raise NonFiniteError(
                 f"{what}; training stopped (--on_nan stop) and wrote nothing of this step: {kept}. "
-                f"To go on, {advice} and resume, or pass --on_nan skip to skip such steps"
+                f"To go on, {advice}; or resume with --on_nan skip to skip such steps"
             )
         self.skipped.append(step)
         self.consecutive += 1
         logger.warning("%s: skipped its update (--on_nan skip; %d skipped so far)", what, len(self.skipped))
         if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
             raise NonFiniteError(
-                f"{what}, the {self.consecutive}th non-finite step in a row; training stopped: {kept}. {advice}"
+                f"{what}, the {self.consecutive}th non-finite step in a row; training stopped: {kept}. To go on, {advice}"
             )
