@@ -217,7 +217,26 @@ def load_unet(
     if use_safetensors:
         hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         check_weights_fit_config(source, subfolder, **hub)
-    return UNet2DModel.from_pretrained(source, subfolder=subfolder, use_safetensors=use_safetensors, **kwargs)
+    unet = UNet2DModel.from_pretrained(source, subfolder=subfolder, use_safetensors=use_safetensors, **kwargs)
+    return own_memory(unet)
+
+
+def own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with each CPU parameter and buffer copied into memory of its own (allocated as torch allocates any
+    tensor), in place. Loaded from safetensors they are views into the file's memory map, at the file's byte offsets
+    (4-byte aligned, where torch's own allocations are 64-byte aligned), and on an AVX2 CPU a convolution over
+    weights at another alignment rounds differently in its last float32 bits: the same weights then gave numbers
+    that depended on how they were loaded (a 1-process evaluation against a 2-process one, whose loads differ), and
+    an adaptive ODE solver carries such bits to ~1e-8 of bits/dim. Owned copies compute as the trained model did."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.device.type == "cpu":
+                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+        for owner in module.modules():
+            for name, buffer in owner.named_buffers(recurse=False):
+                if buffer.device.type == "cpu":
+                    setattr(owner, name, buffer.clone(memory_format=torch.contiguous_format))
+    return module
 
 
 def check_weights_fit_config(source: str, subfolder: str | None, **hub) -> None:

@@ -152,13 +152,6 @@ def test_a_killed_sampling_run_started_again_draws_only_the_missing_shards(pipel
         assert resumed_metrics[name]["value"] == pytest.approx(value, rel=1e-9, abs=1e-12), name
 
 
-@pytest.mark.xfail(
-    torch.backends.cpu.get_cpu_capability() == "AVX2",
-    reason="on an AVX2-only host the same UNet, weights and input give outputs that differ in the last float32 bits "
-    "between a plain process and a DDP-launched one inside the evaluation (not in a bare forward; cause not isolated), "
-    "and the adaptive ODE carries that to ~1e-8 relative: the numbers agree to that, not to 1e-9",
-    strict=False,
-)
 def test_likelihood_beyond_the_bound_is_the_same_on_one_and_two_processes(pipeline_dir, tmp_path):
     """Each process integrates its own images' probability-flow ODEs with its own adaptive steps (no collective
     inside), so the ODE and importance-weighted numbers do not depend on the process count."""

@@ -215,3 +215,21 @@ def test_torch_dtype_loads_without_diffusers_cast_warning(tmp_path, unet):
         assert "Casting directly with `to()`" in log.getvalue()  # what the README no longer does
     finally:
         diffusers_logging.get_logger("diffusers").removeHandler(handler)
+
+
+def test_a_loaded_unet_computes_bit_for_bit_what_the_saved_one_computed(tmp_path):
+    """safetensors hands the weights over as views into the file's memory map, at its byte offsets; on an AVX2 CPU a
+    convolution over weights at such an offset rounded its last float32 bits differently from the same weights in
+    memory of their own, so a loaded model did not compute what it computed when saved (and a 1-process evaluation
+    not what a 2-process one did). Loaded by hf_ddpm, the weights are the model's own memory again."""
+    from hf_ddpm import unet_config
+    from hf_ddpm.loading import load_unet
+
+    torch.manual_seed(0)
+    saved = UNet2DModel(**unet_config("test-tiny", sample_size=16, in_channels=1, out_channels=1)).eval()
+    HFDDPMPipeline(unet=saved, scheduler=HFDDPMScheduler(num_train_timesteps=50)).save_pretrained(tmp_path / "p")
+    x, t = torch.randn(1, 1, 16, 16, generator=torch.manual_seed(1)), torch.tensor([0.0005])
+    with torch.no_grad():
+        expected = saved(x, t).sample
+        for loaded in (load_unet(tmp_path / "p"), HFDDPMPipeline.from_pretrained(tmp_path / "p").unet):
+            assert torch.equal(loaded(x, t).sample, expected)
