@@ -23,10 +23,10 @@ import torch
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler
 from hf_ddpm.bound import collapsed_strata_stderr, stratified_draws
 from hf_ddpm.evaluation.bits_per_dim import bits_per_dim as held_out_bits_per_dim
+from hf_ddpm.evaluation.feature_metrics import bootstrap_fid, frechet_distance, precision_recall
 from hf_ddpm.evaluation.features import InceptionFeatures
 from hf_ddpm.evaluation.reference import cached_reference
-from hf_ddpm.evaluation.sample_metrics import bootstrap_fid, frechet_distance, precision_recall
-from hf_ddpm.evaluation.samples import generate_shards, load_shards
+from hf_ddpm.evaluation.sample_shards import generate_shards, load_shards
 from hf_ddpm.evaluation.steps import IMPROVED_DDPM_SPACING, describe_spacing
 
 from .measure import log

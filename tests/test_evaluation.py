@@ -16,11 +16,11 @@ from PIL import Image
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.cli import build_parser
-from hf_ddpm.evaluation import sample_metrics as sm
+from hf_ddpm.evaluation import feature_metrics as sm
 from hf_ddpm.evaluation.bits_per_dim import bits_per_dim
 from hf_ddpm.evaluation.reference import cached_reference, external_reference
 from hf_ddpm.evaluation.run import evaluate
-from hf_ddpm.evaluation.samples import generate_shards, load_shards, shard_path
+from hf_ddpm.evaluation.sample_shards import generate_shards, load_shards, shard_path
 from hf_ddpm.evaluation.schema import Metric, read_metrics, write_metrics
 from hf_ddpm.model_card import collect_metrics
 

@@ -14,8 +14,14 @@ import numpy as np
 import torch
 
 from ..images import pixels_to_model
-from .images import random_hflip
 from .streaming import StreamingBatches, StreamingData
+
+
+def random_hflip(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of a (B, C, H, W) batch horizontally with probability 1/2 (on the batch's device)."""
+    device = generator.device if generator is not None else batch.device
+    flip = (torch.rand(batch.shape[0], generator=generator, device=device) < 0.5).to(batch.device)
+    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 
 def make_batches(data, args, accelerator):

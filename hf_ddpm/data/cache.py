@@ -42,7 +42,7 @@ import torch
 
 from ..atomic import write_atomically
 from ..file_lock import FileLock
-from .images import decode_image
+from .decode import decode_image
 
 logger = logging.getLogger(__name__)
 

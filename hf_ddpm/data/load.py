@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 import torch
 
 from .cache import MappedImages, preprocess
-from .images import check_resolution, detect_image_column, digits_array, gray_to
+from .decode import check_resolution, detect_image_column, gray_to
+from .digits import digits_array
 from .sources import one_source, open_source, train_and_eval_split
 from .split import check_eval_size, eval_count
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .images import decode_image
+from .decode import decode_image
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 

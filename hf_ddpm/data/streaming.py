@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .images import decode_image
+from .decode import decode_image
 from .stream_decode import Failure, decode_example, init_worker, read_bytes
 
 logger = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
                    image_column=None, resolution=16, channels=None, eval_size=0.1,
                    cache_dir=None) -> StreamingData:  # fmt: skip
     """Open a dataset to stream it (nothing is cached); its held-out images are read now."""
-    from .images import check_resolution, detect_image_column
+    from .decode import check_resolution, detect_image_column
     from .sources import open_source, train_and_eval_split
     from .split import check_eval_size
 

@@ -9,8 +9,9 @@
 - `likelihood`: every likelihood estimator behind one call (eq. 5, eq. 3 trajectories, importance-weighted, the
   probability-flow ODE, rate-distortion) and over a split; `likelihood_options`: its command-line flags (no torch).
 - `features`: the feature extractor (Inception-v3 pool3, TF FID weights) and its one name.
-- `sample_metrics`: FID, precision/recall (Kynkäänniemi et al. 2019) and KID from features.
-- `samples`: samples in resumable shards, sample i from seed base + i.
+- `feature_metrics`: FID, precision/recall (Kynkäänniemi et al. 2019) and KID from features.
+- `sample_shards`: samples in resumable shards, sample i from seed base + i.
 - `reference`: reference statistics computed once and reused, or read from a mu/sigma .npz made elsewhere.
-- `run` (the command line, its flags) and `sample_run` (the sample metrics of one evaluation).
+- `run` (the command line, its flags) and `sample_quality` (FID, precision/recall and KID of one evaluation's
+  samples: shards, features, reference).
 """

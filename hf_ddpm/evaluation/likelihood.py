@@ -205,7 +205,7 @@ def split_metrics(pipe, images, args, *, seed: int, split: str, processes: Proce
     the cache named by the model's fingerprint and the settings, so that the same command started again resumes."""
     from .bits_per_dim import bits_per_dim
     from .reference import default_cache_dir
-    from .samples import fingerprint
+    from .sample_shards import fingerprint
 
     metrics = []
     for method in parse_methods(args.likelihood):

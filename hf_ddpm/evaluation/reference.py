@@ -23,8 +23,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
+from .feature_metrics import statistics
 from .processes import Processes
-from .sample_metrics import statistics
 
 logger = logging.getLogger(__name__)
 

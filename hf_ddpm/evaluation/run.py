@@ -105,7 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
     likelihood_options.check_arguments(args)
     if args.num_images == 0 and args.num_samples == 0:
         raise ValueError("nothing to evaluate: --num_images 0 skips bits/dim and --num_samples is 0")
-    from .sample_run import check_sample_count
+    from .sample_quality import check_sample_count
 
     check_sample_count(args.num_samples, args.fid_reference)  # before any sampling (and any bits/dim)
 
@@ -154,7 +154,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     where = {"eval": f"held-out split of {data.source} (eval_size {options['eval_size']}, seed {options['seed']})",
              "train": f"training split of {data.source}"}  # fmt: skip
     if args.num_samples:  # a bad --fid_reference or too few reference images: refused before bits/dim and sampling
-        from .sample_run import check_reference
+        from .sample_quality import check_reference
 
         check_reference(args, data, where, extractor)
     metrics = []
@@ -163,7 +163,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
         metrics += split_likelihood_metrics(pipe, images, args, seed=options["seed"], split=where[args.split],
                                              processes=processes)  # fmt: skip
     if args.num_samples:
-        from .sample_run import sample_metrics
+        from .sample_quality import sample_metrics
 
         metrics += sample_metrics(pipe, args, data, where, options, processes, extractor, torch.device(device))
     if processes.is_main:

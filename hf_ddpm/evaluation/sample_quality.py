@@ -10,9 +10,9 @@ import os
 import time
 from pathlib import Path
 
+from .feature_metrics import frechet_distance, kernel_inception_distance, precision_recall
 from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
-from .sample_metrics import frechet_distance, kernel_inception_distance, precision_recall
-from .samples import generate_shards, load_shards
+from .sample_shards import generate_shards, load_shards
 from .schema import PROTOCOLS, Metric
 from .steps import few_step_scheduler
 

@@ -1,44 +1,18 @@
-"""One image, decoded: mode, resolution and crop as training wants them; scikit-learn's digits; random flips.
+"""One image, decoded: mode, resolution and crop as training wants them; and which column of a dataset holds the
+images. The data cache (cache.py) and the stream's workers (stream_decode.py) decode with it.
 
-`datasets` is imported lazily: it is slow to import and the digits do not need it.
+`datasets` is imported lazily: it is slow to import and the digits (digits.py) do not need it.
 """
 
 import io
 import math
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "pixel_values", "picture", "photo")
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}  # plus every "I;16*" mode
 _RESAMPLE = Image.Resampling.BILINEAR  # as diffusers' training example; Pillow's resize is antialiased
-
-
-def digits_array(resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """The 1797 digits as uint8 (N, resolution, resolution), values 0..16 scaled to 0..255 then resized (bicubic),
-    and their labels (N,)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    small = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8)
-    if resolution == 8:
-        return small, digits.target
-    size = (resolution, resolution)
-    images = [np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BICUBIC)) for im in small]
-    return np.stack(images), digits.target
-
-
-def digits_dataset(resolution: int = 16) -> "datasets.Dataset":  # noqa: F821
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images, values 0..16) as a `datasets.Dataset`: an 'image'
-    column of mode-'L' PIL images scaled to 0..255 and resized (bicubic) to `resolution`, and a 'label' column."""
-    import datasets
-
-    check_resolution(resolution)
-    images, labels = digits_array(resolution)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    data = {"image": [Image.fromarray(im, "L") for im in images], "label": labels.tolist()}
-    return datasets.Dataset.from_dict(data, features=features)
 
 
 def detect_image_column(dataset, image_column: str | None = None) -> str:
@@ -61,13 +35,6 @@ def detect_image_column(dataset, image_column: str | None = None) -> str:
         f"no image column found among the dataset's columns {columns}: none has the datasets.Image feature or one "
         f"of the names {list(IMAGE_COLUMN_CANDIDATES)}; pass image_column"
     )
-
-
-def random_hflip(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image of a (B, C, H, W) batch horizontally with probability 1/2 (on the batch's device)."""
-    device = generator.device if generator is not None else batch.device
-    flip = (torch.rand(batch.shape[0], generator=generator, device=device) < 0.5).to(batch.device)
-    return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
 
 
 def check_resolution(resolution) -> None:
