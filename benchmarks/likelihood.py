@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from hf_ddpm import HFDDPMPipeline
-from hf_ddpm.bound import variational_bound
+from hf_ddpm.bound import rate_distortion, variational_bound
 from hf_ddpm.evaluation.likelihood import log_likelihood
 from hf_ddpm.images import images_to_model_range
-from hf_ddpm.likelihood import importance_weighted_bound, rate_distortion, trajectory_log_weights
+from hf_ddpm.trajectories import importance_weighted_bound, trajectory_log_weights
 
 from .measure import CLOCKS, load_average, log, timed
 from .models import held_out, trained

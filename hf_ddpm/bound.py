@@ -1,7 +1,7 @@
 """DDPM's variational bound (eq. 5) over a batch of images: exact, or a K-term Monte Carlo estimate.
 
 `variational_bound` computes L_T + Σ_t L_{t-1} + L_0 with one loop over (image, t) pairs; the exact bound takes
-every t, the estimate K stratified draws.
+every t, the estimate K stratified draws. `rate_distortion` reads the exact bound's terms as progressive coding.
 
 The KL terms of DDPM's bound (eq. 5) are far from equal: for a trained model the first ten of a thousand hold more
 than half of Σ_t L_{t-1}, L_0 excluded. K timesteps drawn uniformly miss them most of the time, so a single image's
@@ -195,3 +195,19 @@ def variational_bound(
         weights=weights,
         distortion=errors,
     )
+
+
+def rate_distortion(terms_bpd: torch.Tensor, prior_bpd: torch.Tensor, distortion: torch.Tensor):
+    """Progressive coding (DDPM section 4.3, Algorithm 3, Fig. 5) from the exact bound's terms: the receiver holding
+    x_t has been sent x_T (cost L_T) and then x_{T-1}, ..., x_t (costs L_{T-1}, ..., L_t), and reads x̂_0 from it.
+
+    terms_bpd: (N, T), column i the exact bound's term at timestep i (column 0 the decoder); prior_bpd: (N,);
+    distortion: (N, T), column i the RMSE of x̂_0 predicted from x_i, on the [0, 255] scale. Returns (rate, distortion),
+    each (N, T + 1) in the order the receiver gets them: column j after j reverse steps (x_{T-1-j} held), rate in
+    cumulative bits/dim; the last column is the whole bound with the data itself received (distortion 0).
+    """
+    kl_from_top = terms_bpd[:, 1:].flip(1)  # the costs of x_{T-2}, ..., x_0 in the order they are sent
+    rate = prior_bpd[:, None] + torch.cat([torch.zeros_like(prior_bpd)[:, None], kl_from_top.cumsum(1)], dim=1)
+    rate = torch.cat([rate, (rate[:, -1] + terms_bpd[:, 0])[:, None]], dim=1)
+    distortion = torch.cat([distortion.flip(1), torch.zeros_like(distortion[:, :1])], dim=1)
+    return rate, distortion

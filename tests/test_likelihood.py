@@ -1,4 +1,4 @@
-"""Likelihood beyond eq. 5 (hf_ddpm/likelihood.py, hf_ddpm/probability_flow.py) against closed forms.
+"""Likelihood beyond eq. 5 (hf_ddpm/trajectories.py, hf_ddpm/probability_flow.py) against closed forms.
 
 The oracle: data drawn from a known Gaussian (and a two-component Gaussian mixture) in a few dimensions, with the
 analytically optimal ε-prediction for it wrapped as a model. Everything the assertions compare with (log-densities,
@@ -16,14 +16,9 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from hf_ddpm import HFDDPMScheduler
-from hf_ddpm.bound import variational_bound
-from hf_ddpm.likelihood import (
-    importance_weighted_bound,
-    rate_distortion,
-    trajectory_bound,
-    trajectory_log_weights,
-)
+from hf_ddpm.bound import rate_distortion, variational_bound
 from hf_ddpm.probability_flow import ODELikelihoodError, dequantize, ode_log_likelihood
+from hf_ddpm.trajectories import importance_weighted_bound, trajectory_bound, trajectory_log_weights
 
 SHAPE = (1, 2, 2)
 D = 4

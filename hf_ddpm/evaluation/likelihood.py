@@ -7,7 +7,7 @@ Every method reports bits/dim per image, an upper bound on -log2 P(x) / D of the
 its estimator's randomness), with the estimator's standard error, its cost in model evaluations and what it bounds:
 
 - bound: DDPM eq. 5, all T KL terms in closed form (or K stratified terms: num_timesteps=K); T evaluations.
-- trajectory: the same bound as DDPM eq. 3 writes it, estimated from M whole trajectories (hf_ddpm.likelihood); M·T.
+- trajectory: the same bound as DDPM eq. 3 writes it, estimated from M whole trajectories (hf_ddpm.trajectories); M·T.
 - iw: the importance-weighted bound (Burda et al. 2016) over K trajectories: between eq. 5's and the true value.
 - ode: the probability-flow ODE (Song et al. 2021; hf_ddpm.probability_flow): the exact density of the uniformly
   dequantized image, which bounds the 8-bit likelihood by Jensen; NFE·K evaluations (and as many backward passes).
@@ -95,9 +95,9 @@ def log_likelihood(
     1e-5), max_evaluations; image_offset numbers the images in its errors. Progress follows the pipeline's
     `set_progress_bar_config`.
     """
-    from ..bound import variational_bound
+    from ..bound import rate_distortion, variational_bound
     from ..images import images_to_model_range
-    from ..likelihood import importance_weighted_bound, rate_distortion, trajectory_bound, trajectory_log_weights
+    from ..trajectories import importance_weighted_bound, trajectory_bound, trajectory_log_weights
 
     _check_method(method)
     check_positive_int(batch_size, "batch_size")
