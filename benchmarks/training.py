@@ -99,7 +99,7 @@ def theirs(settings: dict, steps: int, workdir: str, mixed_precision: str = "no"
     )
     set_seed(0)
     model = untrained_unet(settings["model"], in_channels=1, out_channels=1, sample_size=resolution)
-    args = parse_args([])  # the same optimizer settings as ours
+    args = resolve(parse_args([]), RunFacts())[0]  # the same optimizer settings as ours
     ema_model = EMAModel(
         model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
         power=args.ema_power, model_cls=UNet2DModel, model_config=model.config,
@@ -184,7 +184,7 @@ def floor(settings: dict, steps: int, channels: int = 1, warmup: int = 0) -> tup
     set_seed(0)
     resolution, batch = settings["resolution"], settings["batch"]
     model = untrained_unet(settings["model"], in_channels=channels, out_channels=channels, sample_size=resolution)
-    optimizer = _adamw(model, parse_args([]), fused=True)  # as ours builds it
+    optimizer = _adamw(model, resolve(parse_args([]), RunFacts())[0], fused=True)  # as ours builds it
     x = torch.randn(batch, channels, resolution, resolution)
     t = torch.randint(0, settings["T"], (batch,))
 

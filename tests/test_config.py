@@ -67,7 +67,7 @@ def test_choices_types_and_defaults_come_from_the_fields():
 
 def test_the_defaults_are_a_config_built_without_arguments():
     assert parse_args([]) == TrainingConfig()
-    config = TrainingConfig()
+    config = resolve(TrainingConfig(), RunFacts())[0]  # what a new run without flags trains with
     assert (config.learning_rate, config.adam_beta1, config.adam_beta2, config.ema_max_decay) == (
         2e-3,
         0.95,
@@ -202,7 +202,7 @@ def test_config_file_values_are_used_and_the_command_line_wins(tmp_path, suffix)
         ("train_batch_size: many\n", "train_batch_size 'many' is not int"),
         ("random_flip: 1\n", "random_flip must be bool, got 1"),
         ("loss: l2\n", "loss 'l2' is not one of simple, vlb, hybrid"),
-        ("learning_rate: null\n", "learning_rate cannot be null"),
+        ("adam_beta1: null\n", "adam_beta1 cannot be null"),
         ("- 1\n- 2\n", "must hold a mapping of option: value, got list"),
         ("a: [1\n", "is not valid YAML"),
         ("train_batch_size: 0\n", "--train_batch_size must be >= 1, got 0"),

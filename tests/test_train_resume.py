@@ -211,6 +211,27 @@ def test_a_resume_without_max_train_steps_keeps_the_runs_length_and_ends_as_the_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # two launches; test_a_resume_left_without_the_schedule_flags_... checks the same rule in process
+def test_a_resume_command_without_the_runs_schedule_flags_resumes_it_to_the_uninterrupted_weights(tmp_path):
+    """A run given --num_epochs, --lr_scheduler and --learning_rate, resumed with none of them: the run's own are
+    kept (no default reads as a change to refuse), and it ends with the uninterrupted run's weights."""
+    write_digits(tmp_path / "images", 0, 24)  # 8 training images at batch 4: 2 steps an epoch
+    data = ["--train_data_dir", str(tmp_path / "images"), "--cache_dir", str(tmp_path / "cache"),
+            "--checkpointing_steps", "2", "--save_images_steps", "1000"]  # fmt: skip
+    schedule = ["--num_epochs", "2", "--lr_scheduler", "linear", "--learning_rate", "1e-3"]
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    launch(launch_flags(out, *data, *schedule))
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest"))
+    assert f"resumed from {copy / 'checkpoint-2'} at optimizer step 2" in log and "not applied" not in log
+    args = json.loads((copy / "training_args.json").read_text())
+    assert (args["num_epochs"], args["lr_scheduler"], args["learning_rate"], args["max_train_steps"]) == (
+        2, "linear", 1e-3, 4)  # fmt: skip
+    a, b = weights(out / "checkpoint-4" / "model.safetensors"), weights(copy / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_help_says_what_the_datas_key_sees():
     text = " ".join(build_parser().format_help().split())
     assert "sizes and modification times, not their contents" in text and "--allow_data_change" in text
@@ -333,3 +354,22 @@ def test_a_resume_keeps_the_recorded_length_and_warmup_and_refuses_a_change_nami
         "--learning_rate 0.0001 is not applied: the resumed optimizer and LR schedule restore the run's peak "
         "learning rate, 0.002" in notes
     )
+
+
+def test_a_resume_left_without_the_schedule_flags_keeps_the_runs_and_a_new_run_takes_the_defaults():
+    """The options a checkpoint records default to None: a resume reads a flag left out as "the run's", never as a
+    default that differs from it (which would refuse the plain `--resume_from_checkpoint latest`, asking to drop a
+    flag never given, or say a learning rate was not applied)."""
+    own = {"max_train_steps": None, "num_epochs": 5, "lr_scheduler": "linear", "lr_warmup_steps": 8,
+           "learning_rate": 1e-4, "total_steps": 125}  # fmt: skip
+    config, notes = resolved(schedule=own)
+    assert (config.num_epochs, config.lr_scheduler, config.learning_rate, config.lr_warmup_steps) == (
+        5, "linear", 1e-4, 8)  # fmt: skip
+    assert config.max_train_steps == 125 and not any("learning_rate" in n for n in notes)
+    assert "--lr_scheduler linear: the resumed run's (from out/checkpoint-40)" in notes
+    with pytest.raises(ValueError, match=r"--lr_scheduler cosine \(the run's: linear\)\. Drop the flag"):
+        resolved("--lr_scheduler", "cosine", schedule=own)  # given, it is a change
+    with pytest.raises(ValueError, match=r"--num_epochs 40 \(the run's: 5, 125 optimizer steps\)"):
+        resolved("--num_epochs", "40", schedule=own)
+    fresh, _ = resolve(parse_args([]), RunFacts())
+    assert (fresh.num_epochs, fresh.lr_scheduler, fresh.learning_rate) == (40, "cosine", 2e-3)

@@ -20,7 +20,7 @@ from hf_ddpm.training.resolve import RunFacts, resolve
 
 
 def test_defaults_train_the_digits_model_with_diffusers_flag_names():
-    args = parse_args([])
+    args = resolve(parse_args([]), RunFacts())[0]
     assert args.model_config is None and args.dataset_name is None  # digits-16-tiny on the bundled digits
     assert args.use_ema and args.center_crop and args.loss == "simple" and args.lr_scheduler == "cosine"
     args = parse_args(

@@ -44,8 +44,13 @@ EXCLUSIVE = (("model_config", "pretrained_model_name_or_path"), ("save_images_ep
 STREAMING_LENGTH = "--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead"
 
 # The defaults that depend on the run (None in the fields), filled by `resolve`:
-DEFAULT_BATCH_SIZE = 64  # capped when the training split holds fewer images
+DEFAULT_BATCH_SIZE = 64  # capped when the training split holds fewer images (the papers' 128: training/recipes/)
 DEFAULT_WARMUP_STEPS = 100  # a tenth of the default 1000-step digits run (diffusers: 500, DDPM: 5000)
+# A new run's length and LR schedule (a resume keeps its run's): 40 epochs of the 1617 training digits at batch 64 are
+# 1000 optimizer steps, a few minutes on two CPU cores (`make demo`). 2e-3 (diffusers: 1e-4) for the 0.81M-parameter
+# digits-16-tiny: the 1000-step demo run reaches ~3.0 held-out bits/dim with it (README); no sweep is recorded. A
+# 35.7M model wants the paper's 2e-4 (the recipes). The cosine decay is diffusers' default.
+NEW_RUN_SCHEDULE = {"num_epochs": 40, "learning_rate": 2e-3, "lr_scheduler": "cosine"}
 # 250 respaced steps: a quarter of T = 1000's cost per grid; benchmarks/results/RESULTS.md measured a learned_range
 # model's FID at 250 steps within 3.4% of its 1000 steps' (diffusers' default is 1000)
 DEFAULT_INFERENCE_STEPS = 250
@@ -144,20 +149,20 @@ class ObjectiveOptions:
 
 @dataclass(frozen=True)
 class OptimizationOptions:
-    # The digits defaults: 1617 training digits / 64 = 25 steps per epoch, so 40 epochs are 1000 optimizer steps,
-    # a few minutes on two CPU cores (`make demo`). The papers' batch 128 and lr 2e-4 are in training/recipes/.
     train_batch_size: int | None = option(
         help=f"images per process per micro-step (default: {DEFAULT_BATCH_SIZE}), capped to fit a smaller training "
              "set", min=1)
-    num_epochs: int = option(40, "passes over the training images", min=1)
+    num_epochs: int | None = option(
+        help=f"passes over the training images (default: {NEW_RUN_SCHEDULE['num_epochs']}; a resume: the run's)", min=1)
     max_train_steps: int | None = option(help="optimizer steps; overrides --num_epochs", min=1)
     gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step", min=1)
-    # 2e-3 (diffusers: 1e-4) for the 0.81M-parameter digits-16-tiny: the 1000-step demo run reaches ~3.0 held-out
-    # bits/dim with it (README); no sweep is recorded. A 35.7M model wants the paper's 2e-4 (the recipes).
-    learning_rate: float = option(2e-3, "peak learning rate of AdamW", min=0)
-    lr_scheduler: LRScheduler = option("cosine", "decay after the warmup")  # diffusers' default
+    learning_rate: float | None = option(
+        help=f"peak learning rate of AdamW (default: {NEW_RUN_SCHEDULE['learning_rate']}; a resume: the run's)", min=0)
+    lr_scheduler: LRScheduler | None = option(
+        help=f"decay after the warmup (default: {NEW_RUN_SCHEDULE['lr_scheduler']}; a resume: the run's)")
     lr_warmup_steps: int | None = option(
-        help=f"linear warmup from 0 (default: {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)", min=0)
+        help=f"linear warmup from 0 (default: {DEFAULT_WARMUP_STEPS}, a tenth of a shorter run; a resume: the run's)",
+        min=0)
     # AdamW's β1, β2, weight decay and ε are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9)
     adam_beta1: float = option(0.95, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")

@@ -20,6 +20,7 @@ from .config import (
     DEFAULT_INFERENCE_STEPS,
     DEFAULT_SAVE_IMAGES_EPOCHS,
     DEFAULT_WARMUP_STEPS,
+    NEW_RUN_SCHEDULE,
     STREAMING_LENGTH,
     TrainingConfig,
 )
@@ -94,8 +95,7 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
 
     # The batch and the warmup fit the data: a small folder, or a short run, trains without flags.
     if facts.train_images is not None:
-        world = facts.num_processes
-        batch = given.train_batch_size
+        world, batch = facts.num_processes, given.train_batch_size
         if batch is None:
             batch = max(1, min(DEFAULT_BATCH_SIZE, facts.train_images // world))
             if batch < DEFAULT_BATCH_SIZE:
@@ -117,39 +117,38 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
 
 
 def _keep_schedule(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> TrainingConfig:
-    """`given` with the resumed run's length and LR schedule where it gives none: a resume finishes the run it
-    continues (without --max_train_steps, an 80-step run would otherwise become --num_epochs' length on a new LR
-    schedule). A flag that changes them is refused, naming it, unless --allow_schedule_change."""
+    """`given` with the run's length and LR schedule where it gives none: a new run's defaults, or the resumed run's
+    (a resume finishes its run: an 80-step run would otherwise become --num_epochs' length on a new LR schedule). A
+    flag given that changes them is refused, naming it, unless --allow_schedule_change."""
     saved = facts.resumed_schedule
     if not saved or saved.get("total_steps") is None:  # a fresh run (or a record without its length)
         if given.streaming and given.max_train_steps is None:
             raise ValueError(STREAMING_LENGTH)
-        return given
-    total, path = saved["total_steps"], facts.resume_path
+        return replace(given, **{k: v for k, v in NEW_RUN_SCHEDULE.items() if getattr(given, k) is None})
+    total, path, by_epochs = saved["total_steps"], facts.resume_path, saved["max_train_steps"] is None
     changed = []
     if given.max_train_steps is not None and given.max_train_steps != total:
         changed.append(f"--max_train_steps {given.max_train_steps} (the run's length: {total} optimizer steps)")
-    elif given.max_train_steps is None and saved["max_train_steps"] is None and given.num_epochs != saved["num_epochs"]:
+    elif by_epochs and given.max_train_steps is None and given.num_epochs not in (None, saved["num_epochs"]):
         changed.append(f"--num_epochs {given.num_epochs} (the run's: {saved['num_epochs']}, {total} optimizer steps)")
     for name in ("lr_scheduler", "lr_warmup_steps"):
-        value = getattr(given, name)
-        if value is not None and value != saved[name]:
-            changed.append(f"--{name} {value} (the run's: {saved[name]})")
+        if getattr(given, name) not in (None, saved[name]):
+            changed.append(f"--{name} {getattr(given, name)} (the run's: {saved[name]})")
     if changed and not given.allow_schedule_change:
         raise ValueError(
             f"the run of {path} is {total} optimizer steps long on its LR schedule, and a resume keeps both: "
             f"{'; '.join(changed)}. Drop the flag to finish the run as it began, or pass --allow_schedule_change to "
             "train on with it (the LR schedule is then recomputed over the new length)"
         )
-    kept = {}
+    kept = {k: saved[k] for k in ("lr_scheduler", "lr_warmup_steps", "num_epochs") if getattr(given, k) is None}
     if given.max_train_steps is None and not any(c.startswith("--num_epochs") for c in changed):
         kept["max_train_steps"] = total
-    if given.lr_warmup_steps is None:
-        kept["lr_warmup_steps"] = saved["lr_warmup_steps"]
-    notes += [f"--{k} {v}: the resumed run's (from {path})" for k, v in kept.items()]
-    if saved.get("learning_rate") not in (None, given.learning_rate):  # not a field of `given`: said, not changed
+    notes += [f"--{k} {v}: the resumed run's (from {path})" for k, v in kept.items() if k != "num_epochs"]
+    # The restored optimizer and LambdaLR hold the run's peak learning rate: a flag is said, not applied.
+    kept["learning_rate"] = saved.get("learning_rate") or given.learning_rate or NEW_RUN_SCHEDULE["learning_rate"]
+    if given.learning_rate not in (None, kept["learning_rate"]):
         notes.append(f"--learning_rate {given.learning_rate} is not applied: the resumed optimizer and LR schedule "
-                     f"restore the run's peak learning rate, {saved['learning_rate']}")  # fmt: skip
+                     f"restore the run's peak learning rate, {kept['learning_rate']}")  # fmt: skip
     if changed:
         notes.append(f"--allow_schedule_change: {'; '.join(changed)}: the LR schedule is recomputed over the new "
                      "length, so from the resumed step on its learning rate differs from the original run's")  # fmt: skip
