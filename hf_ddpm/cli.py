@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "evaluate":
         from .cpu import tune_process
+        from .evaluation.processes import close_process_group
         from .evaluation.run import evaluate
 
         try:
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        close_process_group()
         return 0
     try:
         if args.command == "push-space":
