@@ -246,3 +246,7 @@ def test_a_source_chosen_on_the_command_line_replaces_the_files_competing_one(tm
     assert (config.model_config, config.dropout, config.dataset_name) == (None, None, "uoft-cs/cifar10")
     with pytest.raises(ValueError, match="not both"):  # both on the command line: still refused
         parse_args(["--dataset_name", "a", "--train_data_dir", "b"])
+    path.write_text("overwrite_output_dir: true\n")  # a run's training_args.json, resumed: the run goes on
+    assert not parse_args(["--config", str(path), "--resume_from_checkpoint", "latest"]).overwrite_output_dir
+    with pytest.raises(ValueError, match="--overwrite_output_dir deletes it: pass one"):
+        parse_args(["--overwrite_output_dir", "--resume_from_checkpoint", "latest"])

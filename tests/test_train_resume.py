@@ -78,7 +78,7 @@ def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_d
         f"error: --resume_from_checkpoint {checkpoint} was trained with another model or objective: "
         "--ddpm_beta_schedule: 'linear' in the checkpoint, 'squaredcos_cap_v2' now; --ddpm_num_steps: 50 in the "
         "checkpoint, 200 now; --prediction_type: 'epsilon' in the checkpoint, 'v_prediction' now. Resume with the "
-        "options it was trained with (see training_args.json), or start a new run"
+        f"options it was trained with (--config {out}/training_args.json holds them), or start a new run"
     )
     assert tree_hashes(out) == before  # nothing read into it, nothing written
 
@@ -211,10 +211,11 @@ def test_a_resume_without_max_train_steps_keeps_the_runs_length_and_ends_as_the_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow  # two launches; test_a_resume_left_without_the_schedule_flags_... checks the same rule in process
+@pytest.mark.slow  # three launches; test_a_resume_left_without_the_schedule_flags_... checks the same rule in process
 def test_a_resume_command_without_the_runs_schedule_flags_resumes_it_to_the_uninterrupted_weights(tmp_path):
     """A run given --num_epochs, --lr_scheduler and --learning_rate, resumed with none of them: the run's own are
-    kept (no default reads as a change to refuse), and it ends with the uninterrupted run's weights."""
+    kept (no default reads as a change to refuse), and it ends with the uninterrupted run's weights; so does a resume
+    with nothing but the run's training_args.json (`--config`, the way out a refused resume names)."""
     write_digits(tmp_path / "images", 0, 24)  # 8 training images at batch 4: 2 steps an epoch
     data = ["--train_data_dir", str(tmp_path / "images"), "--cache_dir", str(tmp_path / "cache"),
             "--checkpointing_steps", "2", "--save_images_steps", "1000"]  # fmt: skip
@@ -230,6 +231,21 @@ def test_a_resume_command_without_the_runs_schedule_flags_resumes_it_to_the_unin
         2, "linear", 1e-3, 4)  # fmt: skip
     a, b = weights(out / "checkpoint-4" / "model.safetensors"), weights(copy / "checkpoint-4" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The refusal's way out, followed: the run's training_args.json holds every option it was trained with.
+    again = tmp_path / "again"
+    shutil.copytree(copy, again)
+    shutil.rmtree(again / "checkpoint-4")
+    argv = [
+        "--config",
+        str(copy / "training_args.json"),
+        "--output_dir",
+        str(again),
+        "--resume_from_checkpoint",
+        "latest",
+    ]
+    assert f"resumed from {again / 'checkpoint-2'} at optimizer step 2" in launch(argv)
+    c = weights(again / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_the_help_says_what_the_datas_key_sees():

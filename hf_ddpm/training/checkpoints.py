@@ -167,10 +167,9 @@ OBJECTIVE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_en
 
 @dataclass(frozen=True)
 class Launch:
-    """How the run was launched: its data order and random streams follow from the process count, its numerics
-    from the precision; the launcher and the CPU choice make the printed resume command reproduce the launch. A
-    launch-shape fact the record should also hold goes here (a field with a default, so that records written before
-    it still read)."""
+    """How the run was launched: its data order and random streams follow from the process count, its numerics from the
+    precision; the launcher and the CPU choice make the printed resume command reproduce the launch. A launch-shape
+    fact the record should also hold goes here (a field with a default, so that records written before it still read)."""
 
     num_processes: int
     mixed_precision: str
@@ -267,9 +266,9 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
     found = differences(saved, current, skip)
     if found:
         raise ValueError(
-            f"--resume_from_checkpoint {path} was trained with another model or objective: "
-            + "; ".join(found)
-            + ". Resume with the options it was trained with (see training_args.json), or start a new run"
+            f"--resume_from_checkpoint {path} was trained with another model or objective: {'; '.join(found)}. Resume "
+            f"with the options it was trained with (--config {os.path.dirname(path)}/training_args.json holds them), or "
+            "start a new run"
         )
     world, now = saved.launch.num_processes, current.launch.num_processes
     if world != now:

@@ -154,6 +154,7 @@ REPLACES = {
     },
     **{a: (b,) for pair in EXCLUSIVE for a, b in (pair, pair[::-1])},
     "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
+    "resume_from_checkpoint": ("overwrite_output_dir",),  # a run's training_args.json, resumed: the run goes on
 }
 
 
