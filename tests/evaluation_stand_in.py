@@ -33,9 +33,11 @@ class PixelFeatures:
 
 if __name__ == "__main__":
     from hf_ddpm.cli import build_parser
+    from hf_ddpm.evaluation.processes import close_process_group
     from hf_ddpm.evaluation.run import evaluate
 
     torch.set_num_threads(1)
     extractor = PixelFeatures()
     evaluate(build_parser().parse_args(["evaluate", *sys.argv[1:]]), extractor=extractor)
+    close_process_group()  # as `python -m hf_ddpm evaluate` does
     print(f"stand-in feature extractor: {extractor.images_seen} images")

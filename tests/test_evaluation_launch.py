@@ -1,7 +1,8 @@
 """`python -m hf_ddpm evaluate` as real processes: one process and two (`ACCELERATE_USE_CPU=1 accelerate launch
 --multi_gpu --num_processes 2`) give the same numbers; a sampling run killed after some shards and started again
-(on two processes) draws only the missing shards and ends with the numbers of an uninterrupted run. The feature extractor is the
-stand-in of tests/evaluation_stand_in.py (the real Inception run is in test_evaluation_inception.py, slow)."""
+(on two processes) draws only the missing shards and ends with the numbers of an uninterrupted run; a 2-process evaluate
+closes its process group before it exits. The feature extractor is the stand-in of tests/evaluation_stand_in.py (the
+real Inception run is in test_evaluation_inception.py, slow)."""
 
 from __future__ import annotations
 
@@ -198,3 +199,22 @@ def test_a_killed_ode_likelihood_run_started_again_integrates_only_the_missing_b
     whole = evaluate(args)[0]  # with one thread, as the launched processes (a thread count moves the last bits)
     resumed = json.loads(out.read_text())["bits_per_dim_ode"]
     assert resumed["value"] == pytest.approx(whole.value, rel=1e-9) and resumed["count"] == 6
+
+
+@pytest.mark.slow  # one more 2-process launch
+def test_a_two_process_evaluate_closes_its_process_group_before_it_exits(pipeline_dir, tmp_path):
+    """`python -m hf_ddpm evaluate` (hf_ddpm.cli.main) leaves no process group to the interpreter's exit, where
+    gloo's threads can abort it ("terminate called without an active exception"): checked in each process after
+    main returns, as the exit would find it."""
+    script = tmp_path / "evaluate_then_check.py"
+    script.write_text(
+        "import sys\nimport torch.distributed\nfrom hf_ddpm.cli import main\n"
+        "code = main(['evaluate', *sys.argv[1:]])\n"
+        "print('process group open at exit:', torch.distributed.is_initialized(), flush=True)\nsys.exit(code)\n"
+    )
+    argv = [pipeline_dir, "--num_images", 2, "--num_timesteps", 2, "--num_samples", 0]
+    launch = command(2, *argv)
+    launch[launch.index(str(SCRIPT))] = str(script)
+    result = subprocess.run(launch, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("process group open at exit: False") == 2, result.stdout[-3000:]
