@@ -57,5 +57,4 @@ def close_process_group() -> None:
     """Close this launch's process group once every process has finished its work. gloo's threads, left to the
     interpreter's exit, can abort it ("terminate called without an active exception", exit -6). Only after success:
     after an error another process may still be inside a collective, and the close would wait for it."""
-    if current_processes().world > 1:
-        accelerate_state().destroy_process_group()
+    accelerate_state().destroy_process_group()  # accelerate's: nothing to do where no group was made (one process)
