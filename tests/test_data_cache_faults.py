@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from image_files import ids, write_images
 
 import hf_ddpm.data.cache as cache_module
 from hf_ddpm.data import load_data
-from hf_ddpm.data.cache import MANIFEST, CacheSpaceError, cache_root
+from hf_ddpm.data.cache import MANIFEST, CacheSpaceError, SourceUnreadable, cache_root
+from hf_ddpm.file_lock import holder_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,3 +157,98 @@ def test_a_builder_waits_for_the_lock_and_leaves_a_live_builders_temporary_files
     waiter.join(timeout=120)
     assert sorted(ids(result["data"].train)) == list(range(20))
     assert not in_progress.exists()  # removed by the next holder of the lock
+
+
+KILLED_BUILD_SCRIPT = """
+import sys, time
+import hf_ddpm.data.cache as cache_module
+real = cache_module.decode_image
+def slow(*args, **kwargs):  # a build long enough to be killed while the pool's workers decode
+    time.sleep(0.005)
+    return real(*args, **kwargs)
+cache_module.decode_image = slow
+from hf_ddpm.data import load_data
+load_data(train_data_dir=sys.argv[1], resolution=8, eval_size=0, cache_dir=sys.argv[2], preprocessing_num_workers=2)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, which holds no file, is not: a container's init may never reap it)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_builder_killed_while_its_pool_decodes_leaves_no_worker_holding_the_lock(tmp_path):
+    """The OOM killer's case: SIGKILL of the builder alone. Its `Dataset.map` workers die with it, so nothing holds the
+    key's lock (the next run would wait for the dead builder forever) and the next build completes."""
+    folder, cache = write_images(tmp_path / "imgs", 4100, size=(8, 8)), str(tmp_path / "c")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    builder = subprocess.Popen([sys.executable, "-c", KILLED_BUILD_SCRIPT, folder, cache], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(workers := [p for p in _children(builder.pid) if _alive(p)]) < 2:  # the pool (and its manager)
+        assert builder.poll() is None and time.monotonic() < deadline, "the build never started its pool"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    builder.kill()
+    builder.wait()
+    (lock,) = Path(cache_root(cache)).glob("*.lock")
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "workers outlived the killed builder"
+    assert holder_of(str(lock)) is None
+    data = load_data(train_data_dir=folder, resolution=8, eval_size=0, cache_dir=cache)
+    assert sorted(ids(data.train)) == list(range(4100))
+
+
+def test_a_source_that_vanishes_while_the_cache_is_built_stops_it_naming_the_file_and_marks_nothing_complete(
+    tmp_path, monkeypatch
+):
+    """A missing file is not a corrupt image: skipping it would keep a cache of part of the data for every later run."""
+    folder, moved = tmp_path / "imgs", tmp_path / "moved"
+    kw = {"train_data_dir": write_images(folder, 30), "resolution": 8, "eval_size": 0, "cache_dir": str(tmp_path / "c")}
+    real = cache_module.read_bytes
+
+    def vanishing(path):  # the folder is moved away once the build has started reading it
+        if folder.exists():
+            folder.rename(moved)
+        return real(path)
+
+    monkeypatch.setattr(cache_module, "read_bytes", vanishing)
+    with pytest.raises(SourceUnreadable, match=r"cannot read image .*imgs/00000\.png \(FileNotFoundError.*Restore"):
+        load_data(**kw)
+    assert not list(Path(cache_root(kw["cache_dir"])).glob(f"*/{MANIFEST}"))
+    monkeypatch.setattr(cache_module, "read_bytes", real)
+    moved.rename(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped
+        assert sorted(ids(load_data(**kw).train)) == list(range(30))
+
+
+def test_a_shard_damaged_in_a_folder_without_its_manifest_is_removed_and_rebuilt(tmp_path, caplog):
+    kw = {"train_data_dir": write_images(tmp_path / "imgs", 40), "resolution": 8, "eval_size": 0,
+          "cache_dir": str(tmp_path / "c")}  # fmt: skip
+    folder = Path(load_data(**kw).cache_dir)
+    (folder / MANIFEST).unlink()  # no longer complete: a build that did not finish
+    (arrow,) = folder.glob("pixels*.arrow")
+    os.truncate(arrow, arrow.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="hf_ddpm.data.cache"):
+        data = load_data(**kw)
+    assert sorted(ids(data.train)) == list(range(40))
+    assert f"removing {arrow}, left unreadable by an unfinished build" in caplog.text
+    assert (folder / MANIFEST).exists()

@@ -64,6 +64,32 @@ def test_single_parquet_arrow_and_csv_of_relative_paths(tmp_path):
     assert reds(data.train) == [20, 21, 22] and data.image_column == "file_name"  # paths relative to the csv
 
 
+def test_a_csv_of_paths_is_keyed_by_the_images_it_names_not_only_by_itself(tmp_path):
+    """An image rewritten behind an unchanged csv makes a new cache (the old pixels are never trained on); one removed
+    is refused by name at the start, before anything is decoded."""
+    (tmp_path / "pics").mkdir()
+    for i in (30, 31, 32):
+        solid(i).save(tmp_path / "pics" / f"{i}.png")
+    (tmp_path / "list.csv").write_text("image\n" + "".join(f"pics/{i}.png\n" for i in (30, 31, 32)))
+    first = load(tmp_path, train_data_files=str(tmp_path / "list.csv"))
+    assert reds(first.train) == [30, 31, 32]
+    Image.new("RGB", (12, 12), (40, 100, 200)).save(tmp_path / "pics" / "31.png")  # a new size and mtime
+    second = load(tmp_path, train_data_files=str(tmp_path / "list.csv"))
+    assert reds(second.train) == [30, 32, 40] and second.cache_dir != first.cache_dir
+    (tmp_path / "pics" / "32.png").unlink()
+    with pytest.raises(ValueError, match=r"cannot read .*pics/32\.png \(FileNotFoundError.*remove it from the source"):
+        load(tmp_path, train_data_files=str(tmp_path / "list.csv"))
+
+
+def test_a_dangling_link_in_an_image_folder_is_refused_naming_it_and_the_fix(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    solid(1).save(folder / "1.png")
+    (folder / "2.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ValueError, match=r"cannot read .*imgs/2\.png \(FileNotFoundError.*a dangling link.*restore it"):
+        load(tmp_path, train_data_dir=str(folder))
+
+
 def test_a_list_of_data_files_globs_and_image_files(tmp_path):
     for shard, numbers in enumerate((range(0, 3), range(3, 7))):
         dataset(numbers).to_parquet(str(tmp_path / f"train-{shard:05d}.parquet"))

@@ -10,10 +10,12 @@ process count names the newest checkpoint that fits."""
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,22 @@ def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_d
         f"options it was trained with (--config {out}/training_args.json holds them), or start a new run"
     )
     assert tree_hashes(out) == before  # nothing read into it, nothing written
+
+
+def test_a_streaming_run_resumed_on_changed_files_is_refused_naming_the_change(streamed):
+    """A stream of local files is keyed by their paths, sizes and modification times, as a cached source is."""
+    out, stream = streamed
+    record = json.loads((out / "checkpoint-4" / "run_record.json").read_text())
+    shard = Path(stream[stream.index("--train_data_files") + 1].split(",")[0])
+    before, stat = tree_hashes(out), shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten since the checkpoint
+    try:
+        line = refused(launch_flags(out, *stream, "--resume_from_checkpoint", "latest"))
+    finally:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert f"changed since checkpoint-4 (its key {record['data']['source']} is now " in line, line
+    assert "--allow_data_change" in line
+    assert drop_lock(tree_hashes(out)) == drop_lock(before)
 
 
 @pytest.mark.slow  # one more launch; the 2-process streaming resume is tests/test_data_streaming.py's (slow too)

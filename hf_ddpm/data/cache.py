@@ -8,7 +8,11 @@ with its size and mtime kept is not seen) and every preprocessing option, so cha
 `datasets` writes each file to a temporary name and renames it when complete; we then write `complete.json`, the
 manifest naming those files with their sizes and a checksum of their ends, atomically (temporary file + rename). A run
 killed while preprocessing leaves no manifest, so the next run preprocesses again (`map` reuses whichever shard files
-were complete, and redoes the rest): nothing half-written is ever read as complete. Later runs, resumes and the other
+were complete, and redoes the rest; one damaged since is removed first): nothing half-written is ever read as
+complete. A file of the source that cannot be read at all (missing, no permission, an I/O error: a folder moved away
+mid-build) stops the build with `SourceUnreadable` naming it, instead of being skipped as a corrupt image would be
+(which would leave a complete cache of part of the data for every later run). The pool's workers die with the
+builder (workers.py), so a builder killed alone leaves no worker holding the key's lock. Later runs, resumes and the other
 processes open the manifest's files memory-mapped (`Dataset.from_file`) without decoding anything.
 
 Self-healing and shared: a cache file that is missing, truncated, changed or does not read as Arrow is found when the
@@ -42,7 +46,8 @@ import torch
 
 from ..atomic import write_atomically
 from ..file_lock import FileLock
-from .decode import decode_image
+from .decode import decode_image, read_bytes
+from .workers import forks_die_with_this_process
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,11 @@ ENDS = 1 << 20  # the checksum of a cache file covers its size and its first and
 
 class CacheDamaged(Exception):
     """A complete cache (it has a manifest) whose files do not match it: rebuilt, never read."""
+
+
+class SourceUnreadable(RuntimeError):
+    """An image file of the source could not be read while the cache was built (missing, no permission, an I/O
+    error): the source changed or vanished, which is not a corrupt image. The build stops; nothing is marked complete."""
 
 
 class CacheSpaceError(OSError):
@@ -106,8 +116,19 @@ def _preprocess_batch(batch, indices, *, column, rows, resolution, channels, cro
     color, upscaled, error = [False] * n, [False] * n, [""] * n
     for i, (value, index) in enumerate(zip(batch[column], indices)):
         row = int(rows[index]) if rows is not None else index  # the row of the source split: its crop's seed
-        if value["bytes"] is None and value["path"] and base_dir and not os.path.isabs(value["path"]):
-            value = {"bytes": None, "path": os.path.join(base_dir, value["path"])}
+        if value["bytes"] is None and value["path"]:
+            path = (
+                value["path"] if not base_dir or os.path.isabs(value["path"]) else os.path.join(base_dir, value["path"])
+            )
+            try:
+                value = {"bytes": read_bytes(path), "path": path}
+            except OSError as err:
+                raise SourceUnreadable(
+                    f"cannot read image {path} ({type(err).__name__}: {err.strerror or err}) while building the "
+                    "preprocessed cache: the source changed or vanished (a moved folder, an unmounted share, changed "
+                    "permissions), which is not a corrupt image. Restore the file, or remove it from the source, and "
+                    "run again"
+                ) from None
         crop_rng = None if crop_seed is None else np.random.default_rng([crop_seed, 1, row])
         try:
             arr, upscaled[i] = decode_image(value, resolution, channels, crop_rng)
@@ -163,6 +184,7 @@ def _space_error(cache_dir, root: str, needed: int, free: int, what: str) -> Cac
 
 def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, base_dir, cache_dir, num_proc):
     """The preprocessed rows `rows` (None: all) of `ds`, from the cache or built now; (dataset, folder, built)."""
+    import datasets
 
     options = {"column": column, "resolution": resolution, "channels": channels, "crop_seed": crop_seed,
                "base_dir": base_dir}  # fmt: skip
@@ -194,6 +216,12 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
             # left by a builder that died while writing (datasets' temporary files, our manifest's staging file):
             # the lock's holder is the only builder alive, so no file here is another's work in progress
             os.remove(stale)
+        for shard in glob.glob(os.path.join(folder, "pixels*.arrow")):  # no manifest: a build that did not finish
+            try:  # a shard it finished reads whole and `map` reuses it; one damaged since would fail the build
+                datasets.Dataset.from_file(shard)
+            except Exception:  # pyarrow raises OSError, ArrowInvalid, ...
+                logger.warning("removing %s, left unreadable by an unfinished build", shard)
+                os.remove(shard)
         return _build(ds, column, rows, options, folder, root, cache_dir, num_proc)
 
 
@@ -231,11 +259,12 @@ def _build(ds, column, rows, options, folder, root, cache_dir, num_proc):
     fn = functools.partial(_preprocess_batch, column=column, rows=rows, resolution=resolution, channels=channels,
                            crop_seed=options["crop_seed"], base_dir=options["base_dir"])  # fmt: skip
     try:
-        mapped = source.map(
-            fn, batched=True, with_indices=True, batch_size=256, remove_columns=[column], features=features,
-            num_proc=num_proc, cache_file_name=os.path.join(folder, "pixels.arrow"),
-            new_fingerprint=os.path.basename(folder), desc="preprocessing images",
-        )  # fmt: skip
+        with forks_die_with_this_process():  # the pool's workers: a SIGKILLed builder leaves none holding the lock
+            mapped = source.map(
+                fn, batched=True, with_indices=True, batch_size=256, remove_columns=[column], features=features,
+                num_proc=num_proc, cache_file_name=os.path.join(folder, "pixels.arrow"),
+                new_fingerprint=os.path.basename(folder), desc="preprocessing images",
+            )  # fmt: skip
         names = [os.path.relpath(f["filename"], folder) for f in mapped.cache_files]
         manifest = {"files": names, "rows": len(mapped), "options": options, "version": CACHE_VERSION,
                     "records": {name: _record(os.path.join(folder, name)) for name in names}}  # fmt: skip

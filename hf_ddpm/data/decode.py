@@ -61,6 +61,17 @@ def to_mode(img: Image.Image, channels: int | None) -> Image.Image:
     return img.convert(target)
 
 
+def read_bytes(path: str) -> bytes:
+    """The bytes of an image file: a local path, or a remote file of a Hub dataset (hf://, https://)."""
+    if "://" in path:  # a remote file of a Hub stream (hf://, https://): datasets' reader
+        from datasets.utils.file_utils import xopen
+
+        with xopen(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def decode_image(value, resolution: int, channels: int | None, crop_rng: np.random.Generator | None):
     """Decode one stored image (datasets' {"bytes", "path"}) to (C, R, R) uint8; also whether it was upscaled."""
     img = Image.open(io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"])

@@ -22,7 +22,7 @@ import torch
 from .cache import MappedImages, preprocess
 from .decode import check_resolution, detect_image_column, gray_to
 from .digits import digits_array
-from .sources import one_source, open_source, train_and_eval_split
+from .sources import one_source, open_source, train_and_eval_split, with_referenced_files
 from .split import check_eval_size, eval_count
 
 logger = logging.getLogger("hf_ddpm.data")
@@ -137,7 +137,7 @@ def load_data(
         ds = src.splits[split]
         needed = np.unique(np.concatenate(selections)) if selections else np.arange(0)
         rows = None if len(needed) == len(ds) else needed  # the whole split: one cache whatever the selection
-        identity = src.identities.get(split) or ds._fingerprint
+        identity = with_referenced_files(src.identities.get(split) or ds._fingerprint, ds, column, src.base_dir)
         cached, folders[split], _ = preprocess(ds, column, identity, rows, **opts)
         positions = needed if rows is None else np.arange(len(needed))
         for idx in selections:
@@ -224,15 +224,20 @@ def data_identity(data) -> DataIdentity:
     """The identity of the data `load_training_data` gave (`ImageData` or a `StreamingData`). The key of a
     preprocessed source is its cache folder's
     name: a hash of the files' resolved paths, sizes and modification times (not their contents) and of the
-    preprocessing options; a stream or the bundled digits are keyed by their description."""
+    preprocessing options; a stream of local files by their identity alike (without options: nothing is cached),
+    other streams and the bundled digits by their description."""
     cache = getattr(data, "cache_dir", None)
     train, held_out = data.train, data.eval
     count = getattr(train, "num_examples", len(train))  # a stream's stated size (None: unknown)
     pixels = held_out[:].cpu().contiguous().numpy() if len(held_out) else b""
+    key = os.path.basename(cache) if cache else getattr(data, "key", None) or data.source
     return DataIdentity(
-        source=os.path.basename(cache) if cache else data.source, num_images=count, num_held_out=len(held_out),
-        held_out=hashlib.sha256(pixels).hexdigest()[:16], description=data.source,
-    )  # fmt: skip
+        source=key,
+        num_images=count,
+        num_held_out=len(held_out),
+        held_out=hashlib.sha256(pixels).hexdigest()[:16],
+        description=data.source,
+    )
 
 
 # A training run's options that `load_data` takes under the same names (training/train.py's flags).
@@ -278,7 +283,9 @@ def _drop_corrupt(train_cached, train_rows, eval_cached, eval_rows, description,
         failed += errors.filter(pc.not_equal(errors, "")).to_pylist()
         kept.append(rows[~bad])
     if failed and not skip_corrupt:
-        raise ValueError(f"cannot decode image {failed[0]} (skip_corrupt=True skips such files)")
+        raise ValueError(
+            f"cannot decode image {failed[0]} (--on_corrupt_image skip, or skip_corrupt=True, skips such files)"
+        )
     if failed:
         names = [e.split(": ", 1)[0] for e in failed]
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

@@ -8,7 +8,8 @@ same folder named `f200` or `./f200/`, or from another working directory, is the
 modification times, from one directory walk: a second start on a million files does not go through `load_dataset`'s
 data-file resolution (minutes for 100k files) at all. A file whose content changes while its size and modification
 time stay the same is not seen (contents are not hashed: that would read every image at every start). For everything
-else it is the dataset's own fingerprint.
+else it is the dataset's own fingerprint; a csv/json of image paths adds the sizes and modification times of the
+files it names (`with_referenced_files`).
 """
 
 from __future__ import annotations
@@ -66,8 +67,29 @@ def _hash(*parts) -> str:
 
 
 def _files_identity(paths: list[str]) -> str:
-    stats = [(p, s.st_size, s.st_mtime_ns) for p in paths for s in (os.stat(p),)]
+    stats = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError as err:  # a dangling link, a file removed or made unreadable since it was listed
+            raise ValueError(
+                f"cannot read {path} ({type(err).__name__}: {err.strerror or err}): a dangling link, or a file "
+                "removed or made unreadable after the source was listed; restore it or remove it from the source"
+            ) from None
+        stats.append((path, stat.st_size, stat.st_mtime_ns))
     return _hash("files", stats)
+
+
+def with_referenced_files(identity: str, ds, column: str, base_dir: str) -> str:
+    """`identity` of a split whose `column` holds image paths (a csv/json of paths, relative to `base_dir`), extended
+    by those files' sizes and modification times: an image changed behind an unchanged list changes the identity."""
+    import datasets
+
+    feature = getattr(ds, "features", {}).get(column)
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        return identity
+    paths = [p if os.path.isabs(p) else os.path.join(base_dir, p) for p in ds[column] if p]
+    return _hash(identity, _files_identity(paths))
 
 
 def _image_files(folder: str) -> list[str]:
@@ -128,7 +150,10 @@ def _image_folder(folder: str, streaming: bool) -> Source:
     if streaming:
         import datasets
 
-        return Source(datasets.load_dataset("imagefolder", data_dir=given, streaming=True), given)
+        streamed = datasets.load_dataset(
+            "imagefolder", data_dir=given, streaming=True
+        )  # keyed too: a resume sees changes
+        return Source(streamed, given, {s: _files_identity(paths) for s, paths in lists.items() if paths})
     splits = {s: ImagePaths(paths) for s, paths in lists.items() if paths}
     return Source(splits, given, {s: _files_identity(paths) for s, paths in lists.items() if paths})
 
@@ -146,7 +171,8 @@ def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
     files = [os.path.realpath(f) for f in files]  # the key of their cache: the same files however they are named
     if all(_is_image(f) for f in files):
         if streaming:
-            return Source({"train": _paths_dataset(files).to_iterable_dataset()}, description)
+            return Source({"train": _paths_dataset(files).to_iterable_dataset()}, description,
+                          {"train": _files_identity(files)})  # fmt: skip
         return Source({"train": ImagePaths(files)}, description, {"train": _files_identity(files)})
     builders = {FILE_BUILDERS.get(k) for k in kinds}
     if len(builders) != 1 or None in builders:
@@ -156,7 +182,9 @@ def _data_files(files: list[str], cache_dir, streaming: bool) -> Source:
         )
     (builder,) = builders
     splits = datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, streaming=streaming)
-    identities = {} if streaming else {"train": _hash(splits["train"]._fingerprint, _files_identity(files))}
+    identities = {
+        "train": _files_identity(files) if streaming else _hash(splits["train"]._fingerprint, _files_identity(files))
+    }
     return Source(dict(splits), description, identities, os.path.dirname(files[0]))
 
 

@@ -8,19 +8,13 @@ each decoding worker: it leaves the preemption signals to the trainer and dies w
 
 from __future__ import annotations
 
-import ctypes
-import os
 import signal
-import sys
-import threading
-import time
 from typing import NamedTuple
 
 import numpy as np
 
-from .decode import decode_image
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+from .decode import decode_image, read_bytes
+from .workers import die_with_parent
 
 
 class Failure(NamedTuple):
@@ -31,40 +25,13 @@ class Failure(NamedTuple):
     message: str
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(1)  # the parent died: nothing of ours is left to decode for
-
-
 def init_worker(parent_pid: int) -> None:
     """A decoding worker ignores the signals the training process checkpoints on (a Ctrl-C reaches the whole
     process group: a worker killed by one would break the pool before the trainer's checkpoint), and dies with the
-    process that started it: a SIGKILLed trainer (the kernel's OOM killer) would otherwise leave the workers, and the
-    resource tracker they keep alive, holding the launcher's stdout/stderr pipes open, so `accelerate launch` never
-    exits. Linux: the kernel's parent-death signal; elsewhere a thread that polls the parent's pid."""
+    process that started it (workers.py says why)."""
     for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-    if not armed:
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-
-
-def read_bytes(path: str) -> bytes:
-    if "://" in path:  # a remote file of a Hub stream (hf://, https://): datasets' reader
-        from datasets.utils.file_utils import xopen
-
-        with xopen(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
+    die_with_parent(parent_pid)
 
 
 def decode_example(value, resolution: int, channels: int) -> np.ndarray | Failure:

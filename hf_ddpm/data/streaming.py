@@ -38,8 +38,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .decode import decode_image
-from .stream_decode import Failure, decode_example, init_worker, read_bytes
+from .decode import decode_image, read_bytes
+from .stream_decode import Failure, decode_example, init_worker
 
 logger = logging.getLogger(__name__)
 RESUME_HINT = "Restore the source, then continue from the last checkpoint with --resume_from_checkpoint latest"
@@ -302,13 +302,15 @@ class StreamedImages:
 
 class StreamingData(NamedTuple):
     """A streamed dataset, as `open_streaming` opens it: the stream's maker, its image column, the stand-in for its
-    training images, the held-out images (uint8, in memory) and the source's description."""
+    training images, the held-out images (uint8, in memory), the source's description and, for local files, their
+    identity (sources.py: paths, sizes and modification times), which a resume compares."""
 
     make_stream: object
     column: str
     train: StreamedImages
     eval: torch.Tensor
     source: str
+    key: str | None = None
 
 
 def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=None, train_data_files=None,
@@ -362,5 +364,10 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
         return train
 
     return StreamingData(
-        make_stream, column, StreamedImages(num_examples, channels, resolution), held_out, src.description
+        make_stream,
+        column,
+        StreamedImages(num_examples, channels, resolution),
+        held_out,
+        src.description,
+        src.identities.get(train_split),
     )
