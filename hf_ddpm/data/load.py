@@ -230,7 +230,7 @@ def data_identity(data) -> DataIdentity:
     train, held_out = data.train, data.eval
     count = getattr(train, "num_examples", len(train))  # a stream's stated size (None: unknown)
     pixels = held_out[:].cpu().contiguous().numpy() if len(held_out) else b""
-    key = os.path.basename(cache) if cache else getattr(data, "key", None) or data.source
+    key = os.path.basename(cache) if cache else getattr(data.train, "key", None) or data.source
     return DataIdentity(
         source=key,
         num_images=count,

@@ -290,10 +290,12 @@ class StreamingBatches:
 
 class StreamedImages:
     """Stands for a stream's training images where in-memory ones would be: `.shape` (N, C, R, R) and `len`; N is
-    the dataset's stated size, or UNKNOWN_LENGTH (no limit on the default batch size) when it states none."""
+    the dataset's stated size, or UNKNOWN_LENGTH (no limit on the default batch size) when it states none. `key`:
+    the identity of the local files they come from (sources.py: paths, sizes, modification times), which a resume
+    compares; None for a Hub stream."""
 
-    def __init__(self, num_examples: int | None, channels: int, resolution: int):
-        self.num_examples = num_examples
+    def __init__(self, num_examples: int | None, channels: int, resolution: int, key: str | None = None):
+        self.num_examples, self.key = num_examples, key
         self.shape = torch.Size((num_examples or UNKNOWN_LENGTH, channels, resolution, resolution))
 
     def __len__(self) -> int:
@@ -302,15 +304,13 @@ class StreamedImages:
 
 class StreamingData(NamedTuple):
     """A streamed dataset, as `open_streaming` opens it: the stream's maker, its image column, the stand-in for its
-    training images, the held-out images (uint8, in memory), the source's description and, for local files, their
-    identity (sources.py: paths, sizes and modification times), which a resume compares."""
+    training images, the held-out images (uint8, in memory) and the source's description."""
 
     make_stream: object
     column: str
     train: StreamedImages
     eval: torch.Tensor
     source: str
-    key: str | None = None
 
 
 def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=None, train_data_files=None,
@@ -363,11 +363,5 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
     def make_stream():  # each iteration of it starts at its beginning; the position lives in the node's split
         return train
 
-    return StreamingData(
-        make_stream,
-        column,
-        StreamedImages(num_examples, channels, resolution),
-        held_out,
-        src.description,
-        src.identities.get(train_split),
-    )
+    images = StreamedImages(num_examples, channels, resolution, src.identities.get(train_split))
+    return StreamingData(make_stream, column, images, held_out, src.description)
