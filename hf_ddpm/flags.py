@@ -9,15 +9,28 @@ flag, then a one-line usage, instead of the whole usage of a command with a hund
     usage: python -m hf_ddpm evaluate [options] model   (--help describes every flag)
 
     parser = FlagParser(prog="...", description="...")   # everything else as argparse.ArgumentParser
+
+The values of flags: a config file's value typed as the command line would give it (`config_value`; a quoted "no"
+is False), a number checked against its flag's range (`check_number`: finite, and within its ends), and a local
+path made absolute (`absolute_path`); a JSON or YAML file of flag: value pairs read (`read_flag_file`).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import math
+import operator
+import os
 import re
 import sys
+import types
+import typing
+from pathlib import Path
 from typing import NoReturn
+
+import yaml
 
 
 def canonical(flag: str) -> str:
@@ -114,3 +127,111 @@ class FlagParser(argparse.ArgumentParser):
         formatter = self.formatter_class(prog=f"{self.prog} [options]", width=10_000)
         formatter.add_usage(None, needed, [])
         return formatter.format_help().strip() + "   (--help describes every flag)"
+
+
+# ------------------------------------------------------------------------------------------------ values of flags
+
+# The spellings of a boolean in a config file (a quoted YAML "no", a JSON "false"), as argparse-style parsers read
+# them; case is ignored. Anything else is refused: bool("no") is True.
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+BOOLEANS = f"a boolean ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)})"
+
+
+def parse_bool(text: str) -> bool:
+    """'yes' -> True, 'Off' -> False; any other word is a ValueError naming the allowed spellings (BOOLEANS)."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError(f"{text!r} is not {BOOLEANS}")
+
+
+BOUNDS = ("min", "max", "above", "below")  # the ends `check_number` takes: min <= value <= max, above < value < below
+
+
+def check_number(flag: str, value, min=None, max=None, above=None, below=None) -> None:  # noqa: A002
+    """Raise ValueError unless `value` is a finite number within the ends given, naming the flag, the value, the end
+    it passes and the whole range: `--learning_rate must be >= 0, got -1`, `--adam_beta1 must be < 1, got 1.5
+    (allowed: [0, 1))`, `--max_grad_norm must be a finite number >= 0, got nan`. Not a number (None, a str): passes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    ends = [(end, sign) for end, sign in ((min, ">="), (above, ">"), (max, "<="), (below, "<")) if end is not None]
+    said = {sign: f"{sign} {end}" for end, sign in ends}
+    if len(ends) == 2:  # an interval: [0, 1), (0, 1], ...
+        (low, low_sign), (high, high_sign) = ends
+        allowed = f"in {'[' if low_sign == '>=' else '('}{low}, {high}{']' if high_sign == '<=' else ')'}"
+    else:
+        allowed = " ".join(said.values())
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} must be {' '.join(w for w in ('a finite number', allowed) if w)}, got {value}")
+    test = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+    for end, sign in ends:
+        if not test[sign](value, end):
+            whole = f" (allowed: {allowed.removeprefix('in ')})" if len(ends) == 2 else ""
+            raise ValueError(f"{flag} must be {said[sign]}, got {value}{whole}")
+
+
+def hint_kind(hint) -> tuple[type, tuple | None, bool]:
+    """(type, choices, optional) of a flag's type hint: `Literal[...] | None` -> (str, its values, True)."""
+    members = [hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = list(typing.get_args(hint))
+    optional = type(None) in members
+    members = [m for m in members if m is not type(None)]
+    if len(members) == 1 and typing.get_origin(members[0]) is typing.Literal:
+        return str, typing.get_args(members[0]), optional
+    return (members[0] if len(members) == 1 else object), None, optional
+
+
+def config_value(key, value, kind, choices, optional, parse, source):
+    """A config file's value of a flag (`key`, read from `source`) as the command line would give it: typed by
+    `hint_kind`'s kind and choices and by the flag's `parse`; or a ValueError naming it and what is allowed."""
+    allowed = kind.__name__ if parse is None else "a number"
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{source}: {key} cannot be null; allowed: {allowed}")
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = (parse or {bool: parse_bool}.get(kind, kind))(value)  # YAML reads 2e-4 (no dot) as a str
+        except ValueError:
+            raise ValueError(f"{source}: {key} {value!r} is not {BOOLEANS if kind is bool else allowed}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, (int, float)) if parse else isinstance(value, kind)
+    if not ok or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"{source}: {key} must be {allowed}, got {value!r}")
+    if choices and value not in choices:
+        raise ValueError(f"{source}: {key} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def absolute_path(value, local: bool = False, many: bool = False):
+    """A flag's value made absolute where it names a local path, so that a file of the values (training_args.json)
+    names the same files from any working directory. local: the flag always names one (--output_dir); else only a
+    value that exists as a path is one (not a Hub id, a preset name, 'latest'). many: comma-separated paths or glob
+    patterns (--train_data_files), each made absolute."""
+    if not isinstance(value, str):
+        return value
+    parts = [part.strip() for part in value.split(",") if part.strip()] if many else [value]
+    return ",".join(os.path.abspath(part) if local or os.path.exists(part) else part for part in parts)
+
+
+FLAG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_flag_file(path: Path, flag: str) -> dict:
+    """The mapping of flag name: value that a JSON or YAML file (given with `flag`) holds, as written (`config_value`
+    types each value); or a ValueError naming the file and what is wrong with it. An empty file holds none."""
+    if path.suffix not in FLAG_FILE_SUFFIXES:
+        raise ValueError(f"{flag} {path}: the file must end in one of {', '.join(FLAG_FILE_SUFFIXES)}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError is a ValueError
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"{flag} {path} is not valid {kind}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} {path} must hold a mapping of option: value, got {type(data).__name__}")
+    return data

@@ -12,6 +12,7 @@ import pytest
 from hf_ddpm.training import build_parser
 from hf_ddpm.training.cli import config_values, parse_args, read_config_file
 from hf_ddpm.training.config import GROUPS, TrainingConfig, check_args, flag_of_key
+from hf_ddpm.training.main import main
 from hf_ddpm.training.resolve import RunFacts, resolve
 
 EARLIER_FLAGS = set(
@@ -213,6 +214,28 @@ def test_a_bad_config_file_is_refused_naming_the_key_and_what_is_allowed(tmp_pat
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_quoted_booleans_in_a_config_file_read_as_their_words(tmp_path, suffix):
+    """bool("no") is True: a quoted "no" or "false" (YAML, JSON) must read as False, as argparse-style parsers do."""
+    words = {"use_ema": "no", "random_flip": "false", "push_to_hub": "0", "allow_tf32": "Off", "channels_last": "YES",
+             "compile": "True", "center_crop": "1", "debug": "on"}  # fmt: skip
+    path = tmp_path / f"run{suffix}"
+    path.write_text(json.dumps(words) if suffix == ".json" else "".join(f'{k}: "{v}"\n' for k, v in words.items()))
+    config = parse_args(["--config", str(path)])
+    assert [getattr(config, k) for k in words] == [False, False, False, False, True, True, True, True]
+    assert config_values({"random_flip": " yes "}) == {"random_flip": True}
+
+
+def test_a_config_file_boolean_of_another_word_is_one_line_naming_the_file_key_and_spellings(tmp_path, capsys):
+    path, out = tmp_path / "run.yaml", tmp_path / "out"
+    path.write_text('random_flip: "maybe"\n')
+    assert main(["--config", str(path), "--output_dir", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: random_flip 'maybe' is not a boolean (true/yes/1/on or false/no/0/off)"
+    ]
+    assert not out.exists()
 
 
 def test_config_sources_that_do_not_exist_or_are_not_yaml_or_json(tmp_path):

@@ -28,6 +28,35 @@ def test_an_unknown_flag_is_one_line_naming_the_nearest_and_the_usage(capsys):
     ], captured.err
 
 
+@pytest.mark.parametrize(
+    "flag,value,line",
+    [
+        ("--learning_rate", "nan", "--learning_rate must be a finite number >= 0, got nan"),
+        ("--learning_rate", "inf", "--learning_rate must be a finite number >= 0, got inf"),
+        ("--adam_beta1", "1.5", "--adam_beta1 must be < 1, got 1.5 (allowed: [0, 1))"),
+        ("--adam_beta1", "nan", "--adam_beta1 must be a finite number in [0, 1), got nan"),
+        ("--adam_beta2", "1.0", "--adam_beta2 must be < 1, got 1.0 (allowed: [0, 1))"),
+        ("--adam_epsilon", "-1", "--adam_epsilon must be > 0, got -1.0"),
+        ("--max_grad_norm", "nan", "--max_grad_norm must be a finite number >= 0, got nan"),
+        ("--ema_inv_gamma", "0", "--ema_inv_gamma must be > 0, got 0.0"),
+        ("--ema_power", "-1", "--ema_power must be > 0, got -1.0"),
+        ("--ema_max_decay", "1.5", "--ema_max_decay must be <= 1, got 1.5 (allowed: [0, 1])"),
+        ("--dropout", "nan", "--dropout must be a finite number in [0, 1), got nan"),
+        ("--dropout", "1", "--dropout must be < 1, got 1.0 (allowed: [0, 1))"),
+        ("--seed", "-1", "--seed must be >= 0, got -1 (allowed: [0, 4294967295])"),
+        ("--seed", str(2**32), "--seed must be <= 4294967295, got 4294967296 (allowed: [0, 4294967295])"),
+        ("--max_in_memory_gb", "nan", "--max_in_memory_gb must be a finite number >= 0, got nan"),
+    ],
+)
+def test_an_optimizer_or_ema_value_out_of_range_is_refused_at_the_door(tmp_path, capsys, flag, value, line):
+    """Each would reach torch or diffusers (a message naming no flag) after the output directory was written."""
+    out = tmp_path / "out"
+    assert main([flag, value, "--output_dir", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {line}"], captured.err
+    assert not out.exists()
+
+
 def test_a_token_the_hub_refuses_is_named_with_the_way_out(tmp_path, monkeypatch):
     """check_token's message for a 401 (the real request: the slow test below, against the local Hub)."""
     import huggingface_hub

@@ -14,6 +14,7 @@ from training_runs import assert_same_weights, tiny
 
 from hf_ddpm.training import checkpoints, parse_args, train
 from hf_ddpm.training.checkpoints import RUN_RECORD
+from hf_ddpm.training.main import main
 from hf_ddpm.training.output_dir import LOCK_NAME, MANIFEST_NAME, OutputDirError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
@@ -108,6 +109,51 @@ def test_a_checkpoint_without_a_run_record_is_refused_saying_why(trained, no_dat
                                          r"version of hf_ddpm.*start a new run \(--overwrite_output_dir\)"):  # fmt: skip
         train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
     assert tree_hashes(trained) == before
+
+
+@pytest.mark.parametrize("damage", ["delete optimizer.bin", "truncate model.safetensors"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_newest_whole_one(trained, damage, no_data, capsys):
+    """A file deleted or truncated since the checkpoint was written (its run record lists each with its size) is
+    refused before anything is loaded or written: training_args.json, the manifest, the logs stay as they were."""
+    newest, older = trained / "checkpoint-6", trained / "checkpoint-3"
+    if damage == "delete optimizer.bin":
+        (newest / "optimizer.bin").unlink()
+        said = "optimizer.bin is missing"
+    else:
+        weights = newest / "model.safetensors"
+        size = weights.stat().st_size
+        os.truncate(weights, size // 2)
+        said = f"model.safetensors holds {size // 2} bytes, not the {size} written"
+    before = tree_hashes(trained)
+    assert main(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the checkpoint {newest} is damaged: {said}; resume the newest whole one, --resume_from_checkpoint "
+        f"{os.path.realpath(older)}, or start a new run"
+    )
+    assert tree_hashes(trained) == before
+    (older / "scheduler.bin").unlink()  # the other one damaged too: none to suggest
+    assert main(tiny(trained, *RUN, "--resume_from_checkpoint", str(older))) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the checkpoint {older} is damaged: scheduler.bin is missing; none is whole: start a new run"
+    )
+
+
+def test_training_args_json_resumes_its_run_from_any_working_directory(tmp_path, monkeypatch):
+    """README's way out, `--config <out>/training_args.json --resume_from_checkpoint latest`, typed in another
+    directory resumes that run: the file holds the paths absolute, not as typed (a new run would start there)."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    train(parse_args(tiny("out", *RUN, "--cache_dir", "cache", "--model_config", "test-tiny")))
+    args = json.loads((here / "out" / "training_args.json").read_text())
+    assert (args["output_dir"], args["cache_dir"]) == (str(here / "out"), str(here / "cache"))
+    assert (args["model_config"], args["dataset_name"], args["logging_dir"]) == ("test-tiny", None, "logs")  # kept
+    (here / "out" / "checkpoint-6").rename(here / "out" / "checkpoint-6.old")  # the run stopped after step 3
+    monkeypatch.chdir(elsewhere)
+    summary = train(parse_args(["--config", str(here / "out" / "training_args.json"), "--resume_from_checkpoint",
+                                "latest"]))  # fmt: skip
+    assert summary["optimizer_steps"] == 6 and (here / "out" / "checkpoint-6").is_dir()
+    assert os.listdir(elsewhere) == []
 
 
 def test_a_resume_restores_the_checkpoints_mixed_precision(tmp_path):

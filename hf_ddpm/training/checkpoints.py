@@ -192,6 +192,8 @@ class RunRecord:
     batch: dict  # train_batch_size, gradient_accumulation_steps, seed
     data: DataIdentity = DataIdentity()
     schedule: dict = dataclasses.field(default_factory=dict)  # SCHEDULE_OPTIONS and total_steps (the run's length)
+    # {name: size} of the checkpoint's state files, listed by `write` (`damage`); not part of what the run was
+    files: dict = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
     def of_run(cls, step: int, unet_config: dict, scheduler_config: dict, config, num_processes: int,
@@ -211,7 +213,10 @@ class RunRecord:
         )  # fmt: skip
 
     def write(self, checkpoint: str) -> None:
-        write_atomically(os.path.join(checkpoint, RUN_RECORD), lambda f: json.dump(dataclasses.asdict(self), f))
+        """Into `checkpoint` once every process wrote its state there, listing the state's files and sizes."""
+        files = {e.name: e.stat().st_size for e in sorted(os.scandir(checkpoint), key=lambda e: e.name) if e.is_file()}
+        values = dataclasses.asdict(replace(self, files=files))
+        write_atomically(os.path.join(checkpoint, RUN_RECORD), lambda f: json.dump(values, f))
 
     @classmethod
     def read(cls, checkpoint: str) -> RunRecord:
@@ -246,13 +251,42 @@ def differences(saved: RunRecord, current: RunRecord, skip=()) -> list[str]:
     return found
 
 
-def fitting_checkpoint(output_dir: str, current: RunRecord, skip=()) -> str | None:
-    """The newest checkpoint in `output_dir` that this run could resume: its process count, model and objective."""
+def damage(checkpoint: str, record: RunRecord) -> str | None:
+    """What is wrong with the state files of `checkpoint` that its record lists (a file deleted, truncated or
+    replaced by one of another size since it was written), or None (a record of an earlier version lists none)."""
+    for name, size in record.files.items():
+        path = os.path.join(checkpoint, name)
+        found = os.path.getsize(path) if os.path.isfile(path) else None
+        if found != size:
+            return f"{name} is missing" if found is None else f"{name} holds {found} bytes, not the {size} written"
+    return None
+
+
+def whole_checkpoints(output_dir: str):
+    """(path, record) of each checkpoint in `output_dir` whose record reads and whose files are whole, newest first."""
     for _, path in reversed(list_checkpoints(output_dir)):
         try:
             saved = RunRecord.read(path)
         except (ValueError, OSError, TypeError, KeyError):
             continue
+        if damage(path, saved) is None:
+            yield path, saved
+
+
+def check_whole(checkpoint: str, record: RunRecord) -> None:
+    """Refuse to resume a damaged checkpoint (before anything is loaded or written), naming the file and the newest
+    whole checkpoint beside it, if any."""
+    wrong = damage(checkpoint, record)
+    if wrong is not None:
+        here = os.path.realpath(checkpoint)
+        other = next((p for p, _ in whole_checkpoints(os.path.dirname(here)) if os.path.realpath(p) != here), None)
+        way_out = f"resume the newest whole one, --resume_from_checkpoint {other}, or" if other else "none is whole:"
+        raise ValueError(f"the checkpoint {checkpoint} is damaged: {wrong}; {way_out} start a new run")
+
+
+def fitting_checkpoint(output_dir: str, current: RunRecord, skip=()) -> str | None:
+    """The newest whole checkpoint in `output_dir` that this run could resume: its process count, model, objective."""
+    for path, saved in whole_checkpoints(output_dir):
         if saved.launch.num_processes == current.launch.num_processes and not differences(saved, current, skip):
             return path
     return None

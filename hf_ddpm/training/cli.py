@@ -10,39 +10,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import os
-import types
 import typing
 from pathlib import Path
 
-import yaml
-
 from ..data.sources import DATA_SOURCES
-from ..flags import FlagParser
+from ..flags import FlagParser, config_value, hint_kind, read_flag_file
 from ..shipped import shipped_dir
 from .config import EXCLUSIVE, GROUPS, TrainingConfig
 
 RECIPES_DIR = shipped_dir("recipes", "training/recipes")  # hf_ddpm/recipes inside the wheel
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def _kind(hint) -> tuple[type, tuple | None, bool]:
-    """(type, choices, optional) of a field's type hint: `Literal[...] | None` -> (str, its values, True)."""
-    members = [hint]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        members = list(typing.get_args(hint))
-    optional = type(None) in members
-    members = [m for m in members if m is not type(None)]
-    if len(members) == 1 and typing.get_origin(members[0]) is typing.Literal:
-        return str, typing.get_args(members[0]), optional
-    return (members[0] if len(members) == 1 else object), None, optional
 
 
 def _fields() -> list[tuple[str, dataclasses.Field, tuple]]:
-    """(group title, field, _kind of its hint) of every option, in `--help` order."""
+    """(group title, field, `hint_kind` of its type hint) of every option, in `--help` order."""
     hints = typing.get_type_hints(TrainingConfig)
-    return [(title, f, _kind(hints[f.name])) for title, options in GROUPS for f in dataclasses.fields(options)]
+    return [(title, f, hint_kind(hints[f.name])) for title, options in GROUPS for f in dataclasses.fields(options)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,19 +75,7 @@ def find_config(source: str) -> Path:
 def read_config_file(source: str) -> dict:
     """The option values of a JSON or YAML config file (or shipped recipe), typed and checked like flags."""
     path = find_config(source)
-    if path.suffix not in CONFIG_SUFFIXES:
-        raise ValueError(f"--config {path}: the file must end in one of {', '.join(CONFIG_SUFFIXES)}")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError is a ValueError
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise ValueError(f"--config {path} is not valid {kind}: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path} must hold a mapping of option: value, got {type(data).__name__}")
-    return config_values(data, str(path))
+    return config_values(read_flag_file(path, "--config"), str(path))
 
 
 def config_values(data: dict, source: str = "the config") -> dict:
@@ -119,30 +90,8 @@ def config_values(data: dict, source: str = "the config") -> dict:
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"{source}: unknown option {key!r}{hint}; allowed: {', '.join(specs)}")
         f, (kind, choices, optional) = specs[name]
-        values[name] = _typed(key, value, kind, choices, optional, f.metadata["parse"], source)
+        values[name] = config_value(key, value, kind, choices, optional, f.metadata["parse"], source)
     return values
-
-
-def _typed(key, value, kind, choices, optional, parse, source):
-    """One config-file value as the command line would give it, or a ValueError naming it and what is allowed."""
-    allowed = kind.__name__ if parse is None else "a number"
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{source}: {key} cannot be null; allowed: {allowed}")
-    if isinstance(value, str) and kind is not str:
-        try:
-            value = (parse or kind)(value)  # e.g. YAML reads 2e-4 (no dot) as a string
-        except ValueError:
-            raise ValueError(f"{source}: {key} {value!r} is not {allowed}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    ok = isinstance(value, (int, float)) if parse else isinstance(value, kind)
-    if not ok or (isinstance(value, bool) and kind is not bool):
-        raise ValueError(f"{source}: {key} must be {allowed}, got {value!r}")
-    if choices and value not in choices:
-        raise ValueError(f"{source}: {key} {value!r} is not one of {', '.join(choices)}")
-    return value
 
 
 # A choice made on the command line replaces the config file's competing one: `--config ddpm-cifar10

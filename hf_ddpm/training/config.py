@@ -27,6 +27,7 @@ import torch
 from ..chain import TimestepSpacing
 from ..data.sources import DATA_SOURCES, one_source
 from ..data.split import parse_eval_size
+from ..flags import BOUNDS, absolute_path, check_number
 from ..losses import LossType, check_objective, default_variance_type
 from ..scheduler import PredictionType, VarianceType
 from ..schedules import BETA_SCHEDULES, SCHEDULE_ALIASES
@@ -35,6 +36,10 @@ from .interruptions import NAN_POLICIES, parse_signals
 DEFAULT_MODEL = "digits-16-tiny"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 SECRET_ARGS = ("hub_token",)  # never written to disk
+# The options that name local paths (and those that may: a Hub id or a preset name is not one), written absolute into
+# training_args.json (`to_json`)
+LOCAL_PATHS = ("output_dir", "cache_dir", "train_data_dir", "train_data_files")
+MAYBE_PATHS = ("dataset_name", "model_config", "pretrained_model_name_or_path", "resume_from_checkpoint")
 # The options of the run's length and LR schedule that a checkpoint records and a resume keeps (`resolve`).
 SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_steps", "learning_rate")
 # Options that choose the same thing: a config holds one of each pair (`check_args`), and a flag on the command line
@@ -64,11 +69,12 @@ NanPolicy = Literal[NAN_POLICIES]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
-def option(default=None, help: str = "", *, aliases=(), min=None, parse=None, negation=None, key=None):  # noqa: A002
-    """A run-config field. aliases: more flag names; min: the smallest allowed value (None passes);
-    parse: str -> value for the command line; negation: (flag, help) of a flag that sets a bool field to False;
-    key: the scheduler config key the option sets (so that a message about that key names the flag)."""
-    meta = {"help": help, "aliases": tuple(aliases), "min": min, "parse": parse, "negation": negation, "key": key}
+def option(default=None, help: str = "", *, aliases=(), parse=None, negation=None, key=None, **bounds):  # noqa: A002
+    """A run-config field. aliases: more flag names; bounds: the allowed range (min, max, above, below of
+    `hf_ddpm.flags.check_number`; a number must also be finite); parse: str -> value for the command line; negation:
+    (flag, help) of a flag that sets a bool field to False; key: the scheduler config key the option sets."""
+    meta = {"help": help, "aliases": tuple(aliases), "parse": parse, "negation": negation, "key": key,
+            **dict.fromkeys(BOUNDS), **bounds}  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -117,7 +123,7 @@ class ModelOptions:
     pretrained_model_name_or_path: str | None = option(
         help="fine-tune: a pipeline directory (unet/ and scheduler/) to start from")
     dropout: float | None = option(help="the new UNet's dropout probability (default: the preset's or JSON config's)",
-                                   min=0)  # DDPM: 0.1 on CIFAR-10, 0 at 256² (App. B); Improved DDPM CIFAR-10: 0.3
+                                   min=0, below=1)  # DDPM: 0.1 on CIFAR-10, 0 at 256² (App. B); Improved DDPM CIFAR-10: 0.3
 
 
 @dataclass(frozen=True)
@@ -164,17 +170,17 @@ class OptimizationOptions:
         help=f"linear warmup from 0 (default: {DEFAULT_WARMUP_STEPS}, a tenth of a shorter run; a resume: the run's)",
         min=0)
     # AdamW's β1, β2, weight decay and ε are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9)
-    adam_beta1: float = option(0.95, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_beta1: float = option(0.95, "AdamW beta1", min=0, below=1)  # torch.optim.AdamW's ranges
+    adam_beta2: float = option(0.999, "AdamW beta2", min=0, below=1)
     adam_weight_decay: float = option(1e-6, "AdamW weight decay", min=0)
-    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", above=0)  # 0 divides 0 by 0 where a gradient stays 0
     max_grad_norm: float = option(1.0, "gradient clipping; 0 disables it", min=0)  # DDPM's official code clips at 1
     use_ema: bool = option(True, "keep an EMA of the weights; the saved pipeline holds it")
     # diffusers' EMA warmup (inv_gamma 1, power 3/4) up to DDPM's decay 0.9999 (appendix B)
-    ema_inv_gamma: float = option(1.0, "EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power", min=0)
-    ema_power: float = option(3 / 4, "EMA warmup power")
-    ema_max_decay: float = option(0.9999, "the EMA decay it warms up to")
-    seed: int = option(0, "weights, data order, noise: one seed for all")
+    ema_inv_gamma: float = option(1.0, "EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power", above=0)
+    ema_power: float = option(3 / 4, "EMA warmup power", above=0)  # <= 0: a decay of 0 or below, never warming up
+    ema_max_decay: float = option(0.9999, "the EMA decay it warms up to", min=0, max=1)
+    seed: int = option(0, "weights, data order, noise: one seed for all", min=0, max=2**32 - 1)  # torch's, numpy's
     on_nan: NanPolicy = option("stop", "a NaN/inf loss or gradient: stop, naming the step, before anything of it is "
                                        "written; or skip that step's update with a warning")
 
@@ -272,9 +278,12 @@ class TrainingConfig(  # the bases in reverse: a dataclass lists the last base's
     def __post_init__(self):
         check_args(self)
 
-    def to_json(self) -> dict:
-        """The options as a JSON-ready dict (training_args.json, read by the model card), without the Hub token."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECRET_ARGS}
+    def to_json(self, absolute: bool = False) -> dict:
+        """The options as a JSON-ready dict (training_args.json, read by the model card), without the Hub token; with
+        `absolute` (training_args.json), the local paths absolute: `--config` of it resumes from any directory."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECRET_ARGS}
+        paths = (*LOCAL_PATHS, *MAYBE_PATHS) if absolute else ()
+        return values | {k: absolute_path(values[k], k in LOCAL_PATHS, k == "train_data_files") for k in paths}
 
     @property
     def model_source(self) -> str:
@@ -296,12 +305,8 @@ def launch_precision() -> str:
 def check_args(args: TrainingConfig) -> None:
     """Raise ValueError for an option value or combination that cannot work (each config, given or resolved, is
     checked when it is built)."""
-    for f in dataclasses.fields(args):
-        value, least = getattr(args, f.name), f.metadata.get("min")
-        if least is not None and value is not None and value < least:
-            raise ValueError(f"--{f.name} must be >= {least}, got {value}")
-    if not 0.0 <= args.ema_max_decay <= 1.0:
-        raise ValueError(f"--ema_max_decay must lie in [0, 1], got {args.ema_max_decay}")
+    for f in dataclasses.fields(args):  # each number finite and in its field's range, naming the flag
+        check_number(f"--{f.name}", getattr(args, f.name), **{end: f.metadata[end] for end in BOUNDS})
 
     if (args.mixed_precision or launch_precision()) == "fp16" and not torch.cuda.is_available():
         raise ValueError(
@@ -314,10 +319,8 @@ def check_args(args: TrainingConfig) -> None:
     for a, b in EXCLUSIVE:
         if getattr(args, a) is not None and getattr(args, b) is not None:
             raise ValueError(f"--{a} and --{b} choose the same thing: pass one, not both")
-    if args.dropout is not None and (args.dropout >= 1 or args.pretrained_model_name_or_path is not None):
-        raise ValueError(
-            f"--dropout {args.dropout}: a probability in [0, 1) for a new UNet (a pretrained one keeps its own)"
-        )
+    if args.dropout is not None and args.pretrained_model_name_or_path is not None:
+        raise ValueError(f"--dropout {args.dropout} is for a new UNet: a pretrained one keeps its own")
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
         raise ValueError(
             "--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir deletes it: pass one"

@@ -119,6 +119,8 @@ def check_run(given: TrainingConfig) -> Plan:
     check_dataset_reachable(given.dataset_name)  # in seconds, not after datasets' retries
     path = checkpoints.resolve_resume(given.resume_from_checkpoint, given.output_dir)
     record = RunRecord.read(path) if path else None
+    if record is not None:
+        checkpoints.check_whole(path, record)  # each state file as written: not deleted, not truncated
     facts = RunFacts(
         launch_precision=launch_precision(),
         pretrained_scheduler=pretrained_scheduler_config(given),

@@ -141,7 +141,7 @@ def prepare_output_dir(config: TrainingConfig, accelerator, found: OutputDir) ->
             _make_ours(found, config)
             remove_incomplete(config.output_dir)
             with open(os.path.join(config.output_dir, "training_args.json"), "w") as f:
-                json.dump(config.to_json(), f, indent=2)
+                json.dump(config.to_json(absolute=True), f, indent=2)
         except OSError as err:
             error = _unwritable(config.output_dir, err)
     raise_if_any_failed(accelerator, error, f"write {config.output_dir}")  # also the barrier after the writes
