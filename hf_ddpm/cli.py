@@ -18,8 +18,9 @@ import sys
 
 from .evaluation.run import add_arguments as add_evaluate_arguments
 from .flags import FlagParser
-from .hub import PUSH_FLAGS, HubPushError, add_push_flags, export_hub_folder, push_to_hub
-from .model_card import DEFAULT_LICENSE
+from .hub import export_hub_folder, push_to_hub
+from .model_card import DEFAULT_LICENSE, read_metrics_file
+from .push_guards import PUSH_FLAGS, HubPushError, add_push_flags, check_repo_id_value
 from .space import add_arguments as add_space_arguments
 from .space import run as run_space
 
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "push-space":
             print(run_space(args))
             return 0
+        check_repo_id_value(args.repo_id, f"--repo_id {args.repo_id!r}")  # at the door, before the offline guard
+        if args.metrics is not None:  # read again by the push or export: the same reader, its flag named here
+            read_metrics_file(args.metrics, f"--metrics {args.metrics}")
         if args.command == "export":
             files = export_hub_folder(
                 args.output_dir, args.dest, repo_id=args.repo_id, metrics=args.metrics, license=args.license

@@ -6,7 +6,7 @@
     export_hub_folder(output_dir, dest)  the exact folder a push uploads, built from a training output directory
     push_to_hub(output_dir, repo_id)     create the repo and upload that folder
     python -m hf_ddpm push OUTPUT_DIR --repo_id ID [--private] [--token TOKEN]   (hf_ddpm/cli.py)
-    check_can_push, request_timeout, push_failed, add_push_flags   every push's guards, error and flags (also the Space's)
+    check_can_push, request_timeout, push_failed, ...   every push's guards, error and flags: push_guards.py
     check_publish, check_token, publish   training's --push_to_hub hooks: the start-up checks and the push
 
 A push uploads a staged copy (model_index.json, unet/ weights in safetensors and config, scheduler/ config, the
@@ -16,7 +16,6 @@ states and training_args.json stay local, and a failed push leaves the output un
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,8 +27,17 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .atomic import replace_dir, staging_name, swap_in
-from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, render_model_card
+from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, read_metrics_file, render_model_card
 from .pipeline_folder import drop_local_paths
+from .push_guards import (
+    DEFAULT_TIMEOUT,
+    HubPushError,
+    check_can_push,
+    check_repo_id_value,
+    push_failed,
+    refuse_secret_in,
+    request_timeout,
+)
 from .remote_code import PIPELINE_CLASS, PIPELINE_PREFIX, SCHEDULER_PREFIX, add_remote_code
 
 if TYPE_CHECKING:  # the hooks read a training run's options; training imports this module
@@ -47,17 +55,6 @@ PUSHED_PATTERNS = [
     "scheduler/scheduler_config.json",
     f"scheduler/{SCHEDULER_PREFIX}_*.py",
 ]
-DEFAULT_TIMEOUT = 60.0  # seconds without progress on one HTTP request before a push gives up
-PUSH_FLAGS = ("private", "token", "commit_message", "timeout")  # every push command's: keywords of push_to_hub
-TOKEN_SOURCES = "pass --token (--hub_token in training), set HF_TOKEN, or run `hf auth login`"
-
-
-class HubPushError(RuntimeError):
-    """A push that did not happen or did not finish; the message says why and how to push again."""
-
-    def __init__(self, message: str, retry_command: str | None = None):
-        super().__init__(message)
-        self.retry_command = retry_command
 
 
 PIPELINE_STAGING = staging_name("pipeline", hidden=True)  # .pipeline.tmp: the new pipeline, before it is swapped in
@@ -152,8 +149,9 @@ def export_hub_folder(
     metrics: for the card (see `render_model_card`), or the path of a JSON file holding them.
     """
     output_dir, dest = Path(output_dir), Path(dest)
+    check_repo_id_value(repo_id, f"repo_id {repo_id!r}")  # the card's code examples name it
     if isinstance(metrics, (str, Path)):
-        metrics = json.loads(Path(metrics).read_text())
+        metrics = read_metrics_file(metrics)
     check_pipeline_dir(output_dir)
     if dest.exists() and any(dest.iterdir()):
         raise ValueError(f"{dest} is not empty; export into a new or empty directory")
@@ -197,7 +195,8 @@ def push_to_hub(
 ) -> str:
     """Push the pipeline in `output_dir` to the Hub repo `repo_id` (created if needed); returns the commit URL.
 
-    Only the files of `export_hub_folder` are uploaded. Refuses before any network call in offline mode
+    Only the files of `export_hub_folder` are uploaded. Refuses before any network call an invalid `repo_id` or
+    metrics file (first: the later refusals print a command to push again), then in offline mode
     (HF_HUB_OFFLINE=1), without a token, or when `output_dir` is not a complete safetensors pipeline. Any failure
     raises HubPushError, whose message says how to push again; `output_dir` is never modified.
     token: default HF_TOKEN or the token saved by `hf auth login`. metrics: as `export_hub_folder`'s.
@@ -206,21 +205,22 @@ def push_to_hub(
     extra = f" --license {shlex.quote(license)}" if license != DEFAULT_LICENSE else ""
     if isinstance(metrics, (str, Path)):
         extra += f" --metrics {shlex.quote(str(metrics))}"
+    try:  # before the offline and token guards: their messages print a command that must work later
+        check_repo_id_value(repo_id, f"repo_id {repo_id!r}")
+        if isinstance(metrics, (str, Path)):
+            metrics = read_metrics_file(metrics)
+    except ValueError as err:  # no command to print: run with this id or these metrics, it would fail again
+        raise HubPushError(f"not pushing {output_dir}: {err}") from None
     command = retry_command(output_dir, repo_id, private, extra)
     token = check_can_push(output_dir, command, token)
-    from huggingface_hub.utils import validate_repo_id
-
     try:
-        validate_repo_id(repo_id)
         check_pipeline_dir(output_dir)
-    except ValueError as err:  # HFValidationError is a ValueError
+    except ValueError as err:
         raise HubPushError(f"not pushing {output_dir}: {err}", command) from err
     from huggingface_hub import create_repo, upload_folder
 
     with tempfile.TemporaryDirectory(prefix="hf_ddpm_push_") as stage, request_timeout(timeout):
         stage = Path(stage)
-        if isinstance(metrics, (str, Path)):
-            metrics = json.loads(Path(metrics).read_text())
         files = export_hub_folder(output_dir, stage, repo_id=repo_id, metrics=metrics, license=license)
         refuse_secret_in(stage, token)
         try:
@@ -243,76 +243,6 @@ def push_to_hub(
             kept = f"Nothing in {output_dir} was changed. "
             raise push_failed(f"{output_dir} to the Hub as {repo_id}", err, command, kept) from err
     return commit.commit_url
-
-
-def push_failed(what: str, err: Exception, command: str, kept: str = "") -> HubPushError:
-    """The error of a push the Hub did not take (network, HTTP 4xx/5xx, a timeout): what, why, and how to push
-    again. kept: a sentence on what is left untouched."""
-    return HubPushError(
-        f"pushing {what} failed: {type(err).__name__}: {err}\n{kept}To push it again, run:\n    {command}\n"
-        f"(for the token, {TOKEN_SOURCES})",
-        command,
-    )
-
-
-def check_can_push(what, command: str, token: str | None = None) -> str:
-    """The guards every push passes before any request: refused in offline mode and without a token (`token`,
-    else HF_TOKEN or the saved login), each HubPushError naming `what` is pushed and `command` to push it again.
-    Returns the token."""
-    _refuse_offline(what, command)
-    return _resolve_token(token, what, command)
-
-
-def _refuse_offline(what, command: str) -> None:
-    """HubPushError in offline mode (HF_HUB_OFFLINE=1), before any request is made."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise HubPushError(
-            f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent. {what} is complete on "
-            f"disk; to push it later, unset HF_HUB_OFFLINE and run:\n    {command}",
-            command,
-        )
-
-
-def _resolve_token(token: str | None, what, command: str) -> str:
-    """`token`, else HF_TOKEN or the saved login; HubPushError when there is none (no request made)."""
-    from huggingface_hub import get_token
-
-    token = token or get_token()
-    if not token:
-        raise HubPushError(f"no Hugging Face token: {TOKEN_SOURCES}. Then push {what} with:\n    {command}", command)
-    return token
-
-
-def refuse_secret_in(folder: Path, token: str) -> None:
-    """A last guard: refuse to upload a folder in which any file contains the token."""
-    needle = token.encode()
-    for path in folder.rglob("*"):
-        if path.is_file() and needle in path.read_bytes():
-            raise HubPushError(f"refusing to push: {path.relative_to(folder)} contains the Hub token")
-
-
-def add_push_flags(parser, what: str) -> None:
-    """The flags of every push command (`push`, `push-space`): privacy, token, commit message and request timeout."""
-    parser.add_argument("--private", action="store_true", help=f"create the {what} private (an existing one keeps its)")
-    parser.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
-    parser.add_argument("--commit_message", default=None)
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
-
-
-@contextlib.contextmanager
-def request_timeout(seconds: float):
-    """huggingface_hub's shared HTTP client waits forever by default; bound each request while pushing."""
-    from huggingface_hub.utils import get_session
-
-    session = get_session()
-    previous = session.timeout
-    session.timeout = seconds
-    try:
-        yield
-    finally:
-        session.timeout = previous
 
 
 # ------------------------------------------------------------------------------------------------ training's hooks
@@ -373,19 +303,11 @@ def check_repo_id(args: TrainingConfig) -> str | None:
     if not args.push_to_hub:
         return None
     from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     given = args.hub_model_id is not None
     repo_id = repo_id_of(args)  # the one the push uses
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        origin = f"--hub_model_id {repo_id!r}" if given else f"the repo id {repo_id!r} (from --output_dir's name)"
-        raise ValueError(
-            f"{origin} is not a valid Hub repo id: {str(err).split(': ')[0]}. "
-            + ("" if given else "Pass --hub_model_id NAME or rename the output directory. ")
-            + "Use 'name' or 'namespace/name' with letters, digits, '-', '_' and '.'"
-        ) from None
+    origin = f"--hub_model_id {repo_id!r}" if given else f"the repo id {repo_id!r} (from --output_dir's name)"
+    check_repo_id_value(repo_id, origin, "" if given else "Pass --hub_model_id NAME or rename the output directory. ")
     where = repo_id if "/" in repo_id else f"<your namespace>/{repo_id}"
     message = "--push_to_hub: will push the pipeline to %s/%s at the end"
     logging.getLogger(__name__).info(message, constants.ENDPOINT, where)  # before accelerate's state exists

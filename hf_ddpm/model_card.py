@@ -110,12 +110,80 @@ def describe_data(args: dict | None) -> tuple[str | None, str | None, str]:
     return "scikit-learn's bundled 8×8 handwritten digits", None, "sklearn-digits"
 
 
-def collect_metrics(summary: dict | None, metrics: dict | None) -> list[dict]:
-    """Rows {type, name, value, details, args} for the card's table and model-index: bits/dim, FID."""
-    metrics = dict(metrics or {})
+# The form of a metrics file, as `python -m hf_ddpm evaluate --metrics_out` writes it (evaluation/schema.py).
+METRICS_FORM = (
+    '{"bits_per_dim": {"value": 3.75, "stderr": 0.01, "count": 10000, "protocol": "..."}, "fid": {"value": 3.17, '
+    '"stderr": null, "count": 50000, "protocol": "...", "feature_extractor": "...", "num_samples": 50000}, ...}, '
+    "as `python -m hf_ddpm evaluate --metrics_out` writes it"
+)
+
+
+def read_metrics_file(path: str | os.PathLike, what: str | None = None) -> dict:
+    """The metrics of a JSON file for the card, checked (`check_metrics`); ValueError naming `what` (default: the
+    file) and the expected form when it cannot be read, is not JSON or holds something else."""
+    what = what or f"the metrics file {path}"
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise ValueError(f"{what} cannot be read ({reason}); pass a JSON file of the form {METRICS_FORM}") from None
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not JSON ({err}); expected the form {METRICS_FORM}") from None
+    check_metrics(metrics, what)
+    return metrics
+
+
+def _is_number(value, integer: bool = False) -> bool:
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
+ENTRY_NUMBERS = {"stderr": False, "bits_per_dim_stderr": False, "count": True, "num_images": True, "num_samples": True}
+
+
+def check_metrics(metrics, what: str = "metrics") -> None:
+    """ValueError naming `what`, the metric and the expected form unless `metrics` is {name: {"value": number,
+    "stderr": number or null, "count": integer or null, ...}} with names of METRICS (an entry may be null: skipped)
+    and an FID states FID_KEYS."""
+    if not isinstance(metrics, dict):
+        kind = {list: "an array", str: "a string"}.get(type(metrics), f"the value {metrics!r}")
+        raise ValueError(f"{what} holds {kind}, not an object of metrics; expected the form {METRICS_FORM}")
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; a card reports {list(METRICS)}")
+        raise ValueError(f"{what}: unknown metrics {unknown}; a card reports {list(METRICS)}")
+    for name, entry in metrics.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{what}: {name} is {entry!r}, not an object with its value; expected the form {METRICS_FORM}"
+            )
+        # the bound may come as training_summary.json's "eval" entry: {"bits_per_dim": 3.9, "bits_per_dim_stderr": ...}
+        summary_form = name == "bits_per_dim" and "value" not in entry and "bits_per_dim" in entry
+        value_key = "bits_per_dim" if summary_form else "value"
+        value = entry.get(value_key)
+        if not (_is_number(value) and math.isfinite(value)):
+            raise ValueError(
+                f"{what}: {name}'s {value_key} is {value!r}, not a finite number; expected the form {METRICS_FORM}"
+            )
+        for key, integer in ENTRY_NUMBERS.items():
+            if entry.get(key) is not None and not _is_number(entry[key], integer):
+                kind = "an integer" if integer else "a number"
+                raise ValueError(
+                    f"{what}: {name}'s {key} is {entry[key]!r}, not {kind} or null; expected the form {METRICS_FORM}"
+                )
+    fid = metrics.get("fid")
+    missing = [k for k in FID_KEYS if fid and fid.get(k) is None]
+    if missing:
+        raise ValueError(f"{what}: an FID must state {list(FID_KEYS)}; missing {missing}")
+
+
+def collect_metrics(summary: dict | None, metrics: dict | None) -> list[dict]:
+    """Rows {type, name, value, details, args} for the card's table and model-index: bits/dim, FID."""
+    if metrics:
+        check_metrics(metrics)
+    metrics = dict(metrics or {})
     rows = []
     bpd = metrics.get("bits_per_dim") or (summary or {}).get("eval")
     if bpd:
@@ -137,9 +205,6 @@ def collect_metrics(summary: dict | None, metrics: dict | None) -> list[dict]:
         )
     fid = metrics.get("fid")
     if fid:
-        missing = [k for k in FID_KEYS if fid.get(k) is None]
-        if missing:
-            raise ValueError(f"an FID must state {list(FID_KEYS)}; missing {missing}")
         details = f"{fid['num_samples']} samples, features of {fid['feature_extractor']}"
         if fid.get("reference"):
             details += f", against {fid['reference']}"

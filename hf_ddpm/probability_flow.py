@@ -104,7 +104,9 @@ class ODELikelihoodOutput(BaseOutput):
     """log p(x) of each image (N,) in nats, through the probability-flow ODE.
 
     log_likelihood: the mean over probes of log p_1(x(1)) + ∫ ∇·f̃. probe_log_likelihood: (N, K), one value per
-    Hutchinson probe (K = 1 for the exact divergence). standard_error: over probes (NaN for K = 1; 0 for exact).
+    Hutchinson probe (K = 1 for the exact divergence). standard_error: over probes (NaN for K = 1; 0 for exact),
+    for the continuous x given; of an 8-bit image the dequantization draw adds its own spread, unmeasured here
+    (`log_likelihood(method="ode")` reports NaN for it, and these as details["probe_standard_error"]).
     prior_log_likelihood: log p_1(x(1)) (N,). num_function_evaluations: NFE of the solver per image (N,);
     each evaluation runs the model on K probes (exact: D) and one vector-Jacobian product for them.
     """

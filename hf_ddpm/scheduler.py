@@ -150,7 +150,11 @@ class HFDDPMScheduler(SchedulerMixin, ConfigMixin):
         class's keys (a config from another library). The early keys of diffusers' first release
         (`"_class_name": "GaussianDDPMScheduler"`, `"timesteps"` for T), still in the google/ddpm-* repos, are read as
         DDPMScheduler's. From a compatible scheduler's config this takes the keys it
-        shares (T, the β schedule, `prediction_type`, `timestep_spacing`, ...); the others keep their defaults."""
+        shares (T, the β schedule, `prediction_type`, `timestep_spacing`, ...); the others keep their defaults.
+
+        An in-memory config (`EDMEulerScheduler().config` names no class) is judged by its keys: one with keys this
+        class does not take and no β schedule (EDM's σ range, flow matching's shift) is another scheduler's, and is
+        refused as its saved folder would be; a partial dict of this class's own keys is read as this class's."""
         config = from_early_keys(getattr(config, "config", config))
         check_foreign_config(cls, config)
         return super().from_config(config, **kwargs)  # return_unused_kwargs and overrides as diffusers reads them

@@ -63,19 +63,27 @@ def check_foreign_config(cls, config) -> None:
     name = config.get("_class_name")
     own = {cls.__name__, "HFDDPMScheduler", "DDPMScheduler"}
     allowed = sorted(own | set(CONFIG_SOURCES))
-    if name is None:
-        known = set(cls._get_init_keys(cls)) & set(config)
-        if not known:
+    what = f"a {name} config"
+    if name is None:  # an in-memory config (e.g. `EDMEulerScheduler().config`) names no class: judged by its keys
+        keys = cls._get_init_keys(cls)  # a set
+        if not keys & set(config):
             raise ValueError(
                 f"this scheduler config has none of {cls.__name__}'s keys (it has {sorted(config)}): it is not a "
                 f"diffusers scheduler config. Expected keys such as num_train_timesteps, beta_schedule, beta_start, "
                 f"beta_end, variance_type, prediction_type (the config of one of {allowed})"
             )
-    elif name not in allowed or (name not in own and "beta_schedule" not in config):
-        raise ValueError(
-            f"a {name} config cannot configure {cls.__name__}: it holds no β schedule for DDPM. Load a config of one "
-            f"of {allowed} (with beta_schedule), or build {cls.__name__}(num_train_timesteps=..., beta_schedule=...)"
-        )
+        # a partial dict of our own keys is ours; one with keys we do not take is another scheduler's, and without
+        # a β schedule (EDM's σ range, flow matching's shift) it would silently give DDPM's default linear betas
+        foreign = sorted(k for k in config if k not in keys and k[0] != "_")
+        if not foreign or {"beta_schedule", "trained_betas"} & set(config):
+            return
+        what = f"a config with foreign keys {foreign}"
+    elif name in own or name in allowed and "beta_schedule" in config:
+        return
+    raise ValueError(
+        f"{what} cannot configure {cls.__name__}: it holds no β schedule for DDPM. Load a config of one "
+        f"of {allowed} (with beta_schedule), or build {cls.__name__}(num_train_timesteps=..., beta_schedule=...)"
+    )
 
 
 LEARNED_VARIANCES = ("learned", "learned_range")  # diffusers' variance types that read the extra output channels

@@ -26,7 +26,15 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.utils import validate_repo_id
 
 from .flags import FlagParser
-from .hub import DEFAULT_TIMEOUT, PUSH_FLAGS, HubPushError, add_push_flags, check_can_push, push_failed, request_timeout
+from .push_guards import (
+    DEFAULT_TIMEOUT,
+    PUSH_FLAGS,
+    HubPushError,
+    add_push_flags,
+    check_can_push,
+    push_failed,
+    request_timeout,
+)
 from .shipped import shipped_dir
 
 __all__ = ["DEFAULT_APP_DIR", "REVISION_KEY", "prepare_space", "push_space"]

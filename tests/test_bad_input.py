@@ -10,7 +10,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, EDMEulerScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
 from image_files import write_folder, write_parquet
 from PIL import Image
 from training_runs import tiny
@@ -53,7 +60,12 @@ def test_corrupt_images_are_skipped_with_their_count_or_stop_the_run(tmp_path):
     (folder / "garbage.png").write_bytes(b"not a png")
     (folder / "truncated.png").write_bytes((folder / "0.png").read_bytes()[:40])
     argv = ["--train_data_dir", str(folder), "--eval_size", "2", "--cache_dir", str(tmp_path / "cache")]
-    refused(tmp_path, [*argv, "--on_corrupt_image", "stop"], ValueError, r"cannot decode image .*(garbage|truncated)")
+    refused(
+        tmp_path,
+        [*argv, "--on_corrupt_image", "stop"],
+        ValueError,
+        r"cannot decode image .*(garbage|truncated).*--on_corrupt_image skip",
+    )
     with pytest.warns(UserWarning, match=r"skipped 2 corrupt or unreadable image\(s\) of .*imgs: .*\.png"):
         summary = train(parse_args(tiny(tmp_path / "out", *argv)))  # the default: --on_corrupt_image skip
     assert summary["optimizer_steps"] == 2  # trained on the 10 good training images
@@ -233,6 +245,48 @@ def test_an_edm_config_has_no_beta_schedule_for_ddpm(tmp_path):
     EDMEulerScheduler().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"a EDMEulerScheduler config cannot configure .* holds no β schedule"):
         HFDDPMScheduler.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("scheduler_class", [EDMEulerScheduler, FlowMatchEulerDiscreteScheduler])
+def test_an_in_memory_config_without_a_beta_schedule_is_refused_as_its_folder_is(tmp_path, scheduler_class):
+    """`scheduler.config` names no class (only a saved one does): judged by its keys, it is refused as the folder is,
+    instead of silently giving DDPM's default linear betas."""
+    other = scheduler_class()
+    assert "_class_name" not in other.config
+    with pytest.raises(
+        ValueError, match=r"a config with foreign keys \[.*\] cannot configure HFDDPMScheduler: it holds no β"
+    ):
+        HFDDPMScheduler.from_config(other.config)
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"a {scheduler_class.__name__} config cannot configure .* holds no β"):
+        HFDDPMScheduler.from_pretrained(tmp_path)
+
+
+def test_in_memory_configs_of_our_keys_and_of_compatible_schedulers_still_load():
+    partial = HFDDPMScheduler.from_config({"num_train_timesteps": 100})  # a partial dict of our own keys
+    assert partial.config.num_train_timesteps == 100 and partial.config.beta_schedule == "linear"
+    ours = HFDDPMScheduler(num_train_timesteps=30, beta_schedule="squaredcos_cap_v2", variance_type="fixed_large")
+    assert HFDDPMScheduler.from_config(ours.config).config == ours.config
+    import diffusers
+
+    from hf_ddpm.scheduler_configs import CONFIG_SOURCES
+
+    loaded = 0
+    for name in CONFIG_SOURCES:  # every compatible scheduler's in-memory config: its T and β schedule
+        if not hasattr(diffusers, name) or name == "DDPMScheduler":
+            continue
+        try:
+            other = getattr(diffusers, name)(num_train_timesteps=40)
+        except ImportError:  # a scheduler that needs an extra package (scipy's, torchsde's)
+            continue
+        if "beta_schedule" not in other.config:  # EDMEulerScheduler, listed by diffusers: refused (the test above)
+            continue
+        assert "_class_name" not in other.config
+        ddpm = HFDDPMScheduler.from_config(other.config)
+        assert ddpm.config.num_train_timesteps == 40, name
+        assert ddpm.config.beta_schedule == other.config.beta_schedule, name
+        loaded += 1
+    assert loaded >= 10
 
 
 # ------------------------------------------------------------------------------------------------ pipeline inputs

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,74 @@ def test_as_real_processes_the_refusals_come_in_seconds_with_one_error_line(fold
         assert result.returncode == 1 and took < 180, result.stderr[-3000:]
         assert result.stderr.strip().splitlines()[-1].startswith(said) and "Traceback" not in result.stderr
         assert "bits/dim" not in result.stdout and not (tmp_path / "s").exists()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading the model is the first work `evaluate` does: a refusal that must come at the door fails the test if
+    it gets that far."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded: the flag was not checked at the door")
+
+    monkeypatch.setattr(HFDDPMPipeline, "from_pretrained", loaded)
+
+
+def test_a_device_this_machine_lacks_is_one_line_at_the_door(tmp_path, run_evaluate, monkeypatch, no_work):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, whatever runs the test
+    cases = {
+        "cuda": r"error: --device cuda: cuda is not available on this machine( \(this torch was built without CUDA\))?"
+        r"; use cpu",
+        "cuda:1": r"error: --device cuda:1: cuda is not available on this machine.*; use cpu",
+        "bogus": r"error: --device 'bogus' is not a device torch can name; use cpu, cuda, cuda:N, mps or xpu",
+        "meta": r"error: --device 'meta': evaluation runs on cpu, cuda, mps or xpu, not meta",
+    }
+    for device, said in cases.items():
+        result, _ = run_evaluate(tmp_path / "model", "--num_timesteps", 2, "--device", device)
+        assert result.returncode == 1 and re.fullmatch(said, result.stderr.strip()), result.stderr[-2000:]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU: its index is checked too
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result, _ = run_evaluate(tmp_path / "model", "--num_timesteps", 2, "--device", "cuda:3")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: --device cuda:3: this machine has 1 cuda device(s), cuda:0 to cuda:0"
+    )
+
+
+def test_the_seed_counts_and_resolution_name_their_flag_and_what_is_allowed(tmp_path, run_evaluate, no_work):
+    cases = {
+        ("--seed", -1): "error: --seed must be >= 0, got -1",
+        ("--num_samples", -5): "error: --num_samples must be >= 0, got -5",  # 0 is allowed (no sample metrics)
+        ("--resolution", 0): "error: --resolution must be >= 1, got 0",  # was read as "not given"
+        ("--resolution", -4): "error: --resolution must be >= 1, got -4",
+        ("--num_images", -1): "error: --num_images must be >= 0, got -1",
+        ("--num_timesteps", 0): "error: --num_timesteps must be >= 1, got 0",
+    }
+    for flags, said in cases.items():
+        result, _ = run_evaluate(tmp_path / "model", *flags)
+        assert result.returncode == 1 and result.stderr.strip() == said, (flags, result.stderr[-2000:])
+
+
+def test_paths_to_write_are_checked_at_the_door_naming_their_flag(tmp_path, run_evaluate, monkeypatch):
+    folder, file = tmp_path / "a_folder", tmp_path / "a_file"
+    folder.mkdir(), file.write_text("x")
+    cases = {
+        ("--metrics_out", folder): f"error: --metrics_out {folder} is a directory; pass the path of a JSON file, "
+        f"e.g. {folder / 'metrics.json'}",
+        ("--metrics_out", file / "sub" / "m.json"): f"error: --metrics_out {file / 'sub' / 'm.json'}: {file} is a "
+        "file, so no file can be made under it; pass another path",
+        ("--sample_dir", file): f"error: --sample_dir {file} is a file; pass a directory (an existing one, or a new "
+        "one to make)",
+        ("--likelihood_dir", file / "sub"): f"error: --likelihood_dir {file / 'sub'}: {file} is a file, so no "
+        "directory can be made under it; pass another path",
+    }  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(HFDDPMPipeline, "from_pretrained", lambda *a, **k: pytest.fail("not refused at the door"))
+        for flags, said in cases.items():
+            result, _ = run_evaluate(tmp_path / "model", "--num_timesteps", 2, *flags)
+            assert result.returncode == 1 and result.stderr.strip() == said, (flags, result.stderr[-2000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"] and not any(folder.iterdir())
+    # a --metrics_out whose directories do not exist yet: made, as the file is written once the metrics are in
+    model, out = save_model(tmp_path / "model", 1), tmp_path / "new" / "sub" / "m.json"
+    result, _ = run_evaluate(model, "--num_timesteps", 2, "--num_images", 2, "--metrics_out", out)
+    assert result.returncode == 0 and f"wrote {out}" in result.stdout, result.stderr[-2000:]
+    assert json.loads(out.read_text())["bits_per_dim"]["count"] == 2

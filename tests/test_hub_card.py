@@ -183,3 +183,69 @@ def test_the_command_line_exports_without_importing_torch_or_diffusers(output_di
     run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "heavy imports: []" in run.stdout and f"wrote {len(EXPORTED)} files" in run.stdout
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    ("[1, 2]", " holds an array, not an object of metrics; expected the form {\"bits_per_dim\": {\"value\": 3.75"),
+    ('{"bits_per_dim": 3.2}', ": bits_per_dim is 3.2, not an object with its value; expected the form"),
+    ("not json", " is not JSON (Expecting value: line 1 column 1 (char 0)); expected the form"),
+    ('{"bits_per_dim": {"value": "abc"}}', ": bits_per_dim's value is 'abc', not a finite number; expected the form"),
+    ('{"bits_per_dim": {"value": 3.2, "stderr": "0.1"}}', ": bits_per_dim's stderr is '0.1', not a number or null"),
+    ('{"fid": {"value": 12.0, "num_samples": 50000}}', r": an FID must state ['value', 'feature_extractor', "),
+    ('{"inception_score": {"value": 9.46}}', ": unknown metrics ['inception_score']; a card reports"),
+    (None, " cannot be read (No such file or directory); pass a JSON file of the form"),
+])  # fmt: skip
+def test_a_metrics_file_that_is_not_what_evaluate_writes_is_one_line_naming_the_flag(
+    output_dir, tmp_path, capsys, monkeypatch, content, said
+):
+    path = tmp_path / "metrics.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: pytest.fail("a request was made"))
+    for argv in (["export", str(output_dir), str(tmp_path / "dest")], ["push", str(output_dir), "--token", TOKEN]):
+        assert cli.main([*argv, "--repo_id", "me/m", "--metrics", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --metrics {path}{said}") and err.count("\n") == 1, err
+        assert "`python -m hf_ddpm evaluate --metrics_out`" in err or "FID" in err or "unknown" in err
+    assert not (tmp_path / "dest").exists()
+    if content is not None:  # the library's own readers refuse the same, as ValueError (HubPushError for a push)
+        with pytest.raises(ValueError, match=f"the metrics file {path}"):
+            export_hub_folder(output_dir, tmp_path / "dest", repo_id="me/m", metrics=path)
+        with pytest.raises(HubPushError, match=f"not pushing {output_dir}: the metrics file {path}") as error:
+            push_to_hub(output_dir, "me/m", token=TOKEN, metrics=path)
+        assert error.value.retry_command is None  # pushing again with the same file would fail again
+
+
+def test_a_metrics_dict_of_the_wrong_form_is_a_value_error_and_evaluates_output_goes_on_the_card(output_dir, tmp_path):
+    from hf_ddpm.evaluation.schema import Metric, write_metrics
+
+    for metrics in ({"bits_per_dim": 3.2}, {"bits_per_dim": {"value": "abc"}}, {"fid": [1]}):
+        with pytest.raises(ValueError, match="expected the form"):
+            collect_metrics(None, metrics)
+    path = tmp_path / "metrics.json"
+    write_metrics(path, [Metric("bits_per_dim", 3.25, 0.05, 4, "Monte Carlo, K = 2; 4 images of the held-out split")])
+    assert (
+        cli.main(["export", str(output_dir), str(tmp_path / "dest"), "--repo_id", "me/m", "--metrics", str(path)]) == 0
+    )
+    assert "| 3.2500 ± 0.0500 |" in (tmp_path / "dest" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("repo_id", ["a/b/c", "bad name"])
+def test_an_invalid_repo_id_is_refused_by_export_and_push_before_anything_else(
+    output_dir, tmp_path, capsys, monkeypatch, repo_id
+):
+    said = f"error: --repo_id {repo_id!r} is not a valid Hub repo id: Repo id must "
+    assert cli.main(["export", str(output_dir), str(tmp_path / "dest"), "--repo_id", repo_id]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1 and not (tmp_path / "dest").exists(), err
+    with pytest.raises(ValueError, match=f"repo_id {repo_id!r} is not a valid Hub repo id"):
+        export_hub_folder(output_dir, tmp_path / "dest", repo_id=repo_id)
+    assert not (tmp_path / "dest").exists()
+    # offline, the id is refused first: no "push it later" command that names an id the Hub would refuse
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["push", str(output_dir), "--repo_id", repo_id, "--token", TOKEN]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(said) and "HF_HUB_OFFLINE" not in err and "python -m hf_ddpm push" not in err, err
+    with pytest.raises(HubPushError, match=f"not pushing {output_dir}: repo_id {repo_id!r} is not a valid") as error:
+        push_to_hub(output_dir, repo_id, token=TOKEN)
+    assert "HF_HUB_OFFLINE" not in str(error.value) and error.value.retry_command is None

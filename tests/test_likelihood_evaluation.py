@@ -69,6 +69,19 @@ def test_every_method_names_itself_its_cost_and_what_it_bounds(pipe):
     assert torch.all(outs["trajectory"].standard_error > 0) and torch.all(outs["iw"].standard_error > 0)
 
 
+def test_the_odes_standard_error_is_nan_since_its_dequantization_draw_is_unmeasured(pipe):
+    """One draw u per image moves the value, so an exact divergence does not make it exact: NaN (as eq. 5's one x_t
+    per term), never 0; the probes' own spread at that u is kept in details."""
+    images = digits(1)
+    runs = [log_likelihood(pipe, images, "ode", divergence="exact", generator=torch.manual_seed(seed), **FAST_ODE)
+            for seed in (0, 1)]  # fmt: skip
+    assert runs[0].bits_per_dim.item() != runs[1].bits_per_dim.item()  # the draw moves it
+    for out in runs:
+        assert math.isnan(out.standard_error.item()) and out.details["probe_standard_error"].item() == 0
+    probes = log_likelihood(pipe, images, "ode", num_probes=2, generator=torch.manual_seed(0), **FAST_ODE)
+    assert math.isnan(probes.standard_error.item()) and probes.details["probe_standard_error"].item() > 0
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_epsilon_from_every_parametrization(prediction_type):
     from types import SimpleNamespace

@@ -52,7 +52,9 @@ class LikelihoodOutput(BaseOutput):
     """Bits/dim per image (N,) from one method, and what it is.
 
     method: the METHODS entry. bits_per_dim: per image. standard_error: of each image's estimate over the
-    estimator's own randomness (NaN where one draw gives no estimate of it). model_evaluations: per image (N,).
+    estimator's own randomness (NaN where one draw gives no estimate of it: the bound's exact pass, one x_t per term;
+    the ODE, one dequantization draw per image, whose probes' spread is details["probe_standard_error"]).
+    model_evaluations: per image (N,).
     bounds: what the number bounds. details: method-specific (e.g. "nfe" per image, "rate"/"distortion" curves).
     """
 
@@ -141,7 +143,11 @@ def log_likelihood(
     bpd = nats_to_bits_per_dim(-out.log_likelihood, num_dims) + DEQUANTIZATION_OFFSET_BITS
     probes = num_dims if divergence == "exact" else num_probes
     nfe = out.num_function_evaluations
-    return result(bpd, nats_to_bits_per_dim(out.standard_error, num_dims), nfe * probes, nfe=nfe,
+    # One dequantization draw u per image moves its value (a few hundredths to tenths of a bit), and the spread
+    # over the probes (0 for the exact trace) does not hold it: unmeasured, so NaN, as for eq. 5's one x_t per term.
+    # The probes' own spread, at this u, is in details["probe_standard_error"].
+    unmeasured, over_probes = torch.full_like(bpd, float("nan")), nats_to_bits_per_dim(out.standard_error, num_dims)
+    return result(bpd, unmeasured, nfe * probes, nfe=nfe, probe_standard_error=over_probes.cpu(),
                   divergence=divergence, num_probes=probes, rtol=rtol, atol=atol, eps=eps)  # fmt: skip
 
 

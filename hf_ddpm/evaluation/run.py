@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from ..data.sources import DATA_SOURCES, one_source
@@ -88,26 +89,79 @@ def data_options(args: argparse.Namespace) -> dict:
         from_run = False
     else:
         from_run = bool(run_args)
+    resolution = run_args.get("resolution") if args.resolution is None else args.resolution
     return {k: getattr(args, k, None) if getattr(args, k, None) is not None else run_args.get(k, d)
-            for k, d in DATA_OPTIONS.items()} | {"resolution": args.resolution or run_args.get("resolution"),
-                                                 "from_run": from_run}  # fmt: skip
+            for k, d in DATA_OPTIONS.items()} | {"resolution": resolution, "from_run": from_run}  # fmt: skip
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag in ("num_images", "num_samples", "reference_count", "num_timesteps", "num_inference_steps"):
-        value = getattr(args, flag)
-        if value is not None and value < (
-            1 if flag in ("num_timesteps", "num_inference_steps", "reference_count") else 0
-        ):
-            raise ValueError(f"--{flag} must be {'>= 1' if flag != 'num_images' else '>= 0'}, got {value}")
+    """Refuse bad flags before any work: counts, the seed, the resolution, the device and the paths to write."""
+    for flag in ("num_images", "num_samples", "seed", "resolution", "reference_count", "num_timesteps",
+                 "num_inference_steps"):  # fmt: skip
+        value, least = getattr(args, flag), 0 if flag in ("num_images", "num_samples", "seed") else 1
+        if value is not None and value < least:
+            raise ValueError(f"--{flag} must be >= {least}, got {value}")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     likelihood_options.check_arguments(args)
+    for flag, kind in (("metrics_out", "file"), ("sample_dir", "directory"), ("likelihood_dir", "directory"),
+                       ("reference_cache_dir", "directory")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            check_writable(flag, getattr(args, flag), kind)
+    if args.device is not None:
+        check_device(args.device)
     if args.num_images == 0 and args.num_samples == 0:
         raise ValueError("nothing to evaluate: --num_images 0 skips bits/dim and --num_samples is 0")
     from .sample_quality import check_sample_count
 
     check_sample_count(args.num_samples, args.fid_reference)  # before any sampling (and any bits/dim)
+
+
+def check_writable(flag: str, value: str, kind: str) -> None:
+    """Refuse a --flag path that cannot be written, before any work: `kind` "file" (written atomically beside
+    itself, its missing directories made) or "directory" (made with its parents where missing)."""
+    path = Path(value).absolute()
+    if kind == "file" and path.is_dir():
+        raise ValueError(
+            f"--{flag} {value} is a directory; pass the path of a JSON file, e.g. {Path(value) / 'metrics.json'}"
+        )
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise ValueError(f"--{flag} {value} is a file; pass a directory (an existing one, or a new one to make)")
+    if kind == "directory" and path.is_dir():
+        return  # used as it is (a --sample_dir whose shards are all drawn is only read)
+    existing = path.parent
+    while not existing.exists():  # the nearest directory that exists: the missing ones are made inside it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"--{flag} {value}: {existing} is a file, so no {kind} can be made under it; pass another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag} {value}: the directory {existing} is not writable; pass a path where you can write")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device that torch cannot name, or whose kind of accelerator this machine or torch lacks."""
+    import torch
+
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {device!r} is not a device torch can name; use cpu, cuda, cuda:N, mps or xpu"
+        ) from None
+    if chosen.type == "cpu":
+        return
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}
+    if chosen.type not in backend:
+        raise ValueError(f"--device {device!r}: evaluation runs on cpu, cuda, mps or xpu, not {chosen.type}")
+    if backend[chosen.type] is None or not backend[chosen.type].is_available():
+        built = " (this torch was built without CUDA)" if chosen.type == "cuda" and torch.version.cuda is None else ""
+        raise ValueError(f"--device {device}: {chosen.type} is not available on this machine{built}; use cpu")
+    count = backend[chosen.type].device_count() if hasattr(backend[chosen.type], "device_count") else None
+    if chosen.index is not None and count is not None and chosen.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} {chosen.type} device(s), {chosen.type}:0 to "
+                         f"{chosen.type}:{count - 1}")  # fmt: skip
 
 
 def evaluate(args: argparse.Namespace, extractor=None) -> list:
@@ -172,6 +226,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
         if args.metrics_out:
             from .schema import write_metrics
 
+            Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)  # checked writable at the start
             write_metrics(args.metrics_out, metrics)
             print(f"wrote {args.metrics_out}")
     return metrics
