@@ -3,13 +3,13 @@
 
 The kernel releases a flock when its process ends, however it ends: a SIGKILLed holder never leaves a stale lock.
 The holder writes who it is (PID, host, since when) into the file, so that a process that finds the lock taken can
-say who has it. A lock file may be removed by its holder (a run that leaves no trace), with the folder `take`
+say who has it. A lock file may be removed by its holder (a run that leaves no trace), with the folders `take`
 created for it: a process that opened the removed file takes the lock on the new one instead (the inode check in
 `take`), so two never hold "the" lock.
 
     FileLock.take(path)            the lock, or LockHeld naming its holder; wait=True waits for the holder instead
     holder_of(path)                who holds the lock on `path`, None if nobody (reads only)
-    lock.release(remove=False)     free it (remove: delete the file as well, and the folder `take` created)
+    lock.release(remove=False)     free it (remove: delete the file as well, and the folders `take` created)
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def holder_of(path: str) -> str | None:
 
 
 class FileLock:
-    """An exclusive lock on the file `path`, held until `release` (or the process's end). `created_dir`: the folder
-    `take` created for the file (None if it existed)."""
+    """An exclusive lock on the file `path`, held until `release` (or the process's end). `created_dir`: the
+    outermost folder `take` created for the file (None if its folder existed)."""
 
     def __init__(self, path: str, fd: int, created_dir: str | None = None):
         self.path, self.fd, self.created_dir = path, fd, created_dir
@@ -67,7 +67,9 @@ class FileLock:
         """Lock `path` (created if missing, and its folder). Taken by another process: raise LockHeld, or with `wait`
         tell `waiting(holder)` and wait until the holder lets go."""
         folder = os.path.dirname(os.path.abspath(path))
-        created = None if os.path.isdir(folder) else folder
+        created, missing = None, folder
+        while not os.path.isdir(missing):  # the outermost folder made for it: a/ of a new a/b/c/
+            created, missing = missing, os.path.dirname(missing)
         os.makedirs(folder, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -93,17 +95,21 @@ class FileLock:
         return cls(path, fd, created)
 
     def release(self, remove: bool = False) -> None:
-        """Free the lock (once; later calls do nothing); with `remove` delete the lock file first, then the folder
-        `take` created for it when nothing else is in it."""
+        """Free the lock (once; later calls do nothing); with `remove` delete the lock file first, then the folders
+        `take` created for it, each while nothing else is in it."""
         if self.fd is None:
             return
         if remove:
             os.unlink(self.path)
         os.close(self.fd)  # closing the last descriptor frees the flock
         self.fd = None
-        if remove and self.created_dir is not None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        while remove and self.created_dir is not None:  # the folders `take` made, innermost first
             with contextlib.suppress(OSError):  # not empty: someone else's files are never removed
-                os.rmdir(self.created_dir)
+                os.rmdir(folder)
+            if folder == self.created_dir or os.path.isdir(folder):
+                break
+            folder = os.path.dirname(folder)
 
     def __enter__(self) -> FileLock:
         return self

@@ -38,3 +38,12 @@ def test_a_waiting_taker_hears_the_holder_once_and_gets_the_lock_when_it_is_free
     with pytest.raises(LockHeld):
         FileLock.take(path)
     second.release()
+
+
+def test_removing_the_lock_removes_every_folder_take_made_for_it_and_nothing_else(tmp_path):
+    FileLock.take(str(tmp_path / "a" / "b" / "c" / "x.lock")).release(remove=True)
+    assert not (tmp_path / "a").exists()  # a/b/c/ made for the lock: all three gone
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "theirs.txt").write_text("someone else's")
+    FileLock.take(str(tmp_path / "a" / "b" / "c" / "x.lock")).release(remove=True)
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["theirs.txt"]  # only c/ was made

@@ -32,6 +32,13 @@ def refused(tmp_path, argv, match, error=ValueError):
     assert not out.exists()  # nothing written, not even the directory
 
 
+def test_a_refused_run_leaves_no_folder_of_a_new_nested_output_dir(tmp_path):
+    out = tmp_path / "new" / "runs" / "out"
+    with pytest.raises(ValueError, match="is not a directory"):
+        train(parse_args(["--output_dir", str(out), "--train_data_dir", str(tmp_path / "missing"), *SHORT]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even new/ or new/runs/
+
+
 @pytest.mark.parametrize("resolution", [15, 17])
 def test_a_resolution_the_unet_cannot_take_is_refused_naming_the_accepted_ones(tmp_path, no_data, resolution):
     match = (rf"--resolution {resolution}: the UNet of --model_config digits-16-tiny cannot take {resolution}x"
