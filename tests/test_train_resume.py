@@ -111,6 +111,7 @@ def test_the_streaming_run_resumed_with_its_own_options_ends_with_the_same_weigh
     shutil.rmtree(copy / "checkpoint-4")
     log = launch(launch_flags(copy, *stream, "--resume_from_checkpoint", "latest"))
     assert f"resumed from {copy / 'checkpoint-2'} at optimizer step 2" in log
+    assert "an unknown number of training images" in log  # a stream that states no length (not "0")
     a, b = weights(checkpoint / "model.safetensors"), weights(copy / "checkpoint-4" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -106,9 +106,9 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
     config, accelerator, batches = run.config, run.accelerator, run.batches
     accum, device, rank = config.gradient_accumulation_steps, accelerator.device, accelerator.process_index
     logger.info(
-        "%d training images (%s), %d processes x batch %d x accumulation %d = %d images per optimizer step; "
+        "%s training images (%s), %d processes x batch %d x accumulation %d = %d images per optimizer step; "
         "%d optimizer steps",
-        len(batches.images), run.data_source, accelerator.num_processes, config.train_batch_size, accum,
+        len(batches.images) or "an unknown number of", run.data_source, accelerator.num_processes, config.train_batch_size, accum,
         run.images_per_step, run.total_steps,
     )  # fmt: skip
     step = run.record.step
