@@ -273,3 +273,7 @@ def test_a_source_chosen_on_the_command_line_replaces_the_files_competing_one(tm
     assert not parse_args(["--config", str(path), "--resume_from_checkpoint", "latest"]).overwrite_output_dir
     with pytest.raises(ValueError, match="--overwrite_output_dir deletes it: pass one"):
         parse_args(["--overwrite_output_dir", "--resume_from_checkpoint", "latest"])
+    path.write_text("resume_from_checkpoint: latest\n")  # a resumed run's training_args.json, started over
+    config = parse_args(["--config", str(path), "--overwrite_output_dir"])
+    assert config.overwrite_output_dir and config.resume_from_checkpoint is None
+    assert parse_args(["--config", str(path), "--no-overwrite_output_dir"]).resume_from_checkpoint == "latest"

@@ -104,6 +104,7 @@ REPLACES = {
     **{a: (b,) for pair in EXCLUSIVE for a, b in (pair, pair[::-1])},
     "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
     "resume_from_checkpoint": ("overwrite_output_dir",),  # a run's training_args.json, resumed: the run goes on
+    "overwrite_output_dir": ("resume_from_checkpoint",),  # a resumed run's training_args.json, started over
 }
 
 
@@ -116,7 +117,9 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     given = vars(parser.parse_args(argv))
     source = given.pop("config", None)
     from_file = read_config_file(source) if source is not None else {}
-    for name in given:
+    for name, value in given.items():
+        if value is False:  # --no-<flag> makes no choice that competes with the file's
+            continue
         for other in REPLACES.get(name, ()):
             from_file.pop(other, None)  # back to its default, unless the command line gives it too
     return TrainingConfig(**{**from_file, **given})
