@@ -59,11 +59,13 @@ pipe = HFDDPMPipeline.from_pretrained(model)
 pipe.set_progress_bar_config(disable=True)
 with torch.no_grad():
     x, t = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.full((64,), 10)
-    pipe.unet(x, t)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
+    for _ in range(3):  # warm-up: tuned, the first calls still map the buffers that later calls reuse
         pipe.unet(x, t)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+    # untuned, glibc's dynamic threshold spares a call now and then: the mean of 8 calls keeps the two apart
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+        pipe.unet(x, t)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
 samples = pipe(batch_size=64, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np").images
 images = torch.from_numpy((samples[:8] * 255).round().astype("uint8")).permute(0, 3, 1, 2)
 bpd = pipe.bits_per_dim(images, generator=torch.Generator().manual_seed(0))
