@@ -124,7 +124,11 @@ def any_process_failed(accelerator, failed: bool) -> bool:
     return flag.item() > 0
 
 
+class MainProcessFailed(RuntimeError):
+    """Raised by the processes that heard of another's error (`raise_if_any_failed`): that process says why."""
+
+
 def raise_if_any_failed(accelerator, error: Exception | None, what: str) -> None:
     """Every process hears whether the main process failed to do `what`; all raise (its error, or one naming it)."""
     if any_process_failed(accelerator, error is not None):
-        raise error or RuntimeError(f"the main process failed to {what} (its error says why)")
+        raise error or MainProcessFailed(f"the main process failed to {what} (its error says why)")

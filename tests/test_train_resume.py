@@ -35,6 +35,7 @@ from training_runs import (
     weights,
 )
 
+from hf_ddpm.data import DataIdentity
 from hf_ddpm.launch import resume_command
 from hf_ddpm.training import checkpoints, main, parse_args
 from hf_ddpm.training.checkpoints import Launch, RunRecord
@@ -56,14 +57,18 @@ def streamed(tmp_path_factory):
     return out, stream
 
 
-def refused(argv) -> str:
-    """Run the launch command (`accelerate launch --quiet`: our line is the last); return its one error line."""
-    command = launch_command(argv)
+def refused(argv, num_processes=1) -> str:
+    """Run the launch command (`accelerate launch --quiet`: our line is the last of one process; with more, the
+    launcher's report of the failed one follows); return its one error line."""
+    command = launch_command(argv, num_processes)
     command = command[:3] + ["--quiet"] + command[3:]
     result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("error: ") == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1]
+    lines = result.stderr.strip().splitlines()
+    line = next(line for line in reversed(lines) if line.startswith("error: "))
+    assert num_processes > 1 or line == lines[-1], lines[-5:]
+    return line
 
 
 def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_difference(streamed):
@@ -180,9 +185,11 @@ def test_images_added_to_the_folder_since_the_checkpoint_are_refused_naming_the_
     assert len(record["data"]["source"]) == 24  # the preprocessed cache's key
     assert record["launch"] == {"num_processes": 1, "mixed_precision": "no", "accelerate": True, "cpu": True}
     assert record["schedule"]["total_steps"] == 4 and record["schedule"]["max_train_steps"] == 4
-    before = tree_hashes(out)
+    before, cache = tree_hashes(out), sorted((images.parent / "cache").rglob("*"))
     with added_images(images):
         line = refused(launch_flags(out, *data, "--resume_from_checkpoint", "latest"))
+    # refused before a cache of the new data is built (at a million images: hours of decoding and GBs of disk)
+    assert sorted((images.parent / "cache").rglob("*")) == cache
     assert line.startswith(
         f"error: 20 images added to {images} since checkpoint-4 (its key {record['data']['source']} "
     )
@@ -193,6 +200,44 @@ def test_images_added_to_the_folder_since_the_checkpoint_are_refused_naming_the_
     )
     # nothing written but the lock's holder: the data is read (and so compared) by a run that holds the lock
     assert drop_lock(tree_hashes(out)) == drop_lock(before)
+
+
+@pytest.mark.slow  # two 2-process launches
+def test_a_two_process_resume_on_changed_data_ends_with_the_main_process_line_alone(tmp_path):
+    """The machine's main process refuses before building the new cache; the other hears of it at once (no barrier
+    left waiting for the launcher) and holds its own line back: one error line, and no cache of the new data."""
+    write_digits(tmp_path / "images", 0, 60)
+    data = ["--train_data_dir", str(tmp_path / "images"), "--cache_dir", str(tmp_path / "cache"),
+            "--checkpointing_steps", "2", "--save_images_steps", "1000", "--max_train_steps", "2"]  # fmt: skip
+    out = tmp_path / "out"
+    launch(launch_flags(out, *data), num_processes=2)
+    cache = sorted((tmp_path / "cache").rglob("*"))
+    write_digits(tmp_path / "images", 1000, 20)
+    line = refused(launch_flags(out, *data, "--resume_from_checkpoint", "latest"), num_processes=2)
+    assert line.startswith(f"error: 20 images added to {tmp_path / 'images'} since checkpoint-2 (its key ")
+    assert sorted((tmp_path / "cache").rglob("*")) == cache
+
+
+def test_before_decoding_the_data_change_says_only_what_its_key_and_rows_tell():
+    """`load_data`'s `before_build` knows the training split's key and rows, not its pixels: the held-out split is
+    said to move only when it is drawn from a split whose rows changed."""
+    saved = DataIdentity("k1", num_images=44, num_held_out=16, held_out="ab", description="imgs", num_rows=60)
+    grown, rewritten = DataIdentity("k2", description="imgs", num_rows=80), DataIdentity("k2", num_rows=60)
+    key = " (its key k1 is now k2: a file's path, size or modification time, or a preprocessing option, differs)"
+    assert grown.change_since(saved, "checkpoint-4", True) == (
+        f"20 images added to imgs since checkpoint-4{key}: the held-out split would change (other images)"
+    )
+    assert grown.change_since(saved, "checkpoint-4", False) == (  # the source's own held-out split: unknown yet
+        f"20 images added to imgs since checkpoint-4{key}: nothing of it is decoded yet, and the held-out split may "
+        "change too"
+    )
+    assert rewritten.change_since(saved, "checkpoint-4", True) == (
+        f"imgs changed since checkpoint-4{key}: nothing of it is decoded yet, and the held-out split may change too"
+    )
+    assert DataIdentity("k1", num_rows=80).change_since(saved, "checkpoint-4", True) is None  # its cache exists
+    # a record written before the rows were recorded: the count is not guessed from the decoded images
+    old = DataIdentity("k1", num_images=44, num_held_out=16, held_out="ab", description="imgs")
+    assert grown.change_since(old, "checkpoint-4", True).startswith("imgs changed since checkpoint-4 (its key k1")
 
 
 def drop_lock(hashes: dict) -> dict:

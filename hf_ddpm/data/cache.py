@@ -182,8 +182,10 @@ def _space_error(cache_dir, root: str, needed: int, free: int, what: str) -> Cac
     )
 
 
-def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, base_dir, cache_dir, num_proc):
-    """The preprocessed rows `rows` (None: all) of `ds`, from the cache or built now; (dataset, folder, built)."""
+def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, base_dir, cache_dir, num_proc,
+               before_build=None):  # fmt: skip
+    """The preprocessed rows `rows` (None: all) of `ds`, from the cache or built now; (dataset, folder, built).
+    `before_build(folder)`, if given, may refuse a build by raising, before anything is written."""
     import datasets
 
     options = {"column": column, "resolution": resolution, "channels": channels, "crop_seed": crop_seed,
@@ -194,6 +196,8 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
         cached = open_cache(folder)
         if cached is not None:
             return cached, folder, False
+    if before_build is not None:
+        before_build(folder)
     os.makedirs(root, exist_ok=True)
 
     # `<key>.lock` beside the folder: a second builder of the key waits for the first, then finds the cache complete

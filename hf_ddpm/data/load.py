@@ -9,16 +9,19 @@ resumed run, are the same on either path. The path chosen and why is logged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from ..launch import raise_if_any_failed
 from .cache import MappedImages, preprocess
 from .decode import check_resolution, detect_image_column, gray_to
 from .digits import digits_array
@@ -40,6 +43,7 @@ class ImageData:
     image_column: str | None  # None for the digits
     cache_dir: str | None = None  # the preprocessed cache folder of the training split (None for the digits)
     in_memory: bool = True
+    num_rows: int | None = None  # the training split's rows as listed, decodable or not (None for the digits)
 
 
 def default_memory_budget(processes_per_machine: int = 1) -> int:
@@ -87,6 +91,7 @@ def load_data(
     max_in_memory_bytes: int | None = None,
     train_data_files: str | list[str] | None = None,
     preprocessing_num_workers: int | None = None,
+    before_build: Callable[[DataIdentity, bool], None] | None = None,
 ) -> ImageData:
     """Load, preprocess (once: cached on disk) and split training images.
 
@@ -107,6 +112,9 @@ def load_data(
     Memory: the selected images are held in RAM when their N*C*H*W bytes fit `max_in_memory_bytes` (None: a
     quarter of this machine's memory), else read batch by batch from the memory-mapped cache. The cache lives under
     `cache_dir` (else the datasets cache) in hf_ddpm_preprocessed/; `preprocessing_num_workers` processes build it.
+    `before_build`, if given, is called before the training split's cache is built (never when it is found complete)
+    with what is known without decoding (its key and rows: a `DataIdentity`) and whether the held-out images are
+    drawn from that split; it may raise to refuse the build (a resume on changed data, refused in seconds).
     """
     _check(resolution, channels, eval_size, max_train_samples, max_in_memory_bytes)
     given = one_source({"dataset_name": dataset_name, "train_data_dir": train_data_dir,
@@ -138,7 +146,14 @@ def load_data(
         needed = np.unique(np.concatenate(selections)) if selections else np.arange(0)
         rows = None if len(needed) == len(ds) else needed  # the whole split: one cache whatever the selection
         identity = with_referenced_files(src.identities.get(split) or ds._fingerprint, ds, column, src.base_dir)
-        cached, folders[split], _ = preprocess(ds, column, identity, rows, **opts)
+        check = None
+        if before_build is not None and split == train_split:
+
+            def check(folder: str) -> None:  # what is known of the training split before a byte is decoded
+                known = DataIdentity(os.path.basename(folder), description=src.description, num_rows=len(train_ds))
+                before_build(known, eval_split is None)
+
+        cached, folders[split], _ = preprocess(ds, column, identity, rows, before_build=check, **opts)
         positions = needed if rows is None else np.arange(len(needed))
         for idx in selections:
             parts[id(idx)] = (cached, positions[np.searchsorted(needed, idx)] if len(idx) else idx)
@@ -174,23 +189,27 @@ def load_data(
     )  # fmt: skip
     if in_memory:
         train, held_out = train[:], held_out[:]
-    return ImageData(train, held_out, src.description, column, folders[train_split], in_memory)
+    return ImageData(train, held_out, src.description, column, folders[train_split], in_memory, len(train_ds))
 
 
 @dataclass(frozen=True)
 class DataIdentity:
     """Which data a training run trained on, as its resume must find it again (the checkpoint's run record holds it;
-    None: not recorded; `description` names it in messages and is not compared). Built by `data_identity`."""
+    None: not recorded; `description` names it in messages and is not compared). Built by `data_identity`, and
+    before anything is decoded by `load_data` for its `before_build` (the key and the rows only)."""
 
     source: str | None = None  # the data's key (the preprocessed cache's, or the stream's or digits' description)
     num_images: int | None = None  # images in the training split
     num_held_out: int | None = None
     held_out: str | None = None  # sha256 of the held-out images' pixels: which images the held-out split holds
     description: str | None = None
+    num_rows: int | None = None  # the source's training split as listed, decodable or not (known before decoding)
 
-    def change_since(self, saved: DataIdentity, since: str) -> str | None:
+    def change_since(self, saved: DataIdentity, since: str, held_out_drawn: bool = False) -> str | None:
         """What changed in the data since the checkpoint `since` recorded `saved` (this is the data now) and what it
-        means for the held-out split, in one sentence; None when nothing recorded on both sides differs."""
+        means for the held-out split, in one sentence; None when nothing recorded on both sides differs. Before the
+        data is decoded (no held-out pixels yet) the split is known to move only when it is drawn from a training
+        split whose rows changed (`held_out_drawn`)."""
 
         def known(name):
             old, new = getattr(saved, name), getattr(self, name)
@@ -200,9 +219,10 @@ class DataIdentity:
             return None
         what = self.description or saved.description or "the data"
         old_total, new_total = (
-            None if d.num_images is None or d.num_held_out is None else d.num_images + d.num_held_out
+            d.num_rows if known("num_rows") or self.held_out is None
+            else None if d.num_images is None or d.num_held_out is None else d.num_images + d.num_held_out
             for d in (saved, self)
-        )
+        )  # fmt: skip
         if old_total is not None and new_total is not None and old_total != new_total:
             moved = new_total - old_total
             change = f"{abs(moved)} images {'added to' if moved > 0 else 'removed from'} {what} since {since}"
@@ -215,8 +235,10 @@ class DataIdentity:
             )
         if known("num_held_out"):
             return f"{change}: the held-out split would change ({saved.num_held_out} -> {self.num_held_out} images)"
-        if known("held_out"):
+        if known("held_out") or (self.held_out is None and held_out_drawn and known("num_rows")):
             return f"{change}: the held-out split would change (other images)"
+        if self.held_out is None:
+            return f"{change}: nothing of it is decoded yet, and the held-out split may change too"
         return f"{change}: the held-out split is the same, the training images are not"
 
 
@@ -237,6 +259,7 @@ def data_identity(data) -> DataIdentity:
         num_held_out=len(held_out),
         held_out=hashlib.sha256(pixels).hexdigest()[:16],
         description=data.source,
+        num_rows=getattr(data, "num_rows", None),
     )
 
 
@@ -246,10 +269,10 @@ LOAD_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "train_
                 "preprocessing_num_workers")  # fmt: skip
 
 
-def load_training_data(options, accelerator, resolution: int, channels: int | None):
+def load_training_data(options, accelerator, resolution: int, channels: int | None, before_build=None):
     """The images a training run's `options` name (its config: the data flags, by name) for its `accelerator`: one
-    process per machine preprocesses them into the cache while the others wait, then all open the same cache files.
-    With --streaming: the stream (`open_streaming`; nothing is cached)."""
+    process per machine preprocesses them into the cache while the others wait, then all open the same cache files
+    (`before_build`: `load_data`'s). With --streaming: the stream (`open_streaming`; nothing is cached)."""
     if options.streaming:
         from .streaming import open_streaming
 
@@ -261,14 +284,25 @@ def load_training_data(options, accelerator, resolution: int, channels: int | No
         budget = default_memory_budget(per_machine)
     else:
         budget = int(options.max_in_memory_gb * 1e9)
-    with accelerator.local_main_process_first():
-        return load_data(
-            resolution=resolution,
-            channels=channels,
-            skip_corrupt=options.on_corrupt_image == "skip",
-            max_in_memory_bytes=budget,
-            **{k: getattr(options, k) for k in LOAD_OPTIONS},
-        )
+    load = functools.partial(
+        load_data,
+        resolution=resolution,
+        channels=channels,
+        skip_corrupt=options.on_corrupt_image == "skip",
+        max_in_memory_bytes=budget,
+        before_build=before_build,
+        **{k: getattr(options, k) for k in LOAD_OPTIONS},
+    )
+    # The machine's main process first; its error (a refused resume, a lost source) reaches the others at once,
+    # instead of leaving them at a barrier until the launcher ends them.
+    data, error = None, None
+    if accelerator.is_local_main_process:
+        try:
+            data = load()
+        except Exception as err:
+            error = err
+    raise_if_any_failed(accelerator, error, "load the training data")
+    return data if data is not None else load()
 
 
 def _drop_corrupt(train_cached, train_rows, eval_cached, eval_rows, description, skip_corrupt):

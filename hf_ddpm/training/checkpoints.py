@@ -34,18 +34,12 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints in `output_dir` as (step, path), oldest first; `*.tmp` directories are not listed."""
     if not os.path.isdir(output_dir):
         return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isdir(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    named = ((CHECKPOINT_RE.match(name), os.path.join(output_dir, name)) for name in os.listdir(output_dir))
+    return sorted((int(match.group(1)), path) for match, path in named if match and os.path.isdir(path))
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1][1] if checkpoints else None
+    return next((path for _, path in reversed(list_checkpoints(output_dir))), None)
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
@@ -318,7 +312,19 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
             f"and random streams depend on it): {way_out}with `accelerate launch --num_processes {world}`, or start "
             "a new run"
         )
-    change = current.data.change_since(saved.data, os.path.basename(path))
+    check_data(path, saved, current.data, allow_data_change)
+    changed = {k: (v, current.batch.get(k)) for k, v in saved.batch.items() if current.batch.get(k) != v}
+    if changed and current.batch.get("train_batch_size") is not None:
+        logger.warning(
+            "resuming with a different run shape %s (checkpoint value, now): the data order and the random streams "
+            "after step %d differ from the original run", changed, saved.step,
+        )  # fmt: skip
+
+
+def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change: bool, drawn: bool = False) -> None:
+    """Refuse a resume of `path` on data that changed since (`now`: the data's identity; `drawn`: see
+    `DataIdentity.change_since`), or with `allow_data_change` go on, warning what it means."""
+    change = now.change_since(saved.data, os.path.basename(path), drawn)
     if change:
         again = (f"drawn again from it: it may hold images the model trained on, and held-out bits/dim before and "
                  f"after step {saved.step} do not compare")  # fmt: skip
@@ -329,12 +335,14 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
             )
         logger.warning("--allow_data_change: %s; resuming with the data as it is now: the held-out split is %s",
                        change, again)  # fmt: skip
-    changed = {k: (v, current.batch.get(k)) for k, v in saved.batch.items() if current.batch.get(k) != v}
-    if changed and current.batch.get("train_batch_size") is not None:
-        logger.warning(
-            "resuming with a different run shape %s (checkpoint value, now): the data order and the random streams "
-            "after step %d differ from the original run", changed, saved.step,
-        )  # fmt: skip
+
+
+def data_guard(path: str | None, saved: RunRecord | None, allow_data_change: bool):
+    """`load_data`'s `before_build` for a resume of `path` (None without one, or with `allow_data_change`): data whose
+    key is not the checkpoint's is refused before its cache is built (decoding a million images takes hours), in the
+    words of the comparison after loading."""
+    if saved is not None and not allow_data_change:
+        return lambda known, drawn: check_data(path, saved, known, False, drawn)
 
 
 # ------------------------------------------------------------------------------------------------ a run's checkpoints

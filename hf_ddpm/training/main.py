@@ -35,7 +35,7 @@ from ..data.batches import make_batches
 from ..data.streaming import StreamingBatches
 from ..hub import check_publish, check_token
 from ..hub_probe import check_dataset_reachable
-from ..launch import later_rank, launch_processes
+from ..launch import MainProcessFailed, later_rank, launch_processes
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from ..unet import check_forward
@@ -53,7 +53,7 @@ ERROR_STATUS = 1
 
 
 # A launcher's worker other than rank 0 holds back an error that every process meets alike (a bad flag, a check
-# before the run) this long: when rank 0 fails with it, the launcher stops this worker meanwhile, and the error is
+# before the run, or one that points at the main process's: MainProcessFailed) this long: when rank 0 fails with it, the launcher stops this worker meanwhile, and the error is
 # printed once; a worker still running after it prints its own (an error rank 0 did not meet is never lost).
 DOOR_GRACE_SECONDS = 10.0
 EVERY_PROCESS = "hf_ddpm_every_process"  # set on an error that every process raises alike (the checks at the door)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(held.getvalue())
         return code
     except Exception as err:
-        if later and (given is None or getattr(err, EVERY_PROCESS, False)):
+        if later and (given is None or getattr(err, EVERY_PROCESS, False) or isinstance(err, MainProcessFailed)):
             time.sleep(DOOR_GRACE_SECONDS)
         if given.debug if given is not None else "--debug" in argv:  # (also from a --config file once parsed)
             traceback.print_exc()
@@ -183,7 +183,8 @@ def setup(given: TrainingConfig) -> Run:
 def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     set_seed(given.seed)  # the same initial weights on every process
     scheduler, resolution = plan.scheduler, plan.resolution
-    data = load_training_data(plan.config, accelerator, resolution, plan.channels)  # the cache: once per machine
+    guard = checkpoints.data_guard(plan.facts.resume_path, plan.record, given.allow_data_change)
+    data = load_training_data(plan.config, accelerator, resolution, plan.channels, guard)  # the cache: once per machine
     config, notes = resolve(given, replace(plan.facts, train_images=len(data.train)))
     for note in notes:
         logger.info(note)
