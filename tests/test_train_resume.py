@@ -240,6 +240,24 @@ def test_before_decoding_the_data_change_says_only_what_its_key_and_rows_tell():
     assert grown.change_since(old, "checkpoint-4", True).startswith("imgs changed since checkpoint-4 (its key k1")
 
 
+def test_a_resume_that_would_end_before_the_pipeline_in_the_output_directory_is_refused(folder_run, tmp_path):
+    """A run extended past its last checkpoint (here: its summary says step 6, its newest checkpoint is step 4), then
+    resumed as it was, would end at step 4 and replace the step-6 pipeline with older weights."""
+    images, out, data = folder_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    summary = json.loads((copy / "training_summary.json").read_text())
+    (copy / "training_summary.json").write_text(json.dumps({**summary, "optimizer_steps": 6}))
+    before = tree_hashes(copy)
+    line = refused(launch_flags(copy, *data, "--resume_from_checkpoint", "latest"))
+    assert line == (
+        f"error: {copy} holds the pipeline of step 6 and this resume of checkpoint-4 ends at step 4: its pipeline "
+        "would replace those weights with older ones. Keep the pipeline (step 6 has no checkpoint), or train on past "
+        "step 6 (--max_train_steps with --allow_schedule_change)"
+    )
+    assert drop_lock(tree_hashes(copy)) == drop_lock(before)
+
+
 def drop_lock(hashes: dict) -> dict:
     return {name: digest for name, digest in hashes.items() if name != LOCK_NAME}
 
