@@ -111,6 +111,23 @@ def test_a_checkpoint_without_a_run_record_is_refused_saying_why(trained, no_dat
     assert tree_hashes(trained) == before
 
 
+def test_a_folder_that_is_not_a_checkpoint_is_refused_as_such(trained, no_data, tmp_path):
+    """Not the advice for an earlier version's checkpoint (start over with --overwrite_output_dir): that would
+    delete the run whose checkpoints sit beside it."""
+    elsewhere = tmp_path / "notes"
+    elsewhere.mkdir()
+    (elsewhere / "readme.txt").write_text("not a checkpoint")
+    before = tree_hashes(trained)
+    for folder in (elsewhere, trained / "unet"):
+        with pytest.raises(ValueError) as refused:
+            train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", str(folder))))
+        assert str(refused.value) == (
+            f"--resume_from_checkpoint {folder} is not a checkpoint (it holds no run_record.json and no saved training "
+            "state): name a checkpoint-<step> folder that a run wrote, or 'latest'"
+        )
+    assert tree_hashes(trained) == before
+
+
 @pytest.mark.parametrize("damage", ["delete optimizer.bin", "truncate model.safetensors"])
 def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_newest_whole_one(trained, damage, no_data, capsys):
     """A file deleted or truncated since the checkpoint was written (its run record lists each with its size) is

@@ -258,6 +258,21 @@ def test_a_resume_that_would_end_before_the_pipeline_in_the_output_directory_is_
     assert drop_lock(tree_hashes(copy)) == drop_lock(before)
 
 
+def test_a_resume_with_another_seed_is_refused_naming_the_seed_not_the_data(folder_run):
+    """The held-out split is drawn with the seed: a resume that leaves out the run's --seed (or gives another) moves
+    it, and the way out is the seed, not restoring data that never changed."""
+    images, out, data = folder_run
+    before = tree_hashes(out)
+    line = refused(launch_flags(out, *data, "--resume_from_checkpoint", "latest", "--seed", "5"))
+    assert line == (
+        "error: --seed 5 is not the run's --seed 0 (checkpoint-4): its held-out split and any random crops are drawn "
+        "with the seed, and would change. Resume with --seed 0, or pass --allow_data_change to go on with the data as "
+        "it is now (the held-out split is then drawn again from it: it may hold images the model trained on, and "
+        "held-out bits/dim before and after step 4 do not compare)"
+    )
+    assert drop_lock(tree_hashes(out)) == drop_lock(before)
+
+
 def drop_lock(hashes: dict) -> dict:
     return {name: digest for name, digest in hashes.items() if name != LOCK_NAME}
 

@@ -217,6 +217,12 @@ class RunRecord:
     def read(cls, checkpoint: str) -> RunRecord:
         """The record of a checkpoint, by name; a checkpoint without one is refused, saying why."""
         path = os.path.join(checkpoint, RUN_RECORD)
+        state = ("model", "pytorch_model", "optimizer", "random_states_")  # what accelerate's save_state writes
+        if not os.path.isfile(path) and not any(name.startswith(state) for name in os.listdir(checkpoint)):
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint} is not a checkpoint (it holds no {RUN_RECORD} and no saved "
+                "training state): name a checkpoint-<step> folder that a run wrote, or 'latest'"
+            )
         if not os.path.isfile(path):
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint} holds no {RUN_RECORD}: it was written by an earlier version "
@@ -313,7 +319,7 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
             f"and random streams depend on it): {way_out}with `accelerate launch --num_processes {world}`, or start "
             "a new run"
         )
-    check_data(path, saved, current.data, allow_data_change)
+    check_data(path, saved, current.data, allow_data_change, current.batch.get("seed"))
     changed = {k: (v, current.batch.get(k)) for k, v in saved.batch.items() if current.batch.get(k) != v}
     if changed and current.batch.get("train_batch_size") is not None:
         logger.warning(
@@ -340,28 +346,36 @@ def check_not_behind(output_dir: str, path: str, total_steps: int) -> None:
         )
 
 
-def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change: bool, drawn: bool = False) -> None:
+def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change: bool, seed: int | None,
+               drawn: bool = False) -> None:  # fmt: skip
     """Refuse a resume of `path` on data that changed since (`now`: the data's identity; `drawn`: see
-    `DataIdentity.change_since`), or with `allow_data_change` go on, warning what it means."""
-    change = now.change_since(saved.data, os.path.basename(path), drawn)
+    `DataIdentity.change_since`), naming this resume's `seed` first where it is not the run's (it draws the split);
+    or with `allow_data_change` go on, warning what it means."""
+    since = os.path.basename(path)
+    change, fix = now.change_since(saved.data, since, drawn), "Restore the data to resume this run"
+    if change and saved.batch.get("seed") not in (None, seed):  # the seed first: once it is the run's, the data
+        run_seed = saved.batch["seed"]
+        change = (f"--seed {seed} is not the run's --seed {run_seed} ({since}): its held-out split and any random "
+                  "crops are drawn with the seed, and would change")  # fmt: skip
+        fix = f"Resume with --seed {run_seed}"
     if change:
         again = (f"drawn again from it: it may hold images the model trained on, and held-out bits/dim before and "
                  f"after step {saved.step} do not compare")  # fmt: skip
         if not allow_data_change:
             raise ValueError(
-                f"{change}. Restore the data to resume this run, or pass --allow_data_change to go on with the data "
-                f"as it is now (the held-out split is then {again})"
+                f"{change}. {fix}, or pass --allow_data_change to go on with the data as it is now (the held-out "
+                f"split is then {again})"
             )
         logger.warning("--allow_data_change: %s; resuming with the data as it is now: the held-out split is %s",
                        change, again)  # fmt: skip
 
 
-def data_guard(path: str | None, saved: RunRecord | None, allow_data_change: bool):
+def data_guard(path: str | None, saved: RunRecord | None, allow_data_change: bool, seed: int):
     """`load_data`'s `before_build` for a resume of `path` (None without one, or with `allow_data_change`): data whose
     key is not the checkpoint's is refused before its cache is built (decoding a million images takes hours), in the
     words of the comparison after loading."""
     if saved is not None and not allow_data_change:
-        return lambda known, drawn: check_data(path, saved, known, False, drawn)
+        return lambda known, drawn: check_data(path, saved, known, False, seed, drawn)
 
 
 # ------------------------------------------------------------------------------------------------ a run's checkpoints

@@ -183,7 +183,7 @@ def setup(given: TrainingConfig) -> Run:
 def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     set_seed(given.seed)  # the same initial weights on every process
     scheduler, resolution = plan.scheduler, plan.resolution
-    guard = checkpoints.data_guard(plan.facts.resume_path, plan.record, given.allow_data_change)
+    guard = checkpoints.data_guard(plan.facts.resume_path, plan.record, given.allow_data_change, given.seed)
     data = load_training_data(plan.config, accelerator, resolution, plan.channels, guard)  # the cache: once per machine
     config, notes = resolve(given, replace(plan.facts, train_images=len(data.train)))
     for note in notes:
