@@ -3,6 +3,7 @@ the first's PID; a SIGKILLed run's lock blocks nothing), foreign files (refused,
 --allow_nonempty_output_dir; never removed by --overwrite_output_dir), and refused resumes that change nothing."""
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -109,6 +110,21 @@ def test_a_checkpoint_without_a_run_record_is_refused_saying_why(trained, no_dat
                                          r"version of hf_ddpm.*start a new run \(--overwrite_output_dir\)"):  # fmt: skip
         train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
     assert tree_hashes(trained) == before
+
+
+def test_resuming_an_older_checkpoint_says_the_newer_ones_are_replaced(trained, caplog):
+    """Resuming from before a divergence is deliberate, so it goes on; but the newer checkpoints of the same steps
+    are replaced by this run's, and that is said before anything is written."""
+    with caplog.at_level(logging.WARNING):
+        train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "checkpoint-3")))
+    assert (
+        f"resuming {trained / 'checkpoint-3'}, older than checkpoint-6: this run's checkpoints of the same steps "
+        "replace those" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
+    assert "older than" not in caplog.text
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_refused_as_such(trained, no_data, tmp_path):

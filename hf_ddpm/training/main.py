@@ -121,6 +121,10 @@ def check_run(given: TrainingConfig) -> Plan:
     record = RunRecord.read(path) if path else None
     if record is not None:
         checkpoints.check_whole(path, record)  # each state file as written: not deleted, not truncated
+        newer = [p for step, p in checkpoints.list_checkpoints(given.output_dir) if step > record.step]
+        if newer:  # deliberate, as a rule (a diverged run resumed from before it): said, since those are replaced
+            logger.warning("resuming %s, older than %s: this run's checkpoints of the same steps replace those",
+                           path, ", ".join(map(os.path.basename, newer)))  # fmt: skip
     facts = RunFacts(
         launch_precision=launch_precision(),
         pretrained_scheduler=pretrained_scheduler_config(given),
