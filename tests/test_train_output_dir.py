@@ -112,6 +112,25 @@ def test_a_checkpoint_without_a_run_record_is_refused_saying_why(trained, no_dat
     assert tree_hashes(trained) == before
 
 
+@pytest.mark.parametrize("name", ["optimizer.bin", "model.safetensors"])
+def test_a_checkpoint_overwritten_in_place_is_refused_before_anything_is_written(trained, name, capsys):
+    """Bytes of a state file replaced at its recorded size pass the size check: loading finds them, before the
+    output directory is touched (training_args.json, the manifest, the logs stay as they were), and the line names
+    the damage and the newest whole checkpoint, not torch's advice for intact files."""
+    newest, older = trained / "checkpoint-6", trained / "checkpoint-3"
+    with open(newest / name, "r+b") as f:
+        f.write(bytes(range(256)) * 16)
+    before = tree_hashes(trained)
+    assert main(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")) == 1
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"error: the checkpoint {newest} is damaged: its state does not load (")
+    assert line.endswith(f"); resume the newest whole one, --resume_from_checkpoint {os.path.realpath(older)}, or "
+                         "start a new run")  # fmt: skip
+    assert "weights_only" not in line
+    unlocked = lambda hashes: {k: v for k, v in hashes.items() if k != LOCK_NAME}  # noqa: E731 (names its holder)
+    assert unlocked(tree_hashes(trained)) == unlocked(before)
+
+
 def test_resuming_an_older_checkpoint_says_the_newer_ones_are_replaced(trained, caplog):
     """Resuming from before a divergence is deliberate, so it goes on; but the newer checkpoints of the same steps
     are replaced by this run's, and that is said before anything is written."""

@@ -279,10 +279,15 @@ def check_whole(checkpoint: str, record: RunRecord) -> None:
     whole checkpoint beside it, if any."""
     wrong = damage(checkpoint, record)
     if wrong is not None:
-        here = os.path.realpath(checkpoint)
-        other = next((p for p, _ in whole_checkpoints(os.path.dirname(here)) if os.path.realpath(p) != here), None)
-        way_out = f"resume the newest whole one, --resume_from_checkpoint {other}, or" if other else "none is whole:"
-        raise ValueError(f"the checkpoint {checkpoint} is damaged: {wrong}; {way_out} start a new run")
+        raise damaged(checkpoint, wrong)
+
+
+def damaged(checkpoint: str, wrong: str) -> ValueError:
+    """The error for a damaged checkpoint: what is `wrong`, and the newest whole checkpoint beside it, if any."""
+    here = os.path.realpath(checkpoint)
+    other = next((p for p, _ in whole_checkpoints(os.path.dirname(here)) if os.path.realpath(p) != here), None)
+    way_out = f"resume the newest whole one, --resume_from_checkpoint {other}, or" if other else "none is whole:"
+    return ValueError(f"the checkpoint {checkpoint} is damaged: {wrong}; {way_out} start a new run")
 
 
 def fitting_checkpoint(output_dir: str, current: RunRecord, skip=()) -> str | None:

@@ -90,7 +90,6 @@ def train(given: TrainingConfig) -> dict:
     run = setup(given)  # the main process holds the output directory's lock from here ...
     preemption = PreemptionHandler(parse_signals(run.config.preemption_signals))
     try:
-        resume(run)
         preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
         return train_loop(run, preemption)
     finally:
@@ -207,7 +206,6 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     total_steps = optimizer_steps(config, batches.batches_per_epoch)
     if plan.record is not None and not config.allow_schedule_change:
         checkpoints.check_not_behind(config.output_dir, plan.facts.resume_path, total_steps)
-    output_dir.prepare_output_dir(config, accelerator, plan.output)
 
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -244,11 +242,9 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         accelerator.register_for_checkpointing(sampler)
     if isinstance(batches, StreamingBatches):
         accelerator.register_for_checkpointing(batches)  # the stream's position
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train")
     start = plan.record.step if plan.record is not None else 0
     last_checkpoint = lambda: checkpoints.latest_checkpoint(config.output_dir)  # noqa: E731
-    return Run(
+    run = Run(
         config=config, accelerator=accelerator, unet=unet, scheduler=scheduler, optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, sampler=sampler, batches=batches, eval_images=data.eval,
         record=replace(record, step=start, schedule={**record.schedule, "total_steps": total_steps}),
@@ -256,6 +252,11 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         nan_guard=NanGuard(config.on_nan, last_checkpoint, grad_scaler=accelerator.scaler is not None),
         resume_path=plan.facts.resume_path,
     )  # fmt: skip
+    resume(run)  # a checkpoint that does not load fails here, before anything is written
+    output_dir.prepare_output_dir(config, accelerator, plan.output)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train")
+    return run
 
 
 def resume(run: Run) -> None:
@@ -264,7 +265,15 @@ def resume(run: Run) -> None:
         if run.config.resume_from_checkpoint is not None:
             logger.info("no checkpoint in %s yet: starting a new run", run.config.output_dir)
         return
-    run.accelerator.load_state(run.resume_path)
+    try:
+        run.accelerator.load_state(run.resume_path)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # a state file of its recorded size that does not load (overwritten in place)
+        said = one_line(err).split(". ")[0]  # torch's first sentence: its further advice is for intact files
+        error = checkpoints.damaged(run.resume_path, f"its state does not load ({type(err).__name__}: {said})")
+        setattr(error, EVERY_PROCESS, True)  # each process loads the shared files alike: rank 0 says it
+        raise error from err
     if run.ema is not None:  # accelerate loads the EMA weights on the CPU: back to the training device
         run.ema.to(device=run.accelerator.device)
     # accelerate restores its micro-step counter; set it from the step so accumulation windows line up regardless.
