@@ -10,7 +10,6 @@ pick. The output directory must be shared by all processes (one file system).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -331,24 +330,6 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
             "resuming with a different run shape %s (checkpoint value, now): the data order and the random streams "
             "after step %d differ from the original run", changed, saved.step,
         )  # fmt: skip
-
-
-def check_not_behind(output_dir: str, path: str, total_steps: int) -> None:
-    """Refuse a resume of `path` that ends before the step of the pipeline `output_dir` holds (its
-    training_summary.json): a run extended past its last checkpoint, then resumed as it was, would replace those
-    weights with older ones. A length chosen with --allow_schedule_change is not checked (the caller's)."""
-    done = None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no pipeline finished there yet
-        with open(os.path.join(output_dir, "training_summary.json")) as f:
-            done = int(json.load(f)["optimizer_steps"])
-    if done is not None and total_steps < done:
-        newer = os.path.join(output_dir, f"checkpoint-{done}")
-        way_out = f"Resume {newer}" if os.path.isdir(newer) else f"Keep the pipeline (step {done} has no checkpoint)"
-        raise ValueError(
-            f"{output_dir} holds the pipeline of step {done} and this resume of {os.path.basename(path)} ends at step "
-            f"{total_steps}: its pipeline would replace those weights with older ones. {way_out}, or "
-            f"train on past step {done} (--max_train_steps with --allow_schedule_change)"
-        )
 
 
 def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change: bool, seed: int | None,

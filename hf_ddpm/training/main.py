@@ -205,7 +205,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     batches = make_batches(data, config, accelerator)
     total_steps = optimizer_steps(config, batches.batches_per_epoch)
     if plan.record is not None and not config.allow_schedule_change:
-        checkpoints.check_not_behind(config.output_dir, plan.facts.resume_path, total_steps)
+        output_dir.check_not_behind(config.output_dir, plan.facts.resume_path, total_steps)
 
     optimizer = torch.optim.AdamW(
         unet.parameters(),

@@ -10,10 +10,13 @@
 - `prepare_output_dir`: once everything is checked, write the manifest (`.hf_ddpm-manifest.json`: the files that
   were there before us) and, for --overwrite_output_dir, remove what an earlier run of ours wrote, never a file of
   someone else's; then remove what a killed run left half-written, and write training_args.json.
+- `check_not_behind`: a resume must not end before the step of the pipeline the directory holds, or its pipeline
+  would replace newer weights with older ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -124,6 +127,24 @@ def _make_ours(found: OutputDir, args: TrainingConfig) -> None:
     manifest = _manifest(found.path) or {"written_by": "hf_ddpm", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     manifest["foreign"] = sorted(set(manifest.get("foreign", [])) | set(found.foreign))
     write_atomically(os.path.join(found.path, MANIFEST_NAME), lambda f: json.dump(manifest, f, indent=2))
+
+
+def check_not_behind(output_dir: str, path: str, total_steps: int) -> None:
+    """Refuse a resume of `path` that ends before the step of the pipeline `output_dir` holds (its
+    training_summary.json): a run extended past its last checkpoint, then resumed as it was, would replace those
+    weights with older ones. A length chosen with --allow_schedule_change is not checked (the caller's)."""
+    done = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no pipeline finished there yet
+        with open(os.path.join(output_dir, "training_summary.json")) as f:
+            done = int(json.load(f)["optimizer_steps"])
+    if done is not None and total_steps < done:
+        newer = os.path.join(output_dir, f"checkpoint-{done}")
+        way_out = f"Resume {newer}" if os.path.isdir(newer) else f"Keep the pipeline (step {done} has no checkpoint)"
+        raise ValueError(
+            f"{output_dir} holds the pipeline of step {done} and this resume of {os.path.basename(path)} ends at step "
+            f"{total_steps}: its pipeline would replace those weights with older ones. {way_out}, or "
+            f"train on past step {done} (--max_train_steps with --allow_schedule_change)"
+        )
 
 
 def _unwritable(directory: str, error: OSError) -> OSError:
