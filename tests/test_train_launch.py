@@ -73,6 +73,8 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical_and_only_rank_0_writes(
             "2",
             "--learning_rate",
             "1e-3",
+            "--seed",
+            "4294967295",  # the largest: rank 1's own seed (+ its rank) wraps at 2**32 instead of failing in numpy
         ),
         num_processes=2,
     )

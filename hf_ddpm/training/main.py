@@ -222,7 +222,8 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    set_seed(config.seed, device_specific=True)  # dropout differs across processes
+    # dropout differs across processes: accelerate's device_specific seed, wrapped where it would pass numpy's 2**32
+    set_seed((config.seed + accelerator.process_index) % 2**32)
     ema = None
     if config.use_ema:  # created after `prepare`: from the weights DDP broadcast, on the device
         ema = EMAModel(
