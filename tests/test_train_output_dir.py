@@ -117,18 +117,38 @@ def test_a_checkpoint_overwritten_in_place_is_refused_before_anything_is_written
     """Bytes of a state file replaced at its recorded size pass the size check: loading finds them, before the
     output directory is touched (training_args.json, the manifest, the logs stay as they were), and the line names
     the damage and the newest whole checkpoint, not torch's advice for intact files."""
-    newest, older = trained / "checkpoint-6", trained / "checkpoint-3"
-    with open(newest / name, "r+b") as f:
+    damaged, whole = trained / "checkpoint-3", trained / "checkpoint-6"  # (resuming 6 would find the run complete)
+    with open(damaged / name, "r+b") as f:
         f.write(bytes(range(256)) * 16)
     before = tree_hashes(trained)
-    assert main(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")) == 1
+    assert main(tiny(trained, *RUN, "--resume_from_checkpoint", str(damaged))) == 1
     line = capsys.readouterr().err.splitlines()[-1]
-    assert line.startswith(f"error: the checkpoint {newest} is damaged: its state does not load (")
-    assert line.endswith(f"); resume the newest whole one, --resume_from_checkpoint {os.path.realpath(older)}, or "
+    assert line.startswith(f"error: the checkpoint {damaged} is damaged: its state does not load (")
+    assert line.endswith(f"); resume the newest whole one, --resume_from_checkpoint {os.path.realpath(whole)}, or "
                          "start a new run")  # fmt: skip
     assert "weights_only" not in line
     unlocked = lambda hashes: {k: v for k, v in hashes.items() if k != LOCK_NAME}  # noqa: E731 (names its holder)
     assert unlocked(tree_hashes(trained)) == unlocked(before)
+
+
+def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(trained, caplog):
+    """A requeued job of a finished run: not its final evaluation, pipeline and push again (at CIFAR-10 scale the
+    held-out bound alone takes hours); the run's own summary is the result."""
+    before = tree_hashes(trained)
+    with caplog.at_level(logging.INFO):
+        summary = train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
+    assert summary == json.loads((trained / "training_summary.json").read_text()) and summary["optimizer_steps"] == 6
+    assert f"{trained} is complete at step 6 (its pipeline and training_summary.json are written)" in caplog.text
+    assert "resumed from" not in caplog.text
+    assert {k: v for k, v in tree_hashes(trained).items() if k != LOCK_NAME} == {
+        k: v for k, v in before.items() if k != LOCK_NAME
+    }
+    # without its summary (a run stopped in its final evaluation), the resume evaluates and saves: not complete
+    (trained / "training_summary.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))["optimizer_steps"] == 6
+    assert "is complete" not in caplog.text and (trained / "training_summary.json").is_file()
 
 
 def test_resuming_an_older_checkpoint_says_the_newer_ones_are_replaced(trained, caplog):

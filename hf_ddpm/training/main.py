@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(given: TrainingConfig) -> dict:
     """Run (or resume) the training `given` asks for; write the pipeline; return the run's summary."""
-    run = setup(given)  # the main process holds the output directory's lock from here ...
+    try:
+        run = setup(given)  # the main process holds the output directory's lock from here ...
+    except RunComplete as complete:
+        return complete.summary
     preemption = PreemptionHandler(parse_signals(run.config.preemption_signals))
     try:
         preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
@@ -96,6 +99,14 @@ def train(given: TrainingConfig) -> dict:
         preemption.restore()
         if run.lock is not None:
             run.lock.release()  # ... to its end (or the process's, whichever comes first)
+
+
+class RunComplete(Exception):
+    """The resumed run is complete: nothing to train or write (`summary`: its training_summary.json)."""
+
+    def __init__(self, summary: dict):
+        super().__init__("the run is complete")
+        self.summary = summary
 
 
 @dataclass
@@ -204,8 +215,14 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         unet = unet.to(memory_format=torch.channels_last)
     batches = make_batches(data, config, accelerator)
     total_steps = optimizer_steps(config, batches.batches_per_epoch)
-    if plan.record is not None and not config.allow_schedule_change:
-        output_dir.check_not_behind(config.output_dir, plan.facts.resume_path, total_steps)
+    if plan.record is not None:
+        done = output_dir.finished_run(config.output_dir, plan.facts.resume_path, plan.record.step, total_steps,
+                                       refuse_behind=not config.allow_schedule_change)  # fmt: skip
+        if done is not None:  # a requeued job of a finished run: not its final evaluation, save and push again
+            logger.info("%s is complete at step %d (its pipeline and training_summary.json are written): nothing to "
+                        "train or save; to train on, pass a longer --max_train_steps with --allow_schedule_change",
+                        config.output_dir, total_steps)  # fmt: skip
+            raise RunComplete(done)
 
     optimizer = torch.optim.AdamW(
         unet.parameters(),

@@ -10,8 +10,8 @@
 - `prepare_output_dir`: once everything is checked, write the manifest (`.hf_ddpm-manifest.json`: the files that
   were there before us) and, for --overwrite_output_dir, remove what an earlier run of ours wrote, never a file of
   someone else's; then remove what a killed run left half-written, and write training_args.json.
-- `check_not_behind`: a resume must not end before the step of the pipeline the directory holds, or its pipeline
-  would replace newer weights with older ones.
+- `finished_run`: a resume must not end before the step of the pipeline the directory holds (or its pipeline would
+  replace newer weights with older ones), and one that would only redo a finished run's end has nothing to do.
 """
 
 from __future__ import annotations
@@ -129,15 +129,20 @@ def _make_ours(found: OutputDir, args: TrainingConfig) -> None:
     write_atomically(os.path.join(found.path, MANIFEST_NAME), lambda f: json.dump(manifest, f, indent=2))
 
 
-def check_not_behind(output_dir: str, path: str, total_steps: int) -> None:
-    """Refuse a resume of `path` that ends before the step of the pipeline `output_dir` holds (its
-    training_summary.json): a run extended past its last checkpoint, then resumed as it was, would replace those
-    weights with older ones. A length chosen with --allow_schedule_change is not checked (the caller's)."""
-    done = None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no pipeline finished there yet
+def finished_run(output_dir: str, path: str, start: int, total_steps: int, refuse_behind: bool) -> dict | None:
+    """What the pipeline `output_dir` holds (its training_summary.json: the step it finished at) means for a resume of
+    `path` from step `start` to `total_steps`: the summary when the resume would only redo that finished end (nothing
+    to train or write), else None. One that ends before it is refused (`refuse_behind`: unless the length was chosen
+    with --allow_schedule_change): a run extended past its last checkpoint, then resumed as it was, would replace
+    those weights with older ones."""
+    summary = None
+    with contextlib.suppress(OSError, ValueError):  # no pipeline finished there yet
         with open(os.path.join(output_dir, "training_summary.json")) as f:
-            done = int(json.load(f)["optimizer_steps"])
-    if done is not None and total_steps < done:
+            summary = json.load(f)
+    done = summary.get("optimizer_steps") if isinstance(summary, dict) else None
+    if not isinstance(done, int):
+        return None
+    if refuse_behind and total_steps < done:
         newer = os.path.join(output_dir, f"checkpoint-{done}")
         way_out = f"Resume {newer}" if os.path.isdir(newer) else f"Keep the pipeline (step {done} has no checkpoint)"
         raise ValueError(
@@ -145,6 +150,7 @@ def check_not_behind(output_dir: str, path: str, total_steps: int) -> None:
             f"{total_steps}: its pipeline would replace those weights with older ones. {way_out}, or "
             f"train on past step {done} (--max_train_steps with --allow_schedule_change)"
         )
+    return summary if start == total_steps == done else None
 
 
 def _unwritable(directory: str, error: OSError) -> OSError:
