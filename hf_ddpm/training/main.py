@@ -33,7 +33,7 @@ from ..cpu import tune_process
 from ..data import load_training_data
 from ..data.batches import make_batches
 from ..data.streaming import StreamingBatches
-from ..hub import check_publish, check_token
+from ..hub import check_publish, check_token, repo_id_of, retry_command
 from ..hub_probe import check_dataset_reachable
 from ..launch import MainProcessFailed, later_rank, launch_processes
 from ..losses import LossSecondMomentResampler, UniformSampler
@@ -222,6 +222,10 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
             logger.info("%s is complete at step %d (its pipeline and training_summary.json are written): nothing to "
                         "train or save; to train on, pass a longer --max_train_steps with --allow_schedule_change",
                         config.output_dir, total_steps)  # fmt: skip
+            if config.push_to_hub:  # its push was not retried either (the first may have failed after the save)
+                logger.info(
+                    "to push it: %s", retry_command(config.output_dir, repo_id_of(config), config.hub_private_repo)
+                )
             raise RunComplete(done)
 
     optimizer = torch.optim.AdamW(
