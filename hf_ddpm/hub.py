@@ -16,7 +16,6 @@ states and training_args.json stay local, and a failed push leaves the output un
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -25,9 +24,18 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError, safe_open
+
 from . import __version__
 from .atomic import replace_dir, staging_name, swap_in
-from .model_card import DEFAULT_LICENSE, SAMPLE_GRID, read_metrics_file, render_model_card
+from .model_card import (
+    DEFAULT_LICENSE,
+    SAMPLE_GRID,
+    read_json_object,
+    read_metrics_file,
+    render_model_card,
+    weight_files,
+)
 from .pipeline_folder import drop_local_paths
 from .push_guards import (
     DEFAULT_TIMEOUT,
@@ -110,9 +118,25 @@ def push_pipeline(pipeline, repo_id: str, *, commit_message=None, private=None, 
     diffusers' `create_pr` is refused."""
     if kwargs.pop("create_pr", False):
         raise ValueError("create_pr=True is not supported by HFDDPMPipeline.push_to_hub; push to a branch you own")
+    if kwargs.get("variant") is not None:
+        raise ValueError(
+            f"variant={kwargs['variant']!r} is not supported by HFDDPMPipeline.push_to_hub: a repo of variant weights "
+            "does not load without variant=; push the pipeline as it is (or cast it first: pipeline.to(torch.float16))"
+        )
+    try:  # first: the refusals below print a call to make again
+        check_repo_id_value(repo_id, f"repo_id {repo_id!r}")
+    except ValueError as err:
+        raise HubPushError(f"not pushing the pipeline: {err}") from None
+    again = f"pipeline.push_to_hub({repo_id!r})"  # the call itself: the folder it saves into is temporary
+    token = check_can_push("the pipeline", again, token)
     with tempfile.TemporaryDirectory(prefix="hf_ddpm_save_") as folder:
         save_hub_pipeline(pipeline, folder, **kwargs)
-        return push_to_hub(folder, repo_id, private=bool(private), token=token, commit_message=commit_message)
+        try:
+            return push_to_hub(folder, repo_id, private=bool(private), token=token, commit_message=commit_message)
+        except HubPushError as err:
+            if err.__cause__ is None:
+                raise
+            raise push_failed(f"the pipeline to the Hub as {repo_id}", err.__cause__, again) from err.__cause__
 
 
 def check_pipeline_dir(output_dir: str | Path) -> None:
@@ -120,19 +144,36 @@ def check_pipeline_dir(output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
     if not (output_dir / "model_index.json").is_file():
         raise ValueError(f"{output_dir} holds no model_index.json: it is not a saved pipeline (train or save first)")
-    index = json.loads((output_dir / "model_index.json").read_text())
+    index = read_json_object(output_dir / "model_index.json")
     name = index.get("_class_name")
     if (name[1] if isinstance(name, list) else name) != PIPELINE_CLASS:
         raise ValueError(f"{output_dir} holds a {name}, not an {PIPELINE_CLASS}")
     for needed in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (output_dir / needed).is_file():
             raise ValueError(f"{output_dir} lacks {needed}: save the whole pipeline with save_pretrained")
-    if not list((output_dir / "unet").glob("*.safetensors")):
-        pickled = sorted(p.name for p in (output_dir / "unet").glob("*.bin"))
+    unet = output_dir / "unet"
+    files = [unet / name for name in weight_files(unet)]
+    if not files[0].is_file():
+        variants = sorted(p.name for p in unet.glob("*.safetensors"))
+        if variants:
+            raise ValueError(
+                f"{unet} holds only variant weights ({', '.join(variants)}), which a repo does not load without "
+                "variant=: save the pipeline with save_pretrained (no variant) to push it"
+            )
+        pickled = sorted(p.name for p in unet.glob("*.bin"))
         raise ValueError(
-            f"{output_dir}/unet holds no safetensors weights{f' (only pickled {pickled})' if pickled else ''}; "
+            f"{unet} holds no safetensors weights{f' (only pickled {pickled})' if pickled else ''}; "
             "only safetensors are pushed: load the pipeline and save it with save_pretrained(safe_serialization=True)"
         )
+    for path in files:  # whole: the header's promise kept (a copy cut short is never published)
+        try:
+            with safe_open(path, framework="numpy"):  # the header and the length alone: no torch
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{path} ({os.path.getsize(path) if path.is_file() else 0} bytes) is incomplete or corrupt ({err}): "
+                "save the pipeline again with save_pretrained"
+            ) from None
 
 
 def export_hub_folder(
@@ -233,6 +274,7 @@ def push_to_hub(
                 repo_id=canonical,
                 folder_path=stage,
                 allow_patterns=PUSHED_PATTERNS,
+                delete_patterns=PUSHED_PATTERNS,  # what an earlier push left that this one does not hold (old shards)
                 token=token,
                 commit_message=commit_message
                 or f"Upload {PIPELINE_CLASS} ({len(files)} files) with hf_ddpm {__version__}",

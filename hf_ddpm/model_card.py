@@ -89,8 +89,19 @@ def _remote_files(pipeline_dir: Path) -> list[str]:
     return [f for f in files if (pipeline_dir / f).is_file()]
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in the file `path`; ValueError naming the file when it is not one (cut short, edited by hand)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({err}): write it again (save or train again)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds {type(value).__name__} {value!r:.40}, not a JSON object: save or train again")
+    return value
+
+
 def _read_json(directory: Path, *names: str) -> list[dict | None]:
-    return [json.loads((directory / n).read_text()) if (directory / n).is_file() else None for n in names]
+    return [read_json_object(directory / n) if (directory / n).is_file() else None for n in names]
 
 
 def _is_hub_id(value: str) -> bool:
@@ -102,10 +113,10 @@ def describe_data(args: dict | None) -> tuple[str | None, str | None, str]:
     """(description for the card, Hub dataset id or None, model-index dataset type); never a local path."""
     if args is None:
         return None, None, "unknown"
-    name, folder = args.get("dataset_name"), args.get("train_data_dir")
+    name, local = args.get("dataset_name"), args.get("train_data_dir") or args.get("train_data_files")
     if name and _is_hub_id(name):
         return f"the Hub dataset [{name}](https://huggingface.co/datasets/{name})", name, name
-    if name or folder:
+    if name or local:
         return "a local image dataset", None, "imagefolder"
     return "scikit-learn's bundled 8×8 handwritten digits", None, "sklearn-digits"
 
@@ -333,14 +344,22 @@ def model_summary(pipeline_dir: Path) -> dict:
     }
 
 
-def count_parameters(unet_dir: Path) -> int:
-    """Parameters in the UNet's safetensors weights, from the file headers alone (no tensor is read)."""
+def weight_files(unet_dir: Path) -> list[str]:
+    """The safetensors files of a saved UNet's weights: its index's shards, else diffusers' one file (a variant's
+    files, `variant=` of save_pretrained, are not the repo's weights: a repo loads without `variant=`)."""
     index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["diffusion_pytorch_model.safetensors"]
+        shards = read_json_object(index).get("weight_map")
+        if not isinstance(shards, dict) or not shards:
+            raise ValueError(f"{index} maps no weights to files: save the pipeline again with save_pretrained")
+        return sorted(set(shards.values()))
+    return ["diffusion_pytorch_model.safetensors"]
+
+
+def count_parameters(unet_dir: Path) -> int:
+    """Parameters in the UNet's safetensors weights, from the file headers alone (no tensor is read)."""
     total = 0
+    files = weight_files(unet_dir)
     for name in files:
         with open(unet_dir / name, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))

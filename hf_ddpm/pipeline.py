@@ -81,8 +81,8 @@ class HFDDPMPipeline(DiffusionPipeline):
     def push_to_hub(self, repo_id: str, **kwargs):
         """Push the pipeline as a repo that loads all three ways, with hf_ddpm's model card (hf_ddpm.hub.push_to_hub:
         safetensors only, refused offline or without a token before any request); returns the commit URL.
-        kwargs: `commit_message`, `private`, `token` as in diffusers; `variant`, `max_shard_size` for the save;
-        diffusers' `create_pr` is not supported."""
+        kwargs: `commit_message`, `private`, `token` as in diffusers; `max_shard_size` for the save; `create_pr` and
+        `variant` are not supported."""
         return push_pipeline(self, repo_id, **kwargs)
 
     @property

@@ -61,8 +61,8 @@ def _refuse_offline(what, command: str) -> None:
 
     if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise HubPushError(
-            f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent. {what} is complete on "
-            f"disk; to push it later, unset HF_HUB_OFFLINE and run:\n    {command}",
+            f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent ({what} is as it was); to push "
+            f"it later, unset HF_HUB_OFFLINE and run:\n    {command}",
             command,
         )
 

@@ -5,6 +5,8 @@ against a local Hub in test_hub_push.py)."""
 import argparse
 import fnmatch
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ from huggingface_hub import ModelCard
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, cli, hub, unet_config
 from hf_ddpm.hub import HubPushError, check_publish, export_hub_folder, publish, push_to_hub
-from hf_ddpm.model_card import collect_metrics, public_training_args, render_model_card
+from hf_ddpm.model_card import collect_metrics, describe_data, public_training_args, render_model_card
 from hf_ddpm.remote_code import remote_files
 
 TOKEN = "hf_CardTestToken987654321"
@@ -116,6 +118,51 @@ def test_a_pipeline_with_only_pickled_weights_is_not_pushed(tmp_path):
         HubPushError, match=r"holds no safetensors weights \(only pickled \['diffusion_pytorch_model.bin'\]\)"
     ):
         push_to_hub(tmp_path / "out", "me/pickled", token=TOKEN)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "variant weights only", "model_index.json cut short",
+                                    "model_index.json an array", "shard index empty"])  # fmt: skip
+def test_a_folder_whose_files_would_not_load_is_not_exported_or_pushed(output_dir, tmp_path, damage):
+    """What loads after a push is checked before it: never a weights file cut short (its header promises more than
+    the file holds), variant-only weights (a repo loads without variant=), or a JSON file that is not one; each
+    refusal names the file."""
+    out = tmp_path / "out"
+    shutil.copytree(output_dir, out)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated weights":
+        os.truncate(weights, weights.stat().st_size // 2)
+        said = rf"{weights} \(\d+ bytes\) is incomplete or corrupt \(.*\): save the pipeline again with save_pretrained"
+    elif damage == "variant weights only":
+        weights.rename(out / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+        said = r"holds only variant weights \(diffusion_pytorch_model.fp16.safetensors\), which a repo does not load"
+    elif damage.startswith("model_index.json"):
+        (out / "model_index.json").write_text("{not json" if damage.endswith("short") else "[1, 2]")
+        said = rf"{out / 'model_index.json'} (cannot be read as JSON|holds list \[1, 2\], not a JSON object)"
+    else:
+        (out / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {}}')
+        said = r"diffusion_pytorch_model.safetensors.index.json maps no weights to files"
+    with pytest.raises(ValueError, match=said):
+        export_hub_folder(out, tmp_path / "export", repo_id="me/m")
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(HubPushError, match=said):
+        push_to_hub(out, "me/m", token=TOKEN)
+
+
+def test_push_to_hub_refuses_a_variant_and_names_the_call_to_make_again(monkeypatch):
+    pipe = HFDDPMPipeline(UNet2DModel(**unet_config("test-tiny")), HFDDPMScheduler(num_train_timesteps=10))
+    with pytest.raises(ValueError, match="variant='fp16' is not supported by HFDDPMPipeline.push_to_hub"):
+        pipe.push_to_hub("me/m", variant="fp16")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the folder it would push is temporary: the advice is the call
+    with pytest.raises(HubPushError) as refused:
+        pipe.push_to_hub("me/m", token=TOKEN)
+    assert "unset HF_HUB_OFFLINE and run:\n    pipeline.push_to_hub('me/m')" in str(refused.value)
+    assert "hf_ddpm_save_" not in str(refused.value)
+
+
+def test_a_run_on_data_files_is_described_as_local_data_not_the_digits(tmp_path):
+    args = {"train_data_files": "/data/my imgs/*.png", "learning_rate": 1e-3}
+    assert describe_data(args) == ("a local image dataset", None, "imagefolder")
+    assert describe_data({}) == ("scikit-learn's bundled 8×8 handwritten digits", None, "sklearn-digits")
 
 
 def test_refusals_come_before_any_request(output_dir, monkeypatch):

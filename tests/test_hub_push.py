@@ -156,6 +156,46 @@ def test_push_uploads_only_the_pipeline_card_and_sample_grid(pushed, hub):
     assert hub.repo(REPO_ID)["private"] is False
 
 
+def test_pushing_again_leaves_nothing_of_the_earlier_push_that_loaders_would_read(hub, tmp_path):
+    """A repo first pushed with sharded weights (another pipeline), then pushed with one file: the shards and their
+    index go in the same commit, so every loader reads the weights pushed last; the Hub's own files stay."""
+    pipe = make_output_dir(tmp_path / "out")
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(1.0)
+    pipe.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded" / "unet").glob("*-of-*.safetensors"))) > 1
+    for folder in ("sharded", "out"):
+        result = push(hub, tmp_path, tmp_path / folder, "test-user/pushed-twice")
+        assert result.returncode == 0, result.stderr
+    assert set(hub.files("test-user/pushed-twice")) == PUSHED
+    with open(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors", "rb") as f:
+        assert hub.files("test-user/pushed-twice")["unet/diffusion_pytorch_model.safetensors"] == f.read()
+
+
+def test_a_failed_push_to_hub_call_names_the_call_to_make_again(hub, tmp_path):
+    """HFDDPMPipeline.push_to_hub saves into a temporary folder, gone once it fails: the advice is the call, not a
+    command naming that folder."""
+    make_output_dir(tmp_path / "out")
+    hub.fail(r"POST /api/repos/create", 500)
+    script = f"""
+        from hf_ddpm import HFDDPMPipeline
+        try:
+            HFDDPMPipeline.from_pretrained({str(tmp_path / "out")!r}).push_to_hub("test-user/lib-push")
+        except Exception as err:
+            print(type(err).__name__, err)
+    """
+    try:
+        said = finish(
+            start_script(sys.executable, script, hub.env(tmp_path, TOKEN) | {"PYTHONPATH": str(REPO)}, tmp_path)
+        )
+    finally:
+        hub.clear()
+    assert said.startswith("HubPushError pushing the pipeline to the Hub as test-user/lib-push failed: "), said
+    assert "To push it again, run:\n    pipeline.push_to_hub('test-user/lib-push')" in said
+    assert "hf_ddpm_save_" not in said and hub.files("test-user/lib-push") is None
+
+
 def test_loads_with_diffusers_alone_without_hf_ddpm_installed(pushed, loaded):
     assert loaded["pipeline_module"] == f"diffusers_modules.local.{MODULES['pipeline'][:-3]}"
     assert loaded["scheduler_module"] == f"diffusers_modules.local.{MODULES['scheduler'][10:-3]}"
