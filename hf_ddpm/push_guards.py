@@ -6,7 +6,9 @@ the Hub did not take, with the command that pushes again (`push_failed`, a `HubP
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -90,7 +92,18 @@ def add_push_flags(parser, what: str) -> None:
     parser.add_argument("--private", action="store_true", help=f"create the {what} private (an existing one keeps its)")
     parser.add_argument("--token", default=None, help="default: HF_TOKEN or the saved `hf auth login` token")
     parser.add_argument("--commit_message", default=None)
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="seconds one request may stall")
+
+
+def _seconds(text: str) -> float:
+    """--timeout's value: a finite number of seconds above 0 (0, inf and nan reach the HTTP client as nonsense)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 @contextlib.contextmanager

@@ -219,6 +219,14 @@ def test_cli_export_and_errors(output_dir, tmp_path, capsys):
         cli.main(["push", str(output_dir)])  # --repo-id is required
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_a_push_timeout_that_is_not_seconds_above_zero_is_refused_at_the_door(output_dir, timeout, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["push", str(output_dir), "--repo_id", "me/m", "--token", TOKEN, f"--timeout={timeout}"])
+    assert stopped.value.code == 2
+    assert f"argument --timeout: {timeout!r} is not a number of seconds above 0" in capsys.readouterr().err
+
+
 def test_the_command_line_exports_without_importing_torch_or_diffusers(output_dir, tmp_path):
     """`python -m hf_ddpm` loads the package's public names lazily: export (and push) need neither torch nor
     diffusers, so the command starts in well under a second instead of several."""
