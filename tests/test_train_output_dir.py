@@ -5,6 +5,7 @@ the first's PID; a SIGKILLed run's lock blocks nothing), foreign files (refused,
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -129,6 +130,23 @@ def test_a_checkpoint_overwritten_in_place_is_refused_before_anything_is_written
     assert "weights_only" not in line
     unlocked = lambda hashes: {k: v for k, v in hashes.items() if k != LOCK_NAME}  # noqa: E731 (names its holder)
     assert unlocked(tree_hashes(trained)) == unlocked(before)
+
+
+def test_the_summary_counts_the_time_of_every_resumed_part(trained):
+    """A requeued job's card says how long the model trained, not how long its last part did: each checkpoint records
+    the time trained up to its step, and a resume goes on from it."""
+    records = {n: json.loads((trained / f"checkpoint-{n}" / RUN_RECORD).read_text()) for n in (3, 6)}
+    summary = json.loads((trained / "training_summary.json").read_text())
+    assert 0 < records[3]["seconds"] <= records[6]["seconds"] <= summary["train_seconds"]
+    shutil.rmtree(trained / "checkpoint-6")  # resume from step 3: as if the run had been stopped there
+    (trained / "training_summary.json").unlink()
+    path = trained / "checkpoint-3" / RUN_RECORD
+    path.write_text(json.dumps({**records[3], "seconds": 1000.0}))  # a first part that took 1000 s
+    summary = train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
+    assert 1000.0 < summary["train_seconds"] < 1000.0 + 300
+    assert (
+        1000.0 < json.loads((trained / "checkpoint-6" / RUN_RECORD).read_text())["seconds"] <= summary["train_seconds"]
+    )
 
 
 def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(trained, caplog):

@@ -188,6 +188,7 @@ class RunRecord:
     schedule: dict = dataclasses.field(default_factory=dict)  # SCHEDULE_OPTIONS and total_steps (the run's length)
     # {name: size} of the checkpoint's state files, listed by `write` (`damage`); not part of what the run was
     files: dict = dataclasses.field(default_factory=dict, compare=False)
+    seconds: float = dataclasses.field(default=0.0, compare=False)  # trained up to `step`, over every resumed part
 
     @classmethod
     def of_run(cls, step: int, unet_config: dict, scheduler_config: dict, config, num_processes: int,
@@ -381,5 +382,5 @@ def checkpoint_of_last_step(run, step: int) -> str | None:
 def save_run_checkpoint(run, step: int) -> str:
     """A checkpoint of `step` (all processes), never of weights that are not finite."""
     require_finite_weights(run.model, run.ema, step, f"checkpoint-{step}")
-    record = replace(run.record, step=step)
+    record = replace(run.record, step=step, seconds=run.trained_seconds())
     return save_checkpoint(run.accelerator, run.config.output_dir, record, run.config.checkpoints_total_limit)

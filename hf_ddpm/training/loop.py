@@ -75,6 +75,7 @@ class Run:
     nan_guard: NanGuard
     resume_path: str | None = None  # the checkpoint this run continues
     lock: FileLock | None = None  # the output directory's lock (main process), held until the run ends
+    started: float = 0.0  # time.perf_counter() when this process's loop began
 
     @property
     def model(self) -> torch.nn.Module:
@@ -91,6 +92,10 @@ class Run:
             shown = progress is not None and self.accelerator.is_main_process
             pipe.set_progress_bar_config(disable=not shown, desc=progress, leave=final, dynamic_ncols=True)
             yield pipe
+
+    def trained_seconds(self) -> float:
+        """Seconds trained so far: the resumed checkpoint's, and this part's since its loop began."""
+        return round(self.record.seconds + time.perf_counter() - self.started, 2)
 
     def epoch_of(self, step: int) -> int:
         return step * self.config.gradient_accumulation_steps // self.batches.batches_per_epoch
@@ -116,7 +121,7 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
     loss_sum = torch.zeros((), device=device)
     streaming = isinstance(batches, StreamingBatches)  # a stream's source can vanish mid-run, memory cannot
     sampler_at_step = None
-    last_time = started = time.perf_counter()
+    last_time = run.started = time.perf_counter()
     for micro_step in range(step * accum, run.total_steps * accum):
         if streaming and config.importance_sampling and micro_step % accum == 0:  # restored if the step is dropped
             sampler_at_step = copy.deepcopy(run.sampler.state_dict())
@@ -187,7 +192,7 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
             _stop(run, step, preemption, preemption.agreed)
         last_time = time.perf_counter()
     bar.close()
-    return _finish(run, step, time.perf_counter() - started, preemption)
+    return _finish(run, step, preemption)
 
 
 def _next_batch(run: Run, micro_step: int, preemption: PreemptionHandler) -> torch.Tensor:
@@ -249,7 +254,7 @@ def _stop(run: Run, step: int, preemption: PreemptionHandler, signum: int | None
     raise SourceLost(path, command) if signum is None else Preempted(signum, path, command)
 
 
-def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) -> dict:
+def _finish(run: Run, step: int, preemption: PreemptionHandler) -> dict:
     """Log each replica's fingerprint, then (main process) evaluate, sample and save the pipeline, and publish.
 
     A signal during the evaluation and sample grid stops them: all processes write the checkpoint of the last step
@@ -269,7 +274,7 @@ def _finish(run: Run, step: int, seconds: float, preemption: PreemptionHandler) 
     summary = {
         "world_size": accelerator.num_processes,
         "optimizer_steps": step,
-        "train_seconds": round(seconds, 2),
+        "train_seconds": run.trained_seconds(),  # every resumed part's
         "images_per_optimizer_step": run.images_per_step,
         "mixed_precision": accelerator.mixed_precision,
         "ema": run.ema is not None,

@@ -269,7 +269,8 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     run = Run(
         config=config, accelerator=accelerator, unet=unet, scheduler=scheduler, optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, sampler=sampler, batches=batches, eval_images=data.eval,
-        record=replace(record, step=start, schedule={**record.schedule, "total_steps": total_steps}),
+        record=replace(record, step=start, schedule={**record.schedule, "total_steps": total_steps},
+                       seconds=plan.record.seconds if plan.record is not None else 0.0),
         total_steps=total_steps, data_source=data.source,
         nan_guard=NanGuard(config.on_nan, last_checkpoint, grad_scaler=accelerator.scaler is not None),
         resume_path=plan.facts.resume_path,
