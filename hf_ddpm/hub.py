@@ -246,6 +246,10 @@ def push_to_hub(
     extra = f" --license {shlex.quote(license)}" if license != DEFAULT_LICENSE else ""
     if isinstance(metrics, (str, Path)):
         extra += f" --metrics {shlex.quote(str(metrics))}"
+    if commit_message:  # the command repeats the push as it was asked for
+        extra += f" --commit_message {shlex.quote(commit_message)}"
+    if timeout != DEFAULT_TIMEOUT:
+        extra += f" --timeout {timeout:g}"
     try:  # before the offline and token guards: their messages print a command that must work later
         check_repo_id_value(repo_id, f"repo_id {repo_id!r}")
         if isinstance(metrics, (str, Path)):

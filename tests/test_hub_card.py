@@ -159,6 +159,15 @@ def test_push_to_hub_refuses_a_variant_and_names_the_call_to_make_again(monkeypa
     assert "hf_ddpm_save_" not in str(refused.value)
 
 
+def test_the_command_to_push_again_repeats_the_commit_message_and_timeout(output_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubPushError) as refused:
+        push_to_hub(output_dir, "me/m", token=TOKEN, commit_message="first try", timeout=5)
+    assert refused.value.retry_command == (
+        f"python -m hf_ddpm push {output_dir} --repo_id me/m --commit_message 'first try' --timeout 5"
+    )
+
+
 def test_a_run_on_data_files_is_described_as_local_data_not_the_digits(tmp_path):
     args = {"train_data_files": "/data/my imgs/*.png", "learning_rate": 1e-3}
     assert describe_data(args) == ("a local image dataset", None, "imagefolder")
