@@ -135,6 +135,8 @@ def test_ddp_processes_agree_on_a_signal_and_resume_to_the_uninterrupted_weights
     returncode = process.wait(timeout=200)
     log = process.log.read_text()
     name, step, path, command = preempted_line(log)  # printed once, by the main process
+    # the notice too: rank 0's alone, on a line of its own (none when only rank 1 got the signal)
+    assert log.count("received SIG") == (target == "launcher") and "]received" not in log, log[-3000:]
     assert 1 <= step < STEPS and [s for s, _ in checkpoints.list_checkpoints(tmp_path / "out")] == [step]
     assert name == signal.Signals(sig).name  # rank 0 learns the signal of rank 1 from the all-reduce
     if target == "launcher":  # accelerate exits with 128 + the signal, as the signal's default action would

@@ -99,8 +99,9 @@ class Interrupted(BaseException):
 class PreemptionHandler:
     """Installs the handlers (`install`), carries the flag into the loss all-reduce, restores them (`restore`)."""
 
-    def __init__(self, signals=()):
+    def __init__(self, signals=(), speaks: bool = True):
         self.signals = tuple(signals)
+        self.speaks = speaks  # whether this process says what a signal does (one process of a run does)
         self.received: int | None = None  # the first signal caught in this process
         self.agreed: int | None = None  # the signal all processes agreed to stop on (0: on another process)
         self.source_error = None  # this process's StreamSourceError, if its part of the stream failed
@@ -134,11 +135,9 @@ class PreemptionHandler:
                 "save": "finishing the save of the pipeline (seconds), then stopping",
                 "push": "stopping the push (the pipeline is saved; the command that pushes it follows)",
             }[self.phase]
-            print(
-                f"received {name}: {doing}" + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+            if self.speaks:  # one line for the run, on a line of its own (the progress bar may hold the last)
+                again = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
+                print(f"\nreceived {name}: {doing}{again}", file=sys.stderr, flush=True)
         if self._interrupt:
             self._interrupt = False  # raised once: the checkpoint that follows is not interrupted
             raise Interrupted(signum)

@@ -91,7 +91,7 @@ def train(given: TrainingConfig) -> dict:
         run = setup(given)  # the main process holds the output directory's lock from here ...
     except RunComplete as complete:
         return complete.summary
-    preemption = PreemptionHandler(parse_signals(run.config.preemption_signals))
+    preemption = PreemptionHandler(parse_signals(run.config.preemption_signals), speaks=not later_rank())
     try:
         preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
         return train_loop(run, preemption)
