@@ -297,7 +297,7 @@ def test_a_refused_commit_and_a_stalled_request_fail_cleanly(hub, tmp_path):
     })  # fmt: skip
     assert_failed_cleanly(wait(runs["403"]), "403 Forbidden")
     assert set(hub.files("test-user/forbidden")) == {".gitattributes"}  # created, but nothing committed
-    assert_failed_cleanly(wait(runs["hangs"]), "ReadTimeout")
+    assert_failed_cleanly(wait(runs["hangs"]), "ReadTimeout", " --timeout 2")  # the command repeats the push as asked
     assert runs["hangs"]["seconds"] < 60  # --timeout 2, not the server's 30 s stall
 
 
