@@ -142,6 +142,8 @@ def push_pipeline(pipeline, repo_id: str, *, commit_message=None, private=None, 
 def check_pipeline_dir(output_dir: str | Path) -> None:
     """Raise ValueError unless `output_dir` holds a saved HFDDPMPipeline with safetensors UNet weights."""
     output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise ValueError(f"{output_dir} holds no model_index.json: no such directory (name a saved pipeline's folder)")
     if not (output_dir / "model_index.json").is_file():
         raise ValueError(f"{output_dir} holds no model_index.json: it is not a saved pipeline (train or save first)")
     index = read_json_object(output_dir / "model_index.json")
@@ -194,8 +196,10 @@ def export_hub_folder(
     if isinstance(metrics, (str, Path)):
         metrics = read_metrics_file(metrics)
     check_pipeline_dir(output_dir)
-    if dest.exists() and any(dest.iterdir()):
-        raise ValueError(f"{dest} is not empty; export into a new or empty directory")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(
+            f"{dest} is {'not empty' if dest.is_dir() else 'a file'}; export into a new or empty directory"
+        )
     unet = output_dir / "unet"
     files = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"]
     weights = (".safetensors", ".safetensors.index.json")  # never pickled .bin weights or their index

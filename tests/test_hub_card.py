@@ -224,6 +224,10 @@ def test_cli_export_and_errors(output_dir, tmp_path, capsys):
     assert cli.main(["push", str(tmp_path / "missing"), "--repo-id", "me/m", "--token", TOKEN]) == 1
     err = capsys.readouterr().err
     assert "holds no model_index.json" in err and TOKEN not in err
+    assert f"{tmp_path / 'missing'} holds no model_index.json: no such directory" in err
+    (tmp_path / "a file").write_text("not a folder")
+    assert cli.main(["export", str(output_dir), str(tmp_path / "a file"), "--repo-id", "me/m"]) == 1
+    assert f"{tmp_path / 'a file'} is a file; export into a new or empty directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["push", str(output_dir)])  # --repo-id is required
 
