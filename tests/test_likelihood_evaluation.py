@@ -141,6 +141,13 @@ def test_bad_input_is_refused_naming_the_value(pipe):
         log_likelihood(pipe, images, "ode", num_probes=0)
     with pytest.raises(ValueError, match="num_trajectories=6 must be a multiple of num_samples K = 4"):
         log_likelihood(pipe, images, "iw", num_samples=4, num_trajectories=6)
+    # an option the method does not read (a swapped method, a misplaced keyword) is refused, not ignored
+    with pytest.raises(ValueError, match=r"method='ode' does not use num_timesteps=5; it reads divergence, num_probes"):
+        log_likelihood(pipe, images, "ode", num_timesteps=5)
+    with pytest.raises(ValueError, match=r"method='trajectory' does not use num_samples=4, divergence='exact'"):
+        log_likelihood(pipe, images, "trajectory", num_samples=4, divergence="exact")
+    with pytest.raises(ValueError, match=r"method='bound' does not use rtol=0.001"):
+        pipe.log_likelihood(images, "bound", rtol=1e-3)
     torch.manual_seed(0)
     wrong = UNet2DModel(**unet_config("test-tiny", sample_size=SIZE, in_channels=1, out_channels=3))
     bad = HFDDPMPipeline(unet=wrong, scheduler=HFDDPMScheduler(num_train_timesteps=T))

@@ -21,6 +21,7 @@ already written.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,27 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method={method!r} is not a likelihood method; choose one of {METHODS}")
 
 
+# The options of `log_likelihood` each method reads, beside generator, batch_size and image_offset.
+METHOD_OPTIONS = {
+    "bound": ("num_timesteps",),
+    "rate_distortion": ("num_timesteps",),  # read to refuse K: rate and distortion need every term
+    "trajectory": ("num_trajectories",),
+    "iw": ("num_samples", "num_trajectories"),
+    "ode": ("divergence", "num_probes", "rtol", "atol", "eps", "max_evaluations"),
+}
+
+
+def _check_options(method: str, given: dict) -> None:
+    """ValueError naming the options given (other than at their defaults) that `method` does not read: ignored, they
+    would leave the caller believing the estimate was made with them."""
+    defaults = inspect.signature(log_likelihood).parameters
+    unused = [f"{k}={v!r}" for k, v in given.items() if k not in METHOD_OPTIONS[method] and v != defaults[k].default]
+    if unused:
+        reads = ", ".join(METHOD_OPTIONS[method])
+        raise ValueError(f"method={method!r} does not use {', '.join(unused)}; it reads {reads} (and generator, "
+                         "batch_size)")  # fmt: skip
+
+
 def log_likelihood(
     pipeline,
     images,
@@ -102,6 +124,9 @@ def log_likelihood(
     from ..trajectories import importance_weighted_bound, trajectory_bound, trajectory_log_weights
 
     _check_method(method)
+    _check_options(method, {"num_timesteps": num_timesteps, "num_trajectories": num_trajectories,
+                            "num_samples": num_samples, "divergence": divergence, "num_probes": num_probes,
+                            "rtol": rtol, "atol": atol, "eps": eps, "max_evaluations": max_evaluations})  # fmt: skip
     check_positive_int(batch_size, "batch_size")
     x_start = images_to_model_range(images, pipeline._image_shape).to(pipeline._execution_device)
     num_images, num_dims = len(x_start), x_start[0].numel()
