@@ -17,8 +17,6 @@ import os
 import shlex
 import sys
 
-import torch
-
 from .flags import canonical
 
 
@@ -115,6 +113,8 @@ def any_process_failed(accelerator, failed: bool) -> bool:
     2-process CPU run that never exits."""
     if accelerator.num_processes == 1:
         return failed
+    import torch  # here: the entry points read later_rank before torch is imported
+
     flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return accelerator.reduce(flag, "sum").item() > 0  # other backends (XLA)

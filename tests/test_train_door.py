@@ -4,6 +4,7 @@ whoami: tests/hub_server.py); the log names the model that trains (preset or fil
 schedule), says when the default preset is smaller than the images, and the final bits/dim and sample grid show a
 progress bar with a count."""
 
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,21 @@ def test_an_unknown_flag_is_one_line_naming_the_nearest_and_the_usage(capsys):
         "training/train.py: error: unrecognized flag --output-dirx (did you mean --output_dir?)",
         "usage: training/train.py [options]   (--help describes every flag)",
     ], captured.err
+
+
+def test_the_script_says_it_is_starting_before_the_seconds_of_its_imports():
+    """Importing torch, diffusers and accelerate takes seconds: the script's first line comes before them, once per
+    launch (rank 0's), and nothing of it reaches a later rank."""
+    command = [sys.executable, "-X", "importtime", str(REPO / "training" / "train.py"), "--output-dirx", "out"]
+    for rank, said in (("0", True), ("1", False)):
+        result = subprocess.run(command, cwd=REPO, env=environment() | {"RANK": rank}, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+        banner = "training/train.py: starting (importing torch, diffusers and accelerate) ..."
+        assert (lines[0] == banner) == said and result.stderr.count(banner) == said, result.stderr[-2000:]
+        if said:  # -X importtime writes each import as it ends: the line precedes torch's
+            torch = re.search(r"\| +torch$", result.stderr, re.MULTILINE)
+            assert torch and result.stderr.index(banner) < torch.start(), result.stderr[:2000]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,12 @@ stop the run at the next optimizer step with a checkpoint and exit with status 1
 
 import sys
 
-from hf_ddpm.train import main
+from hf_ddpm.launch import later_rank
+
+if not later_rank():  # one line for the launch at once: importing torch, diffusers and accelerate takes seconds
+    print("training/train.py: starting (importing torch, diffusers and accelerate) ...", file=sys.stderr, flush=True)
+
+from hf_ddpm.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
