@@ -69,11 +69,19 @@ def prepare_space(app_dir: str | Path, model_id: str, out_dir: str | Path, revis
     return out_dir
 
 
-def space_retry_command(space_id: str, model_id: str, app_dir, private: bool = False) -> str:
-    """The command that pushes the Space again (never with a token in it)."""
+def space_retry_command(space_id: str, model_id: str, app_dir, private: bool = False, *, model_revision=None,
+                        commit_message=None, timeout: float = DEFAULT_TIMEOUT) -> str:  # fmt: skip
+    """The command that pushes the Space again as it was asked for: the same pinned model revision, message and
+    timeout (never with a token in it)."""
     command = f"python -m hf_ddpm push-space --space_id {shlex.quote(space_id)} --model_id {shlex.quote(model_id)}"
     if Path(app_dir) != DEFAULT_APP_DIR:
         command += f" --app_dir {shlex.quote(str(app_dir))}"
+    if model_revision is not None:
+        command += f" --model_revision {shlex.quote(model_revision)}"
+    if commit_message:
+        command += f" --commit_message {shlex.quote(commit_message)}"
+    if timeout != DEFAULT_TIMEOUT:
+        command += f" --timeout {timeout:g}"
     return command + (" --private" if private else "")
 
 
@@ -111,7 +119,8 @@ def push_space(
     one HTTP request may stall. Returns the Space's URL; raises HubPushError (saying how to push again) or
     ValueError / OSError for a bad id or app folder.
     """
-    command = space_retry_command(space_id, model_id, app_dir, private)
+    command = space_retry_command(space_id, model_id, app_dir, private, model_revision=model_revision,
+                                  commit_message=commit_message, timeout=timeout)  # fmt: skip
     token = check_can_push(app_dir, command, token)
     validate_repo_id(space_id)
     api = HfApi(token=token)

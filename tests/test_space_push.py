@@ -279,6 +279,7 @@ def test_a_stalled_space_push_fails_within_the_timeout_and_says_how_to_push_agai
     hub.clear()
     assert code == 1 and time.monotonic() - started < 30, err
     assert "pushing the Space test-user/stalled failed" in err and "To push it again, run:" in err
+    assert f"python -m hf_ddpm push-space --space_id test-user/stalled --model_id {MODEL_ID} --timeout 2\n" in err
     assert TOKEN not in err and hub.repo("test-user/stalled", "space") is None
 
 
@@ -299,3 +300,13 @@ def test_a_bad_space_push_is_refused_before_any_request(hub, tmp_path, flags, ma
     code, out, err = result(start(hub, tmp_path, *argv))
     assert code == 1 and err.startswith("error: ") and match in err and out == "", err
     assert hub.requests() == []
+
+
+def test_the_command_to_push_a_space_again_repeats_its_pin_message_and_timeout():
+    """A retry that dropped --model_revision would pin the model's latest commit instead of the one asked for."""
+    from hf_ddpm.space import DEFAULT_APP_DIR, space_retry_command
+
+    command = space_retry_command("me/demo", "me/model", DEFAULT_APP_DIR, True, model_revision="v1.0",
+                                  commit_message="pin v1", timeout=5)  # fmt: skip
+    assert command == ("python -m hf_ddpm push-space --space_id me/demo --model_id me/model --model_revision v1.0 "
+                       "--commit_message 'pin v1' --timeout 5 --private")  # fmt: skip
