@@ -26,6 +26,7 @@ steps (scipy's RK45, as score_sde), in float64; the model runs in float32 on the
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -129,12 +130,17 @@ def _probes(kind: str, num_probes: int, shape, generator) -> torch.Tensor:
 class _Solve:
     """The probability-flow ODE of one image, state [x (D), log-density increments (one per probe)]."""
 
-    def __init__(self, model_fn, sde: VPSDE, config, weights: torch.Tensor, exact: bool, where: str, max_evaluations):
+    def __init__(self, model_fn, sde: VPSDE, config, weights: torch.Tensor, exact: bool, where: str, max_evaluations,
+                 bar=None):  # fmt: skip
         self.model_fn, self.sde, self.config, self.weights, self.exact = model_fn, sde, config, weights, exact
         self.where, self.max_evaluations, self.calls = where, max_evaluations, 0
+        self.bar, self.said = bar, -math.inf  # the progress bar's line: where in t the image is, once a second
 
     def field(self, t: float, state: np.ndarray) -> np.ndarray:
         self.calls += 1
+        if self.bar is not None and time.monotonic() - self.said >= 1.0:  # an image can take many seconds
+            self.said = time.monotonic()
+            self.bar.set_postfix_str(f"t={t:.3f} of 1, {self.calls} evaluations", refresh=True)
         if self.calls > self.max_evaluations:
             raise ODELikelihoodError(
                 f"the probability-flow ODE of {self.where} needed more than max_evaluations={self.max_evaluations} "
@@ -221,7 +227,7 @@ def ode_log_likelihood(
             if divergence != "exact":  # K probes per image, fixed along its path (the ODE stays deterministic)
                 weights = _probes(divergence, num_probes, shape, generator).to(x.device, torch.float32)
             where = f"image {image_offset + n} (rtol={rtol}, atol={atol})"
-            solve = _Solve(model_fn, sde, scheduler.config, weights, divergence == "exact", where, max_evaluations)
+            solve = _Solve(model_fn, sde, scheduler.config, weights, divergence == "exact", where, max_evaluations, bar)
             results.append(solve(x[n], rtol, atol, eps))
             bar.update(1)
     per_probe = torch.stack([r[0] for r in results])
