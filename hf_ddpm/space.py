@@ -32,6 +32,7 @@ from .push_guards import (
     HubPushError,
     add_push_flags,
     check_can_push,
+    check_repo_id_value,
     push_failed,
     request_timeout,
 )
@@ -119,10 +120,12 @@ def push_space(
     one HTTP request may stall. Returns the Space's URL; raises HubPushError (saying how to push again) or
     ValueError / OSError for a bad id or app folder.
     """
+    # the ids first, naming their flags: the refusals below print a command that must work later
+    check_repo_id_value(space_id, f"--space_id {space_id!r}")
+    check_repo_id_value(model_id, f"--model_id {model_id!r}", "The Space loads the model from the Hub. ")
     command = space_retry_command(space_id, model_id, app_dir, private, model_revision=model_revision,
                                   commit_message=commit_message, timeout=timeout)  # fmt: skip
     token = check_can_push(app_dir, command, token)
-    validate_repo_id(space_id)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="hf_ddpm_space_") as tmp, request_timeout(timeout):
         prepare_space(app_dir, model_id, tmp)  # bad input fails here, before any request

@@ -287,8 +287,8 @@ def test_a_stalled_space_push_fails_within_the_timeout_and_says_how_to_push_agai
     ("flags", "match"),
     [
         (["--app-dir", "EMPTY"], "has no README.md: a Space needs one with its front matter"),
-        (["--space-id", "not a/valid id"], "Repo id must"),
-        (["--model-id", "./a/local/path"], "Repo id must"),
+        (["--space-id", "not a/valid id"], "--space_id 'not a/valid id' is not a valid Hub repo id: Repo id must"),
+        (["--model-id", "./a/local/path"], "--model_id './a/local/path' is not a valid Hub repo id: Repo id must"),
     ],
 )
 def test_a_bad_space_push_is_refused_before_any_request(hub, tmp_path, flags, match):
@@ -310,3 +310,12 @@ def test_the_command_to_push_a_space_again_repeats_its_pin_message_and_timeout()
                                   commit_message="pin v1", timeout=5)  # fmt: skip
     assert command == ("python -m hf_ddpm push-space --space_id me/demo --model_id me/model --model_revision v1.0 "
                        "--commit_message 'pin v1' --timeout 5 --private")  # fmt: skip
+
+
+def test_an_invalid_space_id_is_named_before_the_offline_and_token_guards(monkeypatch, tmp_path):
+    """Their messages print a command to push later: one with an id that can never work is not printed."""
+    from hf_ddpm.space import DEFAULT_APP_DIR, push_space
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"^--space_id 'a/b/c' is not a valid Hub repo id: "):
+        push_space(DEFAULT_APP_DIR, "a/b/c", MODEL_ID)
