@@ -52,13 +52,16 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 class FlagParser(argparse.ArgumentParser):
     """argparse.ArgumentParser that reads the dash spelling of every underscore flag (and the reverse), and answers
     an unknown flag, a missing one or a bad choice with one error line (with the nearest flag or choice) and a
-    one-line usage; `--help` shows the defaults. Subcommands made with `add_subparsers` are FlagParsers too."""
+    one-line usage; `--help` shows the defaults. Subcommands made with `add_subparsers` are FlagParsers too. A flag
+    is read whole, as a config file's key is: a prefix (`--max_train_step`) is an unknown flag with the nearest named,
+    never silently one flag today and ambiguous once another flag shares it."""
 
     SPELLING = "Flags are spelled with underscores; each is also read with dashes in their place."
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("epilog", self.SPELLING)
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def long_flags(self) -> dict[str, str]:

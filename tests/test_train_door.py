@@ -29,6 +29,14 @@ def test_an_unknown_flag_is_one_line_naming_the_nearest_and_the_usage(capsys):
     ], captured.err
 
 
+def test_a_flag_prefix_is_an_unknown_flag_as_in_a_config_file(capsys):
+    """argparse would read --max_train_step as --max_train_steps (and fail once another flag shared the prefix);
+    the same key in a --config file is refused, so the command line refuses it too, naming the flag."""
+    assert main(["--max_train_step", "3"]) == 2
+    said = capsys.readouterr().err.splitlines()[0]
+    assert said == "training/train.py: error: unrecognized flag --max_train_step (did you mean --max_train_steps?)"
+
+
 def test_the_script_says_it_is_starting_before_the_seconds_of_its_imports():
     """Importing torch, diffusers and accelerate takes seconds: the script's first line comes before them, once per
     launch (rank 0's), and nothing of it reaches a later rank."""
