@@ -218,11 +218,13 @@ class DataIdentity:
         if not any(known(n) for n in ("source", "num_images", "num_held_out", "held_out")):
             return None
         what = self.description or saved.description or "the data"
-        old_total, new_total = (
-            d.num_rows if known("num_rows") or self.held_out is None
-            else None if d.num_images is None or d.num_held_out is None else d.num_images + d.num_held_out
-            for d in (saved, self)
-        )  # fmt: skip
+
+        def total(d: DataIdentity) -> int | None:  # by rows where they differ (exact past skipped corrupt images)
+            if known("num_rows") or self.held_out is None:  # ... and before decoding, when only rows are known
+                return d.num_rows
+            return None if d.num_images is None or d.num_held_out is None else d.num_images + d.num_held_out
+
+        old_total, new_total = total(saved), total(self)
         if old_total is not None and new_total is not None and old_total != new_total:
             moved = new_total - old_total
             change = f"{abs(moved)} images {'added to' if moved > 0 else 'removed from'} {what} since {since}"

@@ -22,6 +22,7 @@ from ..atomic import describe, is_staging, remove_dir, remove_path, replace_dir,
 from ..data import DataIdentity, data_identity
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
 from ..launch import any_process_failed, cpu_requested, launched_by_accelerate
+from ..model_card import TRAINING_SUMMARY_FILE
 from .config import SCHEDULE_OPTIONS, flag_of_key
 from .interruptions import require_finite_weights
 
@@ -66,7 +67,7 @@ INCOMPLETE_NAMES = (
     PIPELINE_STAGING,
     PIPELINE_REPLACED,
     staging_name("samples.png"),
-    staging_name("training_summary.json"),
+    staging_name(TRAINING_SUMMARY_FILE),
 )
 
 

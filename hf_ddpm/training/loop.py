@@ -36,6 +36,7 @@ from ..hub import publish, repo_id_of, retry_command, save_hub_pipeline
 from ..images import make_grid
 from ..launch import any_process_failed, raise_if_any_failed, resume_command
 from ..losses import LossSecondMomentResampler, UniformSampler, training_losses
+from ..model_card import TRAINING_SUMMARY_FILE
 from ..pipeline import HFDDPMPipeline
 from ..scheduler import HFDDPMScheduler
 from ..unet import weights_digest
@@ -308,7 +309,7 @@ def _finish(run: Run, step: int, preemption: PreemptionHandler) -> dict:
         try:
             _save_pipeline(run)
             write_atomically(
-                os.path.join(config.output_dir, "training_summary.json"), lambda f: json.dump(summary, f, indent=2)
+                os.path.join(config.output_dir, TRAINING_SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2)
             )
         except Exception as err:
             error = err

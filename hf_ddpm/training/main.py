@@ -53,8 +53,9 @@ ERROR_STATUS = 1
 
 
 # A launcher's worker other than rank 0 holds back an error that every process meets alike (a bad flag, a check
-# before the run, or one that points at the main process's: MainProcessFailed) this long: when rank 0 fails with it, the launcher stops this worker meanwhile, and the error is
-# printed once; a worker still running after it prints its own (an error rank 0 did not meet is never lost).
+# before the run, or one that points at the main process's: MainProcessFailed) this long: when rank 0 fails with it,
+# the launcher stops this worker meanwhile, and the error is printed once; a worker still running after it prints its
+# own (an error rank 0 did not meet is never lost).
 DOOR_GRACE_SECONDS = 10.0
 EVERY_PROCESS = "hf_ddpm_every_process"  # set on an error that every process raises alike (the checks at the door)
 

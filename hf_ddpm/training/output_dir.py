@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from ..atomic import describe, remove_path, staging_name, write_atomically
 from ..file_lock import FileLock, LockHeld, holder_of
 from ..launch import raise_if_any_failed
+from ..model_card import TRAINING_SUMMARY_FILE
 from ..remote_code import PIPELINE_PREFIX
 from .checkpoints import INCOMPLETE_NAMES, remove_incomplete  # the staging names a killed run leaves
 from .config import TrainingConfig
@@ -34,7 +35,7 @@ LOCK_NAME = ".hf_ddpm.lock"
 MANIFEST_NAME = ".hf_ddpm-manifest.json"
 # Top-level names a run writes (checkpoints, the pipeline, samples, logs, the run's records, their temporary names).
 RUN_PATTERNS = ("checkpoint-*", "unet", "scheduler", "model_index.json", f"{PIPELINE_PREFIX}_*.py", "samples",
-                "samples.png", "training_args.json", "training_summary.json", *INCOMPLETE_NAMES, LOCK_NAME,
+                "samples.png", "training_args.json", TRAINING_SUMMARY_FILE, *INCOMPLETE_NAMES, LOCK_NAME,
                 MANIFEST_NAME, staging_name(MANIFEST_NAME))  # fmt: skip
 # What an earlier run of ours leaves even without a manifest (written by versions before it existed).
 RUN_MARKERS = ("checkpoint-*", "training_args.json", "model_index.json")
@@ -137,7 +138,7 @@ def finished_run(output_dir: str, path: str, start: int, total_steps: int, refus
     those weights with older ones."""
     summary = None
     with contextlib.suppress(OSError, ValueError):  # no pipeline finished there yet
-        with open(os.path.join(output_dir, "training_summary.json")) as f:
+        with open(os.path.join(output_dir, TRAINING_SUMMARY_FILE)) as f:
             summary = json.load(f)
     done = summary.get("optimizer_steps") if isinstance(summary, dict) else None
     if not isinstance(done, int):
