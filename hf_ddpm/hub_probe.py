@@ -3,7 +3,9 @@
 huggingface_hub and datasets retry a failed connection with backoff (a minute or more for a model, several for a
 dataset) and then report a missing file, not the network. A loader that is about to read a Hub repo asks
 `hub_status` first: any HTTP answer means the Hub is reachable (its status says whether the repo exists), no
-answer raises HubUnreachable, a ConnectionError that names the endpoint and the reason.
+answer raises HubUnreachable, a ConnectionError that names the endpoint and the reason. `check_source` is the
+check of a model's source at the door of a load (a local directory, or a Hub repo that answers), which needs
+neither torch nor diffusers: `python -m hf_ddpm evaluate` makes it before it imports them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+import warnings
 
 HUB_PROBE_TIMEOUT = 5.0  # seconds to connect and get an answer: the Hub answers in well under one
 
@@ -75,3 +78,67 @@ def check_dataset_reachable(name: str | None, flag: str = "--dataset_name") -> N
             f"{flag} {name}: {err}: a network problem, not the dataset. If it is in the local cache, run with "
             "HF_HUB_OFFLINE=1; or pass a local copy (--dataset_name DIR or --train_data_dir DIR)"
         ) from None
+
+
+def check_source(pretrained_model_name_or_path, hub: dict) -> dict:
+    """The Hub arguments to load `pretrained_model_name_or_path` with, once it is known to exist: a local
+    directory, or a Hub repo that answers. FileNotFoundError for a path that is neither a directory nor a repo id,
+    or a repo id that the Hub does not know (nor a local directory of that name); ConnectionError when the Hub does
+    not answer and the repo is not in the local cache (in the cache: it loads from there, local_files_only)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    source = str(pretrained_model_name_or_path)
+    if os.path.isdir(source):
+        return hub
+    if os.path.exists(source):
+        raise NotADirectoryError(
+            f"{source} is a file: load a pipeline directory (model_index.json, unet/, scheduler/) or a Hub repo id"
+        )
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{source}: no such directory (and not a Hub repo id, which is NAME or NAMESPACE/NAME). Pass a pipeline "
+            "directory (a training --output_dir, or one save_pretrained wrote) or a Hub repo id"
+        ) from None
+    revision = hub.get("revision")
+    if hub.get("local_files_only") or offline():
+        if not in_local_cache(source, hub):
+            why = "local_files_only=True" if hub.get("local_files_only") else "offline mode (HF_HUB_OFFLINE=1)"
+            raise FileNotFoundError(
+                f"{source} is not a local directory, and no Hub repo of that name is in the local cache, the only "
+                f"place {why} looks. Check the path, or download the repo once with the network on"
+            )
+        return {**hub, "local_files_only": True}  # also where HF_HUB_OFFLINE was set after huggingface_hub read it
+    path = f"api/models/{source}" + (f"/revision/{revision}" if revision else "")
+    try:
+        status = hub_status(path, token=hub.get("token"))
+    except HubUnreachable as err:
+        if in_local_cache(source, hub):
+            warnings.warn(f"{err}: loading {source} from the local cache", UserWarning, stacklevel=4)
+            return {**hub, "local_files_only": True}
+        raise ConnectionError(
+            f"{source} is not a local directory, and {err} to look for a Hub repo of that name (none is in the "
+            "local cache). Check the path; or the network (HF_ENDPOINT, a proxy); for a repo downloaded before, "
+            "pass its cache_dir or set HF_HOME"
+        ) from None
+    if status in (401, 404):
+        what = f"repo {source} at revision {revision}" if revision else f"model repo named {source}"
+        raise FileNotFoundError(
+            f"{source} is not a local directory, and the Hub at {endpoint()} has no {what} (HTTP {status}; a "
+            "private or gated repo needs a token: `hf auth login` or token=). Pass a pipeline directory (a training "
+            "--output_dir, or one save_pretrained wrote) or a Hub repo id"
+        )
+    return hub
+
+
+def in_local_cache(repo_id: str, hub: dict) -> bool:
+    """Whether huggingface_hub's cache holds the repo's model_index.json, or the config.json of the flat layout."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(
+        isinstance(
+            try_to_load_from_cache(repo_id, name, cache_dir=hub.get("cache_dir"), revision=hub.get("revision")), str
+        )
+        for name in ("model_index.json", "config.json")
+    )

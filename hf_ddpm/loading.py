@@ -27,10 +27,10 @@ import warnings
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError, safe_open
 
-from .hub_probe import HubUnreachable, endpoint, hub_status, offline
+from .hub_probe import check_source
 from .scheduler import HFDDPMScheduler
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -70,68 +70,6 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     if scheduler is None:
         scheduler = HFDDPMScheduler.from_pretrained(pretrained_model_name_or_path, subfolder=scheduler_folder, **hub)
     return {"unet": unet, "scheduler": scheduler}
-
-
-def check_source(pretrained_model_name_or_path, hub: dict) -> dict:
-    """The Hub arguments to load `pretrained_model_name_or_path` with, once it is known to exist: a local
-    directory, or a Hub repo that answers. FileNotFoundError for a path that is neither a directory nor a repo id,
-    or a repo id that the Hub does not know (nor a local directory of that name); ConnectionError when the Hub does
-    not answer and the repo is not in the local cache (in the cache: it loads from there, local_files_only)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    source = str(pretrained_model_name_or_path)
-    if os.path.isdir(source):
-        return hub
-    if os.path.exists(source):
-        raise NotADirectoryError(
-            f"{source} is a file: load a pipeline directory (model_index.json, unet/, scheduler/) or a Hub repo id"
-        )
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise FileNotFoundError(
-            f"{source}: no such directory (and not a Hub repo id, which is NAME or NAMESPACE/NAME). Pass a pipeline "
-            "directory (a training --output_dir, or one save_pretrained wrote) or a Hub repo id"
-        ) from None
-    revision = hub.get("revision")
-    if hub.get("local_files_only") or offline():
-        if not in_local_cache(source, hub):
-            why = "local_files_only=True" if hub.get("local_files_only") else "offline mode (HF_HUB_OFFLINE=1)"
-            raise FileNotFoundError(
-                f"{source} is not a local directory, and no Hub repo of that name is in the local cache, the only "
-                f"place {why} looks. Check the path, or download the repo once with the network on"
-            )
-        return {**hub, "local_files_only": True}  # also where HF_HUB_OFFLINE was set after huggingface_hub read it
-    path = f"api/models/{source}" + (f"/revision/{revision}" if revision else "")
-    try:
-        status = hub_status(path, token=hub.get("token"))
-    except HubUnreachable as err:
-        if in_local_cache(source, hub):
-            warnings.warn(f"{err}: loading {source} from the local cache", UserWarning, stacklevel=4)
-            return {**hub, "local_files_only": True}
-        raise ConnectionError(
-            f"{source} is not a local directory, and {err} to look for a Hub repo of that name (none is in the "
-            "local cache). Check the path; or the network (HF_ENDPOINT, a proxy); for a repo downloaded before, "
-            "pass its cache_dir or set HF_HOME"
-        ) from None
-    if status in (401, 404):
-        what = f"repo {source} at revision {revision}" if revision else f"model repo named {source}"
-        raise FileNotFoundError(
-            f"{source} is not a local directory, and the Hub at {endpoint()} has no {what} (HTTP {status}; a "
-            "private or gated repo needs a token: `hf auth login` or token=). Pass a pipeline directory (a training "
-            "--output_dir, or one save_pretrained wrote) or a Hub repo id"
-        )
-    return hub
-
-
-def in_local_cache(repo_id: str, hub: dict) -> bool:
-    """Whether huggingface_hub's cache holds the repo's model_index.json, or the config.json of the flat layout."""
-    return any(
-        isinstance(
-            try_to_load_from_cache(repo_id, name, cache_dir=hub.get("cache_dir"), revision=hub.get("revision")), str
-        )
-        for name in ("model_index.json", "config.json")
-    )
 
 
 def component_folders(pretrained_model_name_or_path, **hub) -> tuple[str | None, str | None]:

@@ -271,3 +271,24 @@ def test_paths_to_write_are_checked_at_the_door_naming_their_flag(tmp_path, run_
     result, _ = run_evaluate(model, "--num_timesteps", 2, "--num_images", 2, "--metrics_out", out)
     assert result.returncode == 0 and f"wrote {out}" in result.stdout, result.stderr[-2000:]
     assert json.loads(out.read_text())["bits_per_dim"]["count"] == 2
+
+
+def test_a_command_past_the_door_says_what_it_loads_before_the_seconds_of_loading(tmp_path, run_evaluate, monkeypatch):
+    """The imports and the model's load take seconds before the first progress bar: a line says what is happening
+    once every flag is checked (a refusal at the door stays one line: the tests above pin it whole)."""
+    loaded = []
+
+    def from_pretrained(*args, **kwargs):
+        loaded.append(args[0])
+        raise OSError("stop here: the line must already be out")
+
+    monkeypatch.setattr(HFDDPMPipeline, "from_pretrained", from_pretrained)
+    (tmp_path / "model").mkdir()  # a folder: what is in it is the load's to check
+    result, _ = run_evaluate(tmp_path / "model", "--num_timesteps", 2)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and loaded == [str(tmp_path / "model")], result.stderr
+    assert lines == [f"evaluate: loading {tmp_path / 'model'} (importing diffusers and the data's readers) ...",
+                     "error: stop here: the line must already be out"]  # fmt: skip
+    monkeypatch.setenv("RANK", "1")  # another process of an accelerate launch: rank 0 alone says it
+    result, _ = run_evaluate(tmp_path / "model", "--num_timesteps", 2)
+    assert result.stderr.strip().splitlines() == ["error: stop here: the line must already be out"]

@@ -14,6 +14,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+K_NEAREST = 3  # Kynkäänniemi et al. 2019 use k = 3
+
+
+def check_sample_count(num_samples: int, fid_reference) -> None:
+    """Refuse, before anything is drawn, a sample count the metrics cannot use: FID needs 2 samples (a covariance);
+    precision/recall (k-NN radii within the samples) more than K_NEAREST, unless --fid_reference asks for FID only."""
+    if not num_samples:
+        return
+    if num_samples < 2:
+        raise ValueError(f"--num_samples {num_samples}: FID needs at least 2 samples (their covariance)")
+    if fid_reference is None and num_samples <= K_NEAREST:
+        raise ValueError(
+            f"--num_samples {num_samples}: precision/recall measure each sample's distance to its k = {K_NEAREST}-th "
+            f"nearest other sample, so they need more than {K_NEAREST} samples; pass --num_samples "
+            f"{K_NEAREST + 1} or more (or --fid_reference STATS.npz for FID alone)"
+        )
+
 
 def statistics(features: np.ndarray) -> dict:
     """μ and Σ of features (float64), and their count."""
@@ -83,7 +100,7 @@ def share_inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, row
     return inside / len(p)
 
 
-def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3) -> tuple[float, float]:
+def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = K_NEAREST) -> tuple[float, float]:
     """(precision, recall) of `samples` against `reference`, both (N, d) features."""
     precision = share_inside(samples, reference, knn_radii(reference, k))
     recall = share_inside(reference, samples, knn_radii(samples, k))

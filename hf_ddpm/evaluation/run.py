@@ -16,10 +16,13 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from ..data.sources import DATA_SOURCES, one_source
 from ..data.split import parse_eval_size
+from ..hub_probe import check_dataset_reachable, check_source
+from ..launch import later_rank
 from . import likelihood_options
 from .schema import PROTOCOLS
 
@@ -112,7 +115,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_device(args.device)
     if args.num_images == 0 and args.num_samples == 0:
         raise ValueError("nothing to evaluate: --num_images 0 skips bits/dim and --num_samples is 0")
-    from .sample_quality import check_sample_count
+    from .feature_metrics import check_sample_count  # here: it imports torch, which push and export never need
 
     check_sample_count(args.num_samples, args.fid_reference)  # before any sampling (and any bits/dim)
 
@@ -167,24 +170,29 @@ def check_device(device: str) -> None:
 def evaluate(args: argparse.Namespace, extractor=None) -> list:
     """Run what `args` asks for; returns the Metrics (every process gets them). `extractor`: the feature
     extractor (default: Inception-v3 on this process's device), injectable for tests."""
+    # At the door, before diffusers and the data's readers are imported (seconds): the flags, the model's source
+    # and the data's (a Hub that does not answer is named in seconds, not after the libraries' retries).
+    check_args(args)
+    check_source(args.model, {})
+    options = data_options(args)
+    resolution, from_run = options.pop("resolution"), options.pop("from_run")
+    check_dataset_reachable(options["dataset_name"])
+    if not later_rank():  # the seconds of imports and loading before the first progress bar are not silent
+        print(f"evaluate: loading {args.model} (importing diffusers and the data's readers) ...", file=sys.stderr,
+              flush=True)  # fmt: skip
     import torch
 
     from ..data import load_data
-    from ..hub_probe import check_dataset_reachable
     from ..pipeline import HFDDPMPipeline
     from .likelihood import split_metrics as split_likelihood_metrics
     from .processes import accelerate_state, current_processes
 
-    check_args(args)
     processes = current_processes()
     device = args.device or accelerate_state().device
     pipe = HFDDPMPipeline.from_pretrained(args.model).to(device)
     # each sampling shard's and bits/dim block's own steps, on the main process, under the outer bars
     pipe.set_progress_bar_config(disable=not processes.is_main, leave=False)
     channels, height, width = pipe._image_shape
-    options = data_options(args)
-    resolution, from_run = options.pop("resolution"), options.pop("from_run")
-    check_dataset_reachable(options["dataset_name"])  # in seconds, not after datasets' retries
     if resolution is not None and resolution != height:
         raise ValueError(f"the data's resolution {resolution} does not match the model's sample_size {height}x{width}")
     num_train = pipe.scheduler.config.num_train_timesteps

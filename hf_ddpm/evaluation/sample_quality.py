@@ -10,28 +10,11 @@ import os
 import time
 from pathlib import Path
 
-from .feature_metrics import frechet_distance, kernel_inception_distance, precision_recall
+from .feature_metrics import K_NEAREST, frechet_distance, kernel_inception_distance, precision_recall
 from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
 from .sample_shards import generate_shards, load_shards
 from .schema import PROTOCOLS, Metric
 from .steps import few_step_scheduler
-
-K_NEAREST = 3  # Kynkäänniemi et al. 2019 use k = 3
-
-
-def check_sample_count(num_samples: int, fid_reference) -> None:
-    """Refuse, before anything is drawn, a sample count the metrics cannot use: FID needs 2 samples (a covariance);
-    precision/recall (k-NN radii within the samples) more than K_NEAREST, unless --fid_reference asks for FID only."""
-    if not num_samples:
-        return
-    if num_samples < 2:
-        raise ValueError(f"--num_samples {num_samples}: FID needs at least 2 samples (their covariance)")
-    if fid_reference is None and num_samples <= K_NEAREST:
-        raise ValueError(
-            f"--num_samples {num_samples}: precision/recall measure each sample's distance to its k = {K_NEAREST}-th "
-            f"nearest other sample, so they need more than {K_NEAREST} samples; pass --num_samples "
-            f"{K_NEAREST + 1} or more (or --fid_reference STATS.npz for FID alone)"
-        )
 
 
 def reference_pool(args, data, where: dict):
