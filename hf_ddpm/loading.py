@@ -4,7 +4,8 @@ A repo pushed by hf_ddpm names its bundled modules in model_index.json (hf_ddpm/
 loader refuses such a repo without trust_remote_code=True even where hf_ddpm is installed. HFDDPMPipeline needs
 none of that code: its components are a diffusers UNet2DModel in unet/ and a scheduler config in scheduler/ (an
 HFDDPMScheduler config, or a DDPMScheduler one: the keys are shared), so `HFDDPMPipeline.from_pretrained` loads
-them here, each from its subfolder.
+them here, each from its subfolder. A pipeline saved with another diffusers scheduler swapped in (DDIM, ...) loads
+with that scheduler, as DiffusionPipeline loads it.
 
 Before anything is read, the source is checked at the door: a local path that does not exist is said to be missing
 at once; a Hub repo id is looked up with one short request (hf_ddpm/hub_probe.py), so an unreachable Hub or a repo
@@ -40,7 +41,8 @@ COMPONENT_NAMES = ("unet", "scheduler")
 
 
 def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
-    """{"unet": UNet2DModel, "scheduler": HFDDPMScheduler} from `<path or repo>/unet` and `/scheduler`.
+    """{"unet": UNet2DModel, "scheduler": HFDDPMScheduler (or the diffusers scheduler the pipeline was saved with:
+    `saved_scheduler_class`)} from `<path or repo>/unet` and `/scheduler`.
 
     kwargs: diffusers' Hub arguments (HUB_KWARGS) for both components, model arguments (MODEL_KWARGS; a dtype dict
     is read per component as in DiffusionPipeline.from_pretrained) for the UNet, `use_safetensors` (True or None),
@@ -60,16 +62,33 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
             model[key] = model[key].get("unet", model[key].get("default"))
     hub = check_source(pretrained_model_name_or_path, hub)
     unet_folder, scheduler_folder = component_folders(pretrained_model_name_or_path, **hub)
+    index = None
     if unet_folder is not None and (kwargs.get("unet") is None or kwargs.get("scheduler") is None):
-        pipeline_index(pretrained_model_name_or_path, **hub)
+        index = pipeline_index(pretrained_model_name_or_path, **hub)
     unet = kwargs.get("unet")
     if unet is None:
         safe = use_safetensors is not False
         unet = load_unet(pretrained_model_name_or_path, use_safetensors=safe, subfolder=unet_folder, **hub, **model)
     scheduler = kwargs.get("scheduler")
     if scheduler is None:
-        scheduler = HFDDPMScheduler.from_pretrained(pretrained_model_name_or_path, subfolder=scheduler_folder, **hub)
+        kind = saved_scheduler_class(index) if index is not None else HFDDPMScheduler
+        scheduler = kind.from_pretrained(pretrained_model_name_or_path, subfolder=scheduler_folder, **hub)
     return {"unet": unet, "scheduler": scheduler}
+
+
+def saved_scheduler_class(index: dict) -> type:
+    """The class to load the scheduler of a pipeline whose model_index.json is `index` with: a diffusers scheduler
+    other than DDPMScheduler (DDIM, DPM-Solver, ... swapped in before the save) as itself, as DiffusionPipeline
+    loads it, so that both loaders sample alike; ours, DDPMScheduler (diffusers' DDPMPipeline, google/ddpm-*: the
+    same process, whose keys ours shares) and a name this diffusers lacks as HFDDPMScheduler (which refuses a
+    config that is not a DDPM process's, saying so)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    entry = index["scheduler"]
+    library, name = entry if isinstance(entry, (list, tuple)) and len(entry) == 2 else (None, None)
+    found = getattr(diffusers, name, None) if library == "diffusers" and name != "DDPMScheduler" else None
+    return found if isinstance(found, type) and issubclass(found, SchedulerMixin) else HFDDPMScheduler
 
 
 def component_folders(pretrained_model_name_or_path, **hub) -> tuple[str | None, str | None]:

@@ -193,6 +193,31 @@ def test_bits_per_dim_is_unchanged_by_swapping_the_scheduler(learned, digits):
     torch.testing.assert_close(bound(via_from_pipe, digits), before, rtol=0, atol=1e-12)
 
 
+def test_a_pipeline_saved_with_a_swapped_scheduler_loads_with_it_in_both_loaders(tmp_path, digits):
+    """DiffusionPipeline loads the class model_index.json names; HFDDPMPipeline.from_pretrained loads the same one,
+    so both sample alike, and the bound (of the config's DDPM process) is the saved pipeline's. DDPMScheduler, the
+    same process as ours, still loads as HFDDPMScheduler."""
+    pipe = make_pipe(False, clip_sample=True)
+    before = bound(pipe, digits)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "ddim")
+    ours = HFDDPMPipeline.from_pretrained(tmp_path / "ddim")
+    theirs = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "ddim", trust_remote_code=True)
+    assert type(ours.scheduler) is type(theirs.scheduler) is DDIMScheduler
+    keys = lambda s: {k: v for k, v in s.config.items() if not k.startswith("_")}  # noqa: E731 (not diffusers' own)
+    assert keys(ours.scheduler) == keys(theirs.scheduler) == keys(pipe.scheduler)
+    for loaded in (ours, theirs):
+        loaded.set_progress_bar_config(disable=True)
+    samples = [p(batch_size=2, num_inference_steps=STEPS, generator=torch.manual_seed(1), output_type="pt").images
+               for p in (pipe, ours, theirs)]  # fmt: skip
+    torch.testing.assert_close(samples[1], samples[0], rtol=0, atol=0)
+    torch.testing.assert_close(samples[2], samples[0], rtol=0, atol=0)
+    torch.testing.assert_close(bound(ours, digits), before, rtol=0, atol=1e-12)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "ddpm")
+    assert type(HFDDPMPipeline.from_pretrained(tmp_path / "ddpm").scheduler) is HFDDPMScheduler
+
+
 def test_bits_per_dim_with_a_scheduler_without_variance_type_uses_the_model_channels(digits):
     """Euler's config has no variance_type: a 2C-channel UNet means learned_range, a C-channel one fixed_small."""
     learned = make_pipe(True)
