@@ -36,7 +36,7 @@ def make_batches(data, args, accelerator):
         seed=args.seed, buffer_size=args.shuffle_buffer_size, num_workers=args.dataloader_num_workers,
         resolution=data.train.shape[2], channels=data.train.shape[1], skip_corrupt=args.on_corrupt_image == "skip",
         device=device, num_examples=data.train.num_examples, source=data.source,
-        accumulation_steps=args.gradient_accumulation_steps,
+        accumulation_steps=args.gradient_accumulation_steps, key=data.train.key,
     )  # fmt: skip
 
 

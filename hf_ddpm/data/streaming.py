@@ -7,11 +7,13 @@ number of shards divides by the number of processes, else every W-th example), u
 stream's own `state_dict()` are the position. `state_dict()` returns the position after the last batch handed out
 (gathered from every process), so a checkpoint resumes exactly there, without re-reading what was consumed and
 without losing the buffer (datasets' own shuffle buffer is refilled on resume, which loses examples: so we keep
-ours, whose encoded examples are saved in the checkpoint). Images are decoded in `num_workers` worker processes
-(0: in the training process), one batch ahead. An epoch is one pass over the process's part of the stream; the
-next one starts when it ends (its examples in the buffer are still drawn first), so processes need not see equal
-counts. A corrupt image is skipped (the next example takes its place) with a warning, or stops the run; the warnings
-are rate-limited (the first few by name, then a count at most every WARNING_INTERVAL seconds).
+ours, whose encoded examples are saved in the checkpoint). A resume on local files deleted or added since
+(--allow_data_change) keeps what of the position still applies: stream_change.py. Images are decoded in
+`num_workers` worker processes (0: in the training process), one batch ahead. An epoch is one pass over the
+process's part of the stream; the next one starts when it ends (its examples in the buffer are still drawn first),
+so processes need not see equal counts. A corrupt image is skipped (the next example takes its place) with a
+warning, or stops the run; the warnings are rate-limited (the first few by name, then a count at most every
+WARNING_INTERVAL seconds).
 
 A source that cannot be read is not a corrupt image: a file of the stream that is missing or unreadable (a folder
 moved away, an unmounted share, revoked access), a stream that raises while it is read, a pass that yields no example,
@@ -38,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import stream_change
 from .decode import decode_image, read_bytes
 from .stream_decode import Failure, decode_example, init_worker
 
@@ -114,9 +117,10 @@ class StreamingBatches:
 
     def __init__(self, make_stream, column, *, batch_size, num_processes, process_index, seed, buffer_size,
                  num_workers, resolution, channels, skip_corrupt, device, num_examples=None, source=None,
-                 accumulation_steps=1):  # fmt: skip
+                 accumulation_steps=1, key=None):  # fmt: skip
         self._make_stream, self.column = make_stream, column  # make_stream(): a fresh stream of the whole split
         self.source = source  # for messages: the folder, files or dataset id
+        self.key = key  # the local files' identity (StreamedImages.key), saved with the position: a resume compares it
         self._named = f" {source}" if source else ""
         # the position kept for a checkpoint when the source fails is the end of the last optimizer step
         self.accumulation_steps = accumulation_steps
@@ -132,10 +136,12 @@ class StreamingBatches:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 num_workers, mp_context=ctx, initializer=init_worker, initargs=(os.getpid(),)
             )
-        self._restore({"epoch": 0, "stream": None, "buffer": [], "rng": None, "exhausted": False, "micro_step": 0})
+        self._restore({"epoch": 0, "stream": None, "buffer": [], "rng": None, "exhausted": False, "micro_step": 0,
+                       "key": key, "read": None})  # fmt: skip
 
     def _restore(self, state: dict) -> None:
         self._epoch, self._buffer, self._exhausted = state["epoch"], list(state["buffer"]), state["exhausted"]
+        self._read = state.get("read")  # the path of the last local file read from the stream in this epoch
         self._rng = np.random.default_rng([self.seed, self.process_index, 2])
         if state["rng"] is not None:
             self._rng.bit_generator.state = state["rng"]
@@ -166,6 +172,7 @@ class StreamingBatches:
             while not self._exhausted and len(self._buffer) < self.buffer_size:
                 try:
                     self._buffer.append(next(self._iterator)[self.column])
+                    self._read = stream_change.last_file_read(self._buffer[-1])
                     self._taken += 1
                 except StopIteration:
                     self._exhausted = True
@@ -187,7 +194,7 @@ class StreamingBatches:
                     f"process {self.process_index}'s part of the stream{self._named} holds no example: the source "
                     f"is empty or vanished. {RESUME_HINT}", self.source,
                 )  # fmt: skip
-            self._epoch, self._exhausted, fresh = self._epoch + 1, False, True
+            self._epoch, self._exhausted, self._read, fresh = self._epoch + 1, False, None, True
             self._open(None)
 
     def _failed_example(self, value, failure: Failure) -> None:
@@ -217,7 +224,7 @@ class StreamingBatches:
     def _state(self, micro_step: int) -> dict:
         return {"epoch": self._epoch, "stream": copy.deepcopy(self._stream.state_dict()),
                 "buffer": list(self._buffer), "rng": self._rng.bit_generator.state, "exhausted": self._exhausted,
-                "micro_step": micro_step}  # fmt: skip
+                "micro_step": micro_step, "key": self.key, "read": self._read}  # fmt: skip
 
     def _submit(self, micro_step: int):
         values = [self._take() for _ in range(self.batch_size)]
@@ -279,13 +286,32 @@ class StreamingBatches:
         return {"processes": states}
 
     def load_state_dict(self, state: dict) -> None:
+        """Every process's position as `state_dict` gave it; on local files deleted or added since (a resume that
+        --allow_data_change lets go on), what of it still applies (stream_change.py), said in one warning."""
+        import torch.distributed as dist
+
         states = state["processes"]
         if len(states) != self.num_processes:
             raise ValueError(
                 f"this streaming checkpoint was written by {len(states)} processes; resume it with as many "
                 f"(now {self.num_processes}): each holds its own part of the stream"
             )
-        self._restore(states[self.process_index])
+        mine, note = states[self.process_index], None
+        gone = set(stream_change.vanished(mine["buffer"]) if self.key is not None else ())
+        if self.key is not None and (mine.get("key", self.key) != self.key or gone):  # the files changed since
+            self._restore({**mine, "buffer": [v for v in mine["buffer"] if v.get("path") not in gone], "stream": None})
+            self._iterator, how = stream_change.place(self._stream, self.column, mine)
+            self._whole_pass, note = False, (sorted(gone), how)
+            self._handed_out = self._at_boundary = self._state(self._next_step)
+        else:
+            self._restore(mine)
+        notes = [note]
+        if dist.is_available() and dist.is_initialized():
+            notes = [None] * dist.get_world_size()
+            dist.all_gather_object(notes, note)
+        said = stream_change.warning(notes, self.source)
+        if said and self.process_index == 0:
+            logger.warning(said)
 
 
 class StreamedImages:
