@@ -347,15 +347,17 @@ def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change
                   "crops are drawn with the seed, and would change")  # fmt: skip
         fix = f"Resume with --seed {run_seed}"
     if change:
-        again = (f"drawn again from it: it may hold images the model trained on, and held-out bits/dim before and "
-                 f"after step {saved.step} do not compare")  # fmt: skip
+        if now.held_out is not None and now.held_out == saved.data.held_out:  # the training images alone changed
+            then = going = f"held-out bits/dim before and after step {saved.step} still compare: its split is the same"
+        else:
+            again = (f"drawn again from it: it may hold images the model trained on, and held-out bits/dim before "
+                     f"and after step {saved.step} do not compare")  # fmt: skip
+            then, going = f"the held-out split is then {again}", f"the held-out split is {again}"
         if not allow_data_change:
             raise ValueError(
-                f"{change}. {fix}, or pass --allow_data_change to go on with the data as it is now (the held-out "
-                f"split is then {again})"
+                f"{change}. {fix}, or pass --allow_data_change to go on with the data as it is now ({then})"
             )
-        logger.warning("--allow_data_change: %s; resuming with the data as it is now: the held-out split is %s",
-                       change, again)  # fmt: skip
+        logger.warning("--allow_data_change: %s; resuming with the data as it is now: %s", change, going)
 
 
 def data_guard(path: str | None, saved: RunRecord | None, allow_data_change: bool, seed: int):
