@@ -292,3 +292,14 @@ def test_a_command_past_the_door_says_what_it_loads_before_the_seconds_of_loadin
     monkeypatch.setenv("RANK", "1")  # another process of an accelerate launch: rank 0 alone says it
     result, _ = run_evaluate(tmp_path / "model", "--num_timesteps", 2)
     assert result.stderr.strip().splitlines() == ["error: stop here: the line must already be out"]
+
+
+def test_a_training_args_json_that_is_not_json_is_named_at_the_door(tmp_path, run_evaluate, no_work):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "training_args.json").write_text('{"dataset_name": ')  # edited by hand, say
+    result, _ = run_evaluate(model, "--num_timesteps", 2)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: {model / 'training_args.json'} is not valid JSON (Expecting value: line 1 column 18 (char 17)): the "
+        "run's data options (its source, resolution, held-out split and seed) are read from it; fix the file"
+    ), result.stderr

@@ -47,6 +47,38 @@ def test_a_sigkilled_runs_lock_does_not_block_the_next_run(tmp_path):
     assert summary["optimizer_steps"] == 6
 
 
+def test_a_run_killed_while_it_wrote_its_first_manifest_blocks_no_later_run(tmp_path):
+    """Its directory holds the lock and the manifest's staging file alone: neither someone else's files nor a run to
+    resume. A requeued `latest` starts the run afresh, as after a kill at any other moment."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{MANIFEST_NAME}.tmp").write_text('{"written_by": "hf_d')  # cut short by the kill
+    (out / LOCK_NAME).write_text('{"pid": 999999')
+    summary = train(parse_args(tiny(out, *RUN, "--resume_from_checkpoint", "latest")))
+    assert summary["optimizer_steps"] == 6
+    assert json.loads((out / MANIFEST_NAME).read_text())["foreign"] == []
+    assert not (out / f"{MANIFEST_NAME}.tmp").exists()
+
+
+def test_training_args_json_is_whole_or_as_it_was_when_its_write_fails(trained, monkeypatch):
+    """A resume rewrites training_args.json (evaluate and `--config` read it): a write that fails midway (a kill, a
+    full disk) leaves the earlier file whole, never a part of it."""
+    before, real = (trained / "training_args.json").read_text(), json.dump
+
+    def dump(values, f, **kwargs):
+        if "learning_rate" not in values:  # the manifest, written before it
+            return real(values, f, **kwargs)
+        f.write('{"output_dir": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("hf_ddpm.training.output_dir.json.dump", dump)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "checkpoint-3")))
+    monkeypatch.undo()
+    assert (trained / "training_args.json").read_text() == before
+    assert not (trained / "training_args.json.tmp").exists()
+
+
 def test_a_foreign_directory_is_refused_untouched_and_kept_with_the_flag(tmp_path):
     out = tmp_path / "photos"
     (out / "unet_notes").mkdir(parents=True)

@@ -86,7 +86,13 @@ def data_options(args: argparse.Namespace) -> dict:
     run_args = {}
     path = Path(args.model) / "training_args.json"
     if path.is_file():
-        run_args = json.loads(path.read_text())
+        try:
+            run_args = json.loads(path.read_text())
+        except ValueError as err:  # edited by hand (training writes it whole or not at all)
+            raise ValueError(
+                f"{path} is not valid JSON ({err}): the run's data options (its source, resolution, held-out split "
+                "and seed) are read from it; fix the file"
+            ) from None
     if one_source({name: getattr(args, name, None) for name in DATA_SOURCES}, "--"):
         run_args = {k: v for k, v in run_args.items() if k not in SOURCE_OPTIONS}
         from_run = False

@@ -39,6 +39,9 @@ RUN_PATTERNS = ("checkpoint-*", "unet", "scheduler", "model_index.json", f"{PIPE
                 MANIFEST_NAME, staging_name(MANIFEST_NAME))  # fmt: skip
 # What an earlier run of ours leaves even without a manifest (written by versions before it existed).
 RUN_MARKERS = ("checkpoint-*", "training_args.json", "model_index.json")
+# What a run killed while it wrote leaves besides the lock: never someone else's files, nor a run to resume (a run
+# killed while it wrote its first manifest left nothing else).
+LEFT_BY_A_KILL = (*INCOMPLETE_NAMES, staging_name(MANIFEST_NAME))
 
 
 class OutputDirError(ValueError):
@@ -85,7 +88,7 @@ def check_output_dir(args: TrainingConfig) -> OutputDir:
     holder = holder_of(os.path.join(path, LOCK_NAME))  # reads only
     if holder is not None:  # a live run holds the directory
         raise _in_use(path, holder)
-    names = [n for n in _listing(path) if n != LOCK_NAME]
+    names = [n for n in _listing(path) if n != LOCK_NAME and n not in LEFT_BY_A_KILL]
     manifest = _manifest(path)
     patterns = run_patterns(args.logging_dir)
     earlier = any(_matches(n, RUN_MARKERS) for n in names)
@@ -168,8 +171,10 @@ def prepare_output_dir(config: TrainingConfig, accelerator, found: OutputDir) ->
         try:
             _make_ours(found, config)
             remove_incomplete(config.output_dir)
-            with open(os.path.join(config.output_dir, "training_args.json"), "w") as f:
-                json.dump(config.to_json(absolute=True), f, indent=2)
+            values = config.to_json(absolute=True)  # whole or as it was: evaluate and --config read it
+            write_atomically(
+                os.path.join(config.output_dir, "training_args.json"), lambda f: json.dump(values, f, indent=2)
+            )
         except OSError as err:
             error = _unwritable(config.output_dir, err)
     raise_if_any_failed(accelerator, error, f"write {config.output_dir}")  # also the barrier after the writes
