@@ -8,14 +8,18 @@ these facts in its checkpoints and prints the command that resumes it; `launch_c
 reproduces the launch: the launcher, the process count, the precision and the CPU choice.
 
 An error met by one process (the main one writing a file, a worker's disk) must stop every process, or the others
-wait at the next collective until it times out: `any_process_failed` is that agreement, one all-reduce.
+wait at the next collective until it times out: `any_process_failed` is that agreement, one all-reduce. A launcher
+killed alone (SIGKILL) tells its workers nothing: `watch_launcher` stops them as a cluster's signal would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 
 from .flags import canonical
 
@@ -36,6 +40,31 @@ def cpu_requested() -> bool:
 def later_rank() -> bool:
     """Whether this process is a launcher's worker other than rank 0 (torchrun sets RANK)."""
     return os.environ.get("RANK", "0") not in ("", "0")
+
+
+def watch_launcher(signum: int, interval: float = 1.0):
+    """Under `accelerate launch`, send this process `signum` once its launcher is gone (killed alone: a worker would
+    otherwise train on to the end, holding the output directory's lock against the job's requeue), so that the run
+    stops as on that signal (hf_ddpm/training/interruptions.py: a checkpoint at the next optimizer step), saying why.
+    Only a machine's first process watches: it stops the others through the loop's agreement (one line, not one per
+    process). Returns the function that stops the watch; None where nothing is watched."""
+    if not launched_by_accelerate() or os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+        return None
+    launcher, stopped = os.getppid(), threading.Event()
+
+    def watch():
+        while not stopped.wait(interval):
+            if os.getppid() != launcher:  # re-parented: the launcher died
+                name = signal.Signals(signum).name
+                with contextlib.suppress(OSError):  # its stderr may have gone with it
+                    print(
+                        f"\nthe launcher (PID {launcher}) is gone: stopping as on {name}", file=sys.stderr, flush=True
+                    )
+                os.kill(os.getpid(), signum)
+                return
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    return stopped.set
 
 
 def launch_processes() -> int:

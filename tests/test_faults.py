@@ -5,9 +5,12 @@ Killed runs are subprocesses (tests/fault_hooks.py pauses them at an exact point
 there); resumed and reference runs train in this process. Both use one thread, so their weights agree bit for bit.
 """
 
+import contextlib
 import errno
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -352,6 +355,52 @@ def test_a_fault_on_one_ddp_process_stops_both_instead_of_hanging(tmp_path, faul
     log = result.stdout + result.stderr
     assert result.returncode != 0 and log.count(shown) >= 2, log[-4000:]  # raised on both ranks
     assert sorted(p.name for p in out.iterdir()) == [*RECORDS, "checkpoint-2", "logs", "training_args.json"]
+
+
+@pytest.mark.slow  # a 2-process launch and its resume, ~1.5 minutes
+def test_a_launcher_killed_alone_stops_its_workers_with_a_checkpoint_and_the_requeue_resumes(tmp_path):
+    """`kill -9` of `accelerate launch` alone (its workers are not told): they stop as on SIGTERM, at the next
+    optimizer step with its checkpoint, and free the output directory, so the job's requeue resumes at once instead
+    of being refused while orphans train on to the end."""
+    out, log = tmp_path / "out", tmp_path / "log"
+    flags = tiny(out, "--max_train_steps", "1000", "--checkpointing_steps", "2", "--save_images_steps", "1000")
+    with open(log, "wb") as f:
+        launcher = subprocess.Popen(launch_command(flags, num_processes=2), cwd=REPO, env=environment(), stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2").is_dir():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 15  # they notice within a second, then finish their step (not the 1000th)
+        while workers_of(out):
+            assert time.monotonic() < deadline, (workers_of(out), log.read_text()[-3000:])
+            time.sleep(0.2)
+    finally:
+        for pid in workers_of(out):
+            os.kill(pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    stopped = max(step for step, _ in checkpoints.list_checkpoints(str(out)))
+    assert text.count(f"the launcher (PID {launcher.pid}) is gone: stopping as on SIGTERM") == 1, text[-3000:]
+    assert f"preempted (SIGTERM) at step {stopped}: saved {out / f'checkpoint-{stopped}'}" in text, text[-3000:]
+    assert 2 <= stopped < 1000 and not (out / "model_index.json").exists()
+    resumed = subprocess.run(launch_command([*flags, "--resume_from_checkpoint", "latest"], num_processes=2),
+                             cwd=REPO, env=environment(), capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at optimizer step {stopped}" in resumed.stderr
+    assert json.loads((out / "training_summary.json").read_text())["optimizer_steps"] == 1000
+
+
+def workers_of(out: Path) -> list[int]:
+    """The processes whose command line names `out` (the launch's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(out).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ the Hub

@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -35,7 +36,7 @@ from ..data.batches import make_batches
 from ..data.streaming import StreamingBatches
 from ..hub import check_publish, check_token, repo_id_of, retry_command
 from ..hub_probe import check_dataset_reachable
-from ..launch import MainProcessFailed, later_rank, launch_processes
+from ..launch import MainProcessFailed, later_rank, launch_processes, watch_launcher
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from ..unet import check_forward
@@ -93,11 +94,14 @@ def train(given: TrainingConfig) -> dict:
     except RunComplete as complete:
         return complete.summary
     preemption = PreemptionHandler(parse_signals(run.config.preemption_signals), speaks=not later_rank())
+    unwatch = watch_launcher((*preemption.signals, signal.SIGTERM)[0])  # a launcher killed alone stops the run
     try:
         preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
         return train_loop(run, preemption)
     finally:
         preemption.restore()
+        if unwatch is not None:
+            unwatch()
         if run.lock is not None:
             run.lock.release()  # ... to its end (or the process's, whichever comes first)
 
