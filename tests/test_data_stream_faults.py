@@ -165,11 +165,11 @@ def test_decoding_workers_die_with_the_process_that_started_them(tmp_path):
                 p.kill()
 
 
-def _launch(tmp_path, folder, *extra):
+def _launch(tmp_path, folder, *extra, num_processes=1):
     argv = launch_flags(tmp_path / "out", "--streaming", "--train_data_dir", folder, "--dataloader_num_workers", "2",
                         "--max_train_steps", "100000", "--checkpointing_steps", "4", "--save_images_steps", "100000",
                         "--shuffle_buffer_size", "16", *extra)  # fmt: skip
-    return subprocess.Popen(launch_command(argv), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+    return subprocess.Popen(launch_command(argv, num_processes), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
 
 
@@ -191,9 +191,12 @@ def _kill_family(proc, family=()):
 
 
 @pytest.mark.slow  # a launched streaming run: about 30 s
-def test_a_folder_moved_away_mid_stream_ends_the_run_in_seconds_naming_it(tmp_path):
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_a_folder_moved_away_mid_stream_ends_the_run_in_seconds_naming_it(tmp_path, num_processes):
+    """With 2 processes both lose their part of the stream, each at another file: the main process says the first
+    one's error, once."""
     folder = write_folder(tmp_path / "data", 64)
-    proc = _launch(tmp_path, folder)
+    proc = _launch(tmp_path, folder, num_processes=num_processes)
     try:
         _wait_for(tmp_path / "out" / "checkpoint-4", proc)
         os.rename(folder, tmp_path / "unmounted")  # as an unmounted share

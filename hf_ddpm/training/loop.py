@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -239,7 +240,7 @@ def _periodic(run: Run, step: int) -> None:
 def _stop(run: Run, step: int, preemption: PreemptionHandler, signum: int | None, when: str = "") -> None:
     """All processes stop after optimizer step `step`, for the signal `signum`, or (None) because a process's stream
     failed: checkpoint `step` (unless `_periodic` or the resumed checkpoint holds it), say how to resume (the main
-    process names the signal, the failed process its error), and raise Preempted (exit status 128 + the signal
+    process names the signal, or the first failed process's error), and raise Preempted (exit status 128 + the signal
     number) or SourceLost (SOURCE_LOST_STATUS)."""
     accelerator = run.accelerator
     path = checkpoints.checkpoint_of_last_step(run, step)
@@ -247,10 +248,12 @@ def _stop(run: Run, step: int, preemption: PreemptionHandler, signum: int | None
     if signum is not None and accelerator.is_main_process:
         name = signal.Signals(signum).name
         print(f"preempted ({name}){when} at step {step}: saved {path}; resume with: {command}", flush=True)
-    elif signum is None and preemption.source_error is not None:
+    elif signum is None:  # the main process says the first failed process's error: one line for the run
+        failed = [one_line(preemption.source_error)] if preemption.source_error is not None else []
+        failed = gather_object(failed) if accelerator.num_processes > 1 else failed
         saved = f"saved {path}" if path else f"nothing trained yet, no checkpoint in {run.config.output_dir}"
-        print(f"error: {one_line(preemption.source_error)} ({saved} at step {step}; resume with: {command})",
-              file=sys.stderr, flush=True)  # fmt: skip
+        if accelerator.is_main_process:
+            print(f"error: {failed[0]} ({saved} at step {step}; resume with: {command})", file=sys.stderr, flush=True)
     accelerator.end_training()
     raise SourceLost(path, command) if signum is None else Preempted(signum, path, command)
 
