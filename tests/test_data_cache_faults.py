@@ -252,3 +252,27 @@ def test_a_shard_damaged_in_a_folder_without_its_manifest_is_removed_and_rebuilt
     assert sorted(ids(data.train)) == list(range(40))
     assert f"removing {arrow}, left unreadable by an unfinished build" in caplog.text
     assert (folder / MANIFEST).exists()
+
+
+def test_an_unfinished_build_of_an_abandoned_key_is_removed_by_the_next_build_but_a_live_one_is_kept(tmp_path, caplog):
+    """A build killed (no manifest, its lock free), then its data changed: the next build, under a new key, removes
+    it; one whose builder still holds its lock is another run's work in progress, and stays; complete caches stay."""
+    images = write_images(tmp_path / "imgs", 30)
+    kw = {"train_data_dir": images, "resolution": 8, "eval_size": 0, "cache_dir": str(tmp_path / "c")}
+    complete = Path(load_data(**kw, max_train_samples=10).cache_dir)  # another key, finished
+    killed = Path(load_data(**kw).cache_dir)
+    (killed / MANIFEST).unlink()  # as a build killed before it finished
+    (killed / "tmpk1ll3d").write_bytes(b"partial")
+    live = killed.parent / "0123456789abcdef"  # a build of another run, under way
+    live.mkdir()
+    (live / "tmpl1ve").write_bytes(b"partial")
+    with open(f"{live}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.remove(os.path.join(images, sorted(os.listdir(images))[0]))  # the data changed: a new key
+        with caplog.at_level(logging.WARNING, logger="hf_ddpm.data.cache"):
+            data = load_data(**kw)
+        assert len(data.train) == 29 and Path(data.cache_dir) not in (killed, complete, live)
+        assert not killed.exists() and not Path(f"{killed}.lock").exists()
+        assert f"removing {killed} (0.0 MB), an unfinished build of another key whose builder died" in caplog.text
+        assert (live / "tmpl1ve").exists() and (complete / MANIFEST).exists()
+    assert len(os.listdir(live.parent)) == 6  # the new key, the finished one, the live one, and their locks

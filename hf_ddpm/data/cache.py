@@ -19,7 +19,8 @@ Self-healing and shared: a cache file that is missing, truncated, changed or doe
 cache is opened (the manifest's sizes and checksums, then Arrow itself) and the cache is rebuilt, with a warning that
 names the folder. Builders of one key take a lock file beside its folder (`<key>.lock`, flock): a second builder
 waits for the first and then uses its cache; temporary files in the folder are removed only by the lock's holder, so
-only those of builders that died. Before building, the free space under the cache root is compared with the bytes the
+only those of builders that died; and the folders of other keys whose builds died unfinished and that no builder
+holds (a build killed, then its data or options changed) are removed before a build. Before building, the free space under the cache root is compared with the bytes the
 cache needs (`CacheSpaceError` names --cache_dir, both numbers and the fix), and a disk that fills while building
 gives the same error.
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_atomically
-from ..file_lock import FileLock
+from ..file_lock import FileLock, LockHeld
 from .decode import decode_image, read_bytes
 from .workers import forks_die_with_this_process
 
@@ -226,7 +227,30 @@ def preprocess(ds, column, identity, rows, *, resolution, channels, crop_seed, b
             except Exception:  # pyarrow raises OSError, ArrowInvalid, ...
                 logger.warning("removing %s, left unreadable by an unfinished build", shard)
                 os.remove(shard)
+        _remove_abandoned_builds(root)
         return _build(ds, column, rows, options, folder, root, cache_dir, num_proc)
+
+
+def _remove_abandoned_builds(root: str) -> None:
+    """Remove the other keys' builds under `root` that died unfinished (no manifest) and that no builder holds (their
+    lock is free): a build killed, then its data or options changed (a new key), would otherwise be left on the disk
+    for good (at scale, gigabytes that the next build's free-space check counts against it)."""
+    for path in glob.glob(os.path.join(root, "*.lock")):
+        folder = path.removesuffix(".lock")
+        if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, MANIFEST)):
+            continue
+        try:
+            lock = FileLock.take(path)
+        except LockHeld:  # being built (or waited for) by another run: its work in progress
+            continue
+        try:
+            if not os.path.exists(os.path.join(folder, MANIFEST)):  # checked again under its lock
+                size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+                logger.warning("removing %s (%.1f MB), an unfinished build of another key whose builder died",
+                               folder, size / 1e6)  # fmt: skip
+                shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release(remove=True)
 
 
 def _build(ds, column, rows, options, folder, root, cache_dir, num_proc):
