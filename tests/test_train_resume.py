@@ -235,6 +235,8 @@ def test_before_decoding_the_data_change_says_only_what_its_key_and_rows_tell():
         f"imgs changed since checkpoint-4{key}: nothing of it is decoded yet, and the held-out split may change too"
     )
     assert DataIdentity("k1", num_rows=80).change_since(saved, "checkpoint-4", True) is None  # its cache exists
+    shrunk = DataIdentity("k2", description="imgs", num_rows=59)
+    assert shrunk.change_since(saved, "checkpoint-4", True).startswith("1 image removed from imgs since checkpoint-4")
     # a record written before the rows were recorded: the count is not guessed from the decoded images
     old = DataIdentity("k1", num_images=44, num_held_out=16, held_out="ab", description="imgs")
     assert grown.change_since(old, "checkpoint-4", True).startswith("imgs changed since checkpoint-4 (its key k1")

@@ -227,7 +227,8 @@ class DataIdentity:
         old_total, new_total = total(saved), total(self)
         if old_total is not None and new_total is not None and old_total != new_total:
             moved = new_total - old_total
-            change = f"{abs(moved)} images {'added to' if moved > 0 else 'removed from'} {what} since {since}"
+            images = f"{abs(moved)} image{'s' * (abs(moved) != 1)}"
+            change = f"{images} {'added to' if moved > 0 else 'removed from'} {what} since {since}"
         else:
             change = f"{what} changed since {since}"
         if known("source"):

@@ -135,7 +135,11 @@ class ImagePaths:
 def _image_folder(folder: str, streaming: bool) -> Source:
     """A folder of images; subfolders named train and test/validation/... become those splits (as imagefolder)."""
     if not os.path.isdir(folder):
-        raise ValueError(f"train_data_dir {folder!r} is not a directory")
+        what = "it is a file" if os.path.exists(folder) else "it does not exist"
+        raise ValueError(
+            f"train_data_dir {folder!r} is not a directory ({what}): pass the image folder (a share that holds it "
+            "must be mounted)"
+        )
     given, folder = folder, os.path.realpath(folder)  # the files' paths, so the cache key, are the resolved ones
     with os.scandir(folder) as entries:  # is_dir() from the directory listing: no stat per file
         subdirs = {e.name for e in entries if e.is_dir()}
