@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fault_hooks import start_training, stop, wait_for_marker
 from hub_clients import tree_hashes
-from training_runs import assert_same_weights, tiny
+from training_runs import assert_same_weights, reset_accelerate, tiny
 
 from hf_ddpm.training import checkpoints, parse_args, train
 from hf_ddpm.training.checkpoints import RUN_RECORD
@@ -181,11 +181,14 @@ def test_the_summary_counts_the_time_of_every_resumed_part(trained):
     )
 
 
-def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(trained, caplog):
+def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(trained, caplog, monkeypatch):
     """A requeued job of a finished run: not its final evaluation, pipeline and push again (at CIFAR-10 scale the
-    held-out bound alone takes hours); the run's own summary is the result."""
+    held-out bound alone takes hours), nor its data opened (a node without the dataset in its cache would download
+    it); the run's own summary is the result."""
     before = tree_hashes(trained)
-    with caplog.at_level(logging.INFO):
+    reset_accelerate()  # as in a fresh process: accelerate's state is made by the checks, before any log line
+    with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
+        patch.setattr("hf_ddpm.training.main.load_training_data", lambda *a, **k: pytest.fail("the data was opened"))
         summary = train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))
     assert summary == json.loads((trained / "training_summary.json").read_text()) and summary["optimizer_steps"] == 6
     assert f"{trained} is complete at step 6 (its pipeline and training_summary.json are written)" in caplog.text
@@ -203,7 +206,9 @@ def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(trained,
 
 def test_resuming_an_older_checkpoint_says_the_newer_ones_are_replaced(trained, caplog):
     """Resuming from before a divergence is deliberate, so it goes on; but the newer checkpoints of the same steps
-    are replaced by this run's, and that is said before anything is written."""
+    are replaced by this run's, and that is said before anything is written (as in a fresh process: before
+    accelerate's state exists, which its logger needs)."""
+    reset_accelerate()
     with caplog.at_level(logging.WARNING):
         train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "checkpoint-3")))
     assert (

@@ -136,10 +136,6 @@ def check_run(given: TrainingConfig) -> Plan:
     record = RunRecord.read(path) if path else None
     if record is not None:
         checkpoints.check_whole(path, record)  # each state file as written: not deleted, not truncated
-        newer = [p for step, p in checkpoints.list_checkpoints(given.output_dir) if step > record.step]
-        if newer:  # deliberate, as a rule (a diverged run resumed from before it): said, since those are replaced
-            logger.warning("resuming %s, older than %s: this run's checkpoints of the same steps replace those",
-                           path, ", ".join(map(os.path.basename, newer)))  # fmt: skip
     facts = RunFacts(
         launch_precision=launch_precision(),
         pretrained_scheduler=pretrained_scheduler_config(given),
@@ -156,12 +152,18 @@ def check_run(given: TrainingConfig) -> Plan:
     # accelerate's process count (workers that are not one run are refused). Its set-up is the processes' first
     # collective: after every check that reads the output directory, or a process through it would take the lock
     # while another is still checking the directory, and find it in use.
-    facts = replace(facts, num_processes=launch_processes())
+    facts = replace(facts, num_processes=launch_processes())  # (accelerate's logger logs from here)
     if record is not None:
         current = RunRecord.of_run(0, unet.config, scheduler.config, config, facts.num_processes)
         checkpoints.check_resume(
             path, record, current, skip=("in_channels", "out_channels") if channels is None else ()
         )
+        if config.max_train_steps is not None:  # the run's length, known before its data is opened
+            check_finished(config, path, record.step, config.max_train_steps)
+        newer = [p for step, p in checkpoints.list_checkpoints(given.output_dir) if step > record.step]
+        if newer:  # deliberate, as a rule (a diverged run resumed from before it): said, since those are replaced
+            logger.warning("resuming %s, older than %s: this run's checkpoints of the same steps replace those",
+                           path, ", ".join(map(os.path.basename, newer)))  # fmt: skip
     return Plan(config, facts, channels, resolution, scheduler, record, found)
 
 
@@ -220,18 +222,8 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         unet = unet.to(memory_format=torch.channels_last)
     batches = make_batches(data, config, accelerator)
     total_steps = optimizer_steps(config, batches.batches_per_epoch)
-    if plan.record is not None:
-        done = output_dir.finished_run(config.output_dir, plan.facts.resume_path, plan.record.step, total_steps,
-                                       refuse_behind=not config.allow_schedule_change)  # fmt: skip
-        if done is not None:  # a requeued job of a finished run: not its final evaluation, save and push again
-            logger.info("%s is complete at step %d (its pipeline and training_summary.json are written): nothing to "
-                        "train or save; to train on, pass a longer --max_train_steps with --allow_schedule_change",
-                        config.output_dir, total_steps)  # fmt: skip
-            if config.push_to_hub:  # its push was not retried either (the first may have failed after the save)
-                logger.info(
-                    "to push it: %s", retry_command(config.output_dir, repo_id_of(config), config.hub_private_repo)
-                )
-            raise RunComplete(done)
+    if plan.record is not None and config.max_train_steps is None:  # a length in epochs: known from the data
+        check_finished(config, plan.facts.resume_path, plan.record.step, total_steps)
 
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -285,6 +277,22 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     if accelerator.is_main_process:
         accelerator.init_trackers("train")
     return run
+
+
+def check_finished(config: TrainingConfig, path: str, start: int, total_steps: int) -> None:
+    """Raise RunComplete for a resume of `path` from step `start` that would only redo its finished run's end (a
+    requeued job: not its final evaluation, save and push again, nor its data opened); refuse one that would end
+    before the pipeline the output directory holds (`output_dir.finished_run`)."""
+    done = output_dir.finished_run(config.output_dir, path, start, total_steps,
+                                   refuse_behind=not config.allow_schedule_change)  # fmt: skip
+    if done is None:
+        return
+    logger.info("%s is complete at step %d (its pipeline and training_summary.json are written): nothing to train or "
+                "save; to train on, pass a longer --max_train_steps with --allow_schedule_change", config.output_dir,
+                total_steps)  # fmt: skip
+    if config.push_to_hub:  # its push was not retried either (the first may have failed after the save)
+        logger.info("to push it: %s", retry_command(config.output_dir, repo_id_of(config), config.hub_private_repo))
+    raise RunComplete(done)
 
 
 def resume(run: Run) -> None:
