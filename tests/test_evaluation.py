@@ -284,6 +284,23 @@ def test_evaluate_writes_every_metric_for_the_card(pipeline_dir, tmp_path, capsy
     assert "samples: 0 of 2 shards drawn now" in capsys.readouterr().out
 
 
+def test_reference_statistics_of_files_changed_since_are_computed_again(pipeline_dir, tmp_path, capsys):
+    """The cache of the reference statistics is keyed by the reference images' pixels: files rewritten under the
+    same names (the same count, source and options) get their own statistics, never the earlier files'."""
+    folder, cache = tmp_path / "images", tmp_path / "cache"
+    folder.mkdir()
+    fids = []
+    for shade in (0, 100):
+        for i in range(12):
+            Image.fromarray(np.full((SIZE, SIZE), shade + 10 * i, np.uint8)).save(folder / f"{i}.png")
+        argv = [pipeline_dir, "--train_data_dir", folder, "--eval_size", 8, "--num_images", 0, "--num_samples", 6,
+                "--num_inference_steps", 3, "--reference_cache_dir", cache, "--sample_dir", tmp_path / "samples"]  # fmt: skip
+        (fid, *_) = evaluate(evaluate_args(*argv), extractor=PixelFeatures())
+        fids.append(fid.value)
+        assert "reference statistics computed (8 images through the feature extractor)" in capsys.readouterr().out
+    assert fids[0] != fids[1] and len(list(cache.glob("reference-*.npz"))) == 2
+
+
 def test_evaluate_reads_the_runs_data_options_and_refuses_a_mismatch(pipeline_dir, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
+from PIL import Image
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
 from hf_ddpm.cli import build_parser
@@ -173,6 +174,40 @@ def test_a_split_resumes_from_its_finished_blocks(pipe, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(differing: \['options'\]\)"):
         likelihood_over_split(pipe, images, "ode", options={**options, "num_probes": 3}, block_size=2, seed=4,
                               block_dir=tmp_path)  # fmt: skip
+
+
+def test_kept_blocks_are_never_taken_for_another_models_or_other_images(pipe, tmp_path, monkeypatch):
+    """A --likelihood_dir of one model or split given to another (or its images changed since) is refused naming what
+    differs, never printed as this run's result; the default cache, which no one chose, keys by both and recomputes."""
+    from hf_ddpm.cli import main as cli_main
+
+    images, options = digits(4), {"num_trajectories": 2}
+    kept = {"block_size": 2, "seed": 0, "block_dir": tmp_path / "blocks"}
+    first = likelihood_over_split(pipe, images, "trajectory", options=options, **kept)
+    other = make_pipe()
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.01)  # other weights, the same config
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['model'\]\)"):
+        likelihood_over_split(other, images, "trajectory", options=options, **kept)
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['images'\]\)"):
+        likelihood_over_split(pipe, 255 - images, "trajectory", options=options, **kept)  # the files changed
+    assert likelihood_over_split(pipe, images, "trajectory", options=options, **kept).value == first.value
+
+    # the command line's default cache (under HF_DDPM_CACHE's parent): images changed since get their own result
+    monkeypatch.setenv("HF_DDPM_CACHE", str(tmp_path / "cache" / "reference_statistics"))
+    folder, path = tmp_path / "images", tmp_path / "pipeline"
+    pipe.save_pretrained(path)
+    values = []
+    for shade in (40, 200):
+        folder.mkdir(exist_ok=True)
+        for i in range(4):  # 3 held out, 1 to train on
+            Image.new("L", (8, 8), shade + 10 * i).save(folder / f"{i}.png")
+        metrics = tmp_path / f"metrics-{shade}.json"
+        argv = ["evaluate", str(path), "--train_data_dir", str(folder), "--eval_size", "3", "--likelihood", "iw",
+                "--iw_samples", "2", "--num_samples", "0", "--metrics_out", str(metrics)]  # fmt: skip
+        assert cli_main(argv) == 0
+        values.append(json.loads(metrics.read_text())["bits_per_dim_iw"]["value"])
+    assert values[0] != values[1] and len(list((tmp_path / "cache" / "likelihood").iterdir())) == 2
 
 
 def test_evaluate_command_writes_one_entry_per_method(tmp_path):

@@ -9,6 +9,7 @@ there (atomically, whole or absent) and a run started again computes only the mi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_atomically
 from ..schedules import check_positive_int
 from .processes import Processes
+from .sample_shards import fingerprint
 from .schema import Metric
 
 MANIFEST = "blocks.json"
@@ -80,8 +82,10 @@ def evaluate_in_blocks(
     if block_dir is not None:
         block_dir = Path(block_dir)
         block_dir.mkdir(parents=True, exist_ok=True)
+        # the model and the images too: blocks of other weights or of other images (another split, files changed
+        # since) are never taken for this run's
         key = {**(settings or {}), "num_images": len(images), "block_size": block_size, "seed": seed,
-               "image_shape": list(images.shape[1:])}  # fmt: skip
+               "image_shape": list(images.shape[1:]), "model": fingerprint(pipeline), "images": images_digest(images)}  # fmt: skip
         _check_manifest(block_dir, json.loads(json.dumps(key, default=str)), processes)
         missing = [b for b in blocks if _read_block(_block_path(block_dir, b)) is None]
         missing = processes.gather([missing])[0]  # the main process's list, before anyone writes
@@ -104,6 +108,15 @@ def evaluate_in_blocks(
     earlier = [(b, _read_block(_block_path(block_dir, b))) for b in blocks if b not in missing]  # from a past run
     gathered = sorted(processes.gather(results) + earlier, key=lambda r: r[0])
     return {k: torch.cat([r[1][k] for r in gathered]) for k in gathered[0][1]}
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """sha256 of the images' pixels (uint8 (N, C, H, W), in memory or memory-mapped: read in chunks): which images a
+    result is of, whatever split names them."""
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    for first in range(0, len(images), 4096):
+        digest.update(images[first : first + 4096].cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def mean_and_stderr(values: torch.Tensor, own_stderr: torch.Tensor) -> tuple[float, float | None]:

@@ -31,7 +31,7 @@ from diffusers.utils import BaseOutput
 
 from ..gaussians import nats_to_bits_per_dim
 from ..schedules import check_positive_int
-from .bits_per_dim import evaluate_in_blocks, mean_and_stderr
+from .bits_per_dim import evaluate_in_blocks, images_digest, mean_and_stderr
 from .likelihood_options import METHODS, method_options, parse_methods
 from .processes import Processes
 from .schema import Metric
@@ -244,7 +244,7 @@ def split_metrics(pipe, images, args, *, seed: int, split: str, processes: Proce
         if args.likelihood_dir is not None:
             block_dir = os.path.join(args.likelihood_dir, method)
         elif method != "bound":
-            key = [fingerprint(pipe), method, options, len(images), seed, args.batch_size, split]
+            key = [fingerprint(pipe), method, options, images_digest(images), seed, args.batch_size, split]
             block_dir = os.path.join(default_cache_dir().parent, "likelihood", _digest(key))
         else:
             block_dir = None

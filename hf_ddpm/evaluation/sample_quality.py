@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from .bits_per_dim import images_digest
 from .feature_metrics import K_NEAREST, frechet_distance, kernel_inception_distance, precision_recall
 from .reference import cached_reference, default_cache_dir, external_reference, features_in_blocks
 from .sample_shards import generate_shards, load_shards
@@ -55,8 +56,14 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
         split = PROTOCOLS[args.protocol]
         pool = reference_pool(args, data, where)
         about = f"{len(pool)} images of the {where[split]}"
-        key = {"data": {k: v for k, v in options.items() if k != "cache_dir"}, "source": data.source, "split": split,
-               "shape": list(pool.shape[1:]), "count": len(pool)}  # fmt: skip
+        key = {
+            "data": {k: v for k, v in options.items() if k != "cache_dir"},
+            "source": data.source,
+            "split": split,
+            "shape": list(pool.shape[1:]),
+            "count": len(pool),
+            "pixels": images_digest(pool),  # files changed since, under the same names: other statistics
+        }
         reference = cached_reference(key, extractor, lambda: pool, about, cache_dir=cache_dir, processes=processes)
         label = "the DDPM paper's protocol: vs the training split" if split == "train" else "held-out protocol"
         protocol = f"vs {about} ({label})"
