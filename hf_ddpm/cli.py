@@ -14,15 +14,22 @@ other users of the machine in the process list). Errors print one message, never
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from .evaluation.run import add_arguments as add_evaluate_arguments
 from .flags import FlagParser
 from .hub import export_hub_folder, push_to_hub
+from .launch import later_rank
 from .model_card import DEFAULT_LICENSE, read_metrics_file
 from .push_guards import PUSH_FLAGS, HubPushError, add_push_flags, check_repo_id_value
 from .space import add_arguments as add_space_arguments
 from .space import run as run_space
+
+INTERRUPTED = (
+    "interrupted (SIGINT): the metrics printed above are complete. The same command started again reuses the sample "
+    "shards and likelihood blocks written so far (the bound's only with --likelihood_dir)"
+)
 
 
 def build_parser() -> FlagParser:
@@ -64,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C: what finished is printed above; what is kept on disk is reused
+            if not later_rank():  # one line for a launch of several processes
+                print(f"\n{INTERRUPTED}", file=sys.stderr)
+            return 128 + signal.SIGINT
         close_process_group()
         return 0
     try:

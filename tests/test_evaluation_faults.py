@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -303,3 +304,20 @@ def test_a_training_args_json_that_is_not_json_is_named_at_the_door(tmp_path, ru
         f"error: {model / 'training_args.json'} is not valid JSON (Expecting value: line 1 column 18 (char 17)): the "
         "run's data options (its source, resolution, held-out split and seed) are read from it; fix the file"
     ), result.stderr
+
+
+def test_ctrl_c_keeps_the_metrics_done_so_far_on_screen_and_ends_with_one_line(tmp_path, run_evaluate, monkeypatch):
+    """Each metric is printed once it is done: a Ctrl-C in a later method (the ODE may take hours) loses none of the
+    earlier ones, and ends with one line saying what a second run reuses (no traceback); nothing half-written."""
+    from hf_ddpm.cli import INTERRUPTED
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hf_ddpm.evaluation.likelihood.likelihood_over_split", interrupted)
+    model, out = save_model(tmp_path / "model", 1), tmp_path / "metrics.json"
+    result, _ = run_evaluate(model, "--num_timesteps", 2, "--num_images", 4, "--likelihood", "bound,iw",
+                             "--metrics_out", out)  # fmt: skip
+    assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr
+    assert result.stdout.startswith("bits/dim: ") and "Monte Carlo, K = 2; 4 images of the held-out" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == INTERRUPTED and not out.exists()

@@ -230,8 +230,9 @@ def likelihood_over_split(
 # ------------------------------------------------------------------ the command line's step
 
 
-def split_metrics(pipe, images, args, *, seed: int, split: str, processes: Processes) -> list[Metric]:
-    """The Metrics of every --likelihood method over `images` (the command line's bits/dim step). Blocks are kept
+def split_metrics(pipe, images, args, *, seed: int, split: str, processes: Processes, report=None) -> list[Metric]:
+    """The Metrics of every --likelihood method over `images` (the command line's bits/dim step), each passed to
+    `report` as soon as it is done (a later method may take hours, or be interrupted). Blocks are kept
     in --likelihood_dir/<method>, or for the methods other than the bound (minutes, not hours) in a directory under
     the cache named by the model's fingerprint and the settings, so that the same command started again resumes."""
     from .bits_per_dim import bits_per_dim
@@ -254,6 +255,8 @@ def split_metrics(pipe, images, args, *, seed: int, split: str, processes: Proce
             metrics.append(bits_per_dim(pipe, images, num_timesteps=args.num_timesteps, **common))
         else:
             metrics.append(likelihood_over_split(pipe, images, method, options=options, **common))
+        if report is not None:
+            report(metrics[-1])
     return metrics
 
 

@@ -226,17 +226,22 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
 
         check_reference(args, data, where, extractor)
     metrics = []
+
+    def report(metric) -> None:  # each metric once it is done: an interruption later loses none of them
+        metrics.append(metric)
+        if processes.is_main:
+            print(metric.summary(), flush=True)
+
     if args.num_images != 0:
         images = (data.eval if args.split == "eval" else data.train)[: args.num_images]
-        metrics += split_likelihood_metrics(pipe, images, args, seed=options["seed"], split=where[args.split],
-                                             processes=processes)  # fmt: skip
+        split_likelihood_metrics(pipe, images, args, seed=options["seed"], split=where[args.split],
+                                 processes=processes, report=report)  # fmt: skip
     if args.num_samples:
         from .sample_quality import sample_metrics
 
-        metrics += sample_metrics(pipe, args, data, where, options, processes, extractor, torch.device(device))
+        for metric in sample_metrics(pipe, args, data, where, options, processes, extractor, torch.device(device)):
+            report(metric)
     if processes.is_main:
-        for metric in metrics:
-            print(metric.summary(), flush=True)
         if args.metrics_out:
             from .schema import write_metrics
 
