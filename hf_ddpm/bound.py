@@ -16,7 +16,9 @@ The estimate here samples the KL terms t = 1 .. T-1 from a defensive importance 
 the decay of the terms near t = 1) and stratifies the draws: u_k = (k + U_k)/K, U_k ~ U[0, 1), k = 0 .. K-1,
 t_k = F⁻¹(u_k). Each t is then drawn K·p(t) times in expectation, so Σ_k L(t_k) / (K p(t_k)) is unbiased. Its
 variance is estimated by collapsing the strata in adjacent pairs (a trailing three together when K is odd):
-Σ_g n_g s²_g over groups g, which can only overstate it (Cochran, Sampling Techniques, 3rd ed., §5A.12).
+Σ_g n_g s²_g over groups g, which can only overstate it (Cochran, Sampling Techniques, 3rd ed., §5A.12). It is
+the variance of the sampled KL terms alone: L_T is exact, and L_0 is taken at one draw of x_1 (as in the exact
+bound), whose spread it does not include.
 """
 
 from __future__ import annotations
@@ -124,8 +126,8 @@ def variational_bound(
 
     num_timesteps=None: all T terms, each KL at one draw x_t ~ q(x_t | x_0) (as the DDPM evaluation does).
     num_timesteps=K: L_T + L_0 + Σ_k L_{t_k - 1} / (K p(t_k)), t_k stratified draws from p on {1 .. T-1}: an
-    unbiased estimate of the same bound, with a standard error that can only overstate its spread (see
-    the module docstring for p and the strata). The model runs on `batch_size` (image, t) pairs at a time; the
+    unbiased estimate of the same bound, with a standard error that can only overstate the spread of its sampled
+    KL terms (L_0's one draw of x_1 is not in it; see the module docstring for p and the strata). The model runs on `batch_size` (image, t) pairs at a time; the
     terms are computed in float64. distortion=True (exact bound only) also returns each term's x̂_0 error (see
     BoundOutput.distortion), from the same model evaluations. progress_bar: see `progress_counter`.
     """

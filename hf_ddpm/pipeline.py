@@ -217,8 +217,9 @@ class HFDDPMPipeline(DiffusionPipeline):
         images: uint8 (N, C, H, W) tensor or array with values 0..255, or a list of PIL images (converted to the
         UNet's channel count). num_timesteps=None sums all T terms (each KL term at one draw of x_t, as the DDPM
         evaluation does); an integer K gives the unbiased Monte Carlo estimate of the same bound from K sampled
-        timesteps per image (stratified importance draws, see hf_ddpm.bound) plus the exact prior and decoder
-        terms, with a standard error that can only overstate its spread.
+        timesteps per image (stratified importance draws, see hf_ddpm.bound) plus the prior term and the decoder
+        term (at one draw of x_1), with a standard error that can only overstate the spread of the sampled terms; the
+        decoder draw's spread is not in it.
 
         Whatever scheduler the pipeline holds (DDIM, DPM-Solver, Euler, ... swapped in for sampling), the bound is
         that of the DDPM process its config defines: T, the β schedule, `prediction_type`, `clip_sample` and
