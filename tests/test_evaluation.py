@@ -224,7 +224,7 @@ def test_bits_per_dim_blocks_are_seeded_by_their_index(pipe):
     assert metric.stderr == pytest.approx((values.std() / 6**0.5).item(), rel=1e-12)
     assert (metric.count, metric.protocol) == (6, "Monte Carlo, K = 4; 6 images of the six digits")
     one = bits_per_dim(pipe, images[:1], split="one digit")
-    assert one.stderr is None and one.summary().startswith(f"bits/dim: {one.value:.4f} (exact bound; 1 images")
+    assert one.stderr is None and one.summary().startswith(f"bits/dim: {one.value:.4f} (exact bound; 1 image of")
 
 
 def test_bits_per_dim_standard_error_is_over_images_and_none_where_unknown(pipe, tmp_path):

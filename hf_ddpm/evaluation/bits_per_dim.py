@@ -168,7 +168,7 @@ def bits_per_dim(
         value,
         stderr,
         len(bpd),
-        f"{how}; {len(bpd)} images of the {split}",
+        f"{how}; {len(bpd)} image{'s' * (len(bpd) != 1)} of the {split}",
         {"num_images": len(bpd), "num_timesteps": num_timesteps, "split": split, "block_size": block_size,
          "seed": seed, "seconds": time.perf_counter() - started},  # all processes, the gathering included
     )  # fmt: skip

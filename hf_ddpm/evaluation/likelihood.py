@@ -224,7 +224,14 @@ def likelihood_over_split(
            "trajectory": f"eq. 3 from {options.get('num_trajectories') or 16} trajectories per image",
            "bound": "exact bound" if options.get("num_timesteps") is None else f"Monte Carlo, K = {options['num_timesteps']}",
            "rate_distortion": "exact bound with its rate-distortion curve"}[method]  # fmt: skip
-    return Metric(METRIC_NAMES[method], value, stderr, len(bpd), f"{how}; {len(bpd)} images of the {split}", details)
+    return Metric(
+        METRIC_NAMES[method],
+        value,
+        stderr,
+        len(bpd),
+        f"{how}; {len(bpd)} image{'s' * (len(bpd) != 1)} of the {split}",
+        details,
+    )
 
 
 # ------------------------------------------------------------------ the command line's step

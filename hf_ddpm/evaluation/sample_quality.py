@@ -85,7 +85,8 @@ def sample_metrics(pipe, args, data, where: dict, options: dict, processes, extr
     finally:
         pipe.scheduler = saved_scheduler
     if processes.is_main:
-        print(f"samples: {shards['generated']} of {shards['shards']} shards drawn now, the rest found in {sample_dir}")
+        found = f", the rest found in {sample_dir}" if shards["generated"] < shards["shards"] else f" into {sample_dir}"
+        print(f"samples: {shards['generated']} of {shards['shards']} shards drawn now{found}")
     sampling_seconds = time.perf_counter() - started
     sizes = [min(args.batch_size, args.num_samples - j * args.batch_size) for j in range(shards["shards"])]
     features = features_in_blocks(extractor, lambda j: load_shards(sample_dir, [j]), shards["shards"], processes,
