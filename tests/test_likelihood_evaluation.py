@@ -226,7 +226,12 @@ def test_evaluate_command_writes_one_entry_per_method(tmp_path):
     assert written["rate_distortion"]["value"] == pytest.approx(written["bits_per_dim"]["value"], rel=1e-12)
     assert np.isfinite(written["bits_per_dim_ode"]["nfe_per_image"]["mean"])
     for bad, match in ((["--likelihood", "bound,exact"], "unknown methods \\['exact'\\]"),
-                       (["--iw_samples", "0"], "--iw_samples must be >= 1, got 0")):  # fmt: skip
+                       (["--iw_samples", "0"], "--iw_samples must be >= 1, got 0"),
+                       (["--likelihood", "rate_distortion", "--num_timesteps", "8", "--iw_samples", "2"],
+                        r"--likelihood rate_distortion reads none of --num_timesteps \(read by bound\), --iw_samples "
+                        r"\(read by iw\): drop it, or add its method"),
+                       (["--likelihood", "trajectory", "--divergence", "exact"],
+                        r"reads none of --divergence \(read by ode\)")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             evaluate(build_parser().parse_args(["evaluate", str(path), *bad]))
 

@@ -8,17 +8,25 @@ import argparse
 METHODS = ("bound", "trajectory", "iw", "ode", "rate_distortion")
 
 
+# The options' values when not given (None on the command line: given or not is then known), and the methods that
+# read each: one that none of the methods asked for reads is refused, as log_likelihood refuses it.
+DEFAULTS = {"iw_samples": 16, "divergence": "rademacher", "num_probes": 1, "rtol": 1e-5, "atol": 1e-5, "ode_eps": 1e-5}
+READ_BY = {"num_timesteps": ("bound",), "num_trajectories": ("trajectory", "iw"), "iw_samples": ("iw",),
+           **dict.fromkeys(("divergence", "num_probes", "rtol", "atol", "ode_eps"), ("ode",))}  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("likelihood (bits/dim beyond eq. 5; hf_ddpm/evaluation/likelihood.py)")
     group.add_argument("--likelihood", default="bound",
                        help=f"comma-separated methods among {','.join(METHODS)} (default: bound, DDPM eq. 5)")  # fmt: skip
     group.add_argument("--num_trajectories", type=int, default=None, help="trajectory: M (16); iw: a multiple of K")
-    group.add_argument("--iw_samples", type=int, default=16, help="iw: K trajectories per bound")
-    group.add_argument("--divergence", choices=("rademacher", "gaussian", "exact"), default="rademacher",
-                       help="ode: the Skilling-Hutchinson probes, or the exact trace (small images)")  # fmt: skip
-    group.add_argument("--num_probes", type=int, default=1, help="ode: Hutchinson probes K per image")
+    group.add_argument("--iw_samples", type=int, default=None, help="iw: K trajectories per bound (default: 16)")
+    group.add_argument("--divergence", choices=("rademacher", "gaussian", "exact"), default=None,
+                       help="ode: the Skilling-Hutchinson probes, or the exact trace (small images; default: "
+                            "rademacher)")  # fmt: skip
+    group.add_argument("--num_probes", type=int, default=None, help="ode: Hutchinson probes K per image (default: 1)")
     for flag in ("rtol", "atol", "ode_eps"):
-        group.add_argument(f"--{flag}", type=float, default=1e-5, help="ode: score_sde's default 1e-5")
+        group.add_argument(f"--{flag}", type=float, default=None, help="ode: score_sde's default, 1e-5")
     group.add_argument("--likelihood_dir", default=None,
                        help="finished blocks, for resuming (default: under the cache dir, named by the settings)")  # fmt: skip
 
@@ -31,30 +39,40 @@ def parse_methods(value: str) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def _value(args: argparse.Namespace, flag: str):
+    given = getattr(args, flag)
+    return DEFAULTS.get(flag) if given is None else given
+
+
 def method_options(method: str, args: argparse.Namespace) -> dict:
     if method == "bound":
         return {"num_timesteps": args.num_timesteps}
     if method in ("trajectory", "iw"):
         options = {"num_trajectories": args.num_trajectories}
-        return options | ({"num_samples": args.iw_samples} if method == "iw" else {})
+        return options | ({"num_samples": _value(args, "iw_samples")} if method == "iw" else {})
     if method == "ode":
-        return {"divergence": args.divergence, "num_probes": args.num_probes, "rtol": args.rtol, "atol": args.atol,
-                "eps": args.ode_eps}  # fmt: skip
+        return {"divergence": _value(args, "divergence"), "num_probes": _value(args, "num_probes"),
+                "rtol": _value(args, "rtol"), "atol": _value(args, "atol"), "eps": _value(args, "ode_eps")}  # fmt: skip
     return {}
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    parse_methods(args.likelihood)
-    for flag in ("iw_samples", "num_probes") + (("num_trajectories",) if args.num_trajectories is not None else ()):
+    methods = parse_methods(args.likelihood)
+    for flag in ("iw_samples", "num_probes", "num_trajectories"):
         value = getattr(args, flag)
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1, got {value}")
     for flag in ("rtol", "atol"):
-        if not getattr(args, flag) > 0:
+        if not _value(args, flag) > 0:
             raise ValueError(f"--{flag} must be > 0, got {getattr(args, flag)}")
-    if not 0 < args.ode_eps < 1:
+    if not 0 < _value(args, "ode_eps") < 1:
         raise ValueError(f"--ode_eps must lie in (0, 1), got {args.ode_eps}")
-    if args.num_trajectories is not None and "iw" in args.likelihood and args.num_trajectories % args.iw_samples:
-        raise ValueError(
-            f"--num_trajectories {args.num_trajectories} must be a multiple of --iw_samples {args.iw_samples}"
-        )
+    iw_samples = _value(args, "iw_samples")
+    if args.num_trajectories is not None and "iw" in methods and args.num_trajectories % iw_samples:
+        raise ValueError(f"--num_trajectories {args.num_trajectories} must be a multiple of --iw_samples {iw_samples}")
+    if args.num_images != 0:  # options given that no method asked for reads: refused, not silently dropped
+        unread = [flag for flag, readers in READ_BY.items() if getattr(args, flag) is not None
+                  and not set(readers) & set(methods)]  # fmt: skip
+        if unread:
+            said = ", ".join(f"--{flag} (read by {' and '.join(READ_BY[flag])})" for flag in unread)
+            raise ValueError(f"--likelihood {','.join(methods)} reads none of {said}: drop it, or add its method")
