@@ -127,8 +127,8 @@ def variational_bound(
     num_timesteps=None: all T terms, each KL at one draw x_t ~ q(x_t | x_0) (as the DDPM evaluation does).
     num_timesteps=K: L_T + L_0 + Σ_k L_{t_k - 1} / (K p(t_k)), t_k stratified draws from p on {1 .. T-1}: an
     unbiased estimate of the same bound, with a standard error that can only overstate the spread of its sampled
-    KL terms (L_0's one draw of x_1 is not in it; see the module docstring for p and the strata). The model runs on `batch_size` (image, t) pairs at a time; the
-    terms are computed in float64. distortion=True (exact bound only) also returns each term's x̂_0 error (see
+    KL terms (L_0's one draw of x_1 is not in it; see the module docstring for p and the strata). The model runs on
+    `batch_size` (image, t) pairs at a time; the terms are computed in float64. distortion=True (exact bound only) also returns each term's x̂_0 error (see
     BoundOutput.distortion), from the same model evaluations. progress_bar: see `progress_counter`.
     """
     if num_timesteps is not None and (

@@ -294,7 +294,8 @@ def test_reference_statistics_of_files_changed_since_are_computed_again(pipeline
         for i in range(12):
             Image.fromarray(np.full((SIZE, SIZE), shade + 10 * i, np.uint8)).save(folder / f"{i}.png")
         argv = [pipeline_dir, "--train_data_dir", folder, "--eval_size", 8, "--num_images", 0, "--num_samples", 6,
-                "--num_inference_steps", 3, "--reference_cache_dir", cache, "--sample_dir", tmp_path / "samples"]  # fmt: skip
+                "--num_inference_steps", 3, "--reference_cache_dir", cache,
+                "--sample_dir", tmp_path / "samples"]  # fmt: skip
         (fid, *_) = evaluate(evaluate_args(*argv), extractor=PixelFeatures())
         fids.append(fid.value)
         assert "reference statistics computed (8 images through the feature extractor)" in capsys.readouterr().out

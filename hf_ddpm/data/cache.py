@@ -20,8 +20,8 @@ cache is opened (the manifest's sizes and checksums, then Arrow itself) and the 
 names the folder. Builders of one key take a lock file beside its folder (`<key>.lock`, flock): a second builder
 waits for the first and then uses its cache; temporary files in the folder are removed only by the lock's holder, so
 only those of builders that died; and the folders of other keys whose builds died unfinished and that no builder
-holds (a build killed, then its data or options changed) are removed before a build. Before building, the free space under the cache root is compared with the bytes the
-cache needs (`CacheSpaceError` names --cache_dir, both numbers and the fix), and a disk that fills while building
+holds (a build killed, then its data or options changed) are removed before a build. Before building, the free
+space under the cache root is compared with the bytes the cache needs (`CacheSpaceError` names --cache_dir, both numbers and the fix), and a disk that fills while building
 gives the same error.
 
 `MappedImages` reads a batch of rows straight out of the mapped Arrow buffers (zero-copy numpy views per record

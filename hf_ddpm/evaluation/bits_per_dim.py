@@ -85,7 +85,8 @@ def evaluate_in_blocks(
         # the model and the images too: blocks of other weights or of other images (another split, files changed
         # since) are never taken for this run's
         key = {**(settings or {}), "num_images": len(images), "block_size": block_size, "seed": seed,
-               "image_shape": list(images.shape[1:]), "model": fingerprint(pipeline), "images": images_digest(images)}  # fmt: skip
+               "image_shape": list(images.shape[1:]), "model": fingerprint(pipeline),
+               "images": images_digest(images)}  # fmt: skip
         _check_manifest(block_dir, json.loads(json.dumps(key, default=str)), processes)
         missing = [b for b in blocks if _read_block(_block_path(block_dir, b)) is None]
         missing = processes.gather([missing])[0]  # the main process's list, before anyone writes

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -237,34 +238,32 @@ def likelihood_over_split(
 # ------------------------------------------------------------------ the command line's step
 
 
-def split_metrics(pipe, images, args, *, seed: int, split: str, processes: Processes, report=None) -> list[Metric]:
-    """The Metrics of every --likelihood method over `images` (the command line's bits/dim step), each passed to
-    `report` as soon as it is done (a later method may take hours, or be interrupted). Blocks are kept
-    in --likelihood_dir/<method>, or for the methods other than the bound (minutes, not hours) in a directory under
-    the cache named by the model's fingerprint and the settings, so that the same command started again resumes."""
+def split_metrics(pipe, images, args, *, seed: int, split: str, processes: Processes) -> Iterator[Metric]:
+    """The Metric of each --likelihood method over `images` (the command line's bits/dim step), yielded as soon as
+    it is done (a later method may take hours, or be interrupted). Blocks are kept in --likelihood_dir/<method>, or
+    for the methods other than the bound (minutes, not hours) in a directory under the cache named by the model's
+    fingerprint, the images and the settings, so that the same command started again resumes."""
     from .bits_per_dim import bits_per_dim
     from .reference import default_cache_dir
     from .sample_shards import fingerprint
 
-    metrics = []
+    identity = None  # the model's and the images' digests, for the default cache's names: computed once
     for method in parse_methods(args.likelihood):
         options = method_options(method, args)
         if args.likelihood_dir is not None:
             block_dir = os.path.join(args.likelihood_dir, method)
         elif method != "bound":
-            key = [fingerprint(pipe), method, options, images_digest(images), seed, args.batch_size, split]
+            identity = identity or [fingerprint(pipe), images_digest(images)]
+            key = [*identity, method, options, seed, args.batch_size, split]
             block_dir = os.path.join(default_cache_dir().parent, "likelihood", _digest(key))
         else:
             block_dir = None
         common = {"block_size": args.batch_size, "seed": seed, "split": split, "processes": processes,
                   "block_dir": block_dir, "progress": True}  # fmt: skip
         if method == "bound":  # today's bits/dim, unchanged
-            metrics.append(bits_per_dim(pipe, images, num_timesteps=args.num_timesteps, **common))
+            yield bits_per_dim(pipe, images, num_timesteps=args.num_timesteps, **common)
         else:
-            metrics.append(likelihood_over_split(pipe, images, method, options=options, **common))
-        if report is not None:
-            report(metrics[-1])
-    return metrics
+            yield likelihood_over_split(pipe, images, method, options=options, **common)
 
 
 def _digest(key) -> str:

@@ -20,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--likelihood", default="bound",
                        help=f"comma-separated methods among {','.join(METHODS)} (default: bound, DDPM eq. 5)")  # fmt: skip
     group.add_argument("--num_trajectories", type=int, default=None, help="trajectory: M (16); iw: a multiple of K")
-    group.add_argument("--iw_samples", type=int, default=None, help="iw: K trajectories per bound (default: 16)")
-    group.add_argument("--divergence", choices=("rademacher", "gaussian", "exact"), default=None,
-                       help="ode: the Skilling-Hutchinson probes, or the exact trace (small images; default: "
-                            "rademacher)")  # fmt: skip
-    group.add_argument("--num_probes", type=int, default=None, help="ode: Hutchinson probes K per image (default: 1)")
-    for flag in ("rtol", "atol", "ode_eps"):
-        group.add_argument(f"--{flag}", type=float, default=None, help="ode: score_sde's default, 1e-5")
+    helps = {"iw_samples": "iw: K trajectories per bound", "num_probes": "ode: Hutchinson probes K per image",
+             "divergence": "ode: the Skilling-Hutchinson probes, or the exact trace (small images)",
+             "rtol": "ode: the solver's relative tolerance (score_sde's)",
+             "atol": "ode: the solver's absolute tolerance (score_sde's)",
+             "ode_eps": "ode: the time ε the integration starts from (score_sde's)"}  # fmt: skip
+    for flag, default in DEFAULTS.items():  # None: not given (see DEFAULTS)
+        kind = {"type": type(default)} if flag != "divergence" else {"choices": ("rademacher", "gaussian", "exact")}
+        group.add_argument(f"--{flag}", default=None, help=f"{helps[flag]} (default: {default})", **kind)
     group.add_argument("--likelihood_dir", default=None,
                        help="finished blocks, for resuming (default: under the cache dir, named by the settings)")  # fmt: skip
 

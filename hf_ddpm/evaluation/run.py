@@ -234,8 +234,9 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
 
     if args.num_images != 0:
         images = (data.eval if args.split == "eval" else data.train)[: args.num_images]
-        split_likelihood_metrics(pipe, images, args, seed=options["seed"], split=where[args.split],
-                                 processes=processes, report=report)  # fmt: skip
+        for metric in split_likelihood_metrics(pipe, images, args, seed=options["seed"], split=where[args.split],
+                                               processes=processes):  # fmt: skip
+            report(metric)
     if args.num_samples:
         from .sample_quality import sample_metrics
 
