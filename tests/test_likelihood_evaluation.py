@@ -222,6 +222,9 @@ def test_evaluate_command_writes_one_entry_per_method(tmp_path):
     names = ["bits_per_dim", "bits_per_dim_trajectory", "bits_per_dim_iw", "bits_per_dim_ode", "rate_distortion"]
     assert [m.name for m in metrics] == names and sorted(written) == sorted(names)
     assert written["bits_per_dim_iw"]["num_samples"] == 2 and "upper bound" in written["bits_per_dim_ode"]["bounds"]
+    # one schema: every entry, the bound's too, names its method and what its number bounds
+    assert [written[n]["method"] for n in names] == ["bound", "trajectory", "iw", "ode", "rate_distortion"]
+    assert written["bits_per_dim"]["bounds"] == "upper bound on -log2 P(x)/D (DDPM eq. 5)"
     assert len(written["rate_distortion"]["rate_bits_per_dim"]) == T + 1
     assert written["rate_distortion"]["value"] == pytest.approx(written["bits_per_dim"]["value"], rel=1e-12)
     assert np.isfinite(written["bits_per_dim_ode"]["nfe_per_image"]["mean"])

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from ..schedules import check_positive_int
+from .likelihood_options import METHOD_BOUNDS
 from .processes import Processes
 from .sample_shards import fingerprint
 from .schema import Metric
@@ -170,6 +171,7 @@ def bits_per_dim(
         stderr,
         len(bpd),
         f"{how}; {len(bpd)} image{'s' * (len(bpd) != 1)} of the {split}",
-        {"num_images": len(bpd), "num_timesteps": num_timesteps, "split": split, "block_size": block_size,
-         "seed": seed, "seconds": time.perf_counter() - started},  # all processes, the gathering included
+        {"method": "bound", "bounds": METHOD_BOUNDS["bound"], "num_images": len(bpd), "num_timesteps": num_timesteps,
+         "split": split, "block_size": block_size, "seed": seed,
+         "seconds": time.perf_counter() - started},  # all processes, the gathering included
     )  # fmt: skip

@@ -33,20 +33,12 @@ from diffusers.utils import BaseOutput
 from ..gaussians import nats_to_bits_per_dim
 from ..schedules import check_positive_int
 from .bits_per_dim import evaluate_in_blocks, images_digest, mean_and_stderr
-from .likelihood_options import METHODS, method_options, parse_methods
+from .likelihood_options import METHOD_BOUNDS, METHODS, method_options, parse_methods
 from .processes import Processes
 from .schema import Metric
 
 METRIC_NAMES = {"bound": "bits_per_dim", "trajectory": "bits_per_dim_trajectory", "iw": "bits_per_dim_iw",
                 "ode": "bits_per_dim_ode", "rate_distortion": "rate_distortion"}  # fmt: skip
-BOUNDS = {
-    "bound": "upper bound on -log2 P(x)/D (DDPM eq. 5)",
-    "trajectory": "upper bound on -log2 P(x)/D (DDPM eq. 3: eq. 5's bound, estimated from whole trajectories)",
-    "iw": "upper bound on -log2 P(x)/D, no looser than eq. 3 (importance-weighted, Burda et al. 2016)",
-    "ode": "upper bound on -log2 P(x)/D by uniform dequantization, from the exact density of the probability-flow "
-    "ODE (Song et al. 2021)",
-    "rate_distortion": "upper bound on -log2 P(x)/D (DDPM eq. 5) as progressive coding: rate and distortion at every t",
-}
 
 
 @dataclass
@@ -136,7 +128,7 @@ def log_likelihood(
 
     def result(bpd, stderr, evaluations, **details):
         cost = torch.full((num_images,), evaluations) if isinstance(evaluations, int) else evaluations
-        return LikelihoodOutput(method, bpd.cpu(), stderr.cpu(), cost.long().cpu(), BOUNDS[method], details)
+        return LikelihoodOutput(method, bpd.cpu(), stderr.cpu(), cost.long().cpu(), METHOD_BOUNDS[method], details)
 
     if method in ("bound", "rate_distortion"):
         exact = method == "rate_distortion" or num_timesteps is None
@@ -210,7 +202,7 @@ def likelihood_over_split(
                                 block_dir=block_dir, settings=settings, desc=METRIC_NAMES[method], progress=progress)  # fmt: skip
     bpd = values["bits_per_dim"]
     value, stderr = mean_and_stderr(bpd, values["standard_error"])
-    details = {"method": method, "bounds": BOUNDS[method], "num_images": len(bpd), "split": split,
+    details = {"method": method, "bounds": METHOD_BOUNDS[method], "num_images": len(bpd), "split": split,
                "block_size": block_size, "seed": seed, **options,
                "model_evaluations_per_image": values["model_evaluations"].double().mean().item(),
                "seconds": time.perf_counter() - started}  # fmt: skip

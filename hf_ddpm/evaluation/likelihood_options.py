@@ -6,6 +6,14 @@ from __future__ import annotations
 import argparse
 
 METHODS = ("bound", "trajectory", "iw", "ode", "rate_distortion")
+METHOD_BOUNDS = {  # what each method's number bounds, in results and on the card
+    "bound": "upper bound on -log2 P(x)/D (DDPM eq. 5)",
+    "trajectory": "upper bound on -log2 P(x)/D (DDPM eq. 3: eq. 5's bound, estimated from whole trajectories)",
+    "iw": "upper bound on -log2 P(x)/D, no looser than eq. 3 (importance-weighted, Burda et al. 2016)",
+    "ode": "upper bound on -log2 P(x)/D by uniform dequantization, from the exact density of the probability-flow "
+    "ODE (Song et al. 2021)",
+    "rate_distortion": "upper bound on -log2 P(x)/D (DDPM eq. 5) as progressive coding: rate and distortion at every t",
+}
 
 
 # The options' values when not given (None on the command line: given or not is then known), and the methods that
