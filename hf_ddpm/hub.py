@@ -100,12 +100,13 @@ def save_hub_pipeline(
     return written
 
 
-def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
+def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, **kwargs):
     """`HFDDPMPipeline.save_pretrained`: `save_hub_pipeline`, then with push_to_hub=True the folder pushed as
     `push_to_hub` does (kwargs: repo_id, default the folder's name; token, private, commit_message)."""
+    push = kwargs.pop("push_to_hub", False)  # diffusers' keyword; as a parameter it would hide push_to_hub below
     hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message") if k in kwargs}
     save_hub_pipeline(pipeline, save_directory, safe_serialization=safe_serialization, **kwargs)
-    if not push_to_hub:
+    if not push:
         return None
     repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
     private = bool(hub_kwargs.pop("private", None))

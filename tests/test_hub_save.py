@@ -19,6 +19,7 @@ from hf_ddpm.remote_code import remote_files
 TOKEN = "hf_TestTokenSavePush0123456789"
 REPO_ID = "test-user/saved-ddpm"
 PLAIN_REPO_ID = "test-user/saved-by-diffusers"
+SAVED_AND_PUSHED_ID = "test-user/saved-and-pushed"  # save_pretrained(..., push_to_hub=True)
 T, SEED, BATCH = 20, 11, 2
 
 
@@ -56,6 +57,7 @@ def shared(hub, tmp_path_factory):
         pipe.save_pretrained({str(tmp / "saved_again")!r})
         DiffusionPipeline.save_pretrained(pipe, {str(tmp / "plain")!r})  # as diffusers alone would save it
         add_remote_code({str(tmp / "plain")!r})
+        pipe.save_pretrained({str(tmp / "saved_and_pushed")!r}, push_to_hub=True, repo_id={SAVED_AND_PUSHED_ID!r})
         print(pipe.push_to_hub({REPO_ID!r}))
     """
     env = hub.env(tmp, TOKEN)
@@ -68,7 +70,8 @@ def shared(hub, tmp_path_factory):
         from diffusers import DiffusionPipeline
         assert importlib.util.find_spec("hf_ddpm") is None, sys.path
         out = {{}}
-        for name, source in (("saved", {str(tmp / "saved")!r}), ("pushed", {REPO_ID!r})):
+        for name, source in (("saved", {str(tmp / "saved")!r}), ("pushed", {REPO_ID!r}),
+                             ("saved_and_pushed", {SAVED_AND_PUSHED_ID!r})):
             pipe = DiffusionPipeline.from_pretrained(source, trust_remote_code=True)
             pipe.set_progress_bar_config(disable=True)
             x = pipe(batch_size={BATCH}, generator=torch.manual_seed({SEED}), num_inference_steps={T}, output_type="np")
@@ -79,7 +82,7 @@ def shared(hub, tmp_path_factory):
     """
     bare = make_bare_venv(tmp / "venv")
     classes = json.loads(finish(start_script(bare, load, hub.env(tmp, None), tmp)).strip().splitlines()[-1])
-    loaded = {name: np.load(tmp / f"{name}.npy") for name in ("saved", "pushed")}
+    loaded = {name: np.load(tmp / f"{name}.npy") for name in ("saved", "pushed", "saved_and_pushed")}
     return {"tmp": tmp, "pipe": pipe, "url": url, "classes": classes, "loaded": loaded}
 
 
@@ -99,6 +102,16 @@ def test_save_pretrained_writes_the_remote_code_modules(shared):
 def test_saved_folder_loads_without_hf_ddpm_with_the_same_images(shared):
     assert shared["classes"]["saved"] == "HFDDPMPipeline"
     np.testing.assert_allclose(shared["loaded"]["saved"], images(shared["pipe"]), atol=1e-5)
+
+
+def test_save_pretrained_with_push_to_hub_pushes_the_saved_folder(shared, hub):
+    """diffusers' `save_pretrained(dir, push_to_hub=True, repo_id=...)`: the folder saved, then pushed as
+    push_to_hub pushes it (the same files), loading without hf_ddpm to the same images."""
+    pushed, saved_and_pushed = hub.files(REPO_ID), hub.files(SAVED_AND_PUSHED_ID)
+    assert saved_and_pushed is not None and sorted(saved_and_pushed) == sorted(pushed)
+    assert (shared["tmp"] / "saved_and_pushed" / "model_index.json").is_file()
+    assert shared["classes"]["saved_and_pushed"] == "HFDDPMPipeline"
+    np.testing.assert_allclose(shared["loaded"]["saved_and_pushed"], images(shared["pipe"]), atol=1e-5)
 
 
 def test_saved_folder_loads_with_hf_ddpm_and_as_plain_components(shared):
