@@ -96,7 +96,7 @@ def loaded(hub, pushed, bare_python):
         print(json.dumps({{"pipeline_module": type(pipe).__module__, "scheduler_module": type(pipe.scheduler).__module__}}))
     """
     load_bc = f"""
-        import json, numpy as np, torch
+        import json, re, numpy as np, torch
         from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
         from huggingface_hub import ModelCard, create_repo, hf_hub_download, list_repo_tree, model_info, upload_folder
         from huggingface_hub.errors import RevisionNotFoundError
@@ -120,13 +120,20 @@ def loaded(hub, pushed, bare_python):
         images = theirs(batch_size={BATCH}, generator=torch.manual_seed({SEED}), num_inference_steps={T}, output_type="np").images
         np.save("way_c.npy", images)
         card = ModelCard.load("{REPO_ID}")
+        ran = []  # the card's snippets as a reader copies them
+        for snippet in re.findall(r"```python\\n(.*?)```", card.text, re.S):
+            scope = {{}}
+            exec(snippet, scope)
+            bpd = scope.get("bits_per_dim")
+            ran.append({{"pipeline": type(scope["pipe"]).__name__, "images": len(scope.get("images", [])),
+                        "bits_per_dim": None if bpd is None else [float(v) for v in bpd]}})
         tree = sorted(f.path for f in list_repo_tree("{REPO_ID}", recursive=True) if hasattr(f, "size"))
         # the Space API, for the Gradio demo's push: create, upload, read back
         space = create_repo("test-user/demo", repo_type="space", space_sdk="gradio", token="{TOKEN}").repo_id
         open("app.py", "w").write("print('hello')\\n")
         upload_folder(repo_id=space, repo_type="space", folder_path=".", allow_patterns=["app.py"], token="{TOKEN}")
         app = open(hf_hub_download(space, "app.py", repo_type="space")).read()
-        print(json.dumps({{"card": card.data.to_dict(), "text": card.text, "tree": tree, "space_app": app,
+        print(json.dumps({{"card": card.data.to_dict(), "text": card.text, "tree": tree, "space_app": app, "ran": ran,
                           "ddpm_scheduler": type(scheduler).__name__}}))
     """
     env = hub.env(tmp / "load", None)  # reading a public repo needs no token
@@ -229,6 +236,16 @@ def test_card_parses_back_from_the_repo_with_its_metrics(loaded):
     assert "![Samples from this pipeline](samples.png)" in text and "@inproceedings{nichol2021improved" in text
     assert "7.2500 ± 0.3100" in text and "hub_token" not in text and "output_dir" not in text
     assert loaded["tree"] == sorted(PUSHED)
+
+
+def test_the_cards_code_runs_as_a_reader_copies_it(loaded):
+    """Each python block of the pushed card, run as it stands: the three ways load and way 2's bits/dim line
+    evaluates the images it sampled."""
+    ways = loaded["ran"]
+    assert [w["pipeline"] for w in ways] == ["HFDDPMPipeline", "HFDDPMPipeline", "DDPMPipeline"]
+    assert [w["images"] for w in ways] == [4, 4, 0]
+    assert ways[0]["bits_per_dim"] is None and len(ways[1]["bits_per_dim"]) == 4
+    assert all(0 < v < 100 for v in ways[1]["bits_per_dim"]), ways[1]
 
 
 def test_server_serves_spaces_for_the_demo(loaded):
