@@ -116,9 +116,16 @@ def save_pipeline(pipeline, save_directory, *, safe_serialization: bool = True, 
 def push_pipeline(pipeline, repo_id: str, *, commit_message=None, private=None, token=None, **kwargs) -> str:
     """`HFDDPMPipeline.push_to_hub`: the pipeline saved by `save_hub_pipeline` into a temporary folder and pushed
     with `push_to_hub` (its model card, its checks); returns the commit URL. kwargs: `variant`, `max_shard_size`;
-    diffusers' `create_pr` is refused."""
+    diffusers' `create_pr` and `safe_serialization=False` are refused, as is any other keyword, before any work."""
     if kwargs.pop("create_pr", False):
         raise ValueError("create_pr=True is not supported by HFDDPMPipeline.push_to_hub; push to a branch you own")
+    if kwargs.pop("safe_serialization", True) is not True:
+        raise ValueError("safe_serialization=False is not supported by HFDDPMPipeline.push_to_hub: only safetensors "
+                         "weights are pushed (pickled weights run code when loaded); leave it out")  # fmt: skip
+    unknown = sorted(set(kwargs) - {"variant", "max_shard_size"})
+    if unknown:
+        raise TypeError(f"HFDDPMPipeline.push_to_hub got unexpected keyword arguments {unknown}; it takes repo_id, "
+                        "commit_message, private, token and max_shard_size")  # fmt: skip
     if kwargs.get("variant") is not None:
         raise ValueError(
             f"variant={kwargs['variant']!r} is not supported by HFDDPMPipeline.push_to_hub: a repo of variant weights "

@@ -170,9 +170,15 @@ def test_push_to_hub_uploads_a_repo_that_loads_without_hf_ddpm_with_the_card(sha
     assert TOKEN not in card
 
 
-def test_push_to_hub_refuses_create_pr():
+def test_push_to_hub_refuses_what_it_cannot_honour_before_any_work(monkeypatch):
+    """Refused before the token check and the save (without a token, either would answer otherwise)."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(ValueError, match="create_pr=True is not supported"):
         make_pipe().push_to_hub("test-user/x", create_pr=True)
+    with pytest.raises(ValueError, match="safe_serialization=False is not supported .* only safetensors weights are"):
+        make_pipe().push_to_hub("test-user/x", safe_serialization=False)
+    with pytest.raises(TypeError, match=r"push_to_hub got unexpected keyword arguments \['foo'\]; it takes repo_id"):
+        make_pipe().push_to_hub("test-user/x", foo=1)
 
 
 def test_a_scheduler_saved_or_pushed_alone_is_a_plain_ddpm_scheduler_config(hub, tmp_path):
