@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from huggingface_hub import HfApi, metadata_load, metadata_save
@@ -86,12 +87,12 @@ def space_retry_command(space_id: str, model_id: str, app_dir, private: bool = F
     return command + (" --private" if private else "")
 
 
-def _model_commit(api: HfApi, model_id: str, revision: str | None, timeout: float) -> str:
-    """The commit hash of `revision` (default: the latest) of the model repo; ValueError when the repo or revision
-    is not there. A timeout is passed: huggingface_hub's info requests pass their own (none by default), which
+def _model_info(api: HfApi, model_id: str, revision: str | None, timeout: float):
+    """The model repo's info at `revision` (default: the latest): its commit hash, whether it is private; ValueError
+    when the repo or revision is not there. A timeout is passed: huggingface_hub's info requests pass their own (none by default), which
     overrides the shared client's that request_timeout sets."""
     try:
-        return api.model_info(model_id, revision=revision, timeout=timeout).sha
+        return api.model_info(model_id, revision=revision, timeout=timeout)
     except GatedRepoError as err:
         raise ValueError(f"model repo {model_id!r} is gated: its commit cannot be read to pin it; {err}") from err
     except RevisionNotFoundError as err:
@@ -130,7 +131,8 @@ def push_space(
     with tempfile.TemporaryDirectory(prefix="hf_ddpm_space_") as tmp, request_timeout(timeout):
         prepare_space(app_dir, model_id, tmp)  # bad input fails here, before any request
         try:
-            folder = prepare_space(app_dir, model_id, tmp, _model_commit(api, model_id, model_revision, timeout))
+            model = _model_info(api, model_id, model_revision, timeout)
+            folder = prepare_space(app_dir, model_id, tmp, model.sha)
             url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
             api.upload_folder(
                 repo_id=url.repo_id,
@@ -142,6 +144,9 @@ def push_space(
             raise
         except Exception as err:  # network, HTTP 4xx/5xx, timeouts: all end the same way for the user
             raise push_failed(f"the Space {space_id}", err, command) from err
+    if model.private:  # pushed, but the Space's first load would fail without the secret
+        warnings.warn(f"the model repo {model_id} is private: the Space loads it only once given an HF_TOKEN secret "
+                      f"that can read it (the Space's settings, Variables and secrets)", UserWarning, stacklevel=2)  # fmt: skip
     return str(url)
 
 
@@ -162,8 +167,11 @@ def run(args) -> str:
     """Push the Space the parsed flags describe; returns the line to print."""
     app_dir = args.app_dir or DEFAULT_APP_DIR
     options = {name: getattr(args, name) for name in PUSH_FLAGS}
-    url = push_space(app_dir, args.space_id, args.model_id, model_revision=args.model_revision, **options)
-    return f"pushed {app_dir} to the Space {args.space_id} (model {args.model_id}): {url}"
+    with warnings.catch_warnings(record=True) as said:  # each a line of its own, not Python's warning format
+        warnings.simplefilter("always", UserWarning)
+        url = push_space(app_dir, args.space_id, args.model_id, model_revision=args.model_revision, **options)
+    notes = "".join(f"\nnote: {w.message}" for w in said if issubclass(w.category, UserWarning))
+    return f"pushed {app_dir} to the Space {args.space_id} (model {args.model_id}): {url}{notes}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,6 +205,21 @@ def test_the_pushed_space_runs_without_hf_ddpm_and_samples_what_hf_ddpm_samples(
     assert "tampered" not in log
 
 
+def test_a_space_for_a_private_model_is_pushed_with_a_note_that_it_needs_a_token_secret(hub, pushed, tmp_path):
+    """The Space's first load of a private model fails without an HF_TOKEN secret: said when it is pushed (a public
+    model's push says nothing of it: test_the_space_repo_holds_...)."""
+    model = "test-user/private-model"
+    code, _, err = result(start(hub, tmp_path, "-m", "hf_ddpm", "push", str(pushed["tmp"] / "model"), "--repo_id",
+                                model, "--private"))  # fmt: skip
+    assert code == 0, err
+    code, out, err = result(start(hub, tmp_path, "-m", "hf_ddpm", "push-space", "--space_id", "test-user/private-demo",
+                                  "--model_id", model))  # fmt: skip
+    assert code == 0 and hub.files("test-user/private-demo", "space") is not None, err
+    assert out.splitlines()[-1] == (f"note: the model repo {model} is private: the Space loads it only once given an "
+                                    "HF_TOKEN secret that can read it (the Space's settings, Variables and secrets)")  # fmt: skip
+    assert "note:" not in pushed["stdout"] and "Warning" not in err
+
+
 def test_pushing_a_space_for_a_missing_model_says_to_push_the_model_first(hub, pushed):
     code, _, err = pushed["orphan"]
     assert code == 1
