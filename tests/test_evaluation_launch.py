@@ -210,7 +210,9 @@ def test_a_two_process_evaluate_closes_its_process_group_before_it_exits(pipelin
     script.write_text(
         "import sys\nimport torch.distributed\nfrom hf_ddpm.cli import main\n"
         "code = main(['evaluate', *sys.argv[1:]])\n"
-        "print('process group open at exit:', torch.distributed.is_initialized(), flush=True)\nsys.exit(code)\n"
+        # one write per process: two processes share the pipe, and print's pieces could interleave
+        "sys.stdout.write(f'process group open at exit: {torch.distributed.is_initialized()}\\n')\n"
+        "sys.stdout.flush()\nsys.exit(code)\n"
     )
     argv = [pipeline_dir, "--num_images", 2, "--num_timesteps", 2, "--num_samples", 0]
     launch = command(2, *argv)
