@@ -16,7 +16,7 @@ import torch
 from hf_ddpm import HFDDPMPipeline
 from hf_ddpm.cpu import tune_process
 from hf_ddpm.flags import FlagParser
-from hf_ddpm.images import make_grid
+from hf_ddpm.images import check_finite_samples, make_grid
 
 SCHEDULERS = {  # --scheduler -> (diffusers class name, from_config overrides); "ddpm": the pipeline's own
     "ddpm": (None, {}),
@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.num_images, generator=generator, num_inference_steps=args.steps, output_type="np"
     ).images  # (N, H, W, C) in [0, 1]
     seconds = time.perf_counter() - start
+    try:
+        check_finite_samples(images.transpose(0, 3, 1, 2), pipe.scheduler, args.steps)  # not a grid of black images
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     make_grid(images, num_rows=args.rows).save(args.out)
     print(
         f"wrote {args.out}: {args.num_images} samples, {args.steps} of {num_train} steps ({args.scheduler}), "

@@ -4,6 +4,7 @@
     model_to_unit(x)           [-1, 1] -> [0, 1], clamped: the pipeline's "np" and "pt" outputs
     model_to_pixels(x)         [-1, 1] -> uint8 0..255, rounded: PNGs, previews of x_t and x̂_0 (the Space)
     unit_to_pixels(x)          [0, 1] (the pipeline's "pt" / "np" output) -> uint8 0..255: saved samples (evaluation)
+    check_finite_samples       samples a sampler broke down on (NaN) refused before they are saved as black images
     images_to_model_range      uint8 arrays or PIL images -> the model range, checked against the UNet's shape
     make_grid                  samples tiled into one image (training, examples, model cards)
 
@@ -40,6 +41,20 @@ def model_to_pixels(x: torch.Tensor) -> torch.Tensor:
 def unit_to_pixels(x: torch.Tensor) -> torch.Tensor:
     """x in [0, 1] → uint8 0..255, rounded (half to even) and clamped."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def check_finite_samples(samples, scheduler, num_inference_steps: int) -> None:
+    """ValueError unless every sample (a tensor or array) is finite: a sampler that breaks down returns NaN, which a
+    saved image shows as black and a metric measures, silently. diffusers' multistep solvers (DPM-Solver, UniPC,
+    DEIS) do at num_inference_steps = T; our ancestral step, DDIM and Euler do not."""
+    bad = ~torch.isfinite(torch.as_tensor(samples)).flatten(1).all(1)
+    if bad.any():
+        num_train = scheduler.config.num_train_timesteps
+        raise ValueError(
+            f"the {type(scheduler).__name__} sampler returned non-finite values (NaN or inf) for {int(bad.sum())} of "
+            f"{len(bad)} samples at num_inference_steps={num_inference_steps} (T = {num_train}): sample with fewer "
+            "steps (diffusers' multistep solvers break down at T steps) or with another scheduler"
+        )
 
 
 def images_to_model_range(images, expected_shape: tuple[int, int, int]) -> torch.Tensor:

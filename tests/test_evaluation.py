@@ -181,6 +181,21 @@ def test_external_statistics_are_accepted_and_a_wrong_feature_size_refused(tmp_p
         external_reference(tmp_path / "missing.npz", 48)
 
 
+def test_samples_a_sampler_broke_down_on_are_refused_not_saved_as_black_images(pipe, tmp_path):
+    """diffusers' DPM-Solver returns NaN at num_inference_steps = T: no shard is written, and the error names the
+    sampler and the steps (FID of black images would be measured silently)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    broken = HFDDPMPipeline(pipe.unet, DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
+    broken.set_progress_bar_config(disable=True)
+    message = f"the DPMSolverMultistepScheduler sampler returned non-finite values .* at num_inference_steps={T} "
+    with pytest.raises(ValueError, match=message):
+        generate_shards(broken, tmp_path / "s", 2, num_inference_steps=T, shard_size=2)
+    assert not list((tmp_path / "s").glob("shard-*"))
+    fine = generate_shards(broken, tmp_path / "t", 2, num_inference_steps=T - 1, shard_size=2)
+    assert fine["generated"] == 1 and load_shards(tmp_path / "t", [0]).float().std() > 0  # not all black
+
+
 def test_sample_i_comes_from_seed_base_plus_i_whatever_the_shards(pipe, tmp_path):
     a = generate_shards(pipe, tmp_path / "a", 5, num_inference_steps=4, seed=7, shard_size=2, png=True)
     b = generate_shards(pipe, tmp_path / "b", 5, num_inference_steps=4, seed=7, shard_size=3)

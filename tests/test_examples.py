@@ -68,6 +68,15 @@ def test_generate_samples_with_a_diffusers_scheduler(pipeline_dir, tmp_path):
     assert f"4 samples, 5 of {T} steps (dpm++2m), seed 0" in result.stdout and Image.open(out).mode == "L"
     bad = run_script("generate.py", str(pipeline_dir), "--scheduler", "euler")
     assert bad.returncode == 2 and "invalid choice: 'euler'" in bad.stderr
+    # diffusers' multistep solvers return NaN at T steps: refused, not written as a grid of black images
+    out.unlink()
+    broken = run_script("generate.py", str(pipeline_dir), *argv[:-3], str(T), "--scheduler", "dpm++2m")
+    assert broken.returncode == 1 and not out.exists(), broken.stdout
+    assert broken.stderr.splitlines()[-1] == (
+        "error: the DPMSolverMultistepScheduler sampler returned non-finite values (NaN or inf) for 4 of 4 samples at "
+        f"num_inference_steps={T} (T = {T}): sample with fewer steps (diffusers' multistep solvers break down at T "
+        "steps) or with another scheduler"
+    )
 
 
 def test_evaluate_prints_monte_carlo_bits_per_dim_and_writes_card_metrics(evaluate, pipeline_dir, tmp_path, capsys):

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
-from ..images import unit_to_pixels
+from ..images import check_finite_samples, unit_to_pixels
 from ..schedules import check_positive_int
 from ..unet import weights_digest
 from .processes import Processes
@@ -107,6 +107,7 @@ def generate_shards(
         x = pipeline(
             batch_size=len(indices), generator=generators, num_inference_steps=num_inference_steps, output_type="pt"
         ).images
+        check_finite_samples(x, pipeline.scheduler, num_inference_steps)  # NaN would be saved as black images
         images = unit_to_pixels(x).cpu().numpy()  # as a saved PNG: (n, C, H, W)
         if png:
             (sample_dir / "png").mkdir(exist_ok=True)
