@@ -292,7 +292,8 @@ def _summary_lines(args: dict, summary: dict) -> list[str]:
     lines = []
     if "optimizer_steps" in summary:
         seconds, processes = summary.get("train_seconds", 0), summary.get("world_size", 1)
-        took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+        took = (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60
+                else f"{seconds:.0f} s")  # fmt: skip
         lines.append(
             f"{summary['optimizer_steps']} optimizer steps of {summary.get('images_per_optimizer_step', '?')} images "
             f"on {processes} process{'es' if processes > 1 else ''} in {took}, mixed precision "
@@ -341,6 +342,7 @@ def model_summary(pipeline_dir: Path) -> dict:
         "beta_schedule": schedule,
         "variance_type": scheduler.get("variance_type", "fixed_small"),
         "prediction_type": scheduler.get("prediction_type", "epsilon"),
+        "timestep_spacing": scheduler.get("timestep_spacing", "leading"),  # which timesteps a respaced chain visits
     }
 
 

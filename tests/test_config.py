@@ -9,6 +9,7 @@ import typing
 
 import pytest
 
+from hf_ddpm import HFDDPMScheduler
 from hf_ddpm.training import build_parser
 from hf_ddpm.training.cli import config_values, parse_args, read_config_file
 from hf_ddpm.training.config import GROUPS, TrainingConfig, check_args, flag_of_key
@@ -115,6 +116,20 @@ def test_resolve_fits_the_defaults_to_the_data_and_the_run():
 
 PRETRAINED = {"num_train_timesteps": 21, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
               "variance_type": "fixed_large"}  # fmt: skip
+
+
+def test_the_resolved_config_names_its_spacing_and_resolution():
+    """training_args.json holds every default filled in: the respaced chain's spacing (the pretrained scheduler's,
+    else HFDDPMScheduler's) and the images' side (the UNet's sample_size unless --resolution says otherwise)."""
+    config = resolve(parse_args([]), RunFacts(model_resolution=16))[0]
+    assert (config.timestep_spacing, config.resolution) == (HFDDPMScheduler().config.timestep_spacing, 16)
+    assert config.timestep_spacing == "leading"
+    flags = parse_args(["--resolution", "8", "--timestep_spacing", "trailing"])
+    given = resolve(flags, RunFacts(model_resolution=16))[0]
+    assert (given.timestep_spacing, given.resolution) == ("trailing", 8)
+    pretrained = RunFacts(pretrained_scheduler=PRETRAINED | {"timestep_spacing": "linspace"})
+    assert resolve(parse_args(["--pretrained_model_name_or_path", "run"]), pretrained)[0].timestep_spacing == "linspace"
+    assert resolve(config, RunFacts(model_resolution=16))[0] == config  # resolved once: it resolves to itself
 
 
 def test_fine_tuning_resolves_to_the_pretrained_schedulers_objective():

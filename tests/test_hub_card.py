@@ -73,6 +73,7 @@ def test_card_metadata_parses_back_with_both_metrics(output_dir, tmp_path):
     assert "| Bits/dim (variational bound, DDPM eq. 5) | 3.9100 ± 0.0200 | Monte Carlo estimate, 16 timesteps" in text
     assert "cosine (Improved DDPM eq. 17)" in text and "| Diffusion steps T | 40 |" in text
     assert "16 samples drawn at the end of training: 25 steps (respaced from T = 40), seed 3." in text
+    assert "chosen by the scheduler's\n  `timestep_spacing`, here `leading`)" in text  # the saved scheduler's spacing
 
 
 def test_card_never_shows_secrets_or_local_paths(output_dir):
@@ -82,6 +83,15 @@ def test_card_never_shows_secrets_or_local_paths(output_dir):
     shown = public_training_args(json.loads((output_dir / "training_args.json").read_text()))
     assert shown["model_config"] == '"(a local path)"' and shown["learning_rate"] == "0.0002"
     assert shown["note"] == '"a \\| b"'  # a pipe would end the table cell
+
+
+@pytest.mark.parametrize(("seconds", "took"), [(4.2, "in 4 s,"), (150, "in 2.5 min,"), (7200, "in 2.0 h,")])
+def test_the_training_line_states_its_time_in_a_unit_that_shows_it(seconds, took):
+    """A run of seconds is not "0.0 min"."""
+    from hf_ddpm.model_card import _summary_lines
+
+    (line,) = _summary_lines({}, {"optimizer_steps": 3, "train_seconds": seconds, "images_per_optimizer_step": 4})
+    assert line.startswith("3 optimizer steps of 4 images on 1 process ") and took in line, line
 
 
 def test_card_of_a_pipeline_without_a_run(tmp_path):

@@ -328,7 +328,8 @@ def check_args(args: TrainingConfig) -> None:
     parse_signals(args.preemption_signals)  # raises ValueError naming an unknown signal
     hub_flags = [f"--{n}" for n in ("hub_model_id", "hub_private_repo", "hub_token") if getattr(args, n)]
     if hub_flags and not args.push_to_hub:
-        raise ValueError(f"{', '.join(hub_flags)} only apply with --push_to_hub, which was not given")
+        verb = "applies" if len(hub_flags) == 1 else "apply"
+        raise ValueError(f"{', '.join(hub_flags)} only {verb} with --push_to_hub, which was not given")
     T, steps = args.ddpm_num_steps, args.ddpm_num_inference_steps
     if T is not None and steps is not None and steps > T:  # checked now, not at the first sample grid
         raise ValueError(f"--ddpm_num_inference_steps {steps} exceeds the {T} training timesteps (T); choose 1 to {T}")

@@ -136,15 +136,16 @@ def check_run(given: TrainingConfig) -> Plan:
     record = RunRecord.read(path) if path else None
     if record is not None:
         checkpoints.check_whole(path, record)  # each state file as written: not deleted, not truncated
+    channels, resolution = data_shape(given)
     facts = RunFacts(
         launch_precision=launch_precision(),
         pretrained_scheduler=pretrained_scheduler_config(given),
         resume_path=path,
         resumed_precision=record.launch.mixed_precision if record else None,
         resumed_schedule=record.schedule if record else None,
+        model_resolution=resolution,
     )
     config, _ = resolve(given, facts)
-    channels, resolution = data_shape(config)
     scheduler = build_scheduler(config)
     unet = build_unet(config, channels, resolution)
     check_forward(unet, resolution, config.model_source, given.resolution is not None)

@@ -8,12 +8,14 @@ Nothing changes a config afterwards: the resolved one trains, and it is what tra
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..losses import default_variance_type
+from ..scheduler import HFDDPMScheduler
 from ..schedules import PAPER_NUM_TIMESTEPS, SCHEDULE_ALIASES
 from .config import (
     DEFAULT_BATCH_SIZE,
@@ -29,7 +31,7 @@ from .config import (
 @dataclass(frozen=True)
 class RunFacts:
     """What a run knows besides its options: the pretrained scheduler's config (fine-tuning), the launch, the
-    checkpoint it resumes, and (once read) the number of training images."""
+    checkpoint it resumes, the UNet's sample size, and (once read) the number of training images."""
 
     num_processes: int = 1
     launch_precision: str = "no"  # `launch_precision()`
@@ -38,6 +40,7 @@ class RunFacts:
     resumed_precision: str | None = None  # the mixed precision the resumed checkpoint was trained with
     resumed_schedule: dict | None = None  # the resumed run's SCHEDULE_OPTIONS and total_steps (its record's)
     train_images: int | None = None  # None until the data is read: the batch and warmup defaults wait for it
+    model_resolution: int | None = None  # the UNet's sample_size (model.data_shape): the images' default side
 
 
 def optimizer_steps(config: TrainingConfig, batches_per_epoch: int) -> int:
@@ -72,6 +75,11 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
         values[name] = default if value is None else value
     T = values["ddpm_num_steps"]
     values["ddpm_num_inference_steps"] = given.ddpm_num_inference_steps or min(DEFAULT_INFERENCE_STEPS, T)
+    # The sampling chain's spacing and the images' side: the pretrained scheduler's and the UNet's, else the defaults.
+    spacing = inspect.signature(HFDDPMScheduler).parameters["timestep_spacing"].default
+    values["timestep_spacing"] = given.timestep_spacing or (facts.pretrained_scheduler or {}).get("timestep_spacing",
+                                                                                                   spacing)  # fmt: skip
+    values["resolution"] = given.resolution or facts.model_resolution
     if given.save_images_steps is None and given.save_images_epochs is None:
         values["save_images_epochs"] = DEFAULT_SAVE_IMAGES_EPOCHS
 
