@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluation.schema import LIKELIHOOD_METRICS, METRICS, SAMPLE_METRICS, TITLES
+from .evaluation.schema import LIKELIHOOD_METRICS, METRICS, SAMPLE_METRICS, TITLES, VALUE_RANGES
 from .shipped import shipped_dir
 
 TEMPLATE_PATH = shipped_dir("model_cards", "model_cards") / "model_card.md"
@@ -178,12 +178,19 @@ def check_metrics(metrics, what: str = "metrics") -> None:
             raise ValueError(
                 f"{what}: {name}'s {value_key} is {value!r}, not a finite number; expected the form {METRICS_FORM}"
             )
+        low, high = VALUE_RANGES[name]
+        if not low <= value <= high:
+            raise ValueError(f"{what}: {name}'s {value_key} is {value!r}, outside [{low:g}, {high:g}] where it lies "
+                             "(`python -m hf_ddpm evaluate --metrics_out` writes measured values)")  # fmt: skip
         for key, integer in ENTRY_NUMBERS.items():
             if entry.get(key) is not None and not _is_number(entry[key], integer):
                 kind = "an integer" if integer else "a number"
                 raise ValueError(
                     f"{what}: {name}'s {key} is {entry[key]!r}, not {kind} or null; expected the form {METRICS_FORM}"
                 )
+            if entry.get(key) is not None and entry[key] < 0:  # a count, or a spread
+                raise ValueError(f"{what}: {name}'s {key} is {entry[key]!r}, below 0 (`python -m hf_ddpm evaluate "
+                                 "--metrics_out` writes measured values)")  # fmt: skip
     fid = metrics.get("fid")
     missing = [k for k in FID_KEYS if fid and fid.get(k) is None]
     if missing:

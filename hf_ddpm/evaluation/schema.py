@@ -20,6 +20,10 @@ SAMPLE_METRICS = ("fid", "precision", "recall", "kid")
 # bits/dim beyond eq. 5, one entry per method of evaluation/likelihood.py (the bound itself is "bits_per_dim")
 LIKELIHOOD_METRICS = ("bits_per_dim_trajectory", "bits_per_dim_iw", "bits_per_dim_ode", "rate_distortion")
 METRICS = ("bits_per_dim", *SAMPLE_METRICS, *LIKELIHOOD_METRICS)
+# Where each metric's value can lie: bits/dim bound -log2 P(x)/D of a probability P <= 1 from above; precision and
+# recall are fractions; KID's unbiased estimate may dip below 0.
+VALUE_RANGES = {**dict.fromkeys(("bits_per_dim", *LIKELIHOOD_METRICS, "fid"), (0.0, math.inf)),
+                "precision": (0.0, 1.0), "recall": (0.0, 1.0), "kid": (-math.inf, math.inf)}  # fmt: skip
 # Which images the samples are compared with.
 PROTOCOLS = {
     "paper": "train",  # DDPM section 4 / Table 1: FID of 50k samples against the training set
