@@ -60,6 +60,11 @@ def load_components(pretrained_model_name_or_path, **kwargs) -> dict:
     for key in ("dtype", "torch_dtype"):
         if isinstance(model.get(key), dict):  # per-component dtypes, as diffusers' pipelines accept them
             model[key] = model[key].get("unet", model[key].get("default"))
+        if model.get(key) is not None and not isinstance(model[key], torch.dtype):  # diffusers loads float32 then
+            name = str(model[key]).removeprefix("torch.")
+            if not isinstance(getattr(torch, name, None), torch.dtype):
+                raise ValueError(f"{key}={model[key]!r} is not a torch dtype: pass one, e.g. {key}=torch.float16")
+            model[key] = getattr(torch, name)  # "float16", as configs write it
     hub = check_source(pretrained_model_name_or_path, hub)
     unet_folder, scheduler_folder = component_folders(pretrained_model_name_or_path, **hub)
     index = None

@@ -217,6 +217,20 @@ def test_torch_dtype_loads_without_diffusers_cast_warning(tmp_path, unet):
         diffusers_logging.get_logger("diffusers").removeHandler(handler)
 
 
+def test_a_dtype_named_as_configs_write_it_loads_in_that_dtype(tmp_path, unet):
+    """A dtype named "float16" (a config's spelling) loads float16; diffusers alone would load float32 and log that
+    the string is not a torch.dtype. A name that is no dtype is refused, naming it."""
+    subfolder_layout(tmp_path / "repo", unet, formats=("safetensors",))
+    named = {"float16": torch.float16, "torch.bfloat16": torch.bfloat16}
+    for given, dtype in (*named.items(), ({"unet": "float64"}, torch.float64)):
+        assert HFDDPMPipeline.from_pretrained(tmp_path / "repo", torch_dtype=given).unet.dtype == dtype, given
+    assert HFDDPMPipeline.from_pretrained(tmp_path / "repo", dtype="float16").unet.dtype == torch.float16
+    with pytest.raises(ValueError, match=r"torch_dtype='half precision' is not a torch dtype: pass one, e\.g\. "):
+        HFDDPMPipeline.from_pretrained(tmp_path / "repo", torch_dtype="half precision")
+    with pytest.raises(ValueError, match=r"torch_dtype='Size' is not a torch dtype"):  # a torch name, not a dtype
+        HFDDPMPipeline.from_pretrained(tmp_path / "repo", torch_dtype="Size")
+
+
 def test_a_loaded_unet_computes_bit_for_bit_what_the_saved_one_computed(tmp_path):
     """safetensors hands the weights over as views into the file's memory map, at its byte offsets; on an AVX2 CPU a
     convolution over weights at such an offset rounded its last float32 bits differently from the same weights in
