@@ -49,8 +49,9 @@ def test_deleted_and_added_files_resume_with_allow_data_change_skipping_and_repe
     images, out = tmp_path / "images", tmp_path / "out"
     flags = launch_flags(out, "--train_data_dir", write_images(images, 40), *RUN)
     launch(flags)
-    for step in range(3, 9):
+    for step in range(3, 9):  # the run stopped after step 2 ...
         shutil.rmtree(out / f"checkpoint-{step}")
+    (out / "training_summary.json").unlink()  # ... so it never finished
     saved = position(out / "checkpoint-2")
     buffered, listed = paths(saved["buffer"]), sorted(str(p) for p in images.glob("*.png"))
     assert read(saved, 40) == 23 and len(buffered) == 15  # 8 images drawn, 23 read: 15 wait in the buffer
@@ -114,8 +115,9 @@ def test_a_two_process_resume_drops_each_processs_vanished_files_and_says_so_onc
     flags = launch_flags(out, "--train_data_dir", write_images(images, 80), *RUN[:-4], "--max_train_steps", "6",
                          "--checkpointing_steps", "2", "--save_images_steps", "1000")  # fmt: skip
     launch(flags, num_processes=2)
-    shutil.rmtree(out / "checkpoint-6")
+    shutil.rmtree(out / "checkpoint-6")  # the run stopped after step 2 ...
     shutil.rmtree(out / "checkpoint-4")
+    (out / "training_summary.json").unlink()  # ... so it never finished
     states = torch.load(out / "checkpoint-2" / "custom_checkpoint_1.pkl", weights_only=False)["processes"]
     gone = sorted(paths(state["buffer"])[0] for state in states)  # one of each process's buffer
     for path in gone:

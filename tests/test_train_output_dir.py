@@ -204,6 +204,32 @@ def test_resuming_a_finished_run_says_it_is_complete_and_writes_nothing(trained,
     assert "is complete" not in caplog.text and (trained / "training_summary.json").is_file()
 
 
+@pytest.mark.parametrize("checkpointing", ["4", "100"])  # its last checkpoint at step 4 of 6; none at all
+def test_a_finished_run_without_a_checkpoint_of_its_last_step_is_complete_to_latest(tmp_path, caplog, checkpointing):
+    """A requeue of a run whose last step is no multiple of --checkpointing_steps (or that kept no checkpoint): its
+    summary says it finished, so nothing is trained again (nor evaluated, saved, pushed). Without a checkpoint, a
+    run of another length would start afresh over the finished pipeline: refused, the directory untouched."""
+    out = tmp_path / "out"
+    run = ["--max_train_steps", "6", "--checkpointing_steps", checkpointing, "--learning_rate", "1e-3"]
+    train(parse_args(tiny(out, *run)))
+    assert [step for step, _ in checkpoints.list_checkpoints(out)] == ([4] if checkpointing == "4" else [])
+    before = {k: v for k, v in tree_hashes(out).items() if k != LOCK_NAME}
+    reset_accelerate()
+    with caplog.at_level(logging.INFO):
+        summary = train(parse_args(tiny(out, *run, "--resume_from_checkpoint", "latest")))
+    assert summary["optimizer_steps"] == 6 and f"{out} is complete at step 6 (its pipeline" in caplog.text
+    assert "resumed from" not in caplog.text and "starting a new run" not in caplog.text
+    assert {k: v for k, v in tree_hashes(out).items() if k != LOCK_NAME} == before
+    if checkpointing == "100":
+        assert "it kept no checkpoint: to train again, start over with --overwrite_output_dir" in caplog.text
+        reset_accelerate()
+        longer = tiny(out, *run, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
+        with pytest.raises(ValueError, match=rf"{out} holds the pipeline of a run finished at step 6 and no checkpoint "
+                                             "to resume it from: a run of 8 steps here would start afresh and replace"):  # fmt: skip
+            train(parse_args(longer))
+        assert {k: v for k, v in tree_hashes(out).items() if k != LOCK_NAME} == before
+
+
 def test_resuming_an_older_checkpoint_says_the_newer_ones_are_replaced(trained, caplog):
     """Resuming from before a divergence is deliberate, so it goes on; but the newer checkpoints of the same steps
     are replaced by this run's, and that is said before anything is written (as in a fresh process: before
@@ -275,7 +301,8 @@ def test_training_args_json_resumes_its_run_from_any_working_directory(tmp_path,
     args = json.loads((here / "out" / "training_args.json").read_text())
     assert (args["output_dir"], args["cache_dir"]) == (str(here / "out"), str(here / "cache"))
     assert (args["model_config"], args["dataset_name"], args["logging_dir"]) == ("test-tiny", None, "logs")  # kept
-    (here / "out" / "checkpoint-6").rename(here / "out" / "checkpoint-6.old")  # the run stopped after step 3
+    (here / "out" / "checkpoint-6").rename(here / "out" / "checkpoint-6.old")  # the run stopped after step 3 ...
+    (here / "out" / "training_summary.json").unlink()  # ... so it never finished
     monkeypatch.chdir(elsewhere)
     summary = train(parse_args(["--config", str(here / "out" / "training_args.json"), "--resume_from_checkpoint",
                                 "latest"]))  # fmt: skip

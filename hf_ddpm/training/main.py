@@ -165,6 +165,8 @@ def check_run(given: TrainingConfig) -> Plan:
         if newer:  # deliberate, as a rule (a diverged run resumed from before it): said, since those are replaced
             logger.warning("resuming %s, older than %s: this run's checkpoints of the same steps replace those",
                            path, ", ".join(map(os.path.basename, newer)))  # fmt: skip
+    elif config.resume_from_checkpoint is not None and config.max_train_steps is not None:  # no checkpoint yet
+        check_finished(config, None, 0, config.max_train_steps)
     return Plan(config, facts, channels, resolution, scheduler, record, found)
 
 
@@ -223,8 +225,8 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
         unet = unet.to(memory_format=torch.channels_last)
     batches = make_batches(data, config, accelerator)
     total_steps = optimizer_steps(config, batches.batches_per_epoch)
-    if plan.record is not None and config.max_train_steps is None:  # a length in epochs: known from the data
-        check_finished(config, plan.facts.resume_path, plan.record.step, total_steps)
+    if config.resume_from_checkpoint is not None and config.max_train_steps is None:  # epochs: known from the data
+        check_finished(config, plan.facts.resume_path, plan.record.step if plan.record else 0, total_steps)
 
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -280,17 +282,20 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     return run
 
 
-def check_finished(config: TrainingConfig, path: str, start: int, total_steps: int) -> None:
-    """Raise RunComplete for a resume of `path` from step `start` that would only redo its finished run's end (a
-    requeued job: not its final evaluation, save and push again, nor its data opened); refuse one that would end
-    before the pipeline the output directory holds (`output_dir.finished_run`)."""
+def check_finished(config: TrainingConfig, path: str | None, start: int, total_steps: int) -> None:
+    """Raise RunComplete for a resume of `path` (None: no checkpoint yet) from step `start` that would only redo its
+    finished run's end (a requeued job: not its final evaluation, save and push again, nor its data opened); refuse
+    one that would end before the pipeline the output directory holds, or start afresh over it
+    (`output_dir.finished_run`)."""
     done = output_dir.finished_run(config.output_dir, path, start, total_steps,
-                                   refuse_behind=not config.allow_schedule_change)  # fmt: skip
+                                   refuse_behind=not config.allow_schedule_change,
+                                   latest=config.resume_from_checkpoint == "latest")  # fmt: skip
     if done is None:
         return
+    on = ("to train on, pass a longer --max_train_steps with --allow_schedule_change" if path is not None
+          else "it kept no checkpoint: to train again, start over with --overwrite_output_dir")  # fmt: skip
     logger.info("%s is complete at step %d (its pipeline and training_summary.json are written): nothing to train or "
-                "save; to train on, pass a longer --max_train_steps with --allow_schedule_change", config.output_dir,
-                total_steps)  # fmt: skip
+                "save; %s", config.output_dir, total_steps, on)  # fmt: skip
     if config.push_to_hub:  # its push was not retried either (the first may have failed after the save)
         logger.info("to push it: %s", retry_command(config.output_dir, repo_id_of(config), config.hub_private_repo))
     raise RunComplete(done)

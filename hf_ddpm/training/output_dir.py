@@ -133,12 +133,15 @@ def _make_ours(found: OutputDir, args: TrainingConfig) -> None:
     write_atomically(os.path.join(found.path, MANIFEST_NAME), lambda f: json.dump(manifest, f, indent=2))
 
 
-def finished_run(output_dir: str, path: str, start: int, total_steps: int, refuse_behind: bool) -> dict | None:
+def finished_run(output_dir: str, path: str | None, start: int, total_steps: int, refuse_behind: bool,
+                 latest: bool = False) -> dict | None:  # fmt: skip
     """What the pipeline `output_dir` holds (its training_summary.json: the step it finished at) means for a resume of
     `path` from step `start` to `total_steps`: the summary when the resume would only redo that finished end (nothing
-    to train or write), else None. One that ends before it is refused (`refuse_behind`: unless the length was chosen
-    with --allow_schedule_change): a run extended past its last checkpoint, then resumed as it was, would replace
-    those weights with older ones."""
+    to train or write), else None. With `latest` (a requeued command) that holds from any checkpoint of the run's
+    (its last step need not be one); with `path` None (it kept no checkpoint) a run of another length is refused, as
+    it would start afresh over that pipeline. One that ends before it is refused (`refuse_behind`: unless the length
+    was chosen with --allow_schedule_change): a run extended past its last checkpoint, then resumed as it was, would
+    replace those weights with older ones."""
     summary = None
     with contextlib.suppress(OSError, ValueError):  # no pipeline finished there yet
         with open(os.path.join(output_dir, TRAINING_SUMMARY_FILE)) as f:
@@ -146,6 +149,14 @@ def finished_run(output_dir: str, path: str, start: int, total_steps: int, refus
     done = summary.get("optimizer_steps") if isinstance(summary, dict) else None
     if not isinstance(done, int):
         return None
+    if path is None:
+        if total_steps == done:
+            return summary
+        raise ValueError(
+            f"{output_dir} holds the pipeline of a run finished at step {done} and no checkpoint to resume it from: "
+            f"a run of {total_steps} steps here would start afresh and replace it. Choose another --output_dir, or "
+            "start over with --overwrite_output_dir"
+        )
     if refuse_behind and total_steps < done:
         newer = os.path.join(output_dir, f"checkpoint-{done}")
         way_out = f"Resume {newer}" if os.path.isdir(newer) else f"Keep the pipeline (step {done} has no checkpoint)"
@@ -154,7 +165,8 @@ def finished_run(output_dir: str, path: str, start: int, total_steps: int, refus
             f"{total_steps}: its pipeline would replace those weights with older ones. {way_out}, or "
             f"train on past step {done} (--max_train_steps with --allow_schedule_change)"
         )
-    return summary if start == total_steps == done else None
+    caught_up = start <= total_steps if latest else start == total_steps  # `latest`: the run's own last checkpoint
+    return summary if caught_up and total_steps == done else None
 
 
 def _unwritable(directory: str, error: OSError) -> OSError:
