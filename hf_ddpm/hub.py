@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .atomic import replace_dir, staging_name, swap_in
+from .measured_weights import check_measured_weights
 from .model_card import (
     DEFAULT_LICENSE,
     SAMPLE_GRID,
@@ -197,13 +198,17 @@ def export_hub_folder(
     """Write into `dest` (new or empty) exactly what `push_to_hub` uploads; returns its files, relative to `dest`.
     Written beside it as `dest.tmp` and renamed into place: an export that fails or is killed leaves no `dest`.
 
-    metrics: for the card (see `render_model_card`), or the path of a JSON file holding them.
+    metrics: for the card (see `render_model_card`), or the path of a JSON file holding them; refused when its entries
+    name other UNet weights than `output_dir`'s (`check_measured_weights`: `evaluate --metrics_out` records them).
     """
     output_dir, dest = Path(output_dir), Path(dest)
     check_repo_id_value(repo_id, f"repo_id {repo_id!r}")  # the card's code examples name it
-    if isinstance(metrics, (str, Path)):
-        metrics = read_metrics_file(metrics)
+    metrics_file = metrics if isinstance(metrics, (str, Path)) else None
+    if metrics_file is not None:
+        metrics = read_metrics_file(metrics_file)
     check_pipeline_dir(output_dir)
+    what = f"the metrics file {metrics_file}" if metrics_file is not None else "the metrics"
+    check_measured_weights(metrics, output_dir, what, metrics_file)  # never another model's numbers on the card
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ValueError(
             f"{dest} is {'not empty' if dest.is_dir() else 'a file'}; export into a new or empty directory"
@@ -249,9 +254,10 @@ def push_to_hub(
     """Push the pipeline in `output_dir` to the Hub repo `repo_id` (created if needed); returns the commit URL.
 
     Only the files of `export_hub_folder` are uploaded. Refuses before any network call an invalid `repo_id` or
-    metrics file (first: the later refusals print a command to push again), then in offline mode
-    (HF_HUB_OFFLINE=1), without a token, or when `output_dir` is not a complete safetensors pipeline. Any failure
-    raises HubPushError, whose message says how to push again; `output_dir` is never modified.
+    metrics file, or metrics of other weights than `output_dir`'s (first: the later refusals print a command to push
+    again), then in offline mode (HF_HUB_OFFLINE=1), without a token, or when `output_dir` is not a complete
+    safetensors pipeline. Any failure raises HubPushError, whose message says how to push again; `output_dir` is
+    never modified.
     token: default HF_TOKEN or the token saved by `hf auth login`. metrics: as `export_hub_folder`'s.
     timeout: seconds one HTTP request may stall.
     """
@@ -264,8 +270,11 @@ def push_to_hub(
         extra += f" --timeout {timeout:g}"
     try:  # before the offline and token guards: their messages print a command that must work later
         check_repo_id_value(repo_id, f"repo_id {repo_id!r}")
-        if isinstance(metrics, (str, Path)):
-            metrics = read_metrics_file(metrics)
+        metrics_file = metrics if isinstance(metrics, (str, Path)) else None
+        if metrics_file is not None:
+            metrics = read_metrics_file(metrics_file)
+        what = f"the metrics file {metrics_file}" if metrics_file is not None else "the metrics"
+        check_measured_weights(metrics, output_dir, what, metrics_file)  # another model's numbers: refused again later
     except ValueError as err:  # no command to print: run with this id or these metrics, it would fail again
         raise HubPushError(f"not pushing {output_dir}: {err}") from None
     command = retry_command(output_dir, repo_id, private, extra)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .evaluation.schema import LIKELIHOOD_METRICS, METRICS, SAMPLE_METRICS, TITLES, VALUE_RANGES
+from .evaluation.schema import LIKELIHOOD_METRICS, METRICS, SAMPLE_METRICS, TITLES, VALUE_RANGES, WEIGHTS_KEY
 from .shipped import shipped_dir
 
 TEMPLATE_PATH = shipped_dir("model_cards", "model_cards") / "model_card.md"
@@ -150,13 +150,15 @@ def _is_number(value, integer: bool = False) -> bool:
     return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
 
 
+HEX = set("0123456789abcdef")
 ENTRY_NUMBERS = {"stderr": False, "bits_per_dim_stderr": False, "count": True, "num_images": True, "num_samples": True}
 
 
 def check_metrics(metrics, what: str = "metrics") -> None:
     """ValueError naming `what`, the metric and the expected form unless `metrics` is {name: {"value": number,
     "stderr": number or null, "count": integer or null, ...}} with names of METRICS (an entry may be null: skipped)
-    and an FID states FID_KEYS."""
+    and an FID states FID_KEYS; an entry's WEIGHTS_KEY, where given, is a sha256 (compared with a folder's weights by
+    measured_weights.check_measured_weights)."""
     if not isinstance(metrics, dict):
         kind = {list: "an array", str: "a string"}.get(type(metrics), f"the value {metrics!r}")
         raise ValueError(f"{what} holds {kind}, not an object of metrics; expected the form {METRICS_FORM}")
@@ -191,6 +193,10 @@ def check_metrics(metrics, what: str = "metrics") -> None:
             if entry.get(key) is not None and entry[key] < 0:  # a count, or a spread
                 raise ValueError(f"{what}: {name}'s {key} is {entry[key]!r}, below 0 (`python -m hf_ddpm evaluate "
                                  "--metrics_out` writes measured values)")  # fmt: skip
+        digest = entry.get(WEIGHTS_KEY)  # which weights were measured: checked against the folder's by push
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= HEX):
+            raise ValueError(f"{what}: {name}'s {WEIGHTS_KEY} is {digest!r:.80}, not the 64 hex digits of a sha256 or "
+                             "null; evaluate again with `python -m hf_ddpm evaluate --metrics_out`")  # fmt: skip
     fid = metrics.get("fid")
     missing = [k for k in FID_KEYS if fid and fid.get(k) is None]
     if missing:

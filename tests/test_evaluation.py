@@ -3,6 +3,7 @@ cache, sharded sampling, bits/dim, and `python -m hf_ddpm evaluate`'s options (a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -289,6 +290,11 @@ def test_evaluate_writes_every_metric_for_the_card(pipeline_dir, tmp_path, capsy
     assert "reference statistics computed (20 images through the feature extractor)" in printed
     assert 0 <= metrics["precision"].value <= 1 and metrics["kid"].value > 0
     assert {m.name: m.value for m in read_metrics(out)} == {n: m.value for n, m in metrics.items()}
+    # every entry names the weights it measured (push and export check it): the sha256 of the file loaded
+    weights = hashlib.sha256((pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    assert {name: e["weights_sha256"] for name, e in json.loads(out.read_text()).items()} == dict.fromkeys(
+        metrics, weights
+    )
     rows = {r["type"]: r for r in collect_metrics(None, json.loads(out.read_text()))}
     assert sorted(rows) == sorted(metrics) and "held-out protocol" in rows["fid"]["details"]
     assert "held-out protocol" in rows["recall"]["details"]

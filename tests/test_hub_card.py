@@ -4,6 +4,7 @@ against a local Hub in test_hub_push.py)."""
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -14,10 +15,12 @@ import huggingface_hub
 import pytest
 import torch
 from diffusers import UNet2DModel
+from hub_clients import REPO
 from huggingface_hub import ModelCard
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, cli, hub, unet_config
 from hf_ddpm.hub import HubPushError, check_publish, export_hub_folder, publish, push_to_hub
+from hf_ddpm.measured_weights import weights_sha256
 from hf_ddpm.model_card import collect_metrics, describe_data, public_training_args, render_model_card
 from hf_ddpm.remote_code import remote_files
 
@@ -274,6 +277,8 @@ def test_the_command_line_exports_without_importing_torch_or_diffusers(output_di
     ('{"bits_per_dim": {"value": 3.2, "stderr": -0.1}}', ": bits_per_dim's stderr is -0.1, below 0"),
     ('{"fid": {"value": 12.0, "num_samples": 50000}}', r": an FID must state ['value', 'feature_extractor', "),
     ('{"inception_score": {"value": 9.46}}', ": unknown metrics ['inception_score']; a card reports"),
+    ('{"bits_per_dim": {"value": 3.2, "weights_sha256": "abc"}}',
+     ": bits_per_dim's weights_sha256 is 'abc', not the 64 hex digits of a sha256 or null; evaluate again with"),
     (None, " cannot be read (No such file or directory); pass a JSON file of the form"),
 ])  # fmt: skip
 def test_a_metrics_file_that_is_not_what_evaluate_writes_is_one_line_naming_the_flag(
@@ -330,3 +335,91 @@ def test_an_invalid_repo_id_is_refused_by_export_and_push_before_anything_else(
     with pytest.raises(HubPushError, match=f"not pushing {output_dir}: repo_id {repo_id!r} is not a valid") as error:
         push_to_hub(output_dir, repo_id, token=TOKEN)
     assert "HF_HUB_OFFLINE" not in str(error.value) and error.value.retry_command is None
+
+
+def sha256_of(folder) -> str:
+    return hashlib.sha256((folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_card_never_reports_the_numbers_of_another_models_weights(tiny_pipeline, output_dir, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    """`evaluate --metrics_out` names the weights it measured in every entry; `export` and `push` refuse the file for
+    a folder of other weights, before anything is written or requested, and put it on the card of its own folder. A
+    file without the name (written by hand, or by an older hf_ddpm) is taken as it is."""
+    measured, other = tiny_pipeline(10), output_dir  # two folders of different weights
+    metrics_file = tmp_path / "metrics.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    argv = ["evaluate", measured, "--num_images", 4, "--num_timesteps", 2, "--num_samples", 0, "--metrics_out"]
+    run = subprocess.run([sys.executable, "-m", "hf_ddpm", *map(str, argv), str(metrics_file)], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip  # the command line, as a user runs it
+    assert run.returncode == 0, run.stderr[-3000:]
+    entry = json.loads(metrics_file.read_text())["bits_per_dim"]
+    assert entry["weights_sha256"] == sha256_of(measured) != sha256_of(other)
+    assert weights_sha256(measured) == sha256_of(measured)  # the one home of the digest agrees with hashlib
+
+    # another folder's metrics: one line naming the file, both digests and the command that measures that folder
+    def refused(argv: list[str]) -> str:
+        assert cli.main([*map(str, argv), "--repo_id", "me/m", "--metrics", str(metrics_file)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and TOKEN not in err, err
+        return err
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: pytest.fail("a request was made"))
+    said = (
+        f"the metrics file {metrics_file} measured other weights than {other}: its bits_per_dim entry names the UNet "
+        f"weights sha256 {sha256_of(measured)[:12]}, and {other / 'unet' / 'diffusion_pytorch_model.safetensors'} "
+        f"has sha256 {sha256_of(other)[:12]}, so the card would report another model's numbers; evaluate this folder: "
+        f"python -m hf_ddpm evaluate {other} --metrics_out {tmp_path / 'out-metrics.json'}, and pass that file"
+    )
+    assert refused(["export", other, tmp_path / "dest"]) == f"error: {said}\n"
+    assert not (tmp_path / "dest").exists()
+    (tmp_path / "empty").mkdir()
+    assert refused(["export", other, tmp_path / "empty"]) == f"error: {said}\n"
+    assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "empty.tmp").exists()
+    assert refused(["push", other, "--token", TOKEN]) == f"error: not pushing {other}: {said}\n"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # before the offline guard: pushing later would be refused again
+    assert refused(["push", other, "--token", TOKEN]) == f"error: not pushing {other}: {said}\n"
+    with pytest.raises(HubPushError, match="not pushing .*: the metrics measured other weights") as error:
+        push_to_hub(other, "me/m", token=TOKEN, metrics=json.loads(metrics_file.read_text()))
+    assert error.value.retry_command is None
+
+    # its own folder's card carries its numbers, and not the digest (the push has just checked it)
+    assert (
+        cli.main(["export", str(measured), str(tmp_path / "own"), "--repo_id", "me/m", "--metrics", str(metrics_file)])
+        == 0
+    )
+    card = (tmp_path / "own" / "README.md").read_text()
+    assert (
+        f"| {entry['value']:.4f} ± {entry['stderr']:.4f} | Monte Carlo estimate, 2 timesteps per image, 4 images"
+        in card
+    )
+    assert entry["weights_sha256"] not in card and "weights_sha256" not in card
+
+    # a file without the name is accepted as today: the card of `other` then carries those numbers
+    del entry["weights_sha256"]
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps({"bits_per_dim": entry}))
+    assert cli.main(["export", str(other), str(tmp_path / "dest"), "--repo_id", "me/m", "--metrics", str(unnamed)]) == 0
+    assert f"| {entry['value']:.4f} ± {entry['stderr']:.4f} |" in (tmp_path / "dest" / "README.md").read_text()
+
+
+def test_sharded_weights_are_not_named_and_cannot_be_matched(tmp_path):
+    """A UNet in several files has no one file to name: evaluate records nothing for it, and a metrics file that names
+    weights is refused for it (they cannot be compared); a UNet saved alone (the flat layout) is named by its file."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config("test-tiny", sample_size=16, in_channels=1, out_channels=1))
+    HFDDPMPipeline(unet, HFDDPMScheduler(num_train_timesteps=10)).save_pretrained(
+        tmp_path / "sharded", max_shard_size="100KB"
+    )
+    assert len(list((tmp_path / "sharded" / "unet").glob("*.safetensors"))) > 1
+    assert weights_sha256(tmp_path / "sharded") is None
+    metrics = {"bits_per_dim": {"value": 3.2, "weights_sha256": "ab" * 32}}
+    with pytest.raises(ValueError, match=r"the metrics measured the UNet weights sha256 abababababab \(its bits_per_dim "
+                       r"entry\), and .*/unet holds sharded weights .* cannot be compared with them"):  # fmt: skip
+        export_hub_folder(tmp_path / "sharded", tmp_path / "dest", repo_id="me/m", metrics=metrics)
+    assert not (tmp_path / "dest").exists()
+    del metrics["bits_per_dim"]["weights_sha256"]
+    export_hub_folder(tmp_path / "sharded", tmp_path / "dest", repo_id="me/m", metrics=metrics)
+    unet.save_pretrained(tmp_path / "flat")
+    flat = hashlib.sha256((tmp_path / "flat" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    assert weights_sha256(tmp_path / "flat") == flat

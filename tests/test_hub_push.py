@@ -6,6 +6,7 @@ environment that has diffusers but no hf_ddpm. The tiny pipeline (test-tiny UNet
 cost of these tests is the start-up of each process (importing torch and diffusers).
 """
 
+import hashlib
 import http.client
 import json
 import shlex
@@ -161,6 +162,27 @@ def test_push_uploads_only_the_pipeline_card_and_sample_grid(pushed, hub):
     assert index["_class_name"] == [MODULES["pipeline"][:-3], "HFDDPMPipeline"]
     assert index["scheduler"] == [MODULES["scheduler"][10:-3], "HFDDPMScheduler"] and index["unet"][0] == "diffusers"
     assert hub.repo(REPO_ID)["private"] is False
+
+
+def test_evaluate_of_a_hub_repo_names_the_pushed_weights_and_their_folder_takes_its_metrics(
+    hub, tiny_pipeline, tmp_path
+):
+    """`evaluate USER/NAME --metrics_out` names the UNet weights file of the cache snapshot it loaded: the file that
+    was pushed, so the pushed folder exports with those metrics (push and export check them)."""
+    from hf_ddpm.hub import export_hub_folder
+
+    folder = tiny_pipeline(10)
+    pushed_once = push(hub, tmp_path, folder, "test-user/measured")
+    assert pushed_once.returncode == 0, pushed_once.stderr[-3000:]
+    argv = ["evaluate", "test-user/measured", "--num_images", "2", "--num_timesteps", "2", "--metrics_out", "m.json"]
+    evaluated = hf_ddpm_cli(hub, tmp_path, argv, token=None)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    weights = hub.files("test-user/measured")["unet/diffusion_pytorch_model.safetensors"]
+    assert weights == (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    entry = json.loads((tmp_path / "m.json").read_text())["bits_per_dim"]
+    assert entry["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    export_hub_folder(folder, tmp_path / "dest", repo_id="test-user/measured", metrics=tmp_path / "m.json")
+    assert f"| {entry['value']:.4f} ± {entry['stderr']:.4f} |" in (tmp_path / "dest" / "README.md").read_text()
 
 
 def test_pushing_again_leaves_nothing_of_the_earlier_push_that_loaders_would_read(hub, tmp_path):

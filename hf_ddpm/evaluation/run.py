@@ -7,7 +7,9 @@
 
 Given a training output directory, the data options (dataset, folder, files, column, crop, eval_size, seed) are read
 from its training_args.json unless given here; without one the bundled digits are used. Nothing is written but the
-samples (--sample_dir), the reference statistics cache and --metrics_out.
+samples (--sample_dir), the reference statistics cache and --metrics_out, whose every entry names the UNet weights
+measured (`weights_sha256`: the sha256 of MODEL's unet/diffusion_pytorch_model.safetensors), so that `push --metrics`
+refuses it for another folder.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..data.sources import DATA_SOURCES, one_source
 from ..data.split import parse_eval_size
 from ..hub_probe import check_dataset_reachable, check_source
 from ..launch import later_rank
+from ..measured_weights import weights_sha256
 from . import likelihood_options
 from .schema import PROTOCOLS
 
@@ -196,6 +199,9 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     processes = current_processes()
     device = args.device or accelerate_state().device
     pipe = HFDDPMPipeline.from_pretrained(args.model).to(device)
+    # which weights are measured, for the metrics file that push and export check: the file just loaded (a folder's,
+    # or the Hub cache's snapshot), hashed now; None where the weights are sharded
+    measured = weights_sha256(args.model) if args.metrics_out and processes.is_main else None
     # each sampling shard's and bits/dim block's own steps, on the main process, under the outer bars
     pipe.set_progress_bar_config(disable=not processes.is_main, leave=False)
     channels, height, width = pipe._image_shape
@@ -247,6 +253,6 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
             from .schema import write_metrics
 
             Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)  # checked writable at the start
-            write_metrics(args.metrics_out, metrics)
+            write_metrics(args.metrics_out, metrics, weights_sha256=measured)
             print(f"wrote {args.metrics_out}")
     return metrics

@@ -2,7 +2,9 @@
 
 One schema everywhere (training's periodic evaluation, `python -m hf_ddpm evaluate`, the benchmarks, the card):
 value, standard error (None where the metric has none), count (images or samples it rests on) and the protocol,
-a sentence that says what was compared with what. Pure Python: the model card imports it without torch.
+a sentence that says what was compared with what. In a metrics file each entry also names the weights it measured
+(WEIGHTS_KEY: hf_ddpm/measured_weights.py), which push and export check. Pure Python: the model card imports it
+without torch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ METRICS = ("bits_per_dim", *SAMPLE_METRICS, *LIKELIHOOD_METRICS)
 # recall are fractions; KID's unbiased estimate may dip below 0.
 VALUE_RANGES = {**dict.fromkeys(("bits_per_dim", *LIKELIHOOD_METRICS, "fid"), (0.0, math.inf)),
                 "precision": (0.0, 1.0), "recall": (0.0, 1.0), "kid": (-math.inf, math.inf)}  # fmt: skip
+# In a metrics file: the sha256 of the UNet weights file the numbers were measured on (measured_weights.py).
+WEIGHTS_KEY = "weights_sha256"
 # Which images the samples are compared with.
 PROTOCOLS = {
     "paper": "train",  # DDPM section 4 / Table 1: FID of 50k samples against the training set
@@ -77,9 +81,10 @@ class Metric:
         return f"{TITLES[self.name]}: {self.value:.{digits}f}{spread} ({self.protocol})"
 
 
-def write_metrics(path: str | os.PathLike, metrics: list[Metric]) -> None:
-    """{name: {value, stderr, count, protocol, ...details}} as JSON, written atomically."""
-    entries = {m.name: m.to_dict() for m in metrics}
+def write_metrics(path: str | os.PathLike, metrics: list[Metric], weights_sha256: str | None = None) -> None:
+    """{name: {value, stderr, count, protocol, ...details}} as JSON, written atomically; with `weights_sha256`,
+    every entry names the weights it measured (WEIGHTS_KEY)."""
+    entries = {m.name: m.to_dict() | ({WEIGHTS_KEY: weights_sha256} if weights_sha256 else {}) for m in metrics}
     write_atomically(path, lambda f: json.dump(entries, f, indent=2), unique=True)
 
 
