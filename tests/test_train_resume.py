@@ -92,6 +92,22 @@ def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_d
     assert tree_hashes(out) == before  # nothing read into it, nothing written
 
 
+def test_a_resume_without_the_runs_ema_choice_is_refused_naming_it_not_called_damage(streamed):
+    """The checkpoint holds an EMA model (--use_ema) or none: a resume that disagrees cannot load it, and the flag,
+    not the intact files, is what to change."""
+    out, stream = streamed
+    checkpoint = out / "checkpoint-4"
+    assert json.loads((checkpoint / "run_record.json").read_text())["state"] == {"use_ema": True}
+    before = tree_hashes(out)
+    line = refused(launch_flags(out, *stream, "--no-use_ema", "--resume_from_checkpoint", "latest"))
+    assert line == (
+        f"error: --resume_from_checkpoint {checkpoint} was trained with another model or objective: --use_ema: True "
+        f"in the checkpoint, False now. Resume with the options it was trained with (--config {out}/training_args.json "
+        "holds them), or start a new run"
+    )
+    assert tree_hashes(out) == before
+
+
 def test_a_streaming_run_resumed_on_changed_files_is_refused_naming_the_change(streamed):
     """A stream of local files is keyed by their paths, sizes and modification times, as a cached source is."""
     out, stream = streamed

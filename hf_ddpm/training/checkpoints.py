@@ -158,6 +158,7 @@ def save_checkpoint(accelerator, output_dir: str, record: RunRecord, total_limit
 
 RUN_RECORD = "run_record.json"
 OBJECTIVE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type")
+STATE_OPTIONS = ("use_ema",)  # what the checkpoint's state files hold (an EMA model or none): a resume must agree
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ class RunRecord:
     batch: dict  # train_batch_size, gradient_accumulation_steps, seed
     data: DataIdentity = DataIdentity()
     schedule: dict = dataclasses.field(default_factory=dict)  # SCHEDULE_OPTIONS and total_steps (the run's length)
+    state: dict = dataclasses.field(default_factory=dict)  # options that decide what the state holds (STATE_OPTIONS)
     # {name: size} of the checkpoint's state files, listed by `write` (`damage`); not part of what the run was
     files: dict = dataclasses.field(default_factory=dict, compare=False)
     seconds: float = dataclasses.field(default=0.0, compare=False)  # trained up to `step`, over every resumed part
@@ -206,6 +208,7 @@ class RunRecord:
                    "gradient_accumulation_steps": config.gradient_accumulation_steps, "seed": config.seed},
             data=data_identity(data) if data is not None else DataIdentity(),
             schedule={**{k: getattr(config, k) for k in SCHEDULE_OPTIONS}, "total_steps": None},
+            state={k: getattr(config, k) for k in STATE_OPTIONS},
         )  # fmt: skip
 
     def write(self, checkpoint: str) -> None:
@@ -240,15 +243,18 @@ def _plain(value):
 
 
 def differences(saved: RunRecord, current: RunRecord, skip=()) -> list[str]:
-    """'name: checkpoint value -> this run's' for each difference of model or objective."""
+    """'name: checkpoint value -> this run's' for each difference of model, objective or what the state holds."""
     found = []
-    for part, old, new in (("unet", saved.unet, current.unet), ("objective", saved.objective, current.objective)):
+    for part, old, new in (("unet", saved.unet, current.unet), ("objective", saved.objective, current.objective),
+                           ("state", saved.state, current.state)):  # fmt: skip
         for key in sorted(set(old) | set(new)):
-            if key in skip or old.get(key) == new.get(key):
+            if key in skip or old.get(key) == new.get(key) or (part == "state" and key not in old):  # older records
                 continue
             if key in ("beta_start", "beta_end") and old.get("beta_schedule") != new.get("beta_schedule"):
                 continue  # another schedule altogether: said once
-            label = f"UNet {key}" if part == "unet" else flag_of_key(key) or f"the schedule's {key}"
+            label = (
+                {"unet": f"UNet {key}", "state": f"--{key}"}.get(part) or flag_of_key(key) or f"the schedule's {key}"
+            )
             found.append(f"{label}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     return found
 
