@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from evaluation_stand_in import PixelFeatures
+from image_files import write_images
 from PIL import Image
 
 from hf_ddpm import HFDDPMPipeline, HFDDPMScheduler, unet_config
@@ -180,6 +181,27 @@ def test_external_statistics_are_accepted_and_a_wrong_feature_size_refused(tmp_p
         external_reference(bad, 48)
     with pytest.raises(FileNotFoundError, match="no such file"):
         external_reference(tmp_path / "missing.npz", 48)
+
+
+def test_a_streaming_run_without_a_test_split_has_no_held_out_images_to_measure(pipeline_dir, tmp_path):
+    """A --streaming run trains on its whole training split: a split carved from it here holds images the model saw,
+    so "held-out" bits/dim or FID of it are refused, naming the way to measure them as what they are."""
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_dir, run)
+    folder = write_images(tmp_path / "images", 12)
+    trained = {"train_data_dir": folder, "resolution": SIZE, "eval_size": 0.25, "seed": 0,
+               "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    (run / "training_args.json").write_text(json.dumps({**trained, "streaming": True}))
+    argv = ["evaluate", str(run), "--num_images", "2", "--num_timesteps", "2", "--num_samples", "0"]
+    with pytest.raises(ValueError, match=rf"^{run} was trained with --streaming on all of .*, which has no "
+                       r"test/validation split: no image was held out, so --split eval \(the default\) for bits/dim "
+                       "would measure training images as held-out ones. Pass --split train"):  # fmt: skip
+        evaluate(build_parser().parse_args(argv))
+    (train,) = evaluate(build_parser().parse_args([*argv, "--split", "train"]))
+    assert "training split of" in train.protocol
+    (run / "training_args.json").write_text(json.dumps({**trained, "streaming": False}))  # its split was held out
+    (held_out,) = evaluate(build_parser().parse_args(argv))
+    assert "2 images of the held-out split of" in held_out.protocol
 
 
 def test_samples_a_sampler_broke_down_on_are_refused_not_saved_as_black_images(pipe, tmp_path):

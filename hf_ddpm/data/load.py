@@ -44,6 +44,8 @@ class ImageData:
     cache_dir: str | None = None  # the preprocessed cache folder of the training split (None for the digits)
     in_memory: bool = True
     num_rows: int | None = None  # the training split's rows as listed, decodable or not (None for the digits)
+    eval_split: str | None = None  # the source's own test/validation split the held-out images come from; None:
+    # carved out of the training split (which a --streaming run trains on whole)
 
 
 def default_memory_budget(processes_per_machine: int = 1) -> int:
@@ -189,7 +191,8 @@ def load_data(
     )  # fmt: skip
     if in_memory:
         train, held_out = train[:], held_out[:]
-    return ImageData(train, held_out, src.description, column, folders[train_split], in_memory, len(train_ds))
+    return ImageData(train, held_out, src.description, column, folders[train_split], in_memory, len(train_ds),
+                     eval_split)  # fmt: skip
 
 
 @dataclass(frozen=True)

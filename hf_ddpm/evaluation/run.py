@@ -85,7 +85,7 @@ def data_options(args: argparse.Namespace) -> dict:
     """The data options: given here, else the run's training_args.json, else the defaults. A source typed here
     (--dataset_name, --train_data_dir or --train_data_files: one at most) replaces the run's whole source (its dataset,
     folder, files, config and column); `from_run` says whether the images are the run's own (then converted to the
-    model's channels as training did)."""
+    model's channels as training did) and `streamed` whether the run streamed them (training on its whole split)."""
     run_args = {}
     path = Path(args.model) / "training_args.json"
     if path.is_file():
@@ -103,7 +103,27 @@ def data_options(args: argparse.Namespace) -> dict:
         from_run = bool(run_args)
     resolution = run_args.get("resolution") if args.resolution is None else args.resolution
     return {k: getattr(args, k, None) if getattr(args, k, None) is not None else run_args.get(k, d)
-            for k, d in DATA_OPTIONS.items()} | {"resolution": resolution, "from_run": from_run}  # fmt: skip
+            for k, d in DATA_OPTIONS.items()} | {"resolution": resolution, "from_run": from_run,
+                                                 "streamed": from_run and bool(run_args.get("streaming"))}  # fmt: skip
+
+
+def check_held_out(args: argparse.Namespace, streamed: bool, data) -> None:
+    """Refuse to call training images held out: a --streaming run trains on its whole training split, so where the
+    source has no test/validation split of its own, the split carved from it here holds images the model saw."""
+    if not streamed or data.eval_split is not None:
+        return
+    asked = {
+        "--split eval (the default) for bits/dim": args.split == "eval" and args.num_images != 0,
+        "--protocol held_out (the default) for the sample metrics": args.num_samples and args.protocol == "held_out",
+    }
+    uses = [use for use, given in asked.items() if given]
+    if uses:
+        raise ValueError(
+            f"{args.model} was trained with --streaming on all of {data.source}, which has no test/validation split: "
+            f"no image was held out, so {' and '.join(uses)} would measure training images as held-out ones. Pass "
+            "--split train and --protocol paper (against the training images, as such), or data the model never saw "
+            "(--train_data_dir, --train_data_files or --dataset_name)"
+        )
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -184,7 +204,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
     check_args(args)
     check_source(args.model, {})
     options = data_options(args)
-    resolution, from_run = options.pop("resolution"), options.pop("from_run")
+    resolution, from_run, streamed = options.pop("resolution"), options.pop("from_run"), options.pop("streamed")
     check_dataset_reachable(options["dataset_name"])
     if not later_rank():  # the seconds of imports and loading before the first progress bar are not silent
         print(f"evaluate: loading {args.model} (importing diffusers and the data's readers) ...", file=sys.stderr,
@@ -225,6 +245,7 @@ def evaluate(args: argparse.Namespace, extractor=None) -> list:
             f"the data ({data.source}) has {data.train.shape[1]}-channel images and the model takes {channels}: "
             "evaluate on the data the model was trained on (its training_args.json, or the data flags)"
         )
+    check_held_out(args, streamed, data)
     where = {"eval": f"held-out split of {data.source} (eval_size {options['eval_size']}, seed {options['seed']})",
              "train": f"training split of {data.source}"}  # fmt: skip
     if args.num_samples:  # a bad --fid_reference or too few reference images: refused before bits/dim and sampling
