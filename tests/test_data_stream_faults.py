@@ -133,6 +133,21 @@ def test_a_stream_where_nothing_decodes_stops_after_a_pass_or_a_run_of_failures(
         batches(str(folder)).batch(0)
 
 
+def test_a_corrupt_image_that_stops_a_streamed_run_is_the_outputs_last_line(tmp_path):
+    """--on_corrupt_image stop, reached mid-run: the step bar is ended before the error, so the error line is not
+    glued to the bar nor followed by it."""
+    folder = write_folder(tmp_path / "data", 24, corrupt=["0023x.png"])  # read after some training steps
+    argv = launch_flags(tmp_path / "out", "--streaming", "--train_data_dir", folder, "--max_train_steps", "50",
+                        "--shuffle_buffer_size", "4", "--on_corrupt_image", "stop", "--save_images_steps", "1000")  # fmt: skip
+    command = launch_command(argv, 1)  # `accelerate launch --quiet`: the launcher adds no traceback of its own
+    result = subprocess.run(command[:3] + ["--quiet"] + command[3:], cwd=REPO, env=environment(), capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: cannot decode image ") and "0023x.png" in last, result.stderr[-3000:]
+    assert "steps:" in result.stderr and "steps:" not in last  # the bar was shown, and ended before the error
+
+
 def test_decoding_workers_die_with_the_process_that_started_them(tmp_path):
     folder = write_folder(tmp_path / "f", 20)
     script = (

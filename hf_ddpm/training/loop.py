@@ -124,76 +124,78 @@ def train_loop(run: Run, preemption: PreemptionHandler) -> dict:
     streaming = isinstance(batches, StreamingBatches)  # a stream's source can vanish mid-run, memory cannot
     sampler_at_step = None
     last_time = run.started = time.perf_counter()
-    for micro_step in range(step * accum, run.total_steps * accum):
-        if streaming and config.importance_sampling and micro_step % accum == 0:  # restored if the step is dropped
-            sampler_at_step = copy.deepcopy(run.sampler.state_dict())
-        # Accumulate gradients: DDPM Algorithm 1 on this micro-step's batch, its draws from its own generator.
-        generator = step_generator(config.seed, rank, micro_step, device)
-        images = _next_batch(run, micro_step, preemption)
-        x_start = to_model_input(images, generator, config.random_flip)  # (B, C, H, W) in [-1, 1]
-        if config.channels_last:
-            x_start = x_start.contiguous(memory_format=torch.channels_last)
-        with accelerator.accumulate(run.unet):
-            timesteps, weights = run.sampler.sample(len(x_start), generator, device)
-            noise = torch.randn(x_start.shape, generator=generator, device=device)
-            model = lambda x, t: run.unet(x, t).sample  # noqa: E731
-            terms = training_losses(model, run.scheduler, x_start, noise, timesteps, config.loss)
-            loss = (terms["loss"] * weights).mean()
-            accelerator.backward(loss)
-            loss_sum += loss.detach()
-            # Update weights, once per optimizer step (the last micro-step of the window).
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm or math.inf)
-                # the same on every process; the preemption flag rides in the same all-reduce
-                mean_loss = preemption.reduce_with_loss(accelerator, loss_sum / accum)
-                lost = streaming and preemption.source_lost()  # then no process takes this step
-                updated = not lost and run.nan_guard.apply_update(mean_loss, grad_norm)  # --on_nan skip: NaN/inf
-                if updated:
-                    run.optimizer.step()
-                if not lost:
-                    run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-        if config.importance_sampling:  # every process records every process's losses: identical samplers
-            run.sampler.update(*accelerator.gather((timesteps, terms["loss"].detach())))
-        if not accelerator.sync_gradients:
-            continue
+    try:  # an error raised in a step ends the bar first: the error line is the output's last
+        for micro_step in range(step * accum, run.total_steps * accum):
+            if streaming and config.importance_sampling and micro_step % accum == 0:  # restored if the step is dropped
+                sampler_at_step = copy.deepcopy(run.sampler.state_dict())
+            # Accumulate gradients: DDPM Algorithm 1 on this micro-step's batch, its draws from its own generator.
+            generator = step_generator(config.seed, rank, micro_step, device)
+            images = _next_batch(run, micro_step, preemption)
+            x_start = to_model_input(images, generator, config.random_flip)  # (B, C, H, W) in [-1, 1]
+            if config.channels_last:
+                x_start = x_start.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(run.unet):
+                timesteps, weights = run.sampler.sample(len(x_start), generator, device)
+                noise = torch.randn(x_start.shape, generator=generator, device=device)
+                model = lambda x, t: run.unet(x, t).sample  # noqa: E731
+                terms = training_losses(model, run.scheduler, x_start, noise, timesteps, config.loss)
+                loss = (terms["loss"] * weights).mean()
+                accelerator.backward(loss)
+                loss_sum += loss.detach()
+                # Update weights, once per optimizer step (the last micro-step of the window).
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(run.unet.parameters(), config.max_grad_norm or math.inf)
+                    # the same on every process; the preemption flag rides in the same all-reduce
+                    mean_loss = preemption.reduce_with_loss(accelerator, loss_sum / accum)
+                    lost = streaming and preemption.source_lost()  # then no process takes this step
+                    updated = not lost and run.nan_guard.apply_update(mean_loss, grad_norm)  # --on_nan skip: NaN/inf
+                    if updated:
+                        run.optimizer.step()
+                    if not lost:
+                        run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+            if config.importance_sampling:  # every process records every process's losses: identical samplers
+                run.sampler.update(*accelerator.gather((timesteps, terms["loss"].detach())))
+            if not accelerator.sync_gradients:
+                continue
 
-        # Stop on a lost stream: a process's source vanished during this step, which every process drops; every
-        # process's stream position is put back to the end of the last step.
-        if lost:
-            if sampler_at_step is not None:
-                run.sampler.load_state_dict(sampler_at_step)
-            run.batches.rewind_to_last_step()
-            bar.close()
-            _stop(run, step, preemption, None)
-        step += 1
+            # Stop on a lost stream: a process's source vanished during this step, which every process drops; every
+            # process's stream position is put back to the end of the last step.
+            if lost:
+                if sampler_at_step is not None:
+                    run.sampler.load_state_dict(sampler_at_step)
+                run.batches.rewind_to_last_step()
+                bar.close()
+                _stop(run, step, preemption, None)
+            step += 1
 
-        # Update EMA.
-        if run.ema is not None and updated:
-            run.ema.step(run.model.parameters())
+            # Update EMA.
+            if run.ema is not None and updated:
+                run.ema.step(run.model.parameters())
 
-        # Log the step (the host read of the loss also reads the preemption flag).
-        loss_value, stop = preemption.read(accelerator.num_processes)
-        now = time.perf_counter()
-        logs = {"loss": loss_value, "lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                "images_per_sec": run.images_per_step / (now - last_time), "epoch": run.epoch_of(step)}  # fmt: skip
-        if run.ema is not None:
-            logs["ema_decay"] = run.ema.cur_decay_value
-        accelerator.log(logs, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-        loss_sum.zero_()
-        run.nan_guard.after_step(step, logs["loss"], logs["grad_norm"])  # --on_nan stop: raises before any write
+            # Log the step (the host read of the loss also reads the preemption flag).
+            loss_value, stop = preemption.read(accelerator.num_processes)
+            now = time.perf_counter()
+            logs = {"loss": loss_value, "lr": run.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                    "images_per_sec": run.images_per_step / (now - last_time), "epoch": run.epoch_of(step)}  # fmt: skip
+            if run.ema is not None:
+                logs["ema_decay"] = run.ema.cur_decay_value
+            accelerator.log(logs, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            loss_sum.zero_()
+            run.nan_guard.after_step(step, logs["loss"], logs["grad_norm"])  # --on_nan stop: raises before any write
 
-        # Save checkpoint; sample grids, bits/dim and pipeline snapshots when due.
-        _periodic(run, step)
+            # Save checkpoint; sample grids, bits/dim and pipeline snapshots when due.
+            _periodic(run, step)
 
-        # Check for preemption: every process agreed on it in the loss's all-reduce.
-        if stop:
-            bar.close()
-            _stop(run, step, preemption, preemption.agreed)
-        last_time = time.perf_counter()
-    bar.close()
+            # Check for preemption: every process agreed on it in the loss's all-reduce.
+            if stop:
+                bar.close()
+                _stop(run, step, preemption, preemption.agreed)
+            last_time = time.perf_counter()
+    finally:
+        bar.close()
     return _finish(run, step, preemption)
 
 
