@@ -148,6 +148,21 @@ def test_a_corrupt_image_that_stops_a_streamed_run_is_the_outputs_last_line(tmp_
     assert "steps:" in result.stderr and "steps:" not in last  # the bar was shown, and ended before the error
 
 
+def test_a_stream_whose_first_image_is_grayscale_says_it_trains_in_grayscale(tmp_path, caplog):
+    """The stream is not read ahead, so its first image decides the channels: said, with the way to train in colour
+    (a map-style source looks at every image: 3 channels if any has colour)."""
+    folder = write_folder(tmp_path / "data", 4)
+    Image.new("L", (10, 10), 128).save(tmp_path / "data" / "0000.png")  # gray first, colour after
+    with caplog.at_level(logging.WARNING):
+        _, _, info, _, _ = open_streaming(train_data_dir=folder, resolution=4, eval_size=0)
+    assert info.shape[1] == 1
+    assert "its first image is grayscale, so the model takes 1 channel and colour images later" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        open_streaming(train_data_dir=write_folder(tmp_path / "colour", 4), resolution=4, eval_size=0)
+    assert "grayscale" not in caplog.text
+
+
 def test_decoding_workers_die_with_the_process_that_started_them(tmp_path):
     folder = write_folder(tmp_path / "f", 20)
     script = (

@@ -374,6 +374,10 @@ def open_streaming(dataset_name=None, dataset_config_name=None, train_data_dir=N
                 f"not decode ({type(err).__name__}: {err}): its channel count cannot be learned from it; check the "
                 "source and --image_column"
             ) from None
+        if channels == 1:  # the stream is not read ahead (a map-style source is: 3 channels if any image has colour)
+            logger.warning("streaming %s: its first image is grayscale, so the model takes 1 channel and colour images "
+                           "later in the stream are converted to grayscale; to train in colour, pass a --model_config "
+                           "whose in_channels is 3", src.description)  # fmt: skip
     count = eval_size if isinstance(eval_size, int) else (DEFAULT_EVAL_IMAGES if eval_size > 0 else 0)
     if eval_split is not None and count:
         held_out = first_images(src.splits[eval_split], column, count, resolution, channels)
