@@ -179,6 +179,17 @@ def test_explicit_values_that_do_not_fit_stay_errors(tmp_path, extra, match):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_recipes_warmup_longer_than_the_run_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    """--config ddpm-cifar10 warms up over 5000 steps: with --max_train_steps 2 the run's length is known at the
+    door, so the refusal comes before any image is decoded (not after a cache build)."""
+    monkeypatch.setattr("hf_ddpm.training.main.load_training_data", lambda *a, **k: pytest.fail("the data was read"))
+    argv = ["--config", "ddpm-cifar10", "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
+            "--train_data_dir", str(image_folder(tmp_path / "images", 4))]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--lr_warmup_steps 5000 exceeds the run's 2 optimizer steps"):
+        train(parse_args(argv))
+    assert not (tmp_path / "out").exists()
+
+
 def run_cli(command, **env):
     return subprocess.run(command, cwd=REPO, env=environment() | env, capture_output=True, text=True, timeout=300)
 

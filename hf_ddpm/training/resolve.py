@@ -102,6 +102,9 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
                      f"{facts.launch_precision})")  # fmt: skip
 
     # The batch and the warmup fit the data: a small folder, or a short run, trains without flags.
+    warmup, length = given.lr_warmup_steps, given.max_train_steps
+    if warmup is not None and length is not None and warmup > length:  # known before the data is read
+        raise ValueError(f"--lr_warmup_steps {warmup} exceeds the run's {length} optimizer steps")
     if facts.train_images is not None:
         world, batch = facts.num_processes, given.train_batch_size
         if batch is None:
