@@ -138,7 +138,8 @@ def test_fine_tuning_resolves_to_the_pretrained_schedulers_objective():
     assert (config.ddpm_num_steps, config.prediction_type, config.variance_type) == (21, "v_prediction", "fixed_large")
     assert config.ddpm_num_inference_steps == 21 and config.ddpm_beta_schedule == "cosine"  # the same schedule
     with pytest.raises(ValueError, match=r"keeps the pretrained scheduler's prediction_type='v_prediction'; "
-                                         r"--prediction_type epsilon differs"):  # fmt: skip
+                                         r"--prediction_type epsilon differs \(drop it, from the flags or the "
+                                         r"--config file; or train from scratch\)"):  # fmt: skip
         resolve(dataclasses.replace(given, prediction_type="epsilon"), RunFacts(pretrained_scheduler=PRETRAINED))
     with pytest.raises(
         ValueError, match="--loss hybrid needs variance_type learned_range; the scheduler has .fixed_large."

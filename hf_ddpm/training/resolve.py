@@ -69,7 +69,7 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
             if value is not None and SCHEDULE_ALIASES.get(value, value) != kept:
                 raise ValueError(
                     f"fine-tuning keeps the pretrained scheduler's {key}={kept!r}; "
-                    f"--{name} {value} differs (drop the flag, or train from scratch)"
+                    f"--{name} {value} differs (drop it, from the flags or the --config file; or train from scratch)"
                 )
             default = kept
         values[name] = default if value is None else value
