@@ -27,6 +27,7 @@ from training_runs import (
 import hf_ddpm.training.loop as loop
 from hf_ddpm.data import StreamSourceError
 from hf_ddpm.data.streaming import StreamingBatches
+from hf_ddpm.training.checkpoints import RUN_RECORD
 from hf_ddpm.training.interruptions import SOURCE_LOST_STATUS
 from hf_ddpm.training.main import main
 
@@ -103,6 +104,8 @@ def test_a_signal_during_the_final_evaluation_checkpoints_the_last_step_whose_re
     out = tmp_path / "out"
     argv = tiny(out, "--max_train_steps", "3", "--checkpointing_steps", "2")
     signal_in(monkeypatch, "_log_bits_per_dim")
+    evaluate = loop._log_bits_per_dim  # 3 s of evaluation before the signal comes
+    monkeypatch.setattr(loop, "_log_bits_per_dim", lambda *a, **k: time.sleep(3) or evaluate(*a, **k))
     capsys.readouterr()
     assert run(argv) == 128 + signal.SIGTERM
     captured = capsys.readouterr()
@@ -116,6 +119,9 @@ def test_a_signal_during_the_final_evaluation_checkpoints_the_last_step_whose_re
     assert (out / PIPELINE).exists() and (out / "samples.png").exists()
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["optimizer_steps"] == 3 and "eval" in summary
+    # the time trained: the 3 steps, not the 3 s the interrupted evaluation took
+    recorded = json.loads((out / "checkpoint-3" / RUN_RECORD).read_text())["seconds"]
+    assert 0 < recorded <= summary["train_seconds"] < 3, (recorded, summary["train_seconds"])
 
 
 def test_a_signal_during_the_save_lets_it_finish_and_says_so(tmp_path, monkeypatch, capsys):

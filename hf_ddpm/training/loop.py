@@ -78,6 +78,7 @@ class Run:
     resume_path: str | None = None  # the checkpoint this run continues
     lock: FileLock | None = None  # the output directory's lock (main process), held until the run ends
     started: float = 0.0  # time.perf_counter() when this process's loop began
+    ended: float | None = None  # ... and when its last step ended: the final evaluation and save are not training
 
     @property
     def model(self) -> torch.nn.Module:
@@ -96,8 +97,9 @@ class Run:
             yield pipe
 
     def trained_seconds(self) -> float:
-        """Seconds trained so far: the resumed checkpoint's, and this part's since its loop began."""
-        return round(self.record.seconds + time.perf_counter() - self.started, 2)
+        """Seconds trained so far: the resumed checkpoint's, and this part's since its loop began (to its last step)."""
+        end = self.ended if self.ended is not None else time.perf_counter()
+        return round(self.record.seconds + end - self.started, 2)
 
     def epoch_of(self, step: int) -> int:
         return step * self.config.gradient_accumulation_steps // self.batches.batches_per_epoch
@@ -269,6 +271,7 @@ def _finish(run: Run, step: int, preemption: PreemptionHandler) -> dict:
     printed). A signal during the push stops it; the pipeline stays saved and the command that pushes it is printed.
     """
     config, accelerator = run.config, run.accelerator
+    run.ended = time.perf_counter()  # a checkpoint of the last step written during the evaluation counts no more
     accelerator.wait_for_everyone()
     fingerprint = weights_digest(run.model).hexdigest()
     with ema_weights(run.ema, run.model):
