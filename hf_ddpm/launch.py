@@ -4,8 +4,9 @@ agree that one of them failed.
 `accelerate launch` starts one worker per process (through torchrun when there are several) and tells each what the
 launch asked for in its environment: ACCELERATE_MIXED_PRECISION (always set by accelerate launch), ACCELERATE_USE_CPU
 (`--cpu`, or set by hand for a multi-process CPU run), and torchrun's RANK and WORLD_SIZE. A training run records
-these facts in its checkpoints and prints the command that resumes it; `launch_command` writes that command so that it
-reproduces the launch: the launcher, the process count, the precision and the CPU choice.
+these facts in its checkpoints and prints the command that resumes it (stopped, or refused for its process count: as
+the checkpoint's run was launched); `launch_command` writes that command so that it reproduces the launch: the
+launcher, the process count, the precision and the CPU choice.
 
 An error met by one process (the main one writing a file, a worker's disk) must stop every process, or the others
 wait at the next collective until it times out: `any_process_failed` is that agreement, one all-reduce. A launcher
@@ -85,17 +86,20 @@ def launch_processes() -> int:
     return processes
 
 
-def launch_command(options: list[str], num_processes: int, mixed_precision: str, cpu: bool | None = None) -> str:
+def launch_command(options: list[str], num_processes: int, mixed_precision: str, cpu: bool | None = None,
+                   accelerate: bool | None = None) -> str:  # fmt: skip
     """The command that runs this process's script (`training/train.py`, or `-m hf_ddpm.train` from an installed
-    wheel) with `options`, launched as this process was: under `accelerate launch` with `num_processes` and
-    `mixed_precision` when it started it (or when there are several processes), else with `python`; on the CPU when
-    the launch asked for it (`cpu`, default: this process's environment)."""
+    wheel) with `options`, launched as this process was (or as a checkpoint's record says its run was): under
+    `accelerate launch` with `num_processes` and `mixed_precision` when it started it (`accelerate`, default: this
+    process's environment) or when there are several processes, else with `python`; on the CPU when the launch asked
+    for it (`cpu`, default: this process's environment)."""
     script = [sys.argv[0] if sys.argv and sys.argv[0] else "training/train.py"]
     if os.path.abspath(script[0]) == os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"):
         script = ["-m", "hf_ddpm.train"]
     cpu = cpu_requested() if cpu is None else cpu
+    accelerate = launched_by_accelerate() if accelerate is None else accelerate
     env = ["ACCELERATE_USE_CPU=1"] if cpu else []
-    if num_processes > 1 or launched_by_accelerate():
+    if num_processes > 1 or accelerate:
         if num_processes > 1:  # `--cpu` and `--multi_gpu` exclude each other: the CPU is asked for in the environment
             processes = ["--multi_gpu", "--num_processes", str(num_processes)]
         else:
@@ -111,9 +115,10 @@ LAUNCH_FLAGS = ("--resume_from_checkpoint", "--overwrite_output_dir", "--allow_d
 VALUED_FLAGS = ("--resume_from_checkpoint",)
 
 
-def resume_command(argv: list[str], num_processes: int, mixed_precision: str, cpu: bool | None = None) -> str:
-    """The command that resumes this run: the same options (`argv`) with `--resume_from_checkpoint latest`, launched
-    as this run was (`launch_command`)."""
+def resume_command(argv: list[str], num_processes: int, mixed_precision: str, cpu: bool | None = None,
+                   accelerate: bool | None = None, checkpoint: str = "latest") -> str:  # fmt: skip
+    """The command that resumes this run: the same options (`argv`) with `--resume_from_checkpoint latest` (or
+    `checkpoint`), launched as this run was (`launch_command`; a refused resume: as its checkpoint's run was)."""
     options, skip = [], False
     for arg in argv:
         if skip:
@@ -124,7 +129,8 @@ def resume_command(argv: list[str], num_processes: int, mixed_precision: str, cp
             skip = name in VALUED_FLAGS and "=" not in arg
             continue
         options.append(arg)
-    return launch_command([*options, "--resume_from_checkpoint", "latest"], num_processes, mixed_precision, cpu)
+    options += ["--resume_from_checkpoint", checkpoint]
+    return launch_command(options, num_processes, mixed_precision, cpu, accelerate)
 
 
 # ------------------------------------------------------------------------------------------------ agreeing on a failure

@@ -340,7 +340,9 @@ def test_a_resume_with_another_process_count_is_refused(trained):
     before = tree_hashes(trained)
     match = (
         r"checkpoint-6 was written by 2 processes and this run has 1 \(the data order and random streams depend on "
-        r"it\): checkpoint-3 fits this 1-process run: .*; or resume checkpoint-6 with `accelerate launch --num_processes 2`"
+        r"it\): checkpoint-3 fits this 1-process run: .*; or resume checkpoint-6 with "
+        r"`(ACCELERATE_USE_CPU=1 )?accelerate launch --multi_gpu --num_processes 2 --mixed_precision no .* "
+        r"--resume_from_checkpoint \S+/checkpoint-6`"
     )
     with pytest.raises(ValueError, match=match):
         train(parse_args(tiny(trained, *RUN, "--resume_from_checkpoint", "latest")))

@@ -5,16 +5,20 @@ T, schedule or prediction type is refused naming each difference; an fp16 checkp
 one error line; the unchanged resume continues to the weights of the uninterrupted run. The data is part of the
 record: images added to a folder since the checkpoint are refused naming the change (the held-out split would move),
 and go on only with --allow_data_change. A resume keeps the run's length and LR schedule (without --max_train_steps an
-80-step run stays 80 steps); two workers that accelerate makes separate 1-process runs are refused at once; a refused
-process count names the newest checkpoint that fits."""
+80-step run stays 80 steps), and its AdamW and EMA settings (the restored state holds them: a flag given is said, not
+applied); an option that shapes the data (--eval_size, --max_train_samples, --streaming, ...) other than the run's is
+named, not the data; two workers that accelerate makes separate 1-process runs are refused at once; a refused process
+count names the newest checkpoint that fits, and the launch of the checkpoint's run, which resumes it as printed."""
 
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ from training_runs import (
     TIMEOUT,
     digit_shards,
     environment,
+    free_port,
     launch,
     launch_command,
     launch_flags,
@@ -294,6 +299,85 @@ def test_a_resume_with_another_seed_is_refused_naming_the_seed_not_the_data(fold
     assert drop_lock(tree_hashes(out)) == drop_lock(before)
 
 
+@pytest.mark.parametrize(
+    "flags,said,way",
+    [
+        (["--eval_size", "12"], "--eval_size 12 is not the run's --eval_size 16", "Resume with --eval_size 16"),
+        (["--max_train_samples", "20"], "--max_train_samples 20 is not the run's (it gave no --max_train_samples)",
+         "Resume without --max_train_samples"),
+    ],
+)  # fmt: skip
+def test_a_resume_with_a_data_option_not_the_runs_is_refused_naming_the_option_not_the_data(folder_run, flags, said,
+                                                                                            way):  # fmt: skip
+    """The held-out split's size and the training subset are options: the data never changed, and restoring it is no
+    way out; the option and its two values are named, and the way out is the run's value (or a new run). A subset is
+    another cache key: refused before that cache is built."""
+    images, out, data = folder_run
+    before, cache = tree_hashes(out), sorted((images.parent / "cache").rglob("*"))
+    line = refused(launch_flags(out, *data, "--resume_from_checkpoint", "latest", *flags))
+    assert line == (
+        f"error: {said} (checkpoint-4): the images the run trains on and holds out follow from it, and would change. "
+        f"{way}, or start a new run, or pass --allow_data_change to go on with the data as it is now (the held-out "
+        "split is then drawn again from it: it may hold images the model trained on, and held-out bits/dim before and "
+        "after step 4 do not compare)"
+    )
+    assert drop_lock(tree_hashes(out)) == drop_lock(before)
+    assert sorted((images.parent / "cache").rglob("*")) == cache
+
+
+def test_a_streaming_run_resumed_without_streaming_is_refused_naming_the_flag(streamed, tmp_path):
+    """Its data is read as a stream and keyed as one: a resume that reads it into the cache instead finds another
+    key. The flag is named (before the cache is built), not a change of the files."""
+    out, stream = streamed
+    record = json.loads((out / "checkpoint-4" / "run_record.json").read_text())
+    assert record["options"]["streaming"] is True and record["options"]["train_data_files"] == ",".join(
+        stream[stream.index("--train_data_files") + 1].split(",")
+    )
+    before, cache = tree_hashes(out), tmp_path / "cache"
+    cached = [arg for arg in stream if arg != "--streaming"] + ["--cache_dir", str(cache)]
+    line = refused(launch_flags(out, *cached, "--resume_from_checkpoint", "latest"))
+    assert line.startswith(
+        "error: --no-streaming (the default) is not the run's --streaming (checkpoint-4): the images the run trains "
+        "on and holds out follow from it, and would change. Resume with --streaming, or start a new run, or pass "
+        "--allow_data_change "
+    ), line
+    assert not (cache / "hf_ddpm_preprocessed").exists()  # refused before the files' images were decoded
+    assert drop_lock(tree_hashes(out)) == drop_lock(before)
+
+
+def test_the_refusal_names_each_data_option_and_its_way_out_and_a_real_change_keeps_its_words():
+    """In process: options given, left out or of a run that gave none are each named with both values; with them
+    the run's, a change of the data itself is named as before."""
+    flags = ["--eval_size", "16", "--random_crop", "--max_train_samples", "40"]
+    run = RunRecord.of_run(0, {}, dict.fromkeys(checkpoints.OBJECTIVE_KEYS), parse_args(flags), 1)
+    saved = replace(run, step=4, data=DataIdentity("k1", 40, 16, "ab", "imgs"))
+    moved = DataIdentity("k2", 40, 12, "cd", "imgs")
+
+    def refusal(*given):
+        with pytest.raises(ValueError) as refused_:
+            checkpoints.check_data("out/checkpoint-4", saved, moved, False, checkpoints.data_options(parse_args(given)))
+        return str(refused_.value).split(", or pass --allow_data_change")[0]
+
+    assert refusal("--eval_size", "12", "--max_train_samples", "40", "--seed", "1") == (
+        "--seed 1 is not the run's --seed 0; --center_crop (the default) is not the run's --random_crop; --eval_size "
+        "12 is not the run's --eval_size 16 (checkpoint-4): the images the run trains on and holds out follow from "
+        "them, and would change. Resume with --random_crop --eval_size 16 and without --seed, or start a new run"
+    )
+    assert refusal("--eval_size", "16", "--random_crop") == (
+        "the run's --max_train_samples 40 is left out (checkpoint-4): the images the run trains on and holds out "
+        "follow from it, and would change. Resume with --max_train_samples 40, or start a new run"
+    )
+    assert refusal(*flags) == (  # the run's options: the data itself changed
+        "4 images removed from imgs since checkpoint-4 (its key k1 is now k2: a file's path, size or modification "
+        "time, or a preprocessing option, differs): the held-out split would change (16 -> 12 images). Restore the "
+        "data to resume this run"
+    )
+    older = replace(saved, options={})  # a record of an earlier version: the data is named, as it was
+    with pytest.raises(ValueError, match=r"^4 images removed from imgs since checkpoint-4 "):
+        checkpoints.check_data("out/checkpoint-4", older, moved, False, checkpoints.data_options(parse_args([])))
+    checkpoints.check_data("out/checkpoint-4", saved, saved.data, False, {})  # the same data: nothing to name
+
+
 def drop_lock(hashes: dict) -> dict:
     return {name: digest for name, digest in hashes.items() if name != LOCK_NAME}
 
@@ -411,7 +495,8 @@ def record(step: int, num_processes: int) -> RunRecord:
     return RunRecord(step, {"sample_size": 8}, {"loss": "simple"}, Launch(num_processes, "no"), {})
 
 
-def test_a_refused_process_count_names_the_newest_checkpoint_that_fits(tmp_path):
+def test_a_refused_process_count_names_the_newest_checkpoint_that_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["training/train.py", "--output_dir", str(tmp_path / "out")])
     out = tmp_path / "out"
     for step, processes in ((90, 2), (96, 2), (99, 1)):  # a 2-process run, then a 1-process resume of it
         (out / f"checkpoint-{step}").mkdir(parents=True)
@@ -422,12 +507,49 @@ def test_a_refused_process_count_names_the_newest_checkpoint_that_fits(tmp_path)
     assert str(refusal.value) == (
         "checkpoint-99 was written by 1 process and this run has 2 (the data order and random streams depend on it): "
         f"checkpoint-96 fits this 2-process run: --resume_from_checkpoint {out / 'checkpoint-96'}; or resume "
-        "checkpoint-99 with `accelerate launch --num_processes 1`, or start a new run"
+        f"checkpoint-99 with `python training/train.py --output_dir {out} --resume_from_checkpoint {latest}`, or "
+        "start a new run"  # launched as the record says checkpoint-99's run was: by `python`, on 1 process
     )
-    with pytest.raises(
-        ValueError, match=r"^checkpoint-96 was written by 2 processes and this run has 3 .*: resume it "
-    ):
+    with pytest.raises(ValueError) as refusal:
         checkpoints.check_resume(str(out / "checkpoint-96"), record(96, 2), record(0, 3))  # none fits
+    assert str(refusal.value).startswith("checkpoint-96 was written by 2 processes and this run has 3 ")
+    assert str(refusal.value).endswith(
+        f": resume it with `accelerate launch --multi_gpu --num_processes 2 --mixed_precision no training/train.py "
+        f"--output_dir {out} --resume_from_checkpoint {out / 'checkpoint-96'}`, or start a new run"
+    )
+
+
+@pytest.mark.slow  # a 2-process run, its refused resume by `python`, and the printed command followed
+def test_a_refused_process_count_prints_the_launch_of_the_checkpoints_run_and_following_it_resumes(tmp_path):
+    """A 2-process DDP checkpoint on a CPU resumed by `python training/train.py`: the way out is the command that
+    launches the run as its record says it was (`ACCELERATE_USE_CPU=1`, `--multi_gpu`: a bare `accelerate launch
+    --num_processes 2` starts one process here, and is refused the same way). Run as printed, it resumes."""
+    out = tmp_path / "out"
+    flags = launch_flags(out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--save_images_steps", "1000")
+    launch(flags, num_processes=2)
+    (out / "training_summary.json").unlink()  # stopped in its final evaluation: its resume evaluates and saves
+    before = tree_hashes(out)
+    resume = [sys.executable, "training/train.py", *flags, "--resume_from_checkpoint", "latest"]
+    result = subprocess.run(resume, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1, result.stderr[-3000:]
+    command = (
+        "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --mixed_precision no training/train.py "
+        + shlex.join([*flags, "--resume_from_checkpoint", str(out / "checkpoint-2")])
+    )
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: checkpoint-2 was written by 2 processes and this run has 1 (the data order and random streams depend "
+        f"on it): resume it with `{command}`, or start a new run"
+    )
+    assert drop_lock(tree_hashes(out)) == drop_lock(before)
+    # Followed as printed (on a free port: tests run side by side), in an environment that does not ask for the CPU.
+    env = environment()
+    del env["ACCELERATE_USE_CPU"]
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # the venv's `accelerate`
+    followed = command.replace("accelerate launch ", f"accelerate launch --main_process_port {free_port()} ", 1)
+    result = subprocess.run(followed, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint-2'} at optimizer step 2" in result.stdout + result.stderr
+    assert json.loads((out / "training_summary.json").read_text())["optimizer_steps"] == 2
 
 
 def test_the_resume_command_reproduces_the_launch(monkeypatch):
@@ -507,3 +629,60 @@ def test_a_resume_left_without_the_schedule_flags_keeps_the_runs_and_a_new_run_t
         resolved("--num_epochs", "40", schedule=own)
     fresh, _ = resolve(parse_args([]), RunFacts())
     assert (fresh.num_epochs, fresh.lr_scheduler, fresh.learning_rate) == (40, "cosine", 2e-3)
+
+
+def test_a_resume_keeps_the_runs_adamw_and_ema_settings_and_says_a_flag_given_is_not_applied():
+    """The restored optimizer and EMA hold them: the resolved config (training_args.json) takes the run's from its
+    record, as the learning rate, and each flag that differs is said not to be applied. A flag at its default is read
+    as left out; a record written before it held them leaves the flags as given."""
+    run = {"adam_beta1": 0.9, "adam_beta2": 0.99, "adam_weight_decay": 0.0, "adam_epsilon": 1e-6,
+           "ema_max_decay": 0.999, "ema_inv_gamma": 2.0, "ema_power": 0.5, "eval_size": 16}  # fmt: skip
+    facts = RunFacts(resume_path="out/checkpoint-40", resumed_schedule=SCHEDULE, resumed_options=run)
+    given = ["--resume_from_checkpoint", "latest", "--adam_beta1", "0.5", "--adam_weight_decay", "0.3",
+             "--ema_max_decay", "0.5", "--ema_power", "0.75", "--adam_epsilon", "1e-6"]  # fmt: skip
+    config, notes = resolve(parse_args(given), facts)
+    assert {k: getattr(config, k) for k in run} == {**run, "eval_size": 0.1}  # the data's options are not taken
+    assert [n for n in notes if "not applied" in n] == [
+        "--adam_beta1 0.5 is not applied: the resumed optimizer restores the run's --adam_beta1 0.9",
+        "--adam_weight_decay 0.3 is not applied: the resumed optimizer restores the run's --adam_weight_decay 0.0",
+        "--ema_max_decay 0.5 is not applied: the resumed EMA restores the run's --ema_max_decay 0.999",
+    ]  # --ema_power 0.75 is the default (read as left out), --adam_epsilon 1e-6 the run's
+    assert resolve(config, facts)[0] == config  # resolved once: it resolves to itself
+    older = resolve(parse_args(given), replace(facts, resumed_options={}))[0]  # a record without them
+    assert (older.adam_beta1, older.adam_weight_decay, older.ema_max_decay) == (0.5, 0.3, 0.5)
+    fresh = resolve(parse_args(["--adam_beta1", "0.5"]), RunFacts())[0]
+    assert fresh.adam_beta1 == 0.5
+
+
+@pytest.mark.slow  # one more launch
+def test_adamw_and_ema_flags_given_to_a_resume_are_not_applied_and_training_args_json_holds_what_trains(
+    folder_run, tmp_path
+):
+    """Resumed with other betas, weight decay and EMA decay, the run trains with its own (the restored state's):
+    the log says each flag is not applied, training_args.json and the new checkpoint's state hold the run's values,
+    and the weights are the uninterrupted run's."""
+    _, out, data = folder_run
+    record = json.loads((out / "checkpoint-2" / "run_record.json").read_text())
+    assert {k: record["options"][k] for k in ("adam_beta1", "adam_weight_decay", "ema_max_decay")} == {
+        "adam_beta1": 0.95, "adam_weight_decay": 1e-6, "ema_max_decay": 0.9999}  # fmt: skip
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "checkpoint-4")
+    changed = ["--adam_beta1", "0.5", "--adam_weight_decay", "0.3", "--ema_max_decay", "0.5"]
+    log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest", *changed))
+    assert "--adam_beta1 0.5 is not applied: the resumed optimizer restores the run's --adam_beta1 0.95" in log
+    assert (
+        "--adam_weight_decay 0.3 is not applied: the resumed optimizer restores the run's --adam_weight_decay 1e-06"
+        in log
+    )
+    assert "--ema_max_decay 0.5 is not applied: the resumed EMA restores the run's --ema_max_decay 0.9999" in log
+    args = json.loads((copy / "training_args.json").read_text())
+    assert (args["adam_beta1"], args["adam_beta2"], args["adam_weight_decay"], args["ema_max_decay"]) == (
+        0.95, 0.999, 1e-6, 0.9999)  # fmt: skip
+    (group,) = torch.load(copy / "checkpoint-4" / "optimizer.bin", weights_only=True)["param_groups"]
+    assert (tuple(group["betas"]), group["weight_decay"]) == ((0.95, 0.999), 1e-6)
+    ema = torch.load(copy / "checkpoint-4" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert ema["decay"] == 0.9999
+    assert json.loads((copy / "checkpoint-4" / "run_record.json").read_text())["options"]["adam_beta1"] == 0.95
+    a, b = weights(out / "checkpoint-4" / "model.safetensors"), weights(copy / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,14 +16,15 @@ import logging
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, replace
 
 from ..atomic import describe, is_staging, remove_dir, remove_path, replace_dir, staging_name, write_atomically
 from ..data import DataIdentity, data_identity
 from ..hub import PIPELINE_REPLACED, PIPELINE_STAGING
-from ..launch import any_process_failed, cpu_requested, launched_by_accelerate
+from ..launch import any_process_failed, cpu_requested, launched_by_accelerate, resume_command
 from ..model_card import TRAINING_SUMMARY_FILE
-from .config import SCHEDULE_OPTIONS, flag_of_key
+from .config import DATA_OPTIONS, SCHEDULE_OPTIONS, STATE_OPTIONS, TrainingConfig, flag_of_key
 from .interruptions import require_finite_weights
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,9 @@ def save_checkpoint(accelerator, output_dir: str, record: RunRecord, total_limit
 # ------------------------------------------------------------------------------------------------ the run record
 
 RUN_RECORD = "run_record.json"
+RECORDED_OPTIONS = (*STATE_OPTIONS, *DATA_OPTIONS)  # the record's `options`; the seed is in its `batch`
 OBJECTIVE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type")
-STATE_OPTIONS = ("use_ema",)  # what the checkpoint's state files hold (an EMA model or none): a resume must agree
+STATE_CONTENTS = ("use_ema",)  # what the checkpoint's state files hold (an EMA model or none): a resume must agree
 
 
 @dataclass(frozen=True)
@@ -178,8 +180,9 @@ class RunRecord:
     """What a checkpoint records about its run (`run_record.json`), read back before a resume starts: the step,
     the UNet's config and the objective (they must match), the launch (the process count must match, the precision
     is restored), the batch shape and seed (a change is allowed, with a warning: the data order differs), the data
-    (a change is refused unless --allow_data_change) and the run's length and LR schedule (kept by a resume:
-    `resolve.resolve`)."""
+    (a change is refused unless --allow_data_change), the run's length and LR schedule, and its options (its AdamW
+    and EMA settings, kept by a resume: `resolve.resolve`; those that shape its data, named when the data differs:
+    `check_data`)."""
 
     step: int
     unet: dict
@@ -188,7 +191,8 @@ class RunRecord:
     batch: dict  # train_batch_size, gradient_accumulation_steps, seed
     data: DataIdentity = DataIdentity()
     schedule: dict = dataclasses.field(default_factory=dict)  # SCHEDULE_OPTIONS and total_steps (the run's length)
-    state: dict = dataclasses.field(default_factory=dict)  # options that decide what the state holds (STATE_OPTIONS)
+    state: dict = dataclasses.field(default_factory=dict)  # options that decide what the state holds (STATE_CONTENTS)
+    options: dict = dataclasses.field(default_factory=dict)  # RECORDED_OPTIONS (absolute paths, as training_args.json)
     # {name: size} of the checkpoint's state files, listed by `write` (`damage`); not part of what the run was
     files: dict = dataclasses.field(default_factory=dict, compare=False)
     seconds: float = dataclasses.field(default=0.0, compare=False)  # trained up to `step`, over every resumed part
@@ -208,7 +212,8 @@ class RunRecord:
                    "gradient_accumulation_steps": config.gradient_accumulation_steps, "seed": config.seed},
             data=data_identity(data) if data is not None else DataIdentity(),
             schedule={**{k: getattr(config, k) for k in SCHEDULE_OPTIONS}, "total_steps": None},
-            state={k: getattr(config, k) for k in STATE_OPTIONS},
+            state={k: getattr(config, k) for k in STATE_CONTENTS},
+            options={k: v for k, v in config.to_json(absolute=True).items() if k in RECORDED_OPTIONS},
         )  # fmt: skip
 
     def write(self, checkpoint: str) -> None:
@@ -326,12 +331,15 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
             if fits
             else "resume it "
         )
+        # launched as the checkpoint's run was (the preemption message's command): on a CPU, 2 processes need
+        # ACCELERATE_USE_CPU=1 and --multi_gpu, which a bare `accelerate launch --num_processes 2` lacks
+        launch = saved.launch
+        command = resume_command(sys.argv[1:], world, launch.mixed_precision, launch.cpu, launch.accelerate, path)
         raise ValueError(
-            f"{os.path.basename(path)} was written by {world} process{'es' * (world != 1)} and this run has {now} (the data order "
-            f"and random streams depend on it): {way_out}with `accelerate launch --num_processes {world}`, or start "
-            "a new run"
+            f"{os.path.basename(path)} was written by {world} process{'es' * (world != 1)} and this run has {now} (the "
+            f"data order and random streams depend on it): {way_out}with `{command}`, or start a new run"
         )
-    check_data(path, saved, current.data, allow_data_change, current.batch.get("seed"))
+    check_data(path, saved, current.data, allow_data_change, _recorded_data_options(current))
     changed = {k: (v, current.batch.get(k)) for k, v in saved.batch.items() if current.batch.get(k) != v}
     if changed and current.batch.get("train_batch_size") is not None:
         logger.warning(
@@ -340,18 +348,17 @@ def check_resume(path: str, saved: RunRecord, current: RunRecord, skip=(), allow
         )  # fmt: skip
 
 
-def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change: bool, seed: int | None,
+def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change: bool, options: dict,
                drawn: bool = False) -> None:  # fmt: skip
     """Refuse a resume of `path` on data that changed since (`now`: the data's identity; `drawn`: see
-    `DataIdentity.change_since`), naming this resume's `seed` first where it is not the run's (it draws the split);
-    or with `allow_data_change` go on, warning what it means."""
+    `DataIdentity.change_since`), naming first the options of this resume that shape the data (`options`:
+    `data_options`, the seed with them) where they are not the run's; or with `allow_data_change` go on, warning
+    what it means."""
     since = os.path.basename(path)
     change, fix = now.change_since(saved.data, since, drawn), "Restore the data to resume this run"
-    if change and saved.batch.get("seed") not in (None, seed):  # the seed first: once it is the run's, the data
-        run_seed = saved.batch["seed"]
-        change = (f"--seed {seed} is not the run's --seed {run_seed} ({since}): its held-out split and any random "
-                  "crops are drawn with the seed, and would change")  # fmt: skip
-        fix = f"Resume with --seed {run_seed}"
+    changed = _changed_options(saved, options) if change else []
+    if changed:  # the options first: once they are the run's, the data
+        change, fix = _options_change(changed, since)
     if change:
         if now.held_out is not None and now.held_out == saved.data.held_out:  # the training images alone changed
             then = going = f"held-out bits/dim before and after step {saved.step} still compare: its split is the same"
@@ -366,12 +373,66 @@ def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change
         logger.warning("--allow_data_change: %s; resuming with the data as it is now: %s", change, going)
 
 
-def data_guard(path: str | None, saved: RunRecord | None, allow_data_change: bool, seed: int):
+def data_options(config) -> dict:
+    """A run's options that shape its data (its `config`'s): --seed and DATA_OPTIONS, the paths absolute as its record
+    holds them."""
+    values = config.to_json(absolute=True)
+    return {k: values[k] for k in ("seed", *DATA_OPTIONS)}
+
+
+def _recorded_data_options(record: RunRecord) -> dict:
+    """`data_options` as `record` holds them: those it recorded (an earlier version's record holds fewer)."""
+    seed = {"seed": record.batch["seed"]} if record.batch.get("seed") is not None else {}
+    return {**seed, **{k: record.options[k] for k in DATA_OPTIONS if k in record.options}}
+
+
+def _changed_options(saved: RunRecord, options: dict) -> list[tuple[str, object, object]]:
+    """(name, the run's value, this resume's) of each data option that differs from the one `saved` records."""
+    run = _recorded_data_options(saved)
+    return [(k, run[k], v) for k, v in options.items() if k in run and v != run[k]]
+
+
+def _spelled(name: str, value) -> str:
+    """An option's value as the flag that gives it: `--eval_size 0.1`, `--random_crop`, `--no-streaming`."""
+    if isinstance(value, bool):
+        negation = TrainingConfig.__dataclass_fields__[name].metadata["negation"]
+        return f"--{name}" if value else negation[0] if negation else f"--no-{name}"
+    return f"--{name} {value}"
+
+
+def _options_change(changed: list[tuple[str, object, object]], since: str) -> tuple[str, str]:
+    """What a resume with data options other than the run's (`changed`) changes, and the way out: the run's values
+    (its default one by dropping the flag), or a new run."""
+    if [name for name, _, _ in changed] == ["seed"]:
+        ((_, run, now),) = changed
+        return (f"--seed {now} is not the run's --seed {run} ({since}): its held-out split and any random crops are "
+                "drawn with the seed, and would change", f"Resume with --seed {run}")  # fmt: skip
+    said, withs, withouts = [], [], []
+    for name, run, now in changed:
+        default = TrainingConfig.__dataclass_fields__[name].default
+        if now is None:
+            said.append(f"the run's {_spelled(name, run)} is left out")
+        elif run is None:
+            said.append(f"{_spelled(name, now)} is not the run's (it gave no --{name})")
+        else:  # a flag left out is the default: said so, since the user may not have typed it
+            said.append(f"{_spelled(name, now)}{' (the default)' * (now == default)} is not the run's "
+                        f"{_spelled(name, run)}")  # fmt: skip
+        if run == default:
+            withouts.append(_spelled(name, now).split()[0])  # the flag given, dropped
+        else:
+            withs.append(_spelled(name, run))
+    them = "it" if len(changed) == 1 else "them"
+    ways = [f"with {' '.join(withs)}"] * bool(withs) + [f"without {' '.join(withouts)}"] * bool(withouts)
+    return (f"{'; '.join(said)} ({since}): the images the run trains on and holds out follow from {them}, and would "
+            f"change", f"Resume {' and '.join(ways)}, or start a new run")  # fmt: skip
+
+
+def data_guard(path: str | None, saved: RunRecord | None, allow_data_change: bool, options: dict):
     """`load_data`'s `before_build` for a resume of `path` (None without one, or with `allow_data_change`): data whose
     key is not the checkpoint's is refused before its cache is built (decoding a million images takes hours), in the
-    words of the comparison after loading."""
+    words of the comparison after loading (`options`: this run's `data_options`)."""
     if saved is not None and not allow_data_change:
-        return lambda known, drawn: check_data(path, saved, known, False, seed, drawn)
+        return lambda known, drawn: check_data(path, saved, known, False, options, drawn)
 
 
 # ------------------------------------------------------------------------------------------------ a run's checkpoints

@@ -42,6 +42,15 @@ LOCAL_PATHS = ("output_dir", "cache_dir", "train_data_dir", "train_data_files")
 MAYBE_PATHS = ("dataset_name", "model_config", "pretrained_model_name_or_path", "resume_from_checkpoint")
 # The options of the run's length and LR schedule that a checkpoint records and a resume keeps (`resolve`).
 SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_steps", "learning_rate")
+# The options whose values live in the state a resume restores: AdamW's param groups (betas, weight decay, epsilon; the
+# peak learning rate is a SCHEDULE_OPTION) and the EMA's (its decay and warmup). A checkpoint records them and a resume
+# keeps them, saying a flag that differs is not applied (`resolve`): the restored state would override it unseen.
+STATE_OPTIONS = ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "ema_max_decay", "ema_inv_gamma",
+                 "ema_power")  # fmt: skip
+# The options that decide which images a run trains on and holds out (with --seed): a checkpoint records them, and a
+# resume whose data differs from the checkpoint's names the ones given otherwise (`checkpoints.check_data`).
+DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "train_data_files", "image_column",
+                "resolution", "center_crop", "eval_size", "max_train_samples", "streaming")  # fmt: skip
 # Options that choose the same thing: a config holds one of each pair (`check_args`), and a flag on the command line
 # replaces the config file's other one (`cli.REPLACES`).
 EXCLUSIVE = (("model_config", "pretrained_model_name_or_path"), ("save_images_epochs", "save_images_steps"),
@@ -170,16 +179,18 @@ class OptimizationOptions:
         help=f"linear warmup from 0 (default: {DEFAULT_WARMUP_STEPS}, a tenth of a shorter run; a resume: the run's)",
         min=0)
     # AdamW's β1, β2, weight decay and ε are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9)
-    adam_beta1: float = option(0.95, "AdamW beta1", min=0, below=1)  # torch.optim.AdamW's ranges
-    adam_beta2: float = option(0.999, "AdamW beta2", min=0, below=1)
-    adam_weight_decay: float = option(1e-6, "AdamW weight decay", min=0)
-    adam_epsilon: float = option(1e-8, "AdamW epsilon", above=0)  # 0 divides 0 by 0 where a gradient stays 0
+    # A resume keeps its run's values of these and the EMA's (STATE_OPTIONS): the restored state holds them.
+    adam_beta1: float = option(0.95, "AdamW beta1 (a resume: the run's)", min=0, below=1)  # torch.optim.AdamW's ranges
+    adam_beta2: float = option(0.999, "AdamW beta2 (a resume: the run's)", min=0, below=1)
+    adam_weight_decay: float = option(1e-6, "AdamW weight decay (a resume: the run's)", min=0)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon (a resume: the run's)", above=0)  # 0: 0/0 where a gradient is 0
     max_grad_norm: float = option(1.0, "gradient clipping; 0 disables it", min=0)  # DDPM's official code clips at 1
     use_ema: bool = option(True, "keep an EMA of the weights; the saved pipeline holds it")
     # diffusers' EMA warmup (inv_gamma 1, power 3/4) up to DDPM's decay 0.9999 (appendix B)
-    ema_inv_gamma: float = option(1.0, "EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power", above=0)
-    ema_power: float = option(3 / 4, "EMA warmup power", above=0)  # <= 0: a decay of 0 or below, never warming up
-    ema_max_decay: float = option(0.9999, "the EMA decay it warms up to", min=0, max=1)
+    ema_inv_gamma: float = option(1.0, "EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power (a resume: the run's)",
+                                  above=0)
+    ema_power: float = option(3 / 4, "EMA warmup power (a resume: the run's)", above=0)  # <= 0: never warming up
+    ema_max_decay: float = option(0.9999, "the EMA decay it warms up to (a resume: the run's)", min=0, max=1)
     seed: int = option(0, "weights, data order, noise: one seed for all", min=0, max=2**32 - 1)  # torch's, numpy's
     on_nan: NanPolicy = option("stop", "a NaN/inf loss or gradient: stop, naming the step, before anything of it is "
                                        "written; or skip that step's update with a warning")
@@ -212,11 +223,11 @@ class OutputOptions:
     checkpointing_steps: int = option(500, "checkpoint every N steps", min=1)  # diffusers' default
     checkpoints_total_limit: int | None = option(help="keep only the newest N checkpoints", min=1)
     resume_from_checkpoint: str | None = option(
-        help="'latest' (starts fresh if there is none) or a checkpoint directory. The resume keeps the run's length "
-             "and LR schedule, and checks its model, objective, process count and data against the checkpoint's "
-             "record: the data's key (for files: their resolved paths, sizes and modification times, not their "
-             "contents: a file replaced by one of the same size with its mtime kept is not seen), its image count "
-             "and its held-out images")
+        help="'latest' (starts fresh if there is none) or a checkpoint directory. The resume keeps the run's length, "
+             "LR schedule, AdamW and EMA settings, and checks its model, objective, process count and data against "
+             "the checkpoint's record: the data's key (for files: their resolved paths, sizes and modification "
+             "times, not their contents: a file replaced by one of the same size with its mtime kept is not seen), "
+             "its image count and its held-out images, and the options that shape them")
     allow_data_change: bool = option(
         False, "resume although the data changed since the checkpoint (refused otherwise): the held-out split is "
                "drawn again from the data as it is now, and may hold images the model trained on")

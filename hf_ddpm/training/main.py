@@ -143,6 +143,7 @@ def check_run(given: TrainingConfig) -> Plan:
         resume_path=path,
         resumed_precision=record.launch.mixed_precision if record else None,
         resumed_schedule=record.schedule if record else None,
+        resumed_options=record.options if record else None,
         model_resolution=resolution,
     )
     config, _ = resolve(given, facts)
@@ -207,7 +208,8 @@ def setup(given: TrainingConfig) -> Run:
 def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     set_seed(given.seed)  # the same initial weights on every process
     scheduler, resolution = plan.scheduler, plan.resolution
-    guard = checkpoints.data_guard(plan.facts.resume_path, plan.record, given.allow_data_change, given.seed)
+    options = checkpoints.data_options(plan.config)
+    guard = checkpoints.data_guard(plan.facts.resume_path, plan.record, given.allow_data_change, options)
     data = load_training_data(plan.config, accelerator, resolution, plan.channels, guard)  # the cache: once per machine
     config, notes = resolve(given, replace(plan.facts, train_images=len(data.train)))
     for note in notes:

@@ -23,6 +23,7 @@ from .config import (
     DEFAULT_SAVE_IMAGES_EPOCHS,
     DEFAULT_WARMUP_STEPS,
     NEW_RUN_SCHEDULE,
+    STATE_OPTIONS,
     STREAMING_LENGTH,
     TrainingConfig,
 )
@@ -39,6 +40,7 @@ class RunFacts:
     resume_path: str | None = None
     resumed_precision: str | None = None  # the mixed precision the resumed checkpoint was trained with
     resumed_schedule: dict | None = None  # the resumed run's SCHEDULE_OPTIONS and total_steps (its record's)
+    resumed_options: dict | None = None  # the resumed run's recorded options (its record's: STATE_OPTIONS, ...)
     train_images: int | None = None  # None until the data is read: the batch and warmup defaults wait for it
     model_resolution: int | None = None  # the UNet's sample_size (model.data_shape): the images' default side
 
@@ -56,6 +58,7 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
     (and, for fp16, whether CUDA is available)."""
     values, notes = {}, []
     given = _keep_schedule(given, facts, notes)
+    given = _keep_state(given, facts, notes)
 
     # The objective: a pretrained scheduler's values (a flag must agree: fine-tuning keeps its process), else the
     # paper's (DDPM section 4: T = 1000, linear β from 1e-4 to 0.02, ε-prediction; section 3.2: fixed β̃_t variance).
@@ -164,3 +167,16 @@ def _keep_schedule(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> 
         notes.append(f"--allow_schedule_change: {'; '.join(changed)}: the LR schedule is recomputed over the new "
                      "length, so from the resumed step on its learning rate differs from the original run's")  # fmt: skip
     return replace(given, **kept)
+
+
+def _keep_state(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> TrainingConfig:
+    """`given` with the resumed run's AdamW and EMA settings (STATE_OPTIONS, from its record): the restored optimizer
+    and EMA hold them and would override a flag unseen, so a flag given that differs is said, not applied, as
+    --learning_rate is. A record written before it held them leaves the flags as given."""
+    saved = {k: v for k, v in (facts.resumed_options or {}).items() if k in STATE_OPTIONS}
+    for name, value in saved.items():
+        flag = getattr(given, name)
+        if flag != value and flag != TrainingConfig.__dataclass_fields__[name].default:  # the default: not given
+            holder = "optimizer" if name.startswith("adam_") else "EMA"
+            notes.append(f"--{name} {flag} is not applied: the resumed {holder} restores the run's --{name} {value}")
+    return replace(given, **saved)
