@@ -98,17 +98,20 @@ def test_a_streaming_run_resumed_with_another_objective_is_refused_naming_each_d
 
 
 def test_a_resume_without_the_runs_ema_choice_is_refused_naming_it_not_called_damage(streamed):
-    """The checkpoint holds an EMA model (--use_ema) or none: a resume that disagrees cannot load it, and the flag,
-    not the intact files, is what to change."""
+    """The checkpoint holds an EMA model (--use_ema) or none, the importance sampler's history or none: a resume that
+    disagrees cannot load it, and the flag, not the intact files, is what to change."""
     out, stream = streamed
     checkpoint = out / "checkpoint-4"
-    assert json.loads((checkpoint / "run_record.json").read_text())["state"] == {"use_ema": True}
+    state = json.loads((checkpoint / "run_record.json").read_text())["state"]
+    assert state == {"use_ema": True, "importance_sampling": False}
     before = tree_hashes(out)
-    line = refused(launch_flags(out, *stream, "--no-use_ema", "--resume_from_checkpoint", "latest"))
+    changed = ["--no-use_ema", "--importance_sampling", "--resume_from_checkpoint", "latest"]
+    line = refused(launch_flags(out, *stream, *changed))
     assert line == (
-        f"error: --resume_from_checkpoint {checkpoint} was trained with another model or objective: --use_ema: True "
-        f"in the checkpoint, False now. Resume with the options it was trained with (--config {out}/training_args.json "
-        "holds them), or start a new run"
+        f"error: --resume_from_checkpoint {checkpoint} was trained with another model or objective: "
+        "--importance_sampling: False in the checkpoint, True now; --use_ema: True in the checkpoint, False now. "
+        f"Resume with the options it was trained with (--config {out}/training_args.json holds them), or start a new "
+        "run"
     )
     assert tree_hashes(out) == before
 

@@ -160,7 +160,9 @@ def save_checkpoint(accelerator, output_dir: str, record: RunRecord, total_limit
 RUN_RECORD = "run_record.json"
 RECORDED_OPTIONS = (*STATE_OPTIONS, *DATA_OPTIONS)  # the record's `options`; the seed is in its `batch`
 OBJECTIVE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type")
-STATE_CONTENTS = ("use_ema",)  # what the checkpoint's state files hold (an EMA model or none): a resume must agree
+# What the checkpoint's state files hold (an EMA model or none, the importance sampler's history or none): a resume
+# must agree, or the state does not load.
+STATE_CONTENTS = ("use_ema", "importance_sampling")
 
 
 @dataclass(frozen=True)
