@@ -44,6 +44,7 @@ from .push_guards import (
     check_can_push,
     check_repo_id_value,
     push_failed,
+    push_later,
     refuse_secret_in,
     request_timeout,
 )
@@ -326,7 +327,7 @@ def check_publish(args: TrainingConfig) -> None:
         return
     check_repo_id(args)
     command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
-    check_can_push(args.output_dir, command, args.hub_token)
+    check_can_push(args.output_dir, command, args.hub_token, training=True)  # worded for a run not yet trained
 
 
 TOKEN_CHECK_TIMEOUT = 10.0  # seconds for the Hub's answer to whoami: a start-up check, not a push
@@ -342,7 +343,7 @@ def check_token(args: TrainingConfig) -> None:
     from huggingface_hub.errors import HfHubHTTPError
 
     command = retry_command(args.output_dir, repo_id_of(args), args.hub_private_repo)
-    later = f"or train without --push_to_hub and push the result later with: {command}"
+    later = push_later(command)
     try:
         with request_timeout(TOKEN_CHECK_TIMEOUT):
             whoami(token=args.hub_token or get_token(), cache=False)

@@ -1,7 +1,8 @@
 """Every push's guards, its error and its flags, for a model repo (hub.py) and a Space (space.py) alike: before any
-request, a valid repo id (`check_repo_id_value`), no offline mode and a token (`check_can_push`); a last guard that no
-file pushed holds the token (`refuse_secret_in`); a bound on each request (`request_timeout`); the error of a push
-the Hub did not take, with the command that pushes again (`push_failed`, a `HubPushError`); and the push flags.
+request, a valid repo id (`check_repo_id_value`), no offline mode and a token (`check_can_push`; also training's
+start-up checks of --push_to_hub, worded for a run not yet trained: `push_later`); a last guard that no file pushed
+holds the token (`refuse_secret_in`); a bound on each request (`request_timeout`); the error of a push the Hub did not
+take, with the command that pushes again (`push_failed`, a `HubPushError`); and the push flags.
 """
 
 from __future__ import annotations
@@ -49,34 +50,53 @@ def push_failed(what: str, err: Exception, command: str, kept: str = "") -> HubP
     )
 
 
-def check_can_push(what, command: str, token: str | None = None) -> str:
+def check_can_push(what, command: str, token: str | None = None, *, training: bool = False) -> str:
     """The guards every push passes before any request: refused in offline mode and without a token (`token`,
     else HF_TOKEN or the saved login), each HubPushError naming `what` is pushed and `command` to push it again.
-    Returns the token."""
-    _refuse_offline(what, command)
-    return _resolve_token(token, what, command)
+    training: the start-up checks of a run with --push_to_hub, not yet trained (there is nothing to push again): each
+    says how to train and push, or to push once trained with `command`. Returns the token."""
+    _refuse_offline(what, command, training)
+    return _resolve_token(token, what, command, training)
 
 
-def _refuse_offline(what, command: str) -> None:
+def push_later(command: str) -> str:
+    """The way out of a training run's Hub check besides mending it (said once the check says nothing was trained)."""
+    return f"or train without --push_to_hub and push the result later with: {command}"
+
+
+def _refuse_offline(what, command: str, training: bool = False) -> None:
     """HubPushError in offline mode (HF_HUB_OFFLINE=1), before any request is made."""
     from huggingface_hub import constants
 
-    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if not (constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")):
+        return
+    if training:
         raise HubPushError(
-            f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent ({what} is as it was); to push "
-            f"it later, unset HF_HUB_OFFLINE and run:\n    {command}",
+            "--push_to_hub: HF_HUB_OFFLINE is set, so hf_ddpm does not push; nothing was trained. Unset "
+            f"HF_HUB_OFFLINE to train and push, {push_later(command)}",
             command,
         )
+    raise HubPushError(
+        f"HF_HUB_OFFLINE is set, so hf_ddpm does not push and nothing was sent ({what} is as it was); to push "
+        f"it later, unset HF_HUB_OFFLINE and run:\n    {command}",
+        command,
+    )
 
 
-def _resolve_token(token: str | None, what, command: str) -> str:
+def _resolve_token(token: str | None, what, command: str, training: bool = False) -> str:
     """`token`, else HF_TOKEN or the saved login; HubPushError when there is none (no request made)."""
     from huggingface_hub import get_token
 
     token = token or get_token()
-    if not token:
-        raise HubPushError(f"no Hugging Face token: {TOKEN_SOURCES}. Then push {what} with:\n    {command}", command)
-    return token
+    if token:
+        return token
+    if training:
+        raise HubPushError(
+            "--push_to_hub: no Hugging Face token; nothing was trained. Pass --hub_token, set HF_TOKEN, or run "
+            f"`hf auth login` to train and push, {push_later(command)}",
+            command,
+        )
+    raise HubPushError(f"no Hugging Face token: {TOKEN_SOURCES}. Then push {what} with:\n    {command}", command)
 
 
 def refuse_secret_in(folder: Path, token: str) -> None:

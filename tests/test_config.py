@@ -10,11 +10,12 @@ import typing
 import pytest
 
 from hf_ddpm import HFDDPMScheduler
+from hf_ddpm.flags import canonical
 from hf_ddpm.training import build_parser
 from hf_ddpm.training.cli import config_values, parse_args, read_config_file
 from hf_ddpm.training.config import GROUPS, TrainingConfig, check_args, flag_of_key
 from hf_ddpm.training.main import main
-from hf_ddpm.training.resolve import RunFacts, resolve
+from hf_ddpm.training.resolve import RunFacts, optimizer_steps, resolve
 
 EARLIER_FLAGS = set(
     "--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --allow_tf32 --beta_schedule --cache_dir "
@@ -293,3 +294,107 @@ def test_a_source_chosen_on_the_command_line_replaces_the_files_competing_one(tm
     config = parse_args(["--config", str(path), "--overwrite_output_dir"])
     assert config.overwrite_output_dir and config.resume_from_checkpoint is None
     assert parse_args(["--config", str(path), "--no-overwrite_output_dir"]).resume_from_checkpoint == "latest"
+
+
+def test_num_epochs_on_the_command_line_replaces_the_files_max_train_steps(tmp_path):
+    """`--config ddpm-cifar10 --num_epochs 1` trains one epoch, not the recipe's 800000 steps (a whole run:
+    test_recipes.py); so does a run's training_args.json, which holds both. The reverse needs no replacing: a
+    --max_train_steps given is the run's length whatever the file's --num_epochs."""
+    config = parse_args(["--config", "ddpm-cifar10", "--train_data_dir", "images", "--num_epochs", "1"])
+    assert (config.num_epochs, config.max_train_steps) == (1, None)
+    assert optimizer_steps(resolve(config, RunFacts())[0], batches_per_epoch=390) == 390  # CIFAR-10 at 128: 1 epoch
+    path = tmp_path / "training_args.json"
+    path.write_text(json.dumps(resolve(parse_args(["--max_train_steps", "7"]), RunFacts())[0].to_json()))
+    assert json.loads(path.read_text())["num_epochs"] == 40  # the file holds both: 40 epochs (the default), 7 steps
+    again = parse_args(["--config", str(path), "--num_epochs", "2"])
+    assert (again.num_epochs, again.max_train_steps) == (2, None)
+    assert optimizer_steps(resolve(again, RunFacts())[0], batches_per_epoch=25) == 50
+    reverse = parse_args(["--config", str(path), "--max_train_steps", "3"])
+    assert optimizer_steps(resolve(reverse, RunFacts())[0], batches_per_epoch=25) == 3  # not the file's 40 epochs
+
+
+def test_num_epochs_given_to_resume_a_run_measured_in_steps_is_a_change_of_its_length(tmp_path):
+    """A run of --max_train_steps 80 resumed from its training_args.json with --num_epochs 3: the file's
+    --max_train_steps is dropped, and the epochs are a new length, refused unless --allow_schedule_change (not the
+    run's 80 steps kept in silence)."""
+    saved = {"max_train_steps": 80, "num_epochs": 40, "lr_scheduler": "cosine", "lr_warmup_steps": 8,
+             "learning_rate": 2e-3, "total_steps": 80}  # fmt: skip
+    facts = RunFacts(resume_path="out/checkpoint-40", resumed_schedule=saved, train_images=1600)
+    path = tmp_path / "training_args.json"
+    path.write_text(json.dumps({"max_train_steps": 80, "num_epochs": 40, "resume_from_checkpoint": "latest"}))
+    assert resolve(parse_args(["--config", str(path)]), facts)[0].max_train_steps == 80  # the run as it was
+    with pytest.raises(ValueError, match=r"--num_epochs 3 \(the run's length: 80 optimizer steps, by "
+                                         r"--max_train_steps\)\. Drop the flag"):  # fmt: skip
+        resolve(parse_args(["--config", str(path), "--num_epochs", "3"]), facts)
+    changed, notes = resolve(parse_args(["--config", str(path), "--num_epochs", "3", "--allow_schedule_change"]), facts)
+    assert (changed.num_epochs, changed.max_train_steps) == (3, None)  # the length from the epochs
+    assert optimizer_steps(changed, batches_per_epoch=25) == 75
+    with pytest.raises(ValueError, match=r"--num_epochs 3 \(the run's length: 80 optimizer steps"):
+        resolve(parse_args(["--resume_from_checkpoint", "latest", "--num_epochs", "3"]), facts)  # a plain resume too
+
+
+def test_every_flag_name_is_a_config_key_that_means_what_the_flag_means():
+    """Aliases (num_train_timesteps), negations (random_crop: true is center_crop false; no-use_ema) and either
+    spelling (output-dir): a config file takes any flag's name, as the command line does."""
+    parser = build_parser()
+    checked = 0
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        for flag in action.option_strings:
+            if action.nargs == 0:  # a boolean flag: true means what giving it means
+                expected = getattr(parser.parse_args([flag]), action.dest)
+                keys = {flag.removeprefix("--"): True, canonical(flag): True}
+                assert all(config_values({k: v}) == {action.dest: expected} for k, v in keys.items()), flag
+                assert config_values({canonical(flag): False}) == {action.dest: not expected}, flag
+            else:
+                text = action.choices[0] if action.choices else "1"
+                value = getattr(parser.parse_args([flag, text]), action.dest)
+                for key in (flag.removeprefix("--"), flag.removeprefix("--").replace("_", "-")):
+                    assert config_values({key: value}) == {action.dest: value}, key
+            checked += 1
+    assert checked > len(dataclasses.fields(TrainingConfig))  # the aliases and negations too
+    assert config_values({"random_crop": True}) == {"center_crop": False}
+    assert config_values({"no-use_ema": True, "output-dir": "x"}) == {"use_ema": False, "output_dir": "x"}
+    with pytest.raises(ValueError, match=r"unknown option 'random_crp' \(did you mean random_crop\?\)"):
+        config_values({"random_crp": True})
+
+
+def test_a_config_file_with_random_crop_trains_with_random_crops(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("random_crop: true\nnum_train_timesteps: 40\n")
+    config = parse_args(["--config", str(path)])
+    assert (config.center_crop, config.ddpm_num_steps) == (False, 40)
+    assert parse_args(["--config", str(path), "--center_crop"]).center_crop  # the command line wins
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"ddpm_num_steps": 100, "num_train_timesteps": 200},
+         "'ddpm_num_steps': 100 and 'num_train_timesteps': 200 set one option, ddpm_num_steps, to different values: "
+         "keep one"),
+        ({"center_crop": True, "random_crop": True},
+         "'center_crop': True and 'random_crop': True contradict each other (one negates the other, center_crop): "
+         "keep one"),
+        ({"use_ema": True, "no-use_ema": True},
+         "'use_ema': True and 'no-use_ema': True contradict each other (one negates the other, use_ema): keep one"),
+        ({"eval_num_images": 8, "num_images": 16},
+         "'eval_num_images': 8 and 'num_images': 16 set one option, eval_num_images, to different values: keep one"),
+    ],
+)  # fmt: skip
+def test_two_keys_of_one_option_with_different_values_are_refused_naming_both(tmp_path, capsys, values, match):
+    path, out = tmp_path / "run.json", tmp_path / "out"
+    path.write_text(json.dumps(values))
+    assert main(["--config", str(path), "--output_dir", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {path}: {match}"]
+    assert not out.exists()
+
+
+def test_two_names_of_one_option_that_agree_are_one_option():
+    assert config_values({"ddpm_num_steps": 100, "num_train_timesteps": 100}) == {"ddpm_num_steps": 100}
+    assert config_values({"center_crop": True, "random_crop": False}) == {"center_crop": True}
+    assert parse_args(["--ddpm_num_steps", "100", "--num_train_timesteps", "100"]).ddpm_num_steps == 100
+    assert parse_args(["--eval_num_images", "8", "--num_images", "8"]).eval_num_images == 8
+    # one flag given twice keeps argparse's rule, the last wins (a command line with an override appended)
+    assert parse_args(["--ddpm_num_steps", "100", "--ddpm_num_steps", "200"]).ddpm_num_steps == 200

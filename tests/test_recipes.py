@@ -172,6 +172,24 @@ def test_the_command_line_overrides_a_recipe_and_the_improved_recipe_trains(tmp_
     assert '"variance_type": "learned_range"' in pipeline_config and '"squaredcos_cap_v2"' in pipeline_config
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_num_epochs_on_the_command_line_trains_that_many_epochs_not_the_recipes_steps(tmp_path):
+    """`--config ddpm-cifar10 --num_epochs 1` trained the recipe's 800000 steps, and its training_args.json held both
+    lengths: the flag replaces the recipe's --max_train_steps (cli.REPLACES)."""
+    images = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(24)]
+    local = tmp_path / "data"
+    datasets.Dataset.from_dict({"image": images}).save_to_disk(local)
+    out = tmp_path / "out"
+    argv = ["--config", "ddpm-cifar10", "--dataset_name", str(local), "--num_epochs", "1", "--output_dir", str(out),
+            "--model_config", "test-tiny", "--resolution", "8", "--ddpm_num_steps", "50", "--train_batch_size", "4",
+            "--lr_warmup_steps", "0", "--eval_size", "4", "--eval_num_images", "4", "--eval_num_timesteps", "2",
+            "--eval_batch_size", "2", "--ddpm_num_inference_steps", "4", "--save_images_steps", "100"]  # fmt: skip
+    summary = train(parse_args(argv))
+    assert summary["optimizer_steps"] == 5  # one epoch: 20 training images at batch 4
+    saved = json.loads((out / "training_args.json").read_text())
+    assert (saved["num_epochs"], saved["max_train_steps"]) == (1, None)
+
+
 def test_the_readme_has_one_command_per_recipe_and_each_parses():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Reproducing the papers")[1].split("\n### ")[0]

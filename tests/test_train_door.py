@@ -81,6 +81,34 @@ def test_an_optimizer_or_ema_value_out_of_range_is_refused_at_the_door(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["--ddpm_num_steps", "100", "--num_train_timesteps", "200"],
+         "--ddpm_num_steps 100 and --num_train_timesteps 200 set one option, --ddpm_num_steps, to different values: "
+         "pass one"),
+        (["--num_images", "8", "--eval_num_images", "16"],
+         "--num_images 8 and --eval_num_images 16 set one option, --eval_num_images, to different values: pass one"),
+        (["--use_ema", "--no-use_ema"], "--use_ema and --no-use_ema set one option, --use_ema, to different values: "
+                                        "pass one"),
+        (["--streaming", "--dataset_name", "someone/images", "--max_train_steps", "5", "--max_train_samples", "100"],
+         "--max_train_samples 100 does not apply with --streaming (a stream is read as it comes, no subset is drawn "
+         "from it): drop it, or train without --streaming"),
+        (["--streaming", "--train_data_dir", "images", "--max_train_steps", "5", "--random_crop"],
+         "--random_crop does not apply with --streaming (a streamed image is cropped at its centre): drop it, or "
+         "train without --streaming"),
+    ],
+)  # fmt: skip
+def test_options_that_contradict_or_do_nothing_are_refused_at_the_door(tmp_path, capsys, no_data, argv, line):
+    """Two names of one option with different values (argparse would take the last in silence), and the options a
+    stream does not apply (it would train on every image, centre-cropped, in silence)."""
+    out = tmp_path / "out"
+    assert main([*argv, "--output_dir", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: {line}"], captured.err
+    assert not out.exists()
+
+
 def test_a_token_the_hub_refuses_is_named_with_the_way_out(tmp_path, monkeypatch):
     """check_token's message for a 401 (the real request: the slow test below, against the local Hub)."""
     import huggingface_hub

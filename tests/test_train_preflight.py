@@ -5,6 +5,7 @@ line, also under `accelerate launch`."""
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import PIL.Image
 import pytest
 from training_runs import REPO, environment, launch_command
 
+from hf_ddpm.hub import HubPushError
 from hf_ddpm.training import parse_args, train
 from hf_ddpm.training.main import main
 
@@ -86,6 +88,37 @@ def test_the_push_target_is_said_at_start_up(tmp_path, no_data, monkeypatch, cap
     with caplog.at_level(logging.INFO, logger="hf_ddpm.hub"):
         assert check_repo_id(args) == "digits-ddpm"
     assert "--push_to_hub: will push the pipeline to " in caplog.text and "/<your namespace>/digits-ddpm" in caplog.text
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_push_to_hub_without_a_token_or_offline_says_how_to_train_and_push(tmp_path, no_data, monkeypatch, offline):
+    """At training's door the push guards speak of a run not yet trained: how to train and push, or to push the
+    output directory once trained (not "push <output_dir>", nor "nothing was sent (<output_dir> is as it was)")."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    later = (
+        f"or train without --push_to_hub and push the result later with: python -m hf_ddpm push {out} --repo_id me/x"
+    )
+    if offline:
+        said = ("--push_to_hub: HF_HUB_OFFLINE is set, so hf_ddpm does not push; nothing was trained. Unset "
+                f"HF_HUB_OFFLINE to train and push, {later}")  # fmt: skip
+    else:
+        said = ("--push_to_hub: no Hugging Face token; nothing was trained. Pass --hub_token, set HF_TOKEN, or run "
+                f"`hf auth login` to train and push, {later}")  # fmt: skip
+    refused(tmp_path, [*SHORT, "--push_to_hub", "--hub_model_id", "me/x"], f"^{re.escape(said)}$", HubPushError)
+
+
+def test_a_checkpoint_name_in_a_directory_without_checkpoints_says_there_are_none(tmp_path, no_data):
+    out = tmp_path / "out"
+    said = (f"--resume_from_checkpoint 'checkpoint-7': no such checkpoint directory (nor in {out}); {out} holds no "
+            "checkpoints: name a checkpoint directory that exists, or pass 'latest' (which starts a new run when "
+            "there is none)")  # fmt: skip
+    refused(tmp_path, [*SHORT, "--resume_from_checkpoint", "checkpoint-7"], f"^{re.escape(said)}$")
 
 
 class SilentServer:

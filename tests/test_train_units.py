@@ -139,6 +139,10 @@ def test_latest_ignores_incomplete_checkpoints_and_pruning_keeps_the_newest(tmp_
         checkpoints.resolve_resume(str(tmp_path / "checkpoint-300.tmp"), str(tmp_path))
     with pytest.raises(ValueError, match="no such checkpoint"):
         checkpoints.resolve_resume("checkpoint-7", str(tmp_path))
+    with pytest.raises(ValueError, match=r"; use 'latest' or one of \[.*checkpoint-5', .*checkpoint-100'\]$"):
+        checkpoints.resolve_resume("checkpoint-7", str(tmp_path))
+    with pytest.raises(ValueError, match=r"empty holds no checkpoints: name a checkpoint directory that exists"):
+        checkpoints.resolve_resume("checkpoint-7", str(tmp_path / "empty"))  # not "one of []"
     removed = checkpoints.prune_checkpoints(str(tmp_path), 2)
     assert [os.path.basename(p) for p in removed] == ["checkpoint-5"]
     assert [s for s, _ in checkpoints.list_checkpoints(str(tmp_path))] == [20, 100]

@@ -56,9 +56,14 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
             if is_staging(path):
                 raise ValueError(f"{path} is an incomplete checkpoint (its run stopped while writing it)")
             return path
+    found = [p for _, p in list_checkpoints(output_dir)]
+    choices = f"use 'latest' or one of {found}" if found else (
+        f"{output_dir} holds no checkpoints: name a checkpoint directory that exists, or pass 'latest' (which "
+        "starts a new run when there is none)"
+    )  # fmt: skip
     raise ValueError(
-        f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such checkpoint directory "
-        f"(nor in {output_dir}); use 'latest' or one of {[p for _, p in list_checkpoints(output_dir)]}"
+        f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such checkpoint directory (nor in {output_dir}); "
+        f"{choices}"
     )
 
 

@@ -2,6 +2,8 @@
 
 `--config` takes a JSON or YAML file of `flag_name: value` pairs, or the name of a shipped recipe (the papers'
 settings, training/recipes/*.yaml: `--config ddpm-cifar10`); flags given on the command line win over the file.
+Every name of a flag is a key (an alias, `random_crop`, `no-use_ema`, either spelling); two names of one option given
+with different values, in the file or on the command line, are refused rather than one silently taken.
 The fields, their defaults and the checks live in `config.py`.
 """
 
@@ -15,7 +17,7 @@ import typing
 from pathlib import Path
 
 from ..data.sources import DATA_SOURCES
-from ..flags import FlagParser, config_value, hint_kind, read_flag_file
+from ..flags import FlagParser, canonical, config_value, hint_kind, read_flag_file
 from ..shipped import shipped_dir
 from .config import EXCLUSIVE, GROUPS, TrainingConfig
 
@@ -48,14 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
         common = {"dest": f.name, "default": f.default, "help": meta["help"]}
         if kind is bool and meta["negation"]:
             both = group.add_mutually_exclusive_group()
-            both.add_argument(*names, action="store_true", **common)
+            both.add_argument(*names, action=_spelled(argparse._StoreTrueAction), **common)
             flag, text = meta["negation"]
-            both.add_argument(flag, dest=f.name, action="store_false", help=text)
+            both.add_argument(flag, dest=f.name, action=_spelled(argparse._StoreFalseAction), help=text)
         elif kind is bool:  # --flag / --no-flag, so that the command line can undo a config file's value
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+            group.add_argument(*names, action=_spelled(argparse.BooleanOptionalAction), **common)
         else:
-            group.add_argument(*names, type=meta["parse"] or kind, choices=choices, **common)
+            group.add_argument(*names, action=_spelled(argparse._StoreAction), type=meta["parse"] or kind,
+                               choices=choices, **common)  # fmt: skip
     return p
+
+
+SPELLINGS = "spellings_given"  # the namespace's record of the flags that gave each option its value (`_spelled`)
+
+
+def _spelled(action: type[argparse.Action]) -> type[argparse.Action]:
+    """`action`, also recording under the namespace's SPELLINGS which of the option's flags gave which value, so that
+    two names of one option with different values (`--ddpm_num_steps 100 --num_train_timesteps 200`) are refused
+    (`parse_args`) instead of the last one silently taken. One flag given twice keeps argparse's rule: the last wins."""
+
+    class Spelled(action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            vars(namespace).setdefault(SPELLINGS, {}).setdefault(self.dest, {})[option_string] = getattr(
+                namespace, self.dest
+            )
+
+    return Spelled
+
+
+def _refuse_two_spellings(spellings: dict[str, dict[str, object]]) -> None:
+    """ValueError naming both flags and their values where two names of one option were given different values."""
+    for name, given in spellings.items():
+        (a, x), *others = given.items()
+        for b, y in others:
+            if y != x:
+                said = [flag if isinstance(v, bool) else f"{flag} {v}" for flag, v in ((a, x), (b, y))]
+                raise ValueError(f"{said[0]} and {said[1]} set one option, --{name}, to different values: pass one")
 
 
 def recipe_names() -> list[str]:
@@ -78,24 +109,50 @@ def read_config_file(source: str) -> dict:
     return config_values(read_flag_file(path, "--config"), str(path))
 
 
+def config_keys() -> dict[str, tuple[str, bool]]:
+    """{every flag's name, as `flags.canonical` spells it: (the field it sets, whether it negates it)}: each field's
+    name and aliases, its negation flag (`random_crop` for center_crop) and, for another bool, `no_<name>`."""
+    keys = {}
+    for _, f, (kind, _, _) in _fields():
+        for name in (f.name, *f.metadata["aliases"]):
+            keys[canonical(name)] = (f.name, False)
+        if kind is bool:
+            negation = f.metadata["negation"][0] if f.metadata["negation"] else f"--no-{f.name}"
+            keys[canonical(negation)] = (f.name, True)
+    return keys
+
+
 def config_values(data: dict, source: str = "the config") -> dict:
-    """{flag name or alias: value} -> {field: value}; an unknown key, a wrong type or a bad choice is refused."""
+    """{flag name: value} -> {field: value}. A key is any name of a flag (`config_keys`: `num_train_timesteps`,
+    `random_crop: true` for center_crop false, `no-use_ema`); an unknown key, a wrong type, a bad choice, or two keys
+    of one option with different values are refused."""
     specs = {f.name: (f, kind) for _, f, kind in _fields()}
-    aliases = {a.removeprefix("--"): name for name, (f, _) in specs.items() for a in f.metadata["aliases"]}
-    values = {}
+    keys = config_keys()
+    values, keys_given = {}, {}
     for key, value in data.items():
-        name = aliases.get(key, key)
-        if name not in specs:
-            close = difflib.get_close_matches(key, [*specs, *aliases], n=1)
+        if canonical(key) not in keys:
+            close = difflib.get_close_matches(canonical(key), list(keys), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"{source}: unknown option {key!r}{hint}; allowed: {', '.join(specs)}")
+            raise ValueError(f"{source}: unknown option {key!r}{hint}; allowed: {', '.join(specs)}, their aliases "
+                             "and negations (random_crop, no_use_ema), as on the command line")  # fmt: skip
+        name, negates = keys[canonical(key)]
         f, (kind, choices, optional) = specs[name]
-        values[name] = config_value(key, value, kind, choices, optional, f.metadata["parse"], source)
+        typed = config_value(key, value, kind, choices, optional, f.metadata["parse"], source)
+        typed = not typed if negates else typed
+        if name in values and values[name] != typed:
+            other = keys_given[name]
+            both = f"{source}: {other!r}: {data[other]!r} and {key!r}: {value!r}"
+            if keys[canonical(other)][1] != negates:  # center_crop: true and random_crop: true
+                raise ValueError(f"{both} contradict each other (one negates the other, {name}): keep one")
+            raise ValueError(f"{both} set one option, {name}, to different values: keep one")
+        values[name], keys_given[name] = typed, key
     return values
 
 
 # A choice made on the command line replaces the config file's competing one: `--config ddpm-cifar10
-# --train_data_dir ./my_images` trains the recipe on an image folder instead of the recipe's dataset.
+# --train_data_dir ./my_images` trains the recipe on an image folder instead of the recipe's dataset, and
+# `--num_epochs 1` trains one epoch instead of the recipe's --max_train_steps (the reverse needs no entry: a
+# --max_train_steps given is the run's length whatever --num_epochs says, `resolve.optimizer_steps`).
 REPLACES = {
     **{
         s: (*(o for o in DATA_SOURCES if o != s), *(() if s == "dataset_name" else ("dataset_config_name",)))
@@ -103,6 +160,7 @@ REPLACES = {
     },
     **{a: (b,) for pair in EXCLUSIVE for a, b in (pair, pair[::-1])},
     "pretrained_model_name_or_path": ("model_config", "dropout"),  # a pretrained UNet keeps its own dropout
+    "num_epochs": ("max_train_steps",),  # the run's length: in epochs, as the command line says
     "resume_from_checkpoint": ("overwrite_output_dir",),  # a run's training_args.json, resumed: the run goes on
     "overwrite_output_dir": ("resume_from_checkpoint",),  # a resumed run's training_args.json, started over
 }
@@ -115,6 +173,7 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # the namespace holds the flags given, and only those
     given = vars(parser.parse_args(argv))
+    _refuse_two_spellings(given.pop(SPELLINGS, {}))
     source = given.pop("config", None)
     from_file = read_config_file(source) if source is not None else {}
     for name, value in given.items():

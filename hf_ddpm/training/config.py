@@ -327,6 +327,17 @@ def check_args(args: TrainingConfig) -> None:
     one_source({name: getattr(args, name) for name in DATA_SOURCES}, "--")  # the data's rule: one source at most
     if args.streaming and args.max_train_steps is None and args.resume_from_checkpoint is None:
         raise ValueError(STREAMING_LENGTH)  # a resume takes the checkpoint's (`resolve`)
+    # A stream is read as it comes (data/streaming.py): no seeded subset drawn ahead, each image cropped at its centre
+    if args.streaming and args.max_train_samples is not None:
+        raise ValueError(
+            f"--max_train_samples {args.max_train_samples} does not apply with --streaming (a stream is read as it "
+            "comes, no subset is drawn from it): drop it, or train without --streaming"
+        )
+    if args.streaming and not args.center_crop:
+        raise ValueError(
+            "--random_crop does not apply with --streaming (a streamed image is cropped at its centre): drop it, or "
+            "train without --streaming"
+        )
     for a, b in EXCLUSIVE:
         if getattr(args, a) is not None and getattr(args, b) is not None:
             raise ValueError(f"--{a} and --{b} choose the same thing: pass one, not both")

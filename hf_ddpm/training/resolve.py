@@ -145,6 +145,9 @@ def _keep_schedule(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> 
         changed.append(f"--max_train_steps {given.max_train_steps} (the run's length: {total} optimizer steps)")
     elif by_epochs and given.max_train_steps is None and given.num_epochs not in (None, saved["num_epochs"]):
         changed.append(f"--num_epochs {given.num_epochs} (the run's: {saved['num_epochs']}, {total} optimizer steps)")
+    elif given.max_train_steps is None and given.num_epochs is not None and not by_epochs:  # a length in epochs now
+        changed.append(f"--num_epochs {given.num_epochs} (the run's length: {total} optimizer steps, by "
+                       "--max_train_steps)")  # fmt: skip
     for name in ("lr_scheduler", "lr_warmup_steps"):
         if getattr(given, name) not in (None, saved[name]):
             changed.append(f"--{name} {getattr(given, name)} (the run's: {saved[name]})")
