@@ -42,7 +42,7 @@ from training_runs import (
 
 from hf_ddpm.data import DataIdentity
 from hf_ddpm.launch import resume_command
-from hf_ddpm.training import checkpoints, main, parse_args
+from hf_ddpm.training import checkpoints, main, parse_args, resume_checks
 from hf_ddpm.training.checkpoints import Launch, RunRecord
 from hf_ddpm.training.cli import build_parser
 from hf_ddpm.training.output_dir import LOCK_NAME
@@ -140,6 +140,7 @@ def test_the_streaming_run_resumed_with_its_own_options_ends_with_the_same_weigh
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
+    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
     log = launch(launch_flags(copy, *stream, "--resume_from_checkpoint", "latest"))
     assert f"resumed from {copy / 'checkpoint-2'} at optimizer step 2" in log
     assert "an unknown number of training images" in log  # a stream that states no length (not "0")
@@ -358,7 +359,9 @@ def test_the_refusal_names_each_data_option_and_its_way_out_and_a_real_change_ke
 
     def refusal(*given):
         with pytest.raises(ValueError) as refused_:
-            checkpoints.check_data("out/checkpoint-4", saved, moved, False, checkpoints.data_options(parse_args(given)))
+            resume_checks.check_data(
+                "out/checkpoint-4", saved, moved, False, resume_checks.data_options(parse_args(given))
+            )
         return str(refused_.value).split(", or pass --allow_data_change")[0]
 
     assert refusal("--eval_size", "12", "--max_train_samples", "40", "--seed", "1") == (
@@ -377,8 +380,8 @@ def test_the_refusal_names_each_data_option_and_its_way_out_and_a_real_change_ke
     )
     older = replace(saved, options={})  # a record of an earlier version: the data is named, as it was
     with pytest.raises(ValueError, match=r"^4 images removed from imgs since checkpoint-4 "):
-        checkpoints.check_data("out/checkpoint-4", older, moved, False, checkpoints.data_options(parse_args([])))
-    checkpoints.check_data("out/checkpoint-4", saved, saved.data, False, {})  # the same data: nothing to name
+        resume_checks.check_data("out/checkpoint-4", older, moved, False, resume_checks.data_options(parse_args([])))
+    resume_checks.check_data("out/checkpoint-4", saved, saved.data, False, {})  # the same data: nothing to name
 
 
 def drop_lock(hashes: dict) -> dict:
@@ -391,6 +394,7 @@ def test_allow_data_change_resumes_on_the_data_as_it_is_now_and_says_so(folder_r
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
+    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
     with added_images(images):
         log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest", "--allow_data_change"))
     assert "--allow_data_change: 20 images added to" in log and "the held-out split is drawn again" in log
@@ -407,6 +411,7 @@ def test_a_resume_without_max_train_steps_keeps_the_runs_length_and_ends_as_the_
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
+    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
     log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest"))
     assert f"--max_train_steps 4: the resumed run's (from {copy / 'checkpoint-2'})" in log
     assert [step for step, _ in checkpoints.list_checkpoints(copy)] == [2, 4]
@@ -429,6 +434,7 @@ def test_a_resume_command_without_the_runs_schedule_flags_resumes_it_to_the_unin
     launch(launch_flags(out, *data, *schedule))
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
+    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
     log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest"))
     assert f"resumed from {copy / 'checkpoint-2'} at optimizer step 2" in log and "not applied" not in log
     args = json.loads((copy / "training_args.json").read_text())
@@ -440,6 +446,7 @@ def test_a_resume_command_without_the_runs_schedule_flags_resumes_it_to_the_unin
     again = tmp_path / "again"
     shutil.copytree(copy, again)
     shutil.rmtree(again / "checkpoint-4")
+    (again / "training_summary.json").unlink()  # stopped after step 2: it never finished
     argv = [
         "--config",
         str(copy / "training_args.json"),
@@ -506,7 +513,7 @@ def test_a_refused_process_count_names_the_newest_checkpoint_that_fits(tmp_path,
         record(step, processes).write(str(out / f"checkpoint-{step}"))
     latest = checkpoints.resolve_resume("latest", str(out))
     with pytest.raises(ValueError) as refusal:
-        checkpoints.check_resume(latest, RunRecord.read(latest), record(0, 2))
+        resume_checks.check_resume(latest, RunRecord.read(latest), record(0, 2))
     assert str(refusal.value) == (
         "checkpoint-99 was written by 1 process and this run has 2 (the data order and random streams depend on it): "
         f"checkpoint-96 fits this 2-process run: --resume_from_checkpoint {out / 'checkpoint-96'}; or resume "
@@ -514,7 +521,7 @@ def test_a_refused_process_count_names_the_newest_checkpoint_that_fits(tmp_path,
         "start a new run"  # launched as the record says checkpoint-99's run was: by `python`, on 1 process
     )
     with pytest.raises(ValueError) as refusal:
-        checkpoints.check_resume(str(out / "checkpoint-96"), record(96, 2), record(0, 3))  # none fits
+        resume_checks.check_resume(str(out / "checkpoint-96"), record(96, 2), record(0, 3))  # none fits
     assert str(refusal.value).startswith("checkpoint-96 was written by 2 processes and this run has 3 ")
     assert str(refusal.value).endswith(
         f": resume it with `accelerate launch --multi_gpu --num_processes 2 --mixed_precision no training/train.py "
@@ -671,6 +678,7 @@ def test_adamw_and_ema_flags_given_to_a_resume_are_not_applied_and_training_args
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
+    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
     changed = ["--adam_beta1", "0.5", "--adam_weight_decay", "0.3", "--ema_max_decay", "0.5"]
     log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest", *changed))
     assert "--adam_beta1 0.5 is not applied: the resumed optimizer restores the run's --adam_beta1 0.95" in log

@@ -48,7 +48,7 @@ SCHEDULE_OPTIONS = ("max_train_steps", "num_epochs", "lr_scheduler", "lr_warmup_
 STATE_OPTIONS = ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "ema_max_decay", "ema_inv_gamma",
                  "ema_power")  # fmt: skip
 # The options that decide which images a run trains on and holds out (with --seed): a checkpoint records them, and a
-# resume whose data differs from the checkpoint's names the ones given otherwise (`checkpoints.check_data`).
+# resume whose data differs from the checkpoint's names the ones given otherwise (`resume_checks.check_data`).
 DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "train_data_files", "image_column",
                 "resolution", "center_crop", "eval_size", "max_train_samples", "streaming")  # fmt: skip
 # Options that choose the same thing: a config holds one of each pair (`check_args`), and a flag on the command line

@@ -40,7 +40,7 @@ from ..launch import MainProcessFailed, later_rank, launch_processes, watch_laun
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from ..unet import check_forward
-from . import checkpoints, output_dir
+from . import checkpoints, output_dir, resume_checks
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision
@@ -157,7 +157,7 @@ def check_run(given: TrainingConfig) -> Plan:
     facts = replace(facts, num_processes=launch_processes())  # (accelerate's logger logs from here)
     if record is not None:
         current = RunRecord.of_run(0, unet.config, scheduler.config, config, facts.num_processes)
-        checkpoints.check_resume(
+        resume_checks.check_resume(
             path, record, current, skip=("in_channels", "out_channels") if channels is None else ()
         )
         if config.max_train_steps is not None:  # the run's length, known before its data is opened
@@ -208,8 +208,8 @@ def setup(given: TrainingConfig) -> Run:
 def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     set_seed(given.seed)  # the same initial weights on every process
     scheduler, resolution = plan.scheduler, plan.resolution
-    options = checkpoints.data_options(plan.config)
-    guard = checkpoints.data_guard(plan.facts.resume_path, plan.record, given.allow_data_change, options)
+    options = resume_checks.data_options(plan.config)
+    guard = resume_checks.data_guard(plan.facts.resume_path, plan.record, given.allow_data_change, options)
     data = load_training_data(plan.config, accelerator, resolution, plan.channels, guard)  # the cache: once per machine
     config, notes = resolve(given, replace(plan.facts, train_images=len(data.train)))
     for note in notes:
@@ -220,7 +220,7 @@ def _build(given: TrainingConfig, accelerator, plan: Plan) -> Run:
     logger.info(describe_model(config, unet, scheduler))
     record = RunRecord.of_run(0, unet.config, scheduler.config, config, accelerator.num_processes, data)
     if plan.record is not None:  # the data decided the channels: compare them too, before anything is written
-        checkpoints.check_resume(
+        resume_checks.check_resume(
             plan.facts.resume_path, plan.record, record, allow_data_change=config.allow_data_change
         )
     if config.channels_last:
