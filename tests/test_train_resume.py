@@ -140,7 +140,7 @@ def test_the_streaming_run_resumed_with_its_own_options_ends_with_the_same_weigh
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
-    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
+    (copy / "training_summary.json").unlink(missing_ok=True)  # stopped after step 2: it never finished
     log = launch(launch_flags(copy, *stream, "--resume_from_checkpoint", "latest"))
     assert f"resumed from {copy / 'checkpoint-2'} at optimizer step 2" in log
     assert "an unknown number of training images" in log  # a stream that states no length (not "0")
@@ -394,7 +394,7 @@ def test_allow_data_change_resumes_on_the_data_as_it_is_now_and_says_so(folder_r
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
-    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
+    (copy / "training_summary.json").unlink(missing_ok=True)  # stopped after step 2: it never finished
     with added_images(images):
         log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest", "--allow_data_change"))
     assert "--allow_data_change: 20 images added to" in log and "the held-out split is drawn again" in log
@@ -411,7 +411,7 @@ def test_a_resume_without_max_train_steps_keeps_the_runs_length_and_ends_as_the_
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
-    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
+    (copy / "training_summary.json").unlink(missing_ok=True)  # stopped after step 2: it never finished
     log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest"))
     assert f"--max_train_steps 4: the resumed run's (from {copy / 'checkpoint-2'})" in log
     assert [step for step, _ in checkpoints.list_checkpoints(copy)] == [2, 4]
@@ -434,7 +434,7 @@ def test_a_resume_command_without_the_runs_schedule_flags_resumes_it_to_the_unin
     launch(launch_flags(out, *data, *schedule))
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
-    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
+    (copy / "training_summary.json").unlink(missing_ok=True)  # stopped after step 2: it never finished
     log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest"))
     assert f"resumed from {copy / 'checkpoint-2'} at optimizer step 2" in log and "not applied" not in log
     args = json.loads((copy / "training_args.json").read_text())
@@ -446,7 +446,7 @@ def test_a_resume_command_without_the_runs_schedule_flags_resumes_it_to_the_unin
     again = tmp_path / "again"
     shutil.copytree(copy, again)
     shutil.rmtree(again / "checkpoint-4")
-    (again / "training_summary.json").unlink()  # stopped after step 2: it never finished
+    (again / "training_summary.json").unlink(missing_ok=True)  # stopped after step 2: it never finished
     argv = [
         "--config",
         str(copy / "training_args.json"),
@@ -678,7 +678,7 @@ def test_adamw_and_ema_flags_given_to_a_resume_are_not_applied_and_training_args
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-4")
-    (copy / "training_summary.json").unlink()  # stopped after step 2: it never finished
+    (copy / "training_summary.json").unlink(missing_ok=True)  # stopped after step 2: it never finished
     changed = ["--adam_beta1", "0.5", "--adam_weight_decay", "0.3", "--ema_max_decay", "0.5"]
     log = launch(launch_flags(copy, *data, "--resume_from_checkpoint", "latest", *changed))
     assert "--adam_beta1 0.5 is not applied: the resumed optimizer restores the run's --adam_beta1 0.95" in log
