@@ -188,6 +188,17 @@ def check_pipeline_dir(output_dir: str | Path) -> None:
             ) from None
 
 
+def _measured_metrics(metrics, output_dir) -> dict | None:
+    """The card's metrics (a dict, or the path of a JSON file: read and checked), refused when they name other UNet
+    weights than `output_dir`'s (`check_measured_weights`): a card never reports another model's numbers."""
+    metrics_file = metrics if isinstance(metrics, (str, Path)) else None
+    if metrics_file is not None:
+        metrics = read_metrics_file(metrics_file)
+    what = f"the metrics file {metrics_file}" if metrics_file is not None else "the metrics"
+    check_measured_weights(metrics, output_dir, what, metrics_file)
+    return metrics
+
+
 def export_hub_folder(
     output_dir: str | Path,
     dest: str | Path,
@@ -204,12 +215,8 @@ def export_hub_folder(
     """
     output_dir, dest = Path(output_dir), Path(dest)
     check_repo_id_value(repo_id, f"repo_id {repo_id!r}")  # the card's code examples name it
-    metrics_file = metrics if isinstance(metrics, (str, Path)) else None
-    if metrics_file is not None:
-        metrics = read_metrics_file(metrics_file)
+    metrics = _measured_metrics(metrics, output_dir)  # a folder lacking its weights: named by check_pipeline_dir
     check_pipeline_dir(output_dir)
-    what = f"the metrics file {metrics_file}" if metrics_file is not None else "the metrics"
-    check_measured_weights(metrics, output_dir, what, metrics_file)  # never another model's numbers on the card
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ValueError(
             f"{dest} is {'not empty' if dest.is_dir() else 'a file'}; export into a new or empty directory"
@@ -271,11 +278,7 @@ def push_to_hub(
         extra += f" --timeout {timeout:g}"
     try:  # before the offline and token guards: their messages print a command that must work later
         check_repo_id_value(repo_id, f"repo_id {repo_id!r}")
-        metrics_file = metrics if isinstance(metrics, (str, Path)) else None
-        if metrics_file is not None:
-            metrics = read_metrics_file(metrics_file)
-        what = f"the metrics file {metrics_file}" if metrics_file is not None else "the metrics"
-        check_measured_weights(metrics, output_dir, what, metrics_file)  # another model's numbers: refused again later
+        metrics = _measured_metrics(metrics, output_dir)
     except ValueError as err:  # no command to print: run with this id or these metrics, it would fail again
         raise HubPushError(f"not pushing {output_dir}: {err}") from None
     command = retry_command(output_dir, repo_id, private, extra)

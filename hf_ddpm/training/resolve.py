@@ -80,8 +80,8 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
     values["ddpm_num_inference_steps"] = given.ddpm_num_inference_steps or min(DEFAULT_INFERENCE_STEPS, T)
     # The sampling chain's spacing and the images' side: the pretrained scheduler's and the UNet's, else the defaults.
     spacing = inspect.signature(HFDDPMScheduler).parameters["timestep_spacing"].default
-    values["timestep_spacing"] = given.timestep_spacing or (facts.pretrained_scheduler or {}).get("timestep_spacing",
-                                                                                                   spacing)  # fmt: skip
+    pretrained = facts.pretrained_scheduler or {}
+    values["timestep_spacing"] = given.timestep_spacing or pretrained.get("timestep_spacing", spacing)
     values["resolution"] = given.resolution or facts.model_resolution
     if given.save_images_steps is None and given.save_images_epochs is None:
         values["save_images_epochs"] = DEFAULT_SAVE_IMAGES_EPOCHS
@@ -104,10 +104,9 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
         notes.append(f"--mixed_precision {saved} restored from {facts.resume_path} (the launch said "
                      f"{facts.launch_precision})")  # fmt: skip
 
-    # The batch and the warmup fit the data: a small folder, or a short run, trains without flags.
-    warmup, length = given.lr_warmup_steps, given.max_train_steps
-    if warmup is not None and length is not None and warmup > length:  # known before the data is read
-        raise ValueError(f"--lr_warmup_steps {warmup} exceeds the run's {length} optimizer steps")
+    # The batch and the warmup fit the data: a small folder, or a short run, trains without flags. The run's length
+    # is known before the data is read when given in steps; in epochs, once the data is read.
+    total = given.max_train_steps
     if facts.train_images is not None:
         world, batch = facts.num_processes, given.train_batch_size
         if batch is None:
@@ -124,9 +123,9 @@ def resolve(given: TrainingConfig, facts: RunFacts) -> tuple[TrainingConfig, lis
             if warmup != DEFAULT_WARMUP_STEPS:
                 notes.append(f"--lr_warmup_steps {warmup} (the default {DEFAULT_WARMUP_STEPS} is longer than the "
                              f"run's {total} steps: a tenth of it)")  # fmt: skip
-        elif warmup is not None and total is not None and warmup > total:
-            raise ValueError(f"--lr_warmup_steps {warmup} exceeds the run's {total} optimizer steps")
         values["lr_warmup_steps"] = warmup
+    if given.lr_warmup_steps is not None and total is not None and given.lr_warmup_steps > total:
+        raise ValueError(f"--lr_warmup_steps {given.lr_warmup_steps} exceeds the run's {total} optimizer steps")
     return replace(given, **values), notes
 
 
