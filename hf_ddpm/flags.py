@@ -222,6 +222,39 @@ def absolute_path(value, local: bool = False, many: bool = False):
 FLAG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, where: str = ""):
+        self.key, self.where = key, where
+
+
+# A key written twice is refused, in YAML and JSON alike: both parsers would keep the last value silently, so a
+# file edited by appending `learning_rate: 1e-4` would train on whichever line came last, unseen.
+def _unique_keys(pairs: list[tuple]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # no option's name: the loader's own checks answer it
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(key, f" (lines {lines[key]} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_flag_file(path: Path, flag: str) -> dict:
     """The mapping of flag name: value that a JSON or YAML file (given with `flag`) holds, as written (`config_value`
     types each value); or a ValueError naming the file and what is wrong with it. An empty file holds none."""
@@ -229,7 +262,9 @@ def read_flag_file(path: Path, flag: str) -> dict:
         raise ValueError(f"{flag} {path}: the file must end in one of {', '.join(FLAG_FILE_SUFFIXES)}")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else _load_yaml(text)
+    except _DuplicateKey as twice:
+        raise ValueError(f"{flag} {path} gives {twice.key!r} twice{twice.where}: keep one") from None
     except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError is a ValueError
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ValueError(f"{flag} {path} is not valid {kind}: {err}") from None

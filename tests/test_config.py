@@ -233,6 +233,31 @@ def test_a_bad_config_file_is_refused_naming_the_key_and_what_is_allowed(tmp_pat
         parse_args(["--config", str(path)])
 
 
+@pytest.mark.parametrize(
+    "suffix, text, where",
+    [
+        (".yaml", "learning_rate: 2e-4\ntrain_batch_size: 8\nlearning_rate: 1e-4\n", " (lines 1 and 3)"),
+        (".json", '{"learning_rate": 2e-4, "train_batch_size": 8, "learning_rate": 1e-4}', ""),
+    ],
+)
+def test_a_config_file_giving_one_key_twice_is_one_line_naming_the_file_and_key(tmp_path, capsys, suffix, text, where):
+    """YAML and JSON parsers keep a repeated key's last value silently: a line appended to a file would change the
+    run unseen. The file is refused in one line naming it, the key and (YAML) both lines."""
+    path, out = tmp_path / f"run{suffix}", tmp_path / "out"
+    path.write_text(text)
+    assert main(["--config", str(path), "--output_dir", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --config {path} gives 'learning_rate' twice{where}: keep one"
+    ]
+    assert not out.exists()
+    path.write_text(
+        text.replace("learning_rate: 1e-4", "lr_warmup_steps: 3").replace(
+            '"learning_rate": 1e-4', '"lr_warmup_steps": 3'
+        )
+    )
+    assert parse_args(["--config", str(path)]).learning_rate == 2e-4  # each key once: read as before
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_quoted_booleans_in_a_config_file_read_as_their_words(tmp_path, suffix):
     """bool("no") is True: a quoted "no" or "false" (YAML, JSON) must read as False, as argparse-style parsers do."""
