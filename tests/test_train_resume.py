@@ -643,8 +643,8 @@ def test_a_resume_left_without_the_schedule_flags_keeps_the_runs_and_a_new_run_t
 
 def test_a_resume_keeps_the_runs_adamw_and_ema_settings_and_says_a_flag_given_is_not_applied():
     """The restored optimizer and EMA hold them: the resolved config (training_args.json) takes the run's from its
-    record, as the learning rate, and each flag that differs is said not to be applied. A flag at its default is read
-    as left out; a record written before it held them leaves the flags as given."""
+    record, as the learning rate, and each flag given that differs is said not to be applied, a flag at a new run's
+    default too; a record written before it held them leaves the flags as given, and a new run's defaults."""
     run = {"adam_beta1": 0.9, "adam_beta2": 0.99, "adam_weight_decay": 0.0, "adam_epsilon": 1e-6,
            "ema_max_decay": 0.999, "ema_inv_gamma": 2.0, "ema_power": 0.5, "eval_size": 16}  # fmt: skip
     facts = RunFacts(resume_path="out/checkpoint-40", resumed_schedule=SCHEDULE, resumed_options=run)
@@ -656,12 +656,14 @@ def test_a_resume_keeps_the_runs_adamw_and_ema_settings_and_says_a_flag_given_is
         "--adam_beta1 0.5 is not applied: the resumed optimizer restores the run's --adam_beta1 0.9",
         "--adam_weight_decay 0.3 is not applied: the resumed optimizer restores the run's --adam_weight_decay 0.0",
         "--ema_max_decay 0.5 is not applied: the resumed EMA restores the run's --ema_max_decay 0.999",
-    ]  # --ema_power 0.75 is the default (read as left out), --adam_epsilon 1e-6 the run's
+        "--ema_power 0.75 is not applied: the resumed EMA restores the run's --ema_power 0.5",
+    ]  # --ema_power 0.75 is a new run's default, given; --adam_epsilon 1e-6 the run's
     assert resolve(config, facts)[0] == config  # resolved once: it resolves to itself
     older = resolve(parse_args(given), replace(facts, resumed_options={}))[0]  # a record without them
     assert (older.adam_beta1, older.adam_weight_decay, older.ema_max_decay) == (0.5, 0.3, 0.5)
+    assert (older.adam_beta2, older.ema_inv_gamma) == (0.999, 1.0)  # not given: a new run's
     fresh = resolve(parse_args(["--adam_beta1", "0.5"]), RunFacts())[0]
-    assert fresh.adam_beta1 == 0.5
+    assert (fresh.adam_beta1, fresh.adam_beta2) == (0.5, 0.999)
 
 
 @pytest.mark.slow  # one more launch

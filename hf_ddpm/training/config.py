@@ -65,6 +65,11 @@ DEFAULT_WARMUP_STEPS = 100  # a tenth of the default 1000-step digits run (diffu
 # digits-16-tiny: the 1000-step demo run reaches ~3.0 held-out bits/dim with it (README); no sweep is recorded. A
 # 35.7M model wants the paper's 2e-4 (the recipes). The cosine decay is diffusers' default.
 NEW_RUN_SCHEDULE = {"num_epochs": 40, "learning_rate": 2e-3, "lr_scheduler": "cosine"}
+# A new run's AdamW and EMA settings (STATE_OPTIONS; a resume keeps its run's). AdamW's β1, β2, weight decay and ε
+# are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9); the EMA warms up as diffusers' does
+# (inv_gamma 1, power 3/4) to DDPM's decay 0.9999 (appendix B).
+NEW_RUN_STATE = {"adam_beta1": 0.95, "adam_beta2": 0.999, "adam_weight_decay": 1e-6, "adam_epsilon": 1e-8,
+                 "ema_inv_gamma": 1.0, "ema_power": 3 / 4, "ema_max_decay": 0.9999}  # fmt: skip
 # 250 respaced steps: a quarter of T = 1000's cost per grid; benchmarks/results/RESULTS.md measured a learned_range
 # model's FID at 250 steps within 3.4% of its 1000 steps' (diffusers' default is 1000)
 DEFAULT_INFERENCE_STEPS = 250
@@ -76,6 +81,11 @@ BetaScheduleName = Literal[BETA_SCHEDULES + tuple(SCHEDULE_ALIASES)]  # diffuser
 LRScheduler = Literal[LR_SCHEDULERS]
 NanPolicy = Literal[NAN_POLICIES]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+def _kept(text: str, name: str) -> str:
+    """The help of a STATE_OPTION: its text, its new run's value and what a resume does."""
+    return f"{text} (default: {NEW_RUN_STATE[name]}; a resume: the run's)"
 
 
 def option(default=None, help: str = "", *, aliases=(), parse=None, negation=None, key=None, **bounds):  # noqa: A002
@@ -178,19 +188,17 @@ class OptimizationOptions:
     lr_warmup_steps: int | None = option(
         help=f"linear warmup from 0 (default: {DEFAULT_WARMUP_STEPS}, a tenth of a shorter run; a resume: the run's)",
         min=0)
-    # AdamW's β1, β2, weight decay and ε are diffusers' train_unconditional.py defaults (β1 0.95, not Adam's 0.9)
     # A resume keeps its run's values of these and the EMA's (STATE_OPTIONS): the restored state holds them.
-    adam_beta1: float = option(0.95, "AdamW beta1 (a resume: the run's)", min=0, below=1)  # torch.optim.AdamW's ranges
-    adam_beta2: float = option(0.999, "AdamW beta2 (a resume: the run's)", min=0, below=1)
-    adam_weight_decay: float = option(1e-6, "AdamW weight decay (a resume: the run's)", min=0)
-    adam_epsilon: float = option(1e-8, "AdamW epsilon (a resume: the run's)", above=0)  # 0: 0/0 where a gradient is 0
+    adam_beta1: float | None = option(help=_kept("AdamW beta1", "adam_beta1"), min=0, below=1)  # AdamW's ranges
+    adam_beta2: float | None = option(help=_kept("AdamW beta2", "adam_beta2"), min=0, below=1)
+    adam_weight_decay: float | None = option(help=_kept("AdamW weight decay", "adam_weight_decay"), min=0)
+    adam_epsilon: float | None = option(help=_kept("AdamW epsilon", "adam_epsilon"), above=0)  # 0: 0/0 at a zero grad
     max_grad_norm: float = option(1.0, "gradient clipping; 0 disables it", min=0)  # DDPM's official code clips at 1
     use_ema: bool = option(True, "keep an EMA of the weights; the saved pipeline holds it")
-    # diffusers' EMA warmup (inv_gamma 1, power 3/4) up to DDPM's decay 0.9999 (appendix B)
-    ema_inv_gamma: float = option(1.0, "EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power (a resume: the run's)",
-                                  above=0)
-    ema_power: float = option(3 / 4, "EMA warmup power (a resume: the run's)", above=0)  # <= 0: never warming up
-    ema_max_decay: float = option(0.9999, "the EMA decay it warms up to (a resume: the run's)", min=0, max=1)
+    ema_inv_gamma: float | None = option(
+        help=_kept("EMA warmup: decay = 1 - (1 + step/inv_gamma)^-power", "ema_inv_gamma"), above=0)
+    ema_power: float | None = option(help=_kept("EMA warmup power", "ema_power"), above=0)  # <= 0: never warms up
+    ema_max_decay: float | None = option(help=_kept("the EMA decay it warms up to", "ema_max_decay"), min=0, max=1)
     seed: int = option(0, "weights, data order, noise: one seed for all", min=0, max=2**32 - 1)  # torch's, numpy's
     on_nan: NanPolicy = option("stop", "a NaN/inf loss or gradient: stop, naming the step, before anything of it is "
                                        "written; or skip that step's update with a warning")

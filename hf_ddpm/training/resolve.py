@@ -23,6 +23,7 @@ from .config import (
     DEFAULT_SAVE_IMAGES_EPOCHS,
     DEFAULT_WARMUP_STEPS,
     NEW_RUN_SCHEDULE,
+    NEW_RUN_STATE,
     STATE_OPTIONS,
     STREAMING_LENGTH,
     TrainingConfig,
@@ -172,13 +173,17 @@ def _keep_schedule(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> 
 
 
 def _keep_state(given: TrainingConfig, facts: RunFacts, notes: list[str]) -> TrainingConfig:
-    """`given` with the resumed run's AdamW and EMA settings (STATE_OPTIONS, from its record): the restored optimizer
-    and EMA hold them and would override a flag unseen, so a flag given that differs is said, not applied, as
-    --learning_rate is. A record written before it held them leaves the flags as given."""
+    """`given` with the AdamW and EMA settings (STATE_OPTIONS) a flag leaves out: a new run's (NEW_RUN_STATE), or
+    the resumed run's (its record's). The restored optimizer and EMA hold the run's and would override a flag unseen,
+    so a resume keeps them and says which flag given is not applied, as --learning_rate is. A record written before
+    it held them leaves the flags as given."""
     saved = {k: v for k, v in (facts.resumed_options or {}).items() if k in STATE_OPTIONS}
-    for name, value in saved.items():
+    values = {}
+    for name in STATE_OPTIONS:
         flag = getattr(given, name)
-        if flag != value and flag != TrainingConfig.__dataclass_fields__[name].default:  # the default: not given
+        values[name] = saved.get(name, NEW_RUN_STATE[name] if flag is None else flag)
+        if flag is not None and flag != values[name]:
             holder = "optimizer" if name.startswith("adam_") else "EMA"
-            notes.append(f"--{name} {flag} is not applied: the resumed {holder} restores the run's --{name} {value}")
-    return replace(given, **saved)
+            notes.append(f"--{name} {flag} is not applied: the resumed {holder} restores the run's --{name} "
+                         f"{values[name]}")  # fmt: skip
+    return replace(given, **values)
