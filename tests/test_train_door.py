@@ -94,6 +94,12 @@ def test_an_optimizer_or_ema_value_out_of_range_is_refused_at_the_door(tmp_path,
         (["--streaming", "--dataset_name", "someone/images", "--max_train_steps", "5", "--max_train_samples", "100"],
          "--max_train_samples 100 does not apply with --streaming (a stream is read as it comes, no subset is drawn "
          "from it): drop it, or train without --streaming"),
+        (["--streaming", "--dataset_name", "someone/images", "--max_train_steps", "5", "--max_in_memory_gb", "2"],
+         "--max_in_memory_gb 2.0 does not apply with --streaming (a stream is decoded as it comes, a batch ahead, and "
+         "never held in memory): drop it, or train without --streaming"),
+        (["--streaming", "--train_data_dir", "images", "--max_train_steps", "5", "--preprocessing_num_workers", "4"],
+         "--preprocessing_num_workers 4 does not apply with --streaming (a stream builds no cache; "
+         "--dataloader_num_workers decodes it in processes): drop it, or train without --streaming"),
         (["--streaming", "--train_data_dir", "images", "--max_train_steps", "5", "--random_crop"],
          "--random_crop does not apply with --streaming (a streamed image is cropped at its centre): drop it, or "
          "train without --streaming"),
@@ -101,7 +107,7 @@ def test_an_optimizer_or_ema_value_out_of_range_is_refused_at_the_door(tmp_path,
 )  # fmt: skip
 def test_options_that_contradict_or_do_nothing_are_refused_at_the_door(tmp_path, capsys, no_data, argv, line):
     """Two names of one option with different values (argparse would take the last in silence), and the options a
-    stream does not apply (it would train on every image, centre-cropped, in silence)."""
+    stream does not apply (it would train on every image, centre-cropped, decoded as it comes, in silence)."""
     out = tmp_path / "out"
     assert main([*argv, "--output_dir", str(out)]) == 1
     captured = capsys.readouterr()

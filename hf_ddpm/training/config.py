@@ -55,6 +55,13 @@ DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_data_dir", "train_
 # replaces the config file's other one (`cli.REPLACES`).
 EXCLUSIVE = (("model_config", "pretrained_model_name_or_path"), ("save_images_epochs", "save_images_steps"),
              ("save_model_epochs", "save_model_steps"))  # fmt: skip
+# The options of a preprocessed dataset that a stream, read as it comes (data/streaming.py), has no use for; each image
+# is also cropped at its centre (no --random_crop).
+NOT_STREAMED = {
+    "max_train_samples": "a stream is read as it comes, no subset is drawn from it",
+    "max_in_memory_gb": "a stream is decoded as it comes, a batch ahead, and never held in memory",
+    "preprocessing_num_workers": "a stream builds no cache; --dataloader_num_workers decodes it in processes",
+}
 STREAMING_LENGTH = "--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead"
 
 # The defaults that depend on the run (None in the fields), filled by `resolve`:
@@ -335,12 +342,10 @@ def check_args(args: TrainingConfig) -> None:
     one_source({name: getattr(args, name) for name in DATA_SOURCES}, "--")  # the data's rule: one source at most
     if args.streaming and args.max_train_steps is None and args.resume_from_checkpoint is None:
         raise ValueError(STREAMING_LENGTH)  # a resume takes the checkpoint's (`resolve`)
-    # A stream is read as it comes (data/streaming.py): no seeded subset drawn ahead, each image cropped at its centre
-    if args.streaming and args.max_train_samples is not None:
-        raise ValueError(
-            f"--max_train_samples {args.max_train_samples} does not apply with --streaming (a stream is read as it "
-            "comes, no subset is drawn from it): drop it, or train without --streaming"
-        )
+    for name, why in NOT_STREAMED.items():
+        if args.streaming and getattr(args, name) is not None:
+            raise ValueError(f"--{name} {getattr(args, name)} does not apply with --streaming ({why}): drop it, or "
+                             "train without --streaming")  # fmt: skip
     if args.streaming and not args.center_crop:
         raise ValueError(
             "--random_crop does not apply with --streaming (a streamed image is cropped at its centre): drop it, or "
