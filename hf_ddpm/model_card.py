@@ -356,6 +356,7 @@ def model_summary(pipeline_dir: Path) -> dict:
         "variance_type": scheduler.get("variance_type", "fixed_small"),
         "prediction_type": scheduler.get("prediction_type", "epsilon"),
         "timestep_spacing": scheduler.get("timestep_spacing", "leading"),  # which timesteps a respaced chain visits
+        "sampler": scheduler.get("_class_name", "HFDDPMScheduler"),  # another scheduler swapped in: diffusers' name
     }
 
 

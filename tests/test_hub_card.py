@@ -14,7 +14,7 @@ import sys
 import huggingface_hub
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 from hub_clients import REPO
 from huggingface_hub import ModelCard
 
@@ -104,6 +104,29 @@ def test_card_of_a_pipeline_without_a_run(tmp_path):
     card = render_model_card(tmp_path, "me/bare")
     assert "No training configuration was recorded" in card.text and "No evaluation was recorded" in card.text
     assert "model-index" not in card.data.to_dict() and "![Samples" not in card.text
+
+
+def test_the_card_of_a_pipeline_with_another_scheduler_swapped_in_names_it_and_how_to_sample_ddpm(tmp_path):
+    """A pipeline saved with diffusers' DDIMScheduler samples with it (ways 1 and 2): its card says so instead of
+    describing DDPM's ancestral sampling and its respacing, and keeps the trained model's variance."""
+    ours = HFDDPMScheduler(num_train_timesteps=10, variance_type="learned_range")
+    unet = UNet2DModel(**unet_config("test-tiny", learned_variance=True))
+    for scheduler, folder in ((ours, tmp_path / "ddpm"), (DDIMScheduler.from_config(ours.config), tmp_path / "ddim")):
+        HFDDPMPipeline(unet, scheduler).save_pretrained(folder)
+    ddpm, ddim = (render_model_card(tmp_path / name, "me/m").text for name in ("ddpm", "ddim"))
+    assert "| Sampler | DDPM's ancestral sampling (`HFDDPMScheduler`) |" in ddpm and "DDIMScheduler" not in ddpm
+    assert "Fewer steps sample\n  a respaced chain" in ddpm and "Use way 1 or 2 for exact DDPM sampling" in ddpm
+    assert "| Sampler | diffusers' `DDIMScheduler`, swapped in for DDPM's ancestral sampling" in ddim
+    assert "ancestral sampling (`HFDDPMScheduler`)" not in ddim and "a respaced chain" not in ddim
+    assert "Fewer steps skip\n  timesteps as `DDIMScheduler` does" in ddim and "exact DDPM sampling" in ddim
+    assert (
+        "Use way 1 or 2" not in ddim and "pipe.scheduler = HFDDPMScheduler.from_config(pipe.scheduler.config)" in ddim
+    )
+    for card in (ddpm, ddim):
+        assert "| Reverse-process variance | learned_range |" in card
+    swapped_back = HFDDPMPipeline.from_pretrained(tmp_path / "ddim")  # the line the card gives
+    swapped_back.scheduler = HFDDPMScheduler.from_config(swapped_back.scheduler.config)
+    assert {k: swapped_back.scheduler.config[k] for k in ours.config} == dict(ours.config)  # DDPM's process again
 
 
 @pytest.mark.parametrize(("metrics", "match"), [
