@@ -40,19 +40,33 @@ def _holder(path: str) -> str:
 
 
 def holder_of(path: str) -> str | None:
-    """The holder of the lock on `path`, None when nobody holds it. Reads only: the lock is tried on a read-only
-    descriptor and let go at once."""
+    """The holder of the lock on `path`, None when nobody holds it. Reads only: a shared lock is tried on a read-only
+    descriptor and let go at once. Shared, so that probes at the same moment (every process of a launch checks the
+    output directory) never take each other for a holder: an exclusive probe would, and name the last run's PID."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return _holder(path)
     finally:
         os.close(fd)  # also lets go of a lock taken here
     return None
+
+
+def _exclusive_soon(fd: int, tries: int = 5) -> bool:
+    """Whether an exclusive flock on `fd` was taken without blocking, tried again for a moment (~0.1 s): a probe
+    (`holder_of`) holds its shared lock for microseconds, a run for as long as it runs."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(0.025)
+    return False
 
 
 class FileLock:
@@ -73,12 +87,10 @@ class FileLock:
         os.makedirs(folder, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _exclusive_soon(fd):
                 if not wait:
                     os.close(fd)
-                    raise LockHeld(path, _holder(path)) from None
+                    raise LockHeld(path, _holder(path))
                 if waiting is not None:
                     waiting(_holder(path))
                 fcntl.flock(fd, fcntl.LOCK_EX)
