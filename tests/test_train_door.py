@@ -100,6 +100,12 @@ def test_an_optimizer_or_ema_value_out_of_range_is_refused_at_the_door(tmp_path,
         (["--streaming", "--train_data_dir", "images", "--max_train_steps", "5", "--preprocessing_num_workers", "4"],
          "--preprocessing_num_workers 4 does not apply with --streaming (a stream builds no cache; "
          "--dataloader_num_workers decodes it in processes): drop it, or train without --streaming"),
+        (["--dataloader_num_workers", "4"],
+         "--dataloader_num_workers 4 applies only with --streaming (a preprocessed dataset is decoded once, into its "
+         "cache; --preprocessing_num_workers decodes it in processes): drop it, or stream the data with --streaming"),
+        (["--shuffle_buffer_size", "100"],
+         "--shuffle_buffer_size 100 applies only with --streaming (a preprocessed dataset is shuffled whole, each "
+         "epoch): drop it, or stream the data with --streaming"),
         (["--streaming", "--train_data_dir", "images", "--max_train_steps", "5", "--random_crop"],
          "--random_crop does not apply with --streaming (a streamed image is cropped at its centre): drop it, or "
          "train without --streaming"),

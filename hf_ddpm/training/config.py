@@ -62,6 +62,12 @@ NOT_STREAMED = {
     "max_in_memory_gb": "a stream is decoded as it comes, a batch ahead, and never held in memory",
     "preprocessing_num_workers": "a stream builds no cache; --dataloader_num_workers decodes it in processes",
 }
+# The options of a stream that a preprocessed dataset has no use for: another value than the default did nothing.
+STREAM_ONLY = {
+    "shuffle_buffer_size": "a preprocessed dataset is shuffled whole, each epoch",
+    "dataloader_num_workers": "a preprocessed dataset is decoded once, into its cache; --preprocessing_num_workers "
+    "decodes it in processes",
+}
 STREAMING_LENGTH = "--streaming needs --max_train_steps: a stream's length, so its epochs, is not known ahead"
 
 # The defaults that depend on the run (None in the fields), filled by `resolve`:
@@ -346,6 +352,11 @@ def check_args(args: TrainingConfig) -> None:
         if args.streaming and getattr(args, name) is not None:
             raise ValueError(f"--{name} {getattr(args, name)} does not apply with --streaming ({why}): drop it, or "
                              "train without --streaming")  # fmt: skip
+    for name, why in STREAM_ONLY.items():
+        value = getattr(args, name)
+        if not args.streaming and value != TrainingConfig.__dataclass_fields__[name].default:
+            raise ValueError(f"--{name} {value} applies only with --streaming ({why}): drop it, or stream the data "
+                             "with --streaming")  # fmt: skip
     if args.streaming and not args.center_crop:
         raise ValueError(
             "--random_crop does not apply with --streaming (a streamed image is cropped at its centre): drop it, or "
