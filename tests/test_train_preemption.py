@@ -213,3 +213,80 @@ def test_the_resume_command_drops_resume_and_overwrite_flags(monkeypatch):
     assert resume_command([], 1, "no") == "python -m hf_ddpm.train --resume_from_checkpoint latest"
     assert isinstance(Preempted(15, "c", "x"), SystemExit) and Preempted(15, "c", "x").code == 143
     assert PreemptionHandler().received is None
+
+
+# ------------------------------------------------------------------------------------------------ before the loop
+
+SLOW_BUILD_TRAINING = """
+import sys, time
+import hf_ddpm.data.cache as cache_module
+real = cache_module.decode_image
+def slow(*args, **kwargs):  # a cache build long enough to be signalled while the pool's workers decode
+    time.sleep(0.005)
+    return real(*args, **kwargs)
+cache_module.decode_image = slow
+from hf_ddpm.training.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize(
+    "sig, group", [(signal.SIGINT, False), pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow)]
+)
+def test_a_signal_while_the_cache_is_built_ends_the_run_at_once_in_one_line_leaving_nothing(tmp_path, sig, group):
+    """Before the first step there is nothing to checkpoint, and the cache's worker pool cannot stop halfway cleanly:
+    SIGINT to the trainer alone hung it, or printed each worker's KeyboardInterrupt traceback and `error:
+    TimeoutError`; SIGTERM killed it without a word. Now: one line, status 128 + N in seconds, the pool's workers
+    gone, and the new output directory removed; the next run builds the cache and trains."""
+    from image_files import write_images
+
+    folder, out, cache = write_images(tmp_path / "images", 4100, size=(8, 8)), tmp_path / "out", tmp_path / "cache"
+    argv = tiny(out, "--train_data_dir", folder, "--cache_dir", str(cache), "--preprocessing_num_workers", "2")
+    log = tmp_path / "log"  # a pool decodes 4096 images or more
+    with open(log, "wb") as f:
+        process = subprocess.Popen([sys.executable, "-c", SLOW_BUILD_TRAINING, *argv], cwd=REPO, env=environment(),
+                                   stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := [p for p in _children(process.pid) if _alive(p)]) < 2:  # the pool is decoding
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        os.killpg(process.pid, sig) if group else os.kill(process.pid, sig)
+        assert process.wait(timeout=30) == exit_status(sig), log.read_text()[-3000:]
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert took < 10 and "Traceback" not in text and "error:" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == (
+        f"received {signal.Signals(sig).name} before the first training step: stopped, nothing trained or written; "
+        "the same command starts again"
+    )
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "the pool's workers outlived the trainer"
+    assert not out.exists()  # made by this run: no trace left
+    train(parse_args(argv))  # the same command starts again: the cache is built, the run trains
+    assert (out / "model_index.json").is_file()

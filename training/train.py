@@ -14,7 +14,8 @@ Examples:
 
 An error ends the output with one line, `error: <message>` (`--debug` prints the traceback above it; accelerate
 launch adds its own report of the failed process after it unless it is given `--quiet`). SIGTERM, SIGINT and SIGUSR1
-stop the run at the next optimizer step with a checkpoint and exit with status 128 + the signal number.
+stop the run at the next optimizer step with a checkpoint (before the first step: at once) and exit with status 128 +
+the signal number.
 """
 
 import sys

@@ -13,6 +13,9 @@ the run prints one line naming it and the command that resumes it, and exits wit
 and other schedulers see an interrupted, requeueable job. A second SIGINT while the checkpoint is being written
 aborts at once (the default action of SIGINT): the previous checkpoint stays intact.
 
+Before the first step (the run set up, its data cache built) there is no step to checkpoint: a signal ends the
+process at once, in one line (`StopAtOnce`).
+
 A signal during the final evaluation (bits/dim, sample grid) stops it: the main process, which alone runs it, is
 interrupted at once (`interrupting`), and all processes write the checkpoint of the last step, whose resume only
 evaluates and saves. A signal while the pipeline is saved lets the save finish (seconds, atomic) and says so.
@@ -175,6 +178,48 @@ class PreemptionHandler:
             elsewhere = total if total in signal.valid_signals() else int(signal.SIGTERM)
             self.agreed = self.received or elsewhere
         return loss, self.agreed is not None
+
+
+class StopAtOnce:
+    """The signals of preemption before the loop's PreemptionHandler takes them (a context manager): while the
+    run is set up and its data cache built. Nothing is trained yet, so there is no step to checkpoint, and a cache
+    build cannot stop halfway cleanly (its worker pool dies with tracebacks, or hangs). A signal ends the process at
+    once: one line (the process that `speaks`), then the `cleanups` registered so far (the output directory's lock,
+    and the directory itself when the run made it), exit status 128 + N. The pool's workers die with the process
+    (hf_ddpm/data/workers.py); a forked process that inherited the handler ignores the signal."""
+
+    def __init__(self, signals=(), speaks: bool = True):
+        self.signals, self.speaks = tuple(signals), speaks
+        self.cleanups: list = []
+        self._owner = os.getpid()
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> StopAtOnce:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._owner:
+            return
+        if self.speaks:  # os.write: the main thread may be inside a print (a progress bar's) that this interrupts
+            os.write(2, f"\nreceived {signal.Signals(signum).name} before the first training step: stopped, nothing "
+                        "trained or written; the same command starts again\n".encode())  # fmt: skip
+        for cleanup in self.cleanups:
+            with contextlib.suppress(Exception):
+                cleanup()
+        os._exit(exit_status(signum))
 
 
 # ------------------------------------------------------------------------------------------------ faults

@@ -44,7 +44,7 @@ from . import checkpoints, output_dir, resume_checks
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision
-from .interruptions import NanGuard, PreemptionHandler, one_line, parse_signals
+from .interruptions import NanGuard, PreemptionHandler, StopAtOnce, one_line, parse_signals
 from .loop import Run, train_loop
 from .model import build_scheduler, build_unet, data_shape, describe_model, pretrained_scheduler_config
 from .resolve import RunFacts, optimizer_steps, resolve
@@ -89,21 +89,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(given: TrainingConfig) -> dict:
     """Run (or resume) the training `given` asks for; write the pipeline; return the run's summary."""
-    try:
-        run = setup(given)  # the main process holds the output directory's lock from here ...
-    except RunComplete as complete:
-        return complete.summary
-    preemption = PreemptionHandler(parse_signals(run.config.preemption_signals), speaks=not later_rank())
-    unwatch = watch_launcher((*preemption.signals, signal.SIGTERM)[0])  # a launcher killed alone stops the run
-    try:
-        preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
-        return train_loop(run, preemption)
-    finally:
-        preemption.restore()
-        if unwatch is not None:
-            unwatch()
-        if run.lock is not None:
-            run.lock.release()  # ... to its end (or the process's, whichever comes first)
+    signals, speaks = parse_signals(given.preemption_signals), not later_rank()
+    with StopAtOnce(signals, speaks) as early:  # until the loop: a signal ends the process at once
+        try:
+            run = setup(given, early.cleanups)  # the main process holds the output directory's lock from here ...
+        except RunComplete as complete:
+            return complete.summary
+        preemption = PreemptionHandler(signals, speaks)
+        unwatch = watch_launcher((*signals, signal.SIGTERM)[0])  # a launcher killed alone stops the run
+        try:
+            preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
+            return train_loop(run, preemption)
+        finally:
+            preemption.restore()
+            if unwatch is not None:
+                unwatch()
+            if run.lock is not None:
+                run.lock.release()  # ... to its end (or the process's, whichever comes first)
 
 
 class RunComplete(Exception):
@@ -171,7 +173,9 @@ def check_run(given: TrainingConfig) -> Plan:
     return Plan(config, facts, channels, resolution, scheduler, record, found)
 
 
-def setup(given: TrainingConfig) -> Run:
+def setup(given: TrainingConfig, cleanups: list | None = None) -> Run:
+    """The run `given` asks for, checked, resolved and built; `cleanups` gets what an abrupt end must undo (the
+    output directory's lock, and the directory when this run made it)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     tune_process(given.num_threads)
     try:
@@ -195,11 +199,17 @@ def setup(given: TrainingConfig) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     lock = output_dir.lock_output_dir(config, accelerator)
+
+    def let_go() -> None:  # nothing else written yet when the output directory was new: leave no trace
+        if lock is not None:
+            lock.release(remove=not os.path.exists(os.path.join(config.output_dir, output_dir.MANIFEST_NAME)))
+
+    if cleanups is not None:
+        cleanups.append(let_go)
     try:
         run = _build(given, accelerator, plan)
     except BaseException:
-        if lock is not None:  # nothing else written yet when the output directory was new: leave no trace
-            lock.release(remove=not os.path.exists(os.path.join(config.output_dir, output_dir.MANIFEST_NAME)))
+        let_go()
         raise
     run.lock = lock
     return run
