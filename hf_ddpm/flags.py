@@ -11,8 +11,9 @@ flag, then a one-line usage, instead of the whole usage of a command with a hund
     parser = FlagParser(prog="...", description="...")   # everything else as argparse.ArgumentParser
 
 The values of flags: a config file's value typed as the command line would give it (`config_value`; a quoted "no"
-is False), a number checked against its flag's range (`check_number`: finite, and within its ends), and a local
-path made absolute (`absolute_path`); a JSON or YAML file of flag: value pairs read (`read_flag_file`).
+is False), a number checked against its flag's range (`check_number`: finite, and within its ends), a local path
+made absolute (`absolute_path`) or checked before any work for what will be written there (`check_writable`); a
+JSON or YAML file of flag: value pairs read (`read_flag_file`).
 """
 
 from __future__ import annotations
@@ -273,3 +274,26 @@ def read_flag_file(path: Path, flag: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{flag} {path} must hold a mapping of option: value, got {type(data).__name__}")
     return data
+
+
+def check_writable(flag: str, value: str, kind: str) -> None:
+    """Refuse a --flag path that cannot be written, before any work: `kind` "file" (written atomically beside
+    itself, its missing directories made) or "directory" (made with its parents where missing)."""
+    path = Path(value).absolute()
+    if kind == "file" and path.is_dir():
+        raise ValueError(
+            f"--{flag} {value} is a directory; pass the path of a JSON file, e.g. {Path(value) / 'metrics.json'}"
+        )
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise ValueError(f"--{flag} {value} is a file; pass a directory (an existing one, or a new one to make)")
+    if kind == "directory" and path.is_dir():
+        return  # used as it is (a --sample_dir whose shards are all drawn is only read)
+    existing = path.parent
+    while not existing.exists():  # the nearest directory that exists: the missing ones are made inside it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"--{flag} {value}: {existing} is a file, so no {kind} can be made under it; pass another path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag} {value}: the directory {existing} is not writable; pass a path where you can write")

@@ -207,3 +207,16 @@ def test_quiet_under_multi_gpu_prints_an_error_every_process_meets_once(tmp_path
     errors = [entry for entry in log.splitlines() if "error: " in entry]
     assert len(errors) == 1 and errors[0].startswith(line), log[-3000:]  # rank 0's; rank 1 held it back
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_cache_dir_under_a_file_is_refused_at_the_door_naming_the_flag(tmp_path, capsys):
+    """It failed after the model was built, in one line that named neither the flag nor the fix (`[Errno 20] Not a
+    directory: …`). An existing directory is used as it is: a built cache on read-only storage is only read."""
+    (tmp_path / "a_file").write_text("not a directory")
+    out, cache = tmp_path / "out", tmp_path / "a_file" / "cache"
+    assert main(["--cache_dir", str(cache), "--output_dir", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --cache_dir {cache}: {tmp_path / 'a_file'} is a file, so no directory can be made under it; pass "
+        "another path"
+    ]
+    assert not out.exists()

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from ..data.sources import DATA_SOURCES, one_source
 from ..data.split import parse_eval_size
+from ..flags import check_writable
 from ..hub_probe import check_dataset_reachable, check_source
 from ..launch import later_rank
 from ..measured_weights import weights_sha256
@@ -147,29 +147,6 @@ def check_args(args: argparse.Namespace) -> None:
     from .feature_metrics import check_sample_count  # here: it imports torch, which push and export never need
 
     check_sample_count(args.num_samples, args.fid_reference)  # before any sampling (and any bits/dim)
-
-
-def check_writable(flag: str, value: str, kind: str) -> None:
-    """Refuse a --flag path that cannot be written, before any work: `kind` "file" (written atomically beside
-    itself, its missing directories made) or "directory" (made with its parents where missing)."""
-    path = Path(value).absolute()
-    if kind == "file" and path.is_dir():
-        raise ValueError(
-            f"--{flag} {value} is a directory; pass the path of a JSON file, e.g. {Path(value) / 'metrics.json'}"
-        )
-    if kind == "directory" and path.exists() and not path.is_dir():
-        raise ValueError(f"--{flag} {value} is a file; pass a directory (an existing one, or a new one to make)")
-    if kind == "directory" and path.is_dir():
-        return  # used as it is (a --sample_dir whose shards are all drawn is only read)
-    existing = path.parent
-    while not existing.exists():  # the nearest directory that exists: the missing ones are made inside it
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(
-            f"--{flag} {value}: {existing} is a file, so no {kind} can be made under it; pass another path"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--{flag} {value}: the directory {existing} is not writable; pass a path where you can write")
 
 
 def check_device(device: str) -> None:

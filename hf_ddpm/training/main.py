@@ -34,6 +34,7 @@ from ..cpu import tune_process
 from ..data import load_training_data
 from ..data.batches import make_batches
 from ..data.streaming import StreamingBatches
+from ..flags import check_writable
 from ..hub import check_publish, check_token, repo_id_of, retry_command
 from ..hub_probe import check_dataset_reachable
 from ..launch import MainProcessFailed, later_rank, launch_processes, watch_launcher
@@ -134,6 +135,8 @@ def check_run(given: TrainingConfig) -> Plan:
     check_publish(given)
     check_token(given)
     check_dataset_reachable(given.dataset_name)  # in seconds, not after datasets' retries
+    if given.cache_dir is not None:  # an existing one is used as it is (a built cache on read-only storage is read)
+        check_writable("cache_dir", given.cache_dir, "directory")
     path = checkpoints.resolve_resume(given.resume_from_checkpoint, given.output_dir)
     record = RunRecord.read(path) if path else None
     if record is not None:
