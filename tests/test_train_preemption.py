@@ -155,6 +155,35 @@ def test_ddp_processes_agree_on_a_signal_and_resume_to_the_uninterrupted_weights
     assert_same_weights(reference, tmp_path / "out", WEIGHTS)
 
 
+@pytest.mark.slow  # a 2-process launch each, and one resume
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_ddp_process_killed_alone_ends_the_run_in_seconds_naming_the_last_checkpoint_and_resume(tmp_path, rank):
+    """The OOM killer's SIGKILL of one process: the other's next collective fails. It said gloo's own message
+    (`[…/pair.cc:537] Read error …: Connection reset by peer … GLHF!`); now one line says another process of the run
+    ended, that nothing of the step was written, the last checkpoint and the command that resumes from it."""
+    out = tmp_path / "out"
+    process = start_ddp(tmp_path, tiny(out, "--max_train_steps", "400", "--checkpointing_steps", "5"))
+    pids = {r: rank_pid(process, r) for r in (0, 1)}
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-5").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, process.log.read_text()[-3000:]
+        time.sleep(0.05)
+    killed = time.monotonic()
+    os.kill(pids[rank], signal.SIGKILL)
+    assert process.wait(timeout=60) == 1 and time.monotonic() - killed < 15, process.log.read_text()[-3000:]
+    log = process.log.read_text(errors="replace")
+    (line,) = re.findall(r"error: another process of this run ended.*", log)
+    latest = checkpoints.list_checkpoints(out)[-1][1]
+    assert "GLHF" not in log and "nothing of the step in progress was written" in line, log[-3000:]
+    assert f"the last checkpoint is {latest}. Resume with: ACCELERATE_USE_CPU=1 accelerate launch" in line
+    if rank == 1:
+        return
+    command = shlex.split(line.split("Resume with: ", 1)[1].split(" (the launcher's report")[0])
+    command[command.index(str(HOOKS))] = str(REPO / "training" / "train.py")
+    resumed = run_printed(command, tmp_path)
+    assert resumed.returncode == 0 and f"resumed from {latest}" in resumed.stderr, resumed.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------ units
 
 

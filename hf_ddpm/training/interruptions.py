@@ -203,6 +203,12 @@ class StopAtOnce:
             signal.signal(sig, previous)
         self._previous.clear()
 
+    def hand_over(self, handler: PreemptionHandler) -> None:
+        """Let the loop's `handler` take the signals, with no moment between: its `restore` puts back what was there
+        before this (so a signal at the run's end is never taken for one before its first step)."""
+        handler.install()
+        handler._previous, self._previous = self._previous, {}
+
     def __enter__(self) -> StopAtOnce:
         self.install()
         return self
@@ -223,6 +229,26 @@ class StopAtOnce:
 
 
 # ------------------------------------------------------------------------------------------------ faults
+
+# What gloo says when the process at the other end of a collective is gone (killed: the OOM killer, a node lost).
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another process of the run ended (`lost`: the error, if it says so; else None).
+    Nothing of the step in progress is written; the run resumes from its last checkpoint."""
+
+    @classmethod
+    def lost(cls, error: BaseException, num_processes: int, last_checkpoint: str | None, command: str):
+        if num_processes < 2 or not isinstance(error, RuntimeError) or not any(s in str(error) for s in PEER_GONE):
+            return None
+        said = next(s for s in PEER_GONE if s in str(error))
+        kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        return cls(
+            f"another process of this run ended while this one trained (a collective with it failed: {said}); "
+            f"nothing of the step in progress was written and {kept}. Resume with: {command} (the launcher's report "
+            "names the process that ended and its exit status)"
+        )
 
 
 class NonFiniteError(FloatingPointError):

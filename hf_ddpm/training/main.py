@@ -37,7 +37,7 @@ from ..data.streaming import StreamingBatches
 from ..flags import check_writable
 from ..hub import check_publish, check_token, repo_id_of, retry_command
 from ..hub_probe import check_dataset_reachable
-from ..launch import MainProcessFailed, later_rank, launch_processes, watch_launcher
+from ..launch import MainProcessFailed, later_rank, launch_processes, resume_command, watch_launcher
 from ..losses import LossSecondMomentResampler, UniformSampler
 from ..scheduler import HFDDPMScheduler
 from ..unet import check_forward
@@ -45,7 +45,7 @@ from . import checkpoints, output_dir, resume_checks
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision
-from .interruptions import NanGuard, PreemptionHandler, StopAtOnce, one_line, parse_signals
+from .interruptions import NanGuard, PeerLost, PreemptionHandler, StopAtOnce, one_line, parse_signals
 from .loop import Run, train_loop
 from .model import build_scheduler, build_unet, data_shape, describe_model, pretrained_scheduler_config
 from .resolve import RunFacts, optimizer_steps, resolve
@@ -66,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the options and train; returns the exit status (0, 1 for an error, 128 + N after signal N)."""
     argv = sys.argv[1:] if argv is None else argv
     given, later = None, later_rank()
-    held = io.StringIO()
+    held, ignored = io.StringIO(), {}
     try:
         with contextlib.redirect_stderr(held) if later else contextlib.nullcontext():
             given = parse_args(argv)
+        # Once train() lets go of the signals (it ended, or failed), one does nothing while the end is said: a launcher
+        # that stops the other processes of a failed run sends its SIGTERM then, and would kill the error line.
+        ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in parse_signals(given.preemption_signals)}
         train(given)
     except SystemExit as stop:  # --help, the parser's usage errors (printed by it), a preemption, a lost source
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else ERROR_STATUS)
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return ERROR_STATUS
+    finally:
+        for sig, previous in ignored.items():
+            signal.signal(sig, previous)
     return 0
 
 
@@ -99,8 +105,15 @@ def train(given: TrainingConfig) -> dict:
         preemption = PreemptionHandler(signals, speaks)
         unwatch = watch_launcher((*signals, signal.SIGTERM)[0])  # a launcher killed alone stops the run
         try:
-            preemption.install()  # from here a signal ends the run at a step boundary, with a checkpoint
+            early.hand_over(preemption)  # from here a signal ends the run at a step boundary, with a checkpoint
             return train_loop(run, preemption)
+        except RuntimeError as err:  # a collective that failed because another process ended: said so
+            processes, precision = run.accelerator.num_processes, run.accelerator.mixed_precision
+            latest = checkpoints.latest_checkpoint(run.config.output_dir)
+            lost = PeerLost.lost(err, processes, latest, resume_command(sys.argv[1:], processes, precision))
+            if lost is None:
+                raise
+            raise lost from err
         finally:
             preemption.restore()
             if unwatch is not None:
