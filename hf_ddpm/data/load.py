@@ -239,6 +239,8 @@ class DataIdentity:
                 f" (its key {saved.source} is now {self.source}: a file's path, size or modification time, or a "
                 "preprocessing option, differs)"
             )
+        if saved.num_held_out == 0 and self.num_held_out == 0:  # a run that holds out nothing (a folder streamed)
+            return f"{change}: its training images are not the same (the run holds out no images)"
         if known("num_held_out"):
             return f"{change}: the held-out split would change ({saved.num_held_out} -> {self.num_held_out} images)"
         if known("held_out") or (self.held_out is None and held_out_drawn and known("num_rows")):

@@ -352,9 +352,10 @@ def check_args(args: TrainingConfig) -> None:
         if args.streaming and getattr(args, name) is not None:
             raise ValueError(f"--{name} {getattr(args, name)} does not apply with --streaming ({why}): drop it, or "
                              "train without --streaming")  # fmt: skip
-    for name, why in STREAM_ONLY.items():
+    for name, why in STREAM_ONLY.items():  # a resume's --streaming is first held to its run's (resume_checks)
         value = getattr(args, name)
-        if not args.streaming and value != TrainingConfig.__dataclass_fields__[name].default:
+        stream_only = value != TrainingConfig.__dataclass_fields__[name].default
+        if stream_only and not args.streaming and args.resume_from_checkpoint is None:
             raise ValueError(f"--{name} {value} applies only with --streaming ({why}): drop it, or stream the data "
                              "with --streaming")  # fmt: skip
     if args.streaming and not args.center_crop:

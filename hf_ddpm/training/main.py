@@ -67,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     given, later = None, later_rank()
     held, ignored = io.StringIO(), {}
+
+    def restore_signals() -> None:
+        for sig, previous in ignored.items():
+            signal.signal(sig, previous)
+        ignored.clear()
+
     try:
         with contextlib.redirect_stderr(held) if later else contextlib.nullcontext():
             given = parse_args(argv)
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except Exception as err:
         if later and (given is None or getattr(err, EVERY_PROCESS, False) or isinstance(err, MainProcessFailed)):
+            restore_signals()  # the launcher's SIGTERM ends this wait: rank 0 says the error
             time.sleep(DOOR_GRACE_SECONDS)
         if given.debug if given is not None else "--debug" in argv:  # (also from a --config file once parsed)
             traceback.print_exc()
@@ -89,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return ERROR_STATUS
     finally:
-        for sig, previous in ignored.items():
-            signal.signal(sig, previous)
+        restore_signals()
     return 0
 
 

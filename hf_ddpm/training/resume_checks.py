@@ -96,17 +96,19 @@ def check_data(path: str, saved: RunRecord, now: DataIdentity, allow_data_change
     if changed:  # the options first: once they are the run's, the data
         change, fix = _options_change(changed, since)
     if change:
-        if now.held_out is not None and now.held_out == saved.data.held_out:  # the training images alone changed
+        if now.num_held_out == 0 and saved.data.num_held_out == 0:  # nothing held out: no split to speak of
+            then = going = ""
+        elif now.held_out is not None and now.held_out == saved.data.held_out:  # the training images alone changed
             then = going = f"held-out bits/dim before and after step {saved.step} still compare: its split is the same"
         else:
             again = (f"drawn again from it: it may hold images the model trained on, and held-out bits/dim before "
                      f"and after step {saved.step} do not compare")  # fmt: skip
             then, going = f"the held-out split is then {again}", f"the held-out split is {again}"
         if not allow_data_change:
-            raise ValueError(
-                f"{change}. {fix}, or pass --allow_data_change to go on with the data as it is now ({then})"
-            )
-        logger.warning("--allow_data_change: %s; resuming with the data as it is now: %s", change, going)
+            raise ValueError(f"{change}. {fix}, or pass --allow_data_change to go on with the data as it is now"
+                             + (f" ({then})" if then else ""))  # fmt: skip
+        logger.warning("--allow_data_change: %s; resuming with the data as it is now%s", change,
+                       f": {going}" if going else "")  # fmt: skip
 
 
 def data_options(config) -> dict:
