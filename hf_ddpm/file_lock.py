@@ -56,17 +56,19 @@ def holder_of(path: str) -> str | None:
     return None
 
 
-def _exclusive_soon(fd: int, tries: int = 5) -> bool:
-    """Whether an exclusive flock on `fd` was taken without blocking, tried again for a moment (~0.1 s): a probe
-    (`holder_of`) holds its shared lock for microseconds, a run for as long as it runs."""
-    for attempt in range(tries):
+def _exclusive_soon(fd: int, patience: float = 0.5) -> bool:
+    """Whether an exclusive flock on `fd` was taken without blocking, tried again for `patience` seconds: a probe
+    (`holder_of`) holds its shared lock for microseconds (longer only while a loaded machine has it descheduled), a
+    run for as long as it runs."""
+    deadline = time.monotonic() + patience
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
-            if attempt < tries - 1:
-                time.sleep(0.025)
-    return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 class FileLock:

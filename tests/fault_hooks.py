@@ -61,6 +61,39 @@ def stop(process: subprocess.Popen, wait_for_pause: bool = True) -> None:
     process.wait(timeout=60)
 
 
+# The start of a `python -c` script whose data cache builds slowly (each image's decode sleeps): long enough to kill
+# or signal the builder while its pool's workers decode.
+SLOW_CACHE_BUILD = """
+import sys, time
+import hf_ddpm.data.cache as cache_module
+real = cache_module.decode_image
+def slow(*args, **kwargs):
+    time.sleep(0.005)
+    return real(*args, **kwargs)
+cache_module.decode_image = slow
+"""
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, which holds no file, is not: a container's init may never reap it)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------- the hooks
 
 

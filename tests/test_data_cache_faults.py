@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_hooks import SLOW_CACHE_BUILD, alive, children
 from image_files import ids, write_images
 
 import hf_ddpm.data.cache as cache_module
@@ -159,37 +160,13 @@ def test_a_builder_waits_for_the_lock_and_leaves_a_live_builders_temporary_files
     assert not in_progress.exists()  # removed by the next holder of the lock
 
 
-KILLED_BUILD_SCRIPT = """
-import sys, time
-import hf_ddpm.data.cache as cache_module
-real = cache_module.decode_image
-def slow(*args, **kwargs):  # a build long enough to be killed while the pool's workers decode
-    time.sleep(0.005)
-    return real(*args, **kwargs)
-cache_module.decode_image = slow
+KILLED_BUILD_SCRIPT = (
+    SLOW_CACHE_BUILD
+    + """
 from hf_ddpm.data import load_data
 load_data(train_data_dir=sys.argv[1], resolution=8, eval_size=0, cache_dir=sys.argv[2], preprocessing_num_workers=2)
 """
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if entry.name.isdigit() and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, which holds no file, is not: a container's init may never reap it)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+)
 
 
 def test_a_builder_killed_while_its_pool_decodes_leaves_no_worker_holding_the_lock(tmp_path):
@@ -200,7 +177,7 @@ def test_a_builder_killed_while_its_pool_decodes_leaves_no_worker_holding_the_lo
     builder = subprocess.Popen([sys.executable, "-c", KILLED_BUILD_SCRIPT, folder, cache], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
-    while len(workers := [p for p in _children(builder.pid) if _alive(p)]) < 2:  # the pool (and its manager)
+    while len(workers := [p for p in children(builder.pid) if alive(p)]) < 2:  # the pool (and its manager)
         assert builder.poll() is None and time.monotonic() < deadline, "the build never started its pool"
         time.sleep(0.05)
     time.sleep(0.5)
@@ -208,9 +185,9 @@ def test_a_builder_killed_while_its_pool_decodes_leaves_no_worker_holding_the_lo
     builder.wait()
     (lock,) = Path(cache_root(cache)).glob("*.lock")
     deadline = time.monotonic() + 10  # a worker the pool started after the snapshot above dies as soon, unlisted
-    while (any(_alive(p) for p in workers) or holder_of(str(lock)) is not None) and time.monotonic() < deadline:
+    while (any(alive(p) for p in workers) or holder_of(str(lock)) is not None) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in workers if _alive(p)], "workers outlived the killed builder"
+    assert not [p for p in workers if alive(p)], "workers outlived the killed builder"
     assert holder_of(str(lock)) is None
     data = load_data(train_data_dir=folder, resolution=8, eval_size=0, cache_dir=cache)
     assert sorted(ids(data.train)) == list(range(4100))

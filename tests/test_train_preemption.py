@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_hooks import HOOKS, start_training, wait_for_marker
+from fault_hooks import HOOKS, SLOW_CACHE_BUILD, alive, children, start_training, wait_for_marker
 from training_runs import REPO, assert_same_weights, environment, free_port, launch_command, tiny
 
 from hf_ddpm.launch import resume_command
@@ -246,35 +246,13 @@ def test_the_resume_command_drops_resume_and_overwrite_flags(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ before the loop
 
-SLOW_BUILD_TRAINING = """
-import sys, time
-import hf_ddpm.data.cache as cache_module
-real = cache_module.decode_image
-def slow(*args, **kwargs):  # a cache build long enough to be signalled while the pool's workers decode
-    time.sleep(0.005)
-    return real(*args, **kwargs)
-cache_module.decode_image = slow
+SLOW_BUILD_TRAINING = (
+    SLOW_CACHE_BUILD
+    + """
 from hf_ddpm.training.main import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+)
 
 
 @pytest.mark.parametrize(
@@ -295,7 +273,7 @@ def test_a_signal_while_the_cache_is_built_ends_the_run_at_once_in_one_line_leav
                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while len(workers := [p for p in _children(process.pid) if _alive(p)]) < 2:  # the pool is decoding
+        while len(workers := [p for p in children(process.pid) if alive(p)]) < 2:  # the pool is decoding
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         time.sleep(0.5)
@@ -313,9 +291,9 @@ def test_a_signal_while_the_cache_is_built_ends_the_run_at_once_in_one_line_leav
         "the same command starts again"
     )
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in workers if _alive(p)], "the pool's workers outlived the trainer"
+    assert not [p for p in workers if alive(p)], "the pool's workers outlived the trainer"
     assert not out.exists()  # made by this run: no trace left
     train(parse_args(argv))  # the same command starts again: the cache is built, the run trains
     assert (out / "model_index.json").is_file()

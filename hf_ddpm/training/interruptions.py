@@ -99,28 +99,36 @@ class Interrupted(BaseException):
     A BaseException: no `except Exception` on the way swallows it."""
 
 
-class PreemptionHandler:
+class SignalHandlers:
+    """This process's handlers of `signals`: `install` puts `handler` in place (by default the subclass's `_handle`),
+    `restore` puts back what was there before (once; later calls do nothing)."""
+
+    def __init__(self, signals=()):
+        self.signals = tuple(signals)
+        self._owner = os.getpid()  # a forked process that inherits a handler is not this one
+        self._previous: dict = {}
+
+    def install(self, handler=None) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle if handler is None else handler)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+class PreemptionHandler(SignalHandlers):
     """Installs the handlers (`install`), carries the flag into the loss all-reduce, restores them (`restore`)."""
 
     def __init__(self, signals=(), speaks: bool = True):
-        self.signals = tuple(signals)
+        super().__init__(signals)
         self.speaks = speaks  # whether this process says what a signal does (one process of a run does)
         self.received: int | None = None  # the first signal caught in this process
         self.agreed: int | None = None  # the signal all processes agreed to stop on (0: on another process)
         self.source_error = None  # this process's StreamSourceError, if its part of the stream failed
         self.phase = "train"  # or "evaluate", "save", "push" (the end of the run): what a signal does, and says
         self._interrupt = False  # within `interrupting`: a signal raises Interrupted
-        self._owner = os.getpid()
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._owner:  # a forked worker inherited the handler: the main process decides
@@ -180,7 +188,7 @@ class PreemptionHandler:
         return loss, self.agreed is not None
 
 
-class StopAtOnce:
+class StopAtOnce(SignalHandlers):
     """The signals of preemption before the loop's PreemptionHandler takes them (a context manager): while the
     run is set up and its data cache built. Nothing is trained yet, so there is no step to checkpoint, and a cache
     build cannot stop halfway cleanly (its worker pool dies with tracebacks, or hangs). A signal ends the process at
@@ -189,19 +197,9 @@ class StopAtOnce:
     (hf_ddpm/data/workers.py); a forked process that inherited the handler ignores the signal."""
 
     def __init__(self, signals=(), speaks: bool = True):
-        self.signals, self.speaks = tuple(signals), speaks
+        super().__init__(signals)
+        self.speaks = speaks
         self.cleanups: list = []
-        self._owner = os.getpid()
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
 
     def hand_over(self, handler: PreemptionHandler) -> None:
         """Let the loop's `handler` take the signals, with no moment between: its `restore` puts back what was there

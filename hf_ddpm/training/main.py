@@ -45,7 +45,7 @@ from . import checkpoints, output_dir, resume_checks
 from .checkpoints import RunRecord
 from .cli import parse_args
 from .config import TrainingConfig, launch_precision
-from .interruptions import NanGuard, PeerLost, PreemptionHandler, StopAtOnce, one_line, parse_signals
+from .interruptions import NanGuard, PeerLost, PreemptionHandler, SignalHandlers, StopAtOnce, one_line, parse_signals
 from .loop import Run, train_loop
 from .model import build_scheduler, build_unet, data_shape, describe_model, pretrained_scheduler_config
 from .resolve import RunFacts, optimizer_steps, resolve
@@ -66,19 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the options and train; returns the exit status (0, 1 for an error, 128 + N after signal N)."""
     argv = sys.argv[1:] if argv is None else argv
     given, later = None, later_rank()
-    held, ignored = io.StringIO(), {}
-
-    def restore_signals() -> None:
-        for sig, previous in ignored.items():
-            signal.signal(sig, previous)
-        ignored.clear()
-
+    held, ignored = io.StringIO(), SignalHandlers()
     try:
         with contextlib.redirect_stderr(held) if later else contextlib.nullcontext():
             given = parse_args(argv)
         # Once train() lets go of the signals (it ended, or failed), one does nothing while the end is said: a launcher
         # that stops the other processes of a failed run sends its SIGTERM then, and would kill the error line.
-        ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in parse_signals(given.preemption_signals)}
+        ignored = SignalHandlers(parse_signals(given.preemption_signals))
+        ignored.install(signal.SIG_IGN)
         train(given)
     except SystemExit as stop:  # --help, the parser's usage errors (printed by it), a preemption, a lost source
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else ERROR_STATUS)
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except Exception as err:
         if later and (given is None or getattr(err, EVERY_PROCESS, False) or isinstance(err, MainProcessFailed)):
-            restore_signals()  # the launcher's SIGTERM ends this wait: rank 0 says the error
+            ignored.restore()  # the launcher's SIGTERM ends this wait: rank 0 says the error
             time.sleep(DOOR_GRACE_SECONDS)
         if given.debug if given is not None else "--debug" in argv:  # (also from a --config file once parsed)
             traceback.print_exc()
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return ERROR_STATUS
     finally:
-        restore_signals()
+        ignored.restore()
     return 0
 
 
